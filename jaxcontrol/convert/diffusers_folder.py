@@ -1,0 +1,146 @@
+"""Load a diffusers model folder (`config.json` + weights) as `(module, params)`.
+
+    unet, params = jaxcontrol.load_model("path/to/unet")
+
+The folder's `config.json` names the class (`_class_name`); its fields become our config
+dataclass unchanged. Weights are `diffusion_pytorch_model[.variant].safetensors` (read without
+torch), a sharded `*.safetensors.index.json`, or the `.bin` equivalents (torch's safe unpickler).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from ..errors import CheckpointError, ConfigError
+from ..models.configs import ControlNetConfig, ModelConfig, UNet2DConditionConfig
+from ..models.controlnet import ControlNetModel
+from ..models.params import param_shapes
+from ..models.unet import UNet2DConditionModel
+from .sources import TensorSource, open_weights
+from .state_dict import convert_to_flax
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelType:
+    module: type[nn.Module]
+    config: type[ModelConfig]
+    # regexes of checkpoint keys that are not parameters (buffers) and may be ignored
+    ignore: tuple[str, ...] = ()
+
+
+MODEL_TYPES: dict[str, ModelType] = {
+    "UNet2DConditionModel": ModelType(UNet2DConditionModel, UNet2DConditionConfig),
+    "ControlNetModel": ModelType(ControlNetModel, ControlNetConfig),
+}
+
+WEIGHT_BASENAMES = ("diffusion_pytorch_model", "model")
+WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
+
+
+def read_config(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{folder}: no config.json (is this a diffusers model folder?)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON: {e}") from e
+
+
+def model_type_of(raw: dict, source: str) -> tuple[str, ModelType]:
+    name = raw.get("_class_name")
+    if name is None and raw.get("architectures"):
+        name = raw["architectures"][0]
+    if name not in MODEL_TYPES:
+        raise ConfigError(f"{source}: model class {name!r} is not supported (supported: {sorted(MODEL_TYPES)})")
+    return name, MODEL_TYPES[name]
+
+
+def find_weights(folder: str | os.PathLike, variant: str | None = None) -> Path:
+    folder = Path(folder)
+    for base in WEIGHT_BASENAMES:
+        for suffix in WEIGHT_SUFFIXES:
+            stem = f"{base}.{variant}" if variant else base
+            candidate = folder / f"{stem}{suffix}"
+            if candidate.is_file():
+                return candidate
+    found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    want = f" with variant {variant!r}" if variant else ""
+    raise CheckpointError(
+        f"{folder}: no weights file{want} (looked for {WEIGHT_BASENAMES[0]}{WEIGHT_SUFFIXES[0]} and the "
+        f".bin / sharded forms); the folder holds {found}"
+    )
+
+
+def build_module(
+    raw_config: dict,
+    *,
+    source: str = "config",
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    **module_kwargs: Any,
+) -> nn.Module:
+    """The module for a diffusers `config.json` dict."""
+    _, mtype = model_type_of(raw_config, source)
+    config = mtype.config.from_dict(raw_config, source=source)
+    return mtype.module(config, dtype=dtype, param_dtype=param_dtype, **module_kwargs)
+
+
+def load_params(
+    module: nn.Module,
+    source: TensorSource,
+    *,
+    param_dtype: Any = jnp.float32,
+    ignore: tuple[str, ...] = (),
+    progress: Callable[[int], None] | None = None,
+) -> dict:
+    """Convert a PyTorch-layout `source` into `module`'s parameter tree, checking every key and shape."""
+    return convert_to_flax(
+        source,
+        param_shapes(module),
+        dtype=param_dtype,
+        ignore=ignore,
+        what=type(module).__name__,
+        progress=progress,
+    )
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    attention_impl: str = "plain",
+    variant: str | None = None,
+    subfolder: str | None = None,
+    unsafe_load_pickle: bool = False,
+) -> tuple[nn.Module, dict]:
+    """Load a diffusers model folder as `(module, params)`.
+
+    Args:
+      path: the folder holding `config.json` and the weights (or a pipeline folder with `subfolder`).
+      dtype: compute dtype of activations (`jnp.bfloat16` for mixed precision).
+      param_dtype: dtype the parameters are stored in after loading.
+      attention_impl: `"plain"` or `"dot_product"` (`jax.nn.dot_product_attention`).
+      variant: weights variant, e.g. `"fp16"` for `diffusion_pytorch_model.fp16.safetensors`.
+      unsafe_load_pickle: allow arbitrary objects in `.bin` pickles. Only for files you trust.
+    """
+    folder = Path(path) / subfolder if subfolder else Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a directory")
+    raw = read_config(folder)
+    _, mtype = model_type_of(raw, str(folder / "config.json"))
+    module = build_module(
+        raw, source=str(folder / "config.json"), dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl
+    )
+    weights = find_weights(folder, variant)
+    source = open_weights(weights, unsafe_load_pickle=unsafe_load_pickle)
+    params = load_params(module, source, param_dtype=param_dtype, ignore=mtype.ignore)
+    return module, params

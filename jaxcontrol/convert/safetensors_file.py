@@ -1,0 +1,152 @@
+"""Read and write `.safetensors` files with numpy alone (no torch), one tensor at a time.
+
+Format: 8-byte little-endian header length N, N bytes of JSON mapping each tensor name to
+`{"dtype", "shape", "data_offsets": [begin, end]}` (offsets relative to the end of the header),
+an optional `"__metadata__"` dict of strings, then the raw little-endian data.
+
+Reading validates the whole header against the file size up front, so a truncated or corrupted
+file fails at open with an error naming the file and the tensor, never half-way through a load.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import ml_dtypes
+import numpy as np
+
+from ..errors import CheckpointError
+
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+_NAMES = {v: k for k, v in DTYPES.items()}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+class SafetensorsFile:
+    """Lazy reader: `keys()`, `shape(k)`, `dtype(k)`, and `load(k)` reading just that tensor."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise CheckpointError(f"{self.path}: not a safetensors file (only {size} bytes)")
+                (n,) = struct.unpack("<Q", head)
+                if n > MAX_HEADER or 8 + n > size:
+                    raise CheckpointError(
+                        f"{self.path}: corrupted or truncated safetensors header "
+                        f"(header length {n}, file size {size})"
+                    )
+                raw = f.read(n)
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot read file: {e}") from e
+        try:
+            header = json.loads(raw.decode("utf-8").rstrip(" "))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{self.path}: corrupted safetensors header (not JSON: {e})") from e
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: corrupted safetensors header (not a JSON object)")
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self._data_start = 8 + n
+        data_len = size - self._data_start
+        self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+        for name, entry in header.items():
+            try:
+                dtype = DTYPES[entry["dtype"]]
+                shape = tuple(int(d) for d in entry["shape"])
+                begin, end = (int(o) for o in entry["data_offsets"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise CheckpointError(f"{self.path}: tensor {name!r} has a malformed header entry {entry!r}") from e
+            expected = math.prod(shape) * dtype.itemsize
+            if end - begin != expected or begin < 0:
+                raise CheckpointError(
+                    f"{self.path}: tensor {name!r} of shape {shape} and dtype {entry['dtype']} needs "
+                    f"{expected} bytes but its offsets span {end - begin}"
+                )
+            if end > data_len:
+                raise CheckpointError(
+                    f"{self.path}: truncated: tensor {name!r} ends at byte {end} of the data section, "
+                    f"which has only {data_len} bytes"
+                )
+            self._entries[name] = (dtype, shape, begin, end)
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._entries[key][1]
+
+    def dtype(self, key: str) -> np.dtype:
+        return self._entries[key][0]
+
+    def load(self, key: str) -> np.ndarray:
+        dtype, shape, begin, end = self._entries[key]
+        buf = bytearray(end - begin)
+        with open(self.path, "rb") as f:
+            f.seek(self._data_start + begin)
+            if f.readinto(buf) != len(buf):
+                raise CheckpointError(f"{self.path}: truncated while reading tensor {key!r}")
+        return np.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def save_safetensors(
+    path: str | os.PathLike,
+    tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write `tensors` to `path` atomically (a temporary file in the same folder, then a rename)."""
+    items = list(tensors.items() if isinstance(tensors, Mapping) else tensors)
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    arrays = []
+    for name, array in items:
+        a = np.asarray(array)
+        if a.dtype.byteorder == ">":
+            a = a.astype(a.dtype.newbyteorder("<"))
+        kind = _NAMES.get(np.dtype(a.dtype))
+        if kind is None:
+            raise CheckpointError(f"cannot store tensor {name!r} of dtype {a.dtype} in safetensors")
+        header[name] = {"dtype": kind, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+        arrays.append(a)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for a in arrays:
+                f.write(np.ascontiguousarray(a).tobytes())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

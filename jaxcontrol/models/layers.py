@@ -1,0 +1,182 @@
+"""Small building blocks shared by every network: norms, activations, resampling, time embeddings.
+
+All tensors are NHWC (images) or (batch, length, channels) (token sequences).
+Normalisation statistics are always computed in float32, whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+Dtype = Any
+
+
+def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The activation named by a diffusers config (`act_fn`)."""
+    table = {
+        "silu": nn.silu,
+        "swish": nn.silu,
+        "mish": lambda x: x * jnp.tanh(nn.softplus(x)),
+        "gelu": lambda x: nn.gelu(x, approximate=False),
+        "relu": nn.relu,
+        "quick_gelu": lambda x: x * nn.sigmoid(1.702 * x),
+    }
+    if name not in table:
+        raise ValueError(f"unsupported activation {name!r}; expected one of {sorted(table)}")
+    return table[name]
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm over NHWC (or N...C) input, statistics in float32, PyTorch's biased variance."""
+
+    num_groups: int
+    epsilon: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        channels = x.shape[-1]
+        if channels % self.num_groups:
+            raise ValueError(f"GroupNorm: {channels} channels do not split into {self.num_groups} groups")
+        scale = self.param("scale", nn.initializers.ones, (channels,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        grouped = x32.reshape(*x.shape[:-1], self.num_groups, channels // self.num_groups)
+        axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
+        mean = jnp.mean(grouped, axis=axes, keepdims=True)
+        var = jnp.mean(jnp.square(grouped - mean), axis=axes, keepdims=True)
+        normed = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        out = normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return out.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis, statistics in float32 (two-pass variance, like PyTorch)."""
+
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        out = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+        out = out * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return out.astype(self.dtype)
+
+
+def conv(
+    features: int,
+    kernel: int,
+    *,
+    stride: int = 1,
+    padding: int | tuple | str | None = None,
+    name: str,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    use_bias: bool = True,
+) -> nn.Conv:
+    """A PyTorch-style Conv2d in NHWC: symmetric integer padding, default `(kernel - 1) // 2`."""
+    if padding is None:
+        padding = (kernel - 1) // 2
+    if isinstance(padding, int):
+        padding = ((padding, padding), (padding, padding))
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=padding,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+    )
+
+
+def nearest_resize(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """Nearest-neighbour resize of NHWC `x` with PyTorch's `F.interpolate(mode="nearest")` index rule."""
+    in_h, in_w = x.shape[1], x.shape[2]
+    out_h, out_w = size
+    for axis, n_in, n_out in ((1, in_h, out_h), (2, in_w, out_w)):
+        if n_out == n_in:
+            continue
+        if n_out == 2 * n_in:
+            x = jnp.repeat(x, 2, axis=axis)
+            continue
+        # torch: src = min(floor(dst * (in / out)), in - 1), computed in float32
+        scale = np.float32(n_in) / np.float32(n_out)
+        idx = np.minimum(np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int32), n_in - 1)
+        x = jnp.take(x, jnp.asarray(idx), axis=axis)
+    return x
+
+
+def timestep_embedding(
+    timesteps: jax.Array,
+    dim: int,
+    *,
+    flip_sin_to_cos: bool,
+    freq_shift: float,
+    scale: float = 1.0,
+    max_period: float = 10000.0,
+) -> jax.Array:
+    """Sinusoidal embedding of (batch,) timesteps, as diffusers' `get_timestep_embedding` (float32)."""
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    freqs = jnp.exp(exponent)
+    args = timesteps.astype(jnp.float32)[:, None] * freqs[None, :]
+    args = scale * args
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    if flip_sin_to_cos:
+        emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """`linear_1 -> act -> linear_2`, with the optional `cond_proj` of LCM-distilled models."""
+
+    time_embed_dim: int
+    act_fn: str = "silu"
+    cond_proj_dim: int | None = None
+    post_act_fn: str | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, sample: jax.Array, condition: jax.Array | None = None) -> jax.Array:
+        if self.cond_proj_dim is not None:
+            if condition is None:
+                raise ValueError(
+                    f"this model has time_cond_proj_dim={self.cond_proj_dim}: pass timestep_cond "
+                    f"of shape (batch, {self.cond_proj_dim})"
+                )
+            sample = sample + nn.Dense(
+                sample.shape[-1], use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="cond_proj"
+            )(condition)
+        sample = nn.Dense(self.time_embed_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="linear_1")(sample)
+        sample = get_activation(self.act_fn)(sample)
+        sample = nn.Dense(self.time_embed_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="linear_2")(sample)
+        if self.post_act_fn is not None:
+            sample = get_activation(self.post_act_fn)(sample)
+        return sample
+
+
+def broadcast_timesteps(timesteps: jax.Array | float | int, batch: int) -> jax.Array:
+    """A scalar, (1,) or (batch,) timestep argument as a (batch,) array."""
+    t = jnp.asarray(timesteps)
+    if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, batch)):
+        raise ValueError(f"timesteps must be a scalar or have shape ({batch},); got shape {t.shape}")
+    return jnp.broadcast_to(t.reshape(-1) if t.ndim else t, (batch,))

@@ -1,0 +1,226 @@
+"""`UNet2DConditionModel`: the latent-diffusion U-Net of Stable Diffusion 1.x / 2.x, NHWC.
+
+    out = unet.apply({"params": params}, sample, timesteps, encoder_hidden_states,
+                     down_block_additional_residuals=..., mid_block_additional_residual=...,   # ControlNet
+                     down_intrablock_additional_residuals=...)                               # T2I-Adapter
+
+`sample` is (B, H, W, C) latents, `timesteps` a scalar or (B,), `encoder_hidden_states` (B, S, D).
+The output is float32 whatever the compute dtype, so solvers always run in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from .attention import ATTENTION_IMPLS
+from .configs import CROSS_ATTN_DOWN, CROSS_ATTN_UP, MID_CROSS_ATTN, UNet2DConditionConfig, _UNetFields
+from .layers import GroupNorm, TimestepEmbedding, broadcast_timesteps, conv, get_activation, timestep_embedding
+from .unet_blocks import DownBlock, MidBlock, UpBlock
+
+Dtype = Any
+
+
+def _block_kwargs(config: _UNetFields, module: nn.Module) -> dict:
+    return dict(
+        norm_num_groups=config.norm_num_groups,
+        norm_eps=config.norm_eps,
+        act_fn=config.act_fn,
+        time_embedding_norm=config.resnet_time_scale_shift,
+        use_linear_projection=config.use_linear_projection,
+        upcast_attention=config.upcast_attention,
+        attention_impl=module.attention_impl,
+        dtype=module.dtype,
+        param_dtype=module.param_dtype,
+    )
+
+
+def embed_time(
+    module: nn.Module,
+    config: _UNetFields,
+    timesteps: jax.Array,
+    batch: int,
+    timestep_cond: jax.Array | None,
+    **embedding_kwargs: Any,
+) -> jax.Array:
+    """Sinusoidal projection and `time_embedding` MLP (built inside `module`'s compact scope)."""
+    t = broadcast_timesteps(timesteps, batch)
+    t_emb = timestep_embedding(
+        t, config.block_out_channels[0], flip_sin_to_cos=config.flip_sin_to_cos, freq_shift=config.freq_shift
+    ).astype(module.dtype)
+    return TimestepEmbedding(
+        config.time_embed_dim,
+        act_fn=config.act_fn,
+        dtype=module.dtype,
+        param_dtype=module.param_dtype,
+        name="time_embedding",
+        **embedding_kwargs,
+    )(t_emb, None if timestep_cond is None else timestep_cond.astype(module.dtype))
+
+
+def encoder_blocks(module: nn.Module, config: _UNetFields) -> tuple[list[DownBlock], MidBlock | None]:
+    """The down blocks and mid block that the U-Net and the ControlNet share (same names, same params)."""
+    kw = _block_kwargs(config, module)
+    n = config.num_blocks
+    downs = []
+    for i, block_type in enumerate(config.down_block_types):
+        downs.append(
+            DownBlock(
+                out_channels=config.block_out_channels[i],
+                num_layers=config.layers_per_block_list[i],
+                with_attention=block_type == CROSS_ATTN_DOWN,
+                heads=config.heads_per_block[i],
+                transformer_layers=config.transformer_layers_list[i],
+                only_cross_attention=config.only_cross_attention_list[i],
+                add_downsample=i < n - 1,
+                downsample_padding=config.downsample_padding,
+                name=f"down_blocks_{i}",
+                **kw,
+            )
+        )
+    mid = None
+    if config.mid_block_type is not None:
+        with_attention = config.mid_block_type == MID_CROSS_ATTN
+        mid = MidBlock(
+            out_channels=config.block_out_channels[-1],
+            num_layers=1 if with_attention else 0,
+            with_attention=with_attention,
+            heads=config.heads_per_block[-1],
+            transformer_layers=config.transformer_layers_list[-1],
+            output_scale_factor=config.mid_block_scale_factor,
+            name="mid_block",
+            **kw,
+        )
+    return downs, mid
+
+
+class UNet2DConditionModel(nn.Module):
+    """Stable Diffusion's conditional U-Net. See the module docstring for the call pattern."""
+
+    config: UNet2DConditionConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_impl: str = "plain"
+
+    @nn.compact
+    def __call__(
+        self,
+        sample: jax.Array,
+        timesteps: jax.Array | float | int,
+        encoder_hidden_states: jax.Array,
+        down_block_additional_residuals: Sequence[jax.Array] | None = None,
+        mid_block_additional_residual: jax.Array | None = None,
+        down_intrablock_additional_residuals: Sequence[jax.Array] | None = None,
+        timestep_cond: jax.Array | None = None,
+    ) -> jax.Array:
+        cfg = self.config
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        if sample.ndim != 4 or sample.shape[-1] != cfg.in_channels:
+            raise ValueError(
+                f"sample must be NHWC with {cfg.in_channels} channels, got shape {tuple(sample.shape)}"
+            )
+        if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
+            raise ValueError(
+                "ControlNet residuals come in pairs: pass both down_block_additional_residuals and "
+                "mid_block_additional_residual (T2I-Adapter features go in down_intrablock_additional_residuals)"
+            )
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        batch = sample.shape[0]
+        x = sample.astype(self.dtype)
+        context = encoder_hidden_states.astype(self.dtype)
+        if cfg.center_input_sample:
+            x = 2 * x - 1.0
+
+        emb = embed_time(
+            self, cfg, timesteps, batch, timestep_cond,
+            cond_proj_dim=cfg.time_cond_proj_dim, post_act_fn=cfg.timestep_post_act,
+        )
+        if cfg.time_embedding_act_fn is not None:
+            emb = get_activation(cfg.time_embedding_act_fn)(emb)
+
+        x = conv(cfg.block_out_channels[0], cfg.conv_in_kernel, name="conv_in", **kw)(x)
+
+        # --- down ----------------------------------------------------------------------------
+        intrablock = list(down_intrablock_additional_residuals or [])
+        downs, mid = encoder_blocks(self, cfg)
+        skips = [x]
+        for block in downs:
+            if block.with_attention:
+                extra = intrablock.pop(0) if intrablock else None
+                x, res = block(x, emb, context, additional_residual=extra)
+            else:
+                x, res = block(x, emb, context)
+                if intrablock:
+                    # diffusers adds in place to the block output, which is also its last skip
+                    x = x + intrablock.pop(0).astype(x.dtype)
+                    res[-1] = x
+            skips.extend(res)
+
+        if down_block_additional_residuals is not None:
+            if len(down_block_additional_residuals) != len(skips):
+                raise ValueError(
+                    f"down_block_additional_residuals has {len(down_block_additional_residuals)} entries, "
+                    f"the U-Net has {len(skips)} skip connections"
+                )
+            for i, (s, r) in enumerate(zip(skips, down_block_additional_residuals)):
+                if r.shape[0] != s.shape[0] or r.shape[-1] != s.shape[-1]:
+                    raise ValueError(
+                        f"down_block_additional_residuals[{i}] has shape {tuple(r.shape)}, "
+                        f"expected {tuple(s.shape)}"
+                    )
+            skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_block_additional_residuals)]
+
+        # --- mid -----------------------------------------------------------------------------
+        if mid is not None:
+            x = mid(x, emb, context)
+            if intrablock and intrablock[0].shape == x.shape:  # T2I-Adapter-XL's last feature
+                x = x + intrablock.pop(0).astype(x.dtype)
+        if mid_block_additional_residual is not None:
+            x = x + mid_block_additional_residual.astype(x.dtype)
+
+        # --- up ------------------------------------------------------------------------------
+        kb = _block_kwargs(cfg, self)
+        rev_channels = cfg.block_out_channels[::-1]
+        rev_heads = cfg.heads_per_block[::-1]
+        rev_layers = cfg.layers_per_block_list[::-1]
+        rev_tlayers = cfg.transformer_layers_list[::-1]
+        rev_only_cross = cfg.only_cross_attention_list[::-1]
+        n = cfg.num_blocks
+        for i, block_type in enumerate(cfg.up_block_types):
+            num_layers = rev_layers[i] + 1
+            block_skips, skips = skips[-num_layers:], skips[:-num_layers]
+            is_final = i == n - 1
+            x = UpBlock(
+                out_channels=rev_channels[i],
+                num_layers=num_layers,
+                with_attention=block_type == CROSS_ATTN_UP,
+                heads=rev_heads[i],
+                transformer_layers=rev_tlayers[i],
+                only_cross_attention=rev_only_cross[i],
+                add_upsample=not is_final,
+                name=f"up_blocks_{i}",
+                **kb,
+            )(x, block_skips, emb, context, upsample_size=None if is_final else skips[-1].shape[1:3])
+
+        # --- out -----------------------------------------------------------------------------
+        x = GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(x)
+        x = get_activation(cfg.act_fn)(x)
+        x = conv(cfg.out_channels, cfg.conv_out_kernel, name="conv_out", **kw)(x)
+        return x.astype(jnp.float32)
+
+    def dummy_inputs(self) -> tuple:
+        """Smallest valid inputs, for `init` and `jax.eval_shape` (parameter shapes do not depend on them)."""
+        cfg = self.config
+        down = 2 ** (cfg.num_blocks - 1)
+        args = (
+            jnp.zeros((1, down, down, cfg.in_channels)),
+            jnp.zeros((1,)),
+            jnp.zeros((1, 1, cfg.cross_attention_dims[0])),
+        )
+        if cfg.time_cond_proj_dim is not None:
+            args += (None, None, None, jnp.zeros((1, cfg.time_cond_proj_dim)))
+        return args

@@ -1,0 +1,208 @@
+"""U-Net / ControlNet parity cases against diffusers (PyTorch, CPU, float32, random weights).
+
+Each case builds random diffusers models, saves them with `save_pretrained`, loads them back with
+`jaxcontrol.load_model`, runs both sides on the same inputs and reports max|ours - torch| / max|torch|.
+`benchmarks/parity.py` prints these rows as a table; `tests/test_unet_parity.py` asserts on them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from ..convert import load_model
+from .reference import nchw_to_nhwc, randomize_, rel_err
+
+# --- configs -----------------------------------------------------------------------------------
+# diffusers' tests/pipelines/controlnet/test_controlnet.py::get_dummy_components
+TINY_CONTROLNET_TEST = dict(
+    block_out_channels=(4, 8), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=32, norm_num_groups=1,
+)
+# diffusers' tests/models/unets/test_models_unet_2d_condition.py
+TINY_UNET_TEST = dict(
+    block_out_channels=(4, 8), norm_num_groups=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8, attention_head_dim=2,
+    out_channels=4, in_channels=4, layers_per_block=1, sample_size=16,
+)
+# diffusers' tests/pipelines/stable_diffusion_adapter (norm_num_groups defaults to 32)
+TINY_ADAPTER_TEST = dict(
+    block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+)
+# SD-2.x style: linear projections, per-block head counts, upcast attention
+SD2_STYLE = dict(
+    block_out_channels=(32, 64, 64), layers_per_block=2, sample_size=16, norm_num_groups=8,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=(2, 4, 4), use_linear_projection=True, upcast_attention=True, cross_attention_dim=48,
+)
+# Stable Diffusion 1.5 (v1-inference.yaml through diffusers' converter)
+SD15 = dict(
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8,
+    cross_attention_dim=768, sample_size=64,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    unet: dict
+    controlnet: dict | None  # ControlNet-only fields, or None for no ControlNet
+    latent_hw: tuple[int, int]
+    tol: float
+    batch: int = 2
+    seq: int = 7
+    slow: bool = False
+
+
+CASES: dict[str, Case] = {
+    c.name: c
+    for c in (
+        Case("tiny-controlnet-test", TINY_CONTROLNET_TEST, dict(conditioning_embedding_out_channels=(16, 32)),
+             (32, 32), 1e-4),
+        Case("tiny-unet-test", TINY_UNET_TEST, dict(conditioning_embedding_out_channels=(16, 32)), (16, 16), 1e-4),
+        Case("tiny-adapter-test", TINY_ADAPTER_TEST, dict(conditioning_embedding_out_channels=(16, 32)),
+             (32, 32), 1e-4),
+        Case("sd2-style", SD2_STYLE, dict(conditioning_embedding_out_channels=(16, 32, 32)), (16, 16), 1e-4),
+        Case("sd2-style-odd-size", SD2_STYLE, None, (13, 10), 1e-4),
+        Case("sd15-full", SD15, dict(), (16, 16), 1e-3, batch=2, seq=77, slow=True),
+    )
+}
+QUICK_CASES = tuple(n for n, c in CASES.items() if not c.slow)
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    case: str
+    component: str
+    attention: str
+    max_abs_err: float
+    max_abs_ref: float
+    rel_err: float
+    tol: float
+
+    @property
+    def ok(self) -> bool:
+        return self.rel_err <= self.tol
+
+
+def controlnet_fields(unet_config: dict, extra: dict) -> dict:
+    shared = (
+        "in_channels", "down_block_types", "block_out_channels", "layers_per_block", "norm_num_groups",
+        "cross_attention_dim", "attention_head_dim", "use_linear_projection", "upcast_attention",
+        "only_cross_attention", "transformer_layers_per_block", "resnet_time_scale_shift", "flip_sin_to_cos",
+        "freq_shift", "norm_eps", "act_fn", "downsample_padding", "mid_block_scale_factor",
+    )
+    return {k: unet_config[k] for k in shared if k in unet_config} | extra
+
+
+def adapter_feature_shapes(unet_config: dict, batch: int, hw: tuple[int, int]) -> list[tuple[int, ...]]:
+    """NCHW shapes of T2I-Adapter features, one per down block, as diffusers' U-Net consumes them."""
+    types = unet_config.get("down_block_types")
+    channels = unet_config.get("block_out_channels")
+    h, w = hw
+    shapes = []
+    for i, (t, c) in enumerate(zip(types, channels)):
+        final = i == len(types) - 1
+        nh, nw = (h, w) if final else (math.ceil(h / 2), math.ceil(w / 2))
+        # cross-attention blocks take the feature before their downsampler, plain blocks after it
+        shapes.append((batch, c, h, w) if t == "CrossAttnDownBlock2D" else (batch, c, nh, nw))
+        h, w = nh, nw
+    return shapes
+
+
+def run_case(
+    case: Case,
+    attention_impls: Sequence[str] = ("plain", "dot_product"),
+    workdir: str | Path | None = None,
+    seed: int = 0,
+) -> list[Row]:
+    from diffusers import ControlNetModel as TorchControlNet
+    from diffusers import UNet2DConditionModel as TorchUNet
+
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        tmp = Path(tmp)
+        torch.manual_seed(seed)
+        t_unet = randomize_(TorchUNet(**case.unet), seed)
+        t_unet.save_pretrained(tmp / "unet")
+        t_cn = None
+        if case.controlnet is not None:
+            t_cn = randomize_(TorchControlNet(**controlnet_fields(case.unet, case.controlnet)), seed + 1)
+            t_cn.save_pretrained(tmp / "controlnet")
+
+        g = torch.Generator().manual_seed(seed + 2)
+        b, (h, w) = case.batch, case.latent_hw
+        ctx_dim = t_unet.config.cross_attention_dim
+        x = torch.randn(b, t_unet.config.in_channels, h, w, generator=g)
+        t = torch.tensor([999, 10, 500, 1][:b], dtype=torch.long)
+        ctx = torch.randn(b, case.seq, ctx_dim, generator=g)
+        feats = [torch.randn(s, generator=g) for s in adapter_feature_shapes(case.unet, b, (h, w))]
+
+        refs: dict[str, Any] = {}
+        with torch.no_grad():
+            refs["unet"] = t_unet(x, t, ctx).sample
+            refs["unet+t2i-features"] = t_unet(
+                x, t, ctx, down_intrablock_additional_residuals=[f.clone() for f in feats]
+            ).sample
+            if t_cn is not None:
+                factor = 2 ** (len(t_cn.config.conditioning_embedding_out_channels) - 1)
+                cond = torch.rand(b, t_cn.config.conditioning_channels, h * factor, w * factor, generator=g)
+                down, mid = t_cn(x, t, ctx, cond, conditioning_scale=0.7, return_dict=False)
+                refs["controlnet-down"] = down
+                refs["controlnet-mid"] = mid
+                refs["unet+controlnet"] = t_unet(
+                    x, t, ctx, down_block_additional_residuals=down, mid_block_additional_residual=mid
+                ).sample
+        del t_unet, t_cn
+
+        jx, jt, jctx = jnp.asarray(nchw_to_nhwc(x)), jnp.asarray(t.numpy()), jnp.asarray(ctx.numpy())
+        jfeats = [jnp.asarray(nchw_to_nhwc(f)) for f in feats]
+        rows = []
+
+        def add(component, impl, ours, ref):
+            err, mag, rel = rel_err(ours, ref)
+            rows.append(Row(case.name, component, impl, err, mag, rel, case.tol))
+
+        for impl in attention_impls:
+            unet, params = load_model(tmp / "unet", attention_impl=impl)
+            run_unet = jax.jit(lambda p, *a, **k: unet.apply({"params": p}, *a, **k))
+            add("unet", impl, run_unet(params, jx, jt, jctx), refs["unet"])
+            add("unet+t2i-features", impl, run_unet(params, jx, jt, jctx, down_intrablock_additional_residuals=jfeats),
+                refs["unet+t2i-features"])
+            if case.controlnet is not None:
+                cn, cparams = load_model(tmp / "controlnet", attention_impl=impl)
+                jcond = jnp.asarray(nchw_to_nhwc(cond))
+                run_cn = jax.jit(lambda p, *a, **k: cn.apply({"params": p}, *a, **k))
+                jdown, jmid = run_cn(cparams, jx, jt, jctx, jcond, conditioning_scale=0.7)
+                worst = max((rel_err(o, r) for o, r in zip(jdown, refs["controlnet-down"])), key=lambda e: e[2])
+                rows.append(Row(case.name, "controlnet-down (worst of %d)" % len(jdown), impl, *worst, case.tol))
+                add("controlnet-mid", impl, jmid, refs["controlnet-mid"])
+                add("unet+controlnet", impl,
+                    run_unet(params, jx, jt, jctx, down_block_additional_residuals=jdown,
+                             mid_block_additional_residual=jmid),
+                    refs["unet+controlnet"])
+                del cparams
+            del params
+        return rows
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    header = f"{'case':<22} {'component':<30} {'attention':<12} {'max|err|':>10} {'max|ref|':>10} {'rel err':>10} {'tol':>8}  ok"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(
+            f"{r.case:<22} {r.component:<30} {r.attention:<12} {r.max_abs_err:>10.3e} {r.max_abs_ref:>10.3e} "
+            f"{r.rel_err:>10.3e} {r.tol:>8.0e}  {'yes' if r.ok else 'NO'}"
+        )
+    return "\n".join(lines)
