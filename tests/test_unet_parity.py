@@ -1,0 +1,26 @@
+"""U-Net, ControlNet, U-Net+ControlNet and U-Net+T2I features against diffusers (see jaxcontrol.testing.parity)."""
+
+import pytest
+
+from jaxcontrol.testing.parity import CASES, QUICK_CASES, format_table, run_case
+
+
+def _check(name, tmp_path):
+    rows = run_case(CASES[name], workdir=tmp_path)
+    bad = [r for r in rows if not r.ok]
+    assert not bad, "\n" + format_table(rows)
+    components = {r.component.split(" ")[0] for r in rows}
+    assert {"unet", "unet+t2i-features"} <= components
+    if CASES[name].controlnet is not None:
+        assert {"controlnet-down", "controlnet-mid", "unet+controlnet"} <= components
+
+
+@pytest.mark.parametrize("name", QUICK_CASES)
+def test_parity(name, tmp_path):
+    _check(name, tmp_path)
+
+
+@pytest.mark.slow
+def test_parity_full_sd15(tmp_path):
+    """The full SD-1.5 U-Net (859.5M) and ControlNet (361M), random weights, 16x16 latents, 77x768 context."""
+    _check("sd15-full", tmp_path)
