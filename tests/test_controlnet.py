@@ -86,7 +86,7 @@ def test_controlnet_options_parity(extra, kwargs, tmp_path):
             torch.from_numpy(np.asarray(ctx)), torch.from_numpy(np.asarray(cond).transpose(0, 3, 1, 2).copy()),
             conditioning_scale=0.6, return_dict=False, **kwargs,
         )
-    down, mid = cn.apply({"params": cparams}, x, t, ctx, cond, conditioning_scale=0.6, **kwargs)
+    down, mid = jax.jit(lambda p: cn.apply({"params": p}, x, t, ctx, cond, conditioning_scale=0.6, **kwargs))(cparams)
     assert len(down) == len(down_ref)
     for ours, ref in zip(list(down) + [mid], list(down_ref) + [mid_ref]):
         assert rel_err(ours, ref)[2] <= 1e-4
@@ -98,8 +98,9 @@ def test_per_sample_conditioning_scale():
     cn, cparams = jc.controlnet_from_unet(unet, params, jax.random.key(1), conditioning_embedding_out_channels=(8, 16))
     cparams = jax.tree_util.tree_map(lambda a: a + 0.01, cparams)
     x, t, ctx, cond = _inputs()
-    down, mid = cn.apply({"params": cparams}, x, t, ctx, cond, conditioning_scale=jnp.array([0.0, 1.0]))
-    ref_down, ref_mid = cn.apply({"params": cparams}, x, t, ctx, cond, conditioning_scale=1.0)
+    run = jax.jit(lambda s: cn.apply({"params": cparams}, x, t, ctx, cond, conditioning_scale=s))
+    down, mid = run(jnp.array([0.0, 1.0]))
+    ref_down, ref_mid = run(1.0)
     assert not np.any(np.asarray(mid[0]))
     np.testing.assert_allclose(np.asarray(mid[1]), np.asarray(ref_mid[1]), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(down[3][1]), np.asarray(ref_down[3][1]), rtol=1e-6)
@@ -110,6 +111,6 @@ def test_wrong_control_image_size_is_named():
     cparams = jc.init_params(cn, jax.random.key(0))
     x, t, ctx, _ = _inputs()
     with pytest.raises(ValueError, match="2x the latent size"):
-        cn.apply({"params": cparams}, x, t, ctx, jnp.zeros((2, 8, 8, 3)))
+        jax.eval_shape(lambda: cn.apply({"params": cparams}, x, t, ctx, jnp.zeros((2, 8, 8, 3))))
     with pytest.raises(ValueError, match="3 channels"):
-        cn.apply({"params": cparams}, x, t, ctx, jnp.zeros((2, 16, 16, 1)))
+        jax.eval_shape(lambda: cn.apply({"params": cparams}, x, t, ctx, jnp.zeros((2, 16, 16, 1))))

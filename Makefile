@@ -1,0 +1,42 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Both build .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+PYTEST := $(BIN)/python -m pytest
+
+.PHONY: venv test test-slow test-all demo parity bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# the CPU build of torch first, so that nothing below pulls a CUDA build
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# the fast suite (CI runs this); slow tests are deselected by marker
+test: $(STAMP)
+	$(PYTEST) -m "not slow" -q
+
+# full-size models (SD-1.5 U-Net 859.5M, ControlNet 361M) on random weights
+test-slow: $(STAMP)
+	$(PYTEST) -m slow -q
+
+test-all: $(STAMP)
+	$(PYTEST) -q
+
+# Until the embedded default model exists, the demo is the parity report against diffusers.
+demo: $(STAMP)
+	$(BIN)/python benchmarks/parity.py
+
+parity: $(STAMP)
+	$(BIN)/python benchmarks/parity.py --full
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/unet_speed.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,55 @@
+"""Print the parity table: jaxcontrol vs diffusers (PyTorch, CPU, float32) on random weights.
+
+    python benchmarks/parity.py            # tiny and SD-2-style configs (about 5 minutes on 2 cores)
+    python benchmarks/parity.py --full     # plus the full SD-1.5 U-Net and ControlNet (+4 minutes, 8 GB)
+    python benchmarks/parity.py --bf16     # plus the bf16 compute-mode error against float32
+
+Exits non-zero if any row exceeds its tolerance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+
+warnings.filterwarnings("ignore")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+from jaxcontrol.testing.parity import CASES, QUICK_CASES, format_table, run_case  # noqa: E402
+from jaxcontrol.testing.precision import bf16_error_rows, format_bf16_table  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true", help="include the full-size SD-1.5 case")
+    ap.add_argument("--bf16", action="store_true", help="also measure the bf16 compute mode")
+    ap.add_argument("--cases", nargs="*", help=f"cases to run (default: quick set). Known: {', '.join(CASES)}")
+    args = ap.parse_args()
+
+    names = args.cases or list(QUICK_CASES) + (["sd15-full"] if args.full else [])
+    rows = []
+    for name in names:
+        if name not in CASES:
+            ap.error(f"unknown case {name!r}; known: {', '.join(CASES)}")
+        start = time.perf_counter()
+        rows += run_case(CASES[name])
+        print(f"[{name}: {time.perf_counter() - start:.0f} s]", file=sys.stderr, flush=True)
+    print("\nParity with diffusers (max|ours - torch| / max|torch|), random weights, CPU float32\n")
+    print(format_table(rows))
+    ok = all(r.ok for r in rows)
+    if args.bf16:
+        print("\nbf16 compute mode against float32 (tiny-adapter-test config)\n")
+        print(format_bf16_table(bf16_error_rows()))
+    print(f"\n{sum(r.ok for r in rows)}/{len(rows)} rows within tolerance")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
