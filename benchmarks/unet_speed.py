@@ -82,12 +82,12 @@ def main() -> int:
     ref_out = rows[0][3]
     print(f"\nSD-1.5 U-Net forward, batch {args.batch}, {args.size}x{args.size} latents, 77x768 context, float32, "
           f"{os.cpu_count()} CPU cores, median of {args.repeats}\n")
-    header = f"{'implementation':<36} {'first call s':>13} {'steady s':>10} {'torch/this':>11} {'rel err':>10}"
+    header = f"{"implementation":<40} {'first call s':>13} {'steady s':>10} {'torch/this':>11} {'rel err':>10}"
     print(header)
     print("-" * len(header))
     for name, first, med, out in rows:
         err = float(np.max(np.abs(out - ref_out)) / np.max(np.abs(ref_out)))
-        print(f"{name:<36} {first:>13.2f} {med:>10.2f} {base / med:>11.2f} {err:>10.1e}")
+        print(f"{name:<40} {first:>13.2f} {med:>10.2f} {base / med:>11.2f} {err:>10.1e}")
     print("\n'first call' includes tracing and XLA compilation for JAX; 'torch/this' > 1 means faster than PyTorch.")
     return 0
 
