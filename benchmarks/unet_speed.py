@@ -82,7 +82,7 @@ def main() -> int:
     ref_out = rows[0][3]
     print(f"\nSD-1.5 U-Net forward, batch {args.batch}, {args.size}x{args.size} latents, 77x768 context, float32, "
           f"{os.cpu_count()} CPU cores, median of {args.repeats}\n")
-    header = f"{"implementation":<40} {'first call s':>13} {'steady s':>10} {'torch/this':>11} {'rel err':>10}"
+    header = f"{'implementation':<40} {'first call s':>13} {'steady s':>10} {'torch/this':>11} {'rel err':>10}"
     print(header)
     print("-" * len(header))
     for name, first, med, out in rows:
