@@ -14,10 +14,13 @@ from .models import (
     controlnet_from_unet,
     init_params,
 )
+from .models.vae import AutoencoderKL, AutoencoderKLConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoencoderKL",
+    "AutoencoderKLConfig",
     "CheckpointError",
     "ConfigError",
     "ControlNetConfig",

@@ -23,6 +23,7 @@ from ..models.configs import ControlNetConfig, ModelConfig, UNet2DConditionConfi
 from ..models.controlnet import ControlNetModel
 from ..models.params import param_shapes
 from ..models.unet import UNet2DConditionModel
+from ..models.vae import AutoencoderKL, AutoencoderKLConfig
 from .sources import TensorSource, open_weights
 from .state_dict import convert_to_flax
 
@@ -33,11 +34,28 @@ class ModelType:
     config: type[ModelConfig]
     # regexes of checkpoint keys that are not parameters (buffers) and may be ignored
     ignore: tuple[str, ...] = ()
+    # renames a checkpoint's keys to the current diffusers/transformers names before conversion
+    normalize: Callable[[TensorSource], TensorSource] | None = None
+
+
+_LEGACY_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def vae_legacy_names(source: TensorSource) -> TensorSource:
+    """Old diffusers VAEs name the mid-block attention `query/key/value/proj_attn` (diffusers renames on load)."""
+    mapping = {}
+    for key in source.keys():
+        parts = key.split(".")
+        if len(parts) >= 2 and "attentions" in parts and parts[-2] in _LEGACY_VAE_ATTENTION:
+            parts[-2] = _LEGACY_VAE_ATTENTION[parts[-2]]
+        mapping[key] = ".".join(parts)
+    return source.renamed(mapping)
 
 
 MODEL_TYPES: dict[str, ModelType] = {
     "UNet2DConditionModel": ModelType(UNet2DConditionModel, UNet2DConditionConfig),
     "ControlNetModel": ModelType(ControlNetModel, ControlNetConfig),
+    "AutoencoderKL": ModelType(AutoencoderKL, AutoencoderKLConfig, normalize=vae_legacy_names),
 }
 
 WEIGHT_BASENAMES = ("diffusion_pytorch_model", "model")
@@ -142,5 +160,7 @@ def load_model(
     )
     weights = find_weights(folder, variant)
     source = open_weights(weights, unsafe_load_pickle=unsafe_load_pickle)
+    if mtype.normalize is not None:
+        source = mtype.normalize(source)
     params = load_params(module, source, param_dtype=param_dtype, ignore=mtype.ignore)
     return module, params
