@@ -1,41 +1,11 @@
 """Tokenisation as diffusers' pipelines do it, with a CLIP tokenizer built offline from a tiny vocab."""
 
-import json
-
 import numpy as np
 import pytest
 
 from jaxcontrol import CheckpointError
+from jaxcontrol.testing.reference import tiny_clip_tokenizer
 from jaxcontrol.tokenizer import load_tokenizer, tokenize
-
-WORDS = ["a", "red", "blue", "circle", "square", "with", "light", "background", "green"]
-
-
-def tiny_clip_tokenizer(folder, pad_token="<|endoftext|>"):
-    """A CLIP BPE tokenizer folder over characters and whole words, in the on-disk layout of SD's
-    `tokenizer/` (vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json)."""
-    chars = sorted({c for w in WORDS for c in w})
-    vocab_tokens = ["!"] + chars + [c + "</w>" for c in chars]
-    merges = []
-    for w in WORDS:  # merge left to right into the whole word
-        cur = w[0]
-        for j, c in enumerate(w[1:], start=1):
-            nxt = c + "</w>" if j == len(w) - 1 else c
-            merges.append(f"{cur} {nxt}")
-            cur = cur + nxt
-            vocab_tokens.append(cur)
-    vocab_tokens += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {t: i for i, t in enumerate(dict.fromkeys(vocab_tokens))}
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-               "pad_token": pad_token}
-    (folder / "special_tokens_map.json").write_text(json.dumps(special))
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps({"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, **special})
-    )
-
 
 @pytest.mark.parametrize("pad_token", ["<|endoftext|>", "!"], ids=["sd1-pad-eos", "sd2-pad-bang"])
 def test_padding_and_truncation(tmp_path, pad_token):

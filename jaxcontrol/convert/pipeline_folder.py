@@ -1,0 +1,153 @@
+"""Load a whole diffusers pipeline folder (`model_index.json`) into one bundle of modules and params.
+
+    bundle = jaxcontrol.load_pipeline("stable-diffusion-v1-5")
+    bundle.unet, bundle.params["unet"], bundle.tokenizer, bundle.scheduler_config
+
+Components are loaded one after another and each tensor is converted as it is read, so host
+memory peaks near the size of the converted parameters (measured in `tests/test_pipeline_folder.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+from ..errors import CheckpointError, ConfigError
+from ..tokenizer import load_tokenizer
+from .diffusers_folder import MODEL_TYPES, load_model
+
+# components that are not networks we run: read as configs / tokenizers, or skipped
+TOKENIZERS = ("tokenizer", "tokenizer_2")
+SCHEDULER = "scheduler"
+SKIPPED = ("safety_checker", "feature_extractor", "image_encoder")
+# diffusers saves a Multi* wrapper as sibling folders: controlnet, controlnet_1, controlnet_2, ...
+MULTI_CLASSES = {"MultiControlNetModel": "ControlNetModel", "MultiAdapter": "T2IAdapter"}
+
+
+@dataclasses.dataclass
+class PipelineBundle:
+    """Everything a pipeline folder holds, as JAX modules and parameter trees."""
+
+    path: Path
+    class_name: str
+    modules: dict[str, Any]  # name -> module (or a list of modules for Multi* components)
+    params: dict[str, Any]  # name -> params (or a list)
+    configs: dict[str, dict]  # name -> the component's raw config.json / scheduler_config.json
+    tokenizers: dict[str, Any]
+    skipped: tuple[str, ...] = ()
+
+    def __getattr__(self, name: str) -> Any:
+        modules = self.__dict__.get("modules", {})
+        if name in modules:
+            return modules[name]
+        raise AttributeError(name)
+
+    @property
+    def tokenizer(self):
+        return self.tokenizers.get("tokenizer")
+
+    @property
+    def scheduler_config(self) -> dict | None:
+        return self.configs.get(SCHEDULER)
+
+
+def read_model_index(folder: Path) -> dict:
+    path = folder / "model_index.json"
+    if not path.is_file():
+        raise ConfigError(f"{folder}: no model_index.json (is this a diffusers pipeline folder?)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON: {e}") from e
+
+
+def load_pipeline(
+    path: str | os.PathLike,
+    *,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    attention_impl: str = "plain",
+    component_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+    components: tuple[str, ...] | None = None,
+    variant: str | None = None,
+    unsafe_load_pickle: bool = False,
+) -> PipelineBundle:
+    """Read a diffusers pipeline folder.
+
+    Args:
+      dtype, param_dtype, attention_impl: defaults for every network.
+      component_kwargs: per-component overrides of those, e.g. `{"vae": {"dtype": jnp.float32}}`
+        to keep the VAE in float32 while the U-Net runs in bf16.
+      components: load only these components (default: all that the folder lists).
+    """
+    folder = Path(path)
+    index = read_model_index(folder)
+    overrides = dict(component_kwargs or {})
+    modules: dict[str, Any] = {}
+    params: dict[str, Any] = {}
+    configs: dict[str, dict] = {}
+    tokenizers: dict[str, Any] = {}
+    skipped = []
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[1] is None:
+            continue
+        if components is not None and name not in components:
+            continue
+        library, class_name = spec
+        sub = folder / name
+        if name in SKIPPED:
+            skipped.append(name)
+            continue
+        if name in TOKENIZERS:
+            tokenizers[name] = load_tokenizer(sub)
+            continue
+        if name == SCHEDULER:
+            cfg_path = sub / "scheduler_config.json"
+            if not cfg_path.is_file():
+                raise ConfigError(f"{sub}: no scheduler_config.json")
+            configs[name] = json.loads(cfg_path.read_text())
+            continue
+        kwargs = dict(dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, variant=variant,
+                      unsafe_load_pickle=unsafe_load_pickle)
+        kwargs.update(overrides.get(name, {}))
+        if class_name in MULTI_CLASSES:
+            folders = multi_folders(folder, name)
+            loaded = [load_model(f, **kwargs) for f in folders]
+            modules[name] = [m for m, _ in loaded]
+            params[name] = [p for _, p in loaded]
+            configs[name] = [json.loads((f / "config.json").read_text()) for f in folders]
+            continue
+        if class_name not in MODEL_TYPES:
+            warnings.warn(f"{sub}: component {name!r} of class {class_name} is not supported; skipped", stacklevel=2)
+            skipped.append(name)
+            continue
+        if not sub.is_dir():
+            raise CheckpointError(f"{folder}: model_index.json lists {name!r} but there is no {name}/ folder")
+        modules[name], params[name] = load_model(sub, **kwargs)
+        configs[name] = json.loads((sub / "config.json").read_text())
+    if components is not None:
+        missing = set(components) - set(modules) - set(tokenizers) - set(configs)
+        if missing:
+            raise ConfigError(f"{folder}: requested components {sorted(missing)} are not in model_index.json")
+    return PipelineBundle(folder, index.get("_class_name", ""), modules, params, configs, tokenizers, tuple(skipped))
+
+
+def multi_folders(folder: Path, name: str) -> list[Path]:
+    """`name`, `name_1`, `name_2`, ... as diffusers' Multi* `save_pretrained` writes them."""
+    found = []
+    i = 0
+    while True:
+        sub = folder / (name if i == 0 else f"{name}_{i}")
+        if not (sub / "config.json").is_file():
+            break
+        found.append(sub)
+        i += 1
+    if not found:
+        raise CheckpointError(f"{folder}: no {name}/ folder with a config.json")
+    return found
