@@ -1,7 +1,7 @@
 """Print the parity table: jaxcontrol vs diffusers (PyTorch, CPU, float32) on random weights.
 
-    python benchmarks/parity.py            # tiny and SD-2-style configs (about 5 minutes on 2 cores)
-    python benchmarks/parity.py --full     # plus the full SD-1.5 U-Net and ControlNet (+4 minutes, 8 GB)
+    python benchmarks/parity.py            # tiny and SD-2-style configs: U-Net, ControlNet, VAE, CLIP, T2I-Adapters
+    python benchmarks/parity.py --full     # plus full-size SD-1.5 U-Net/ControlNet, SD VAE, CLIP-L text, ViT-B/L vision
     python benchmarks/parity.py --bf16     # plus the bf16 compute-mode error against float32
 
 Exits non-zero if any row exceeds its tolerance.
@@ -22,7 +22,10 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+from jaxcontrol.testing.adapter_parity import adapter_rows  # noqa: E402
+from jaxcontrol.testing.clip_parity import parity_rows as clip_rows  # noqa: E402
 from jaxcontrol.testing.parity import CASES, QUICK_CASES, format_table, run_case  # noqa: E402
+from jaxcontrol.testing.vae_parity import QUICK_VAE_CASES, run_vae_case  # noqa: E402
 from jaxcontrol.testing.precision import bf16_error_rows, format_bf16_table  # noqa: E402
 
 
@@ -30,7 +33,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="include the full-size SD-1.5 case")
     ap.add_argument("--bf16", action="store_true", help="also measure the bf16 compute mode")
-    ap.add_argument("--cases", nargs="*", help=f"cases to run (default: quick set). Known: {', '.join(CASES)}")
+    ap.add_argument("--cases", nargs="*", help=f"U-Net/ControlNet cases (default: quick set). Known: {', '.join(CASES)}")
+    ap.add_argument("--unet-only", action="store_true", help="skip the VAE, CLIP and T2I-Adapter rows")
     args = ap.parse_args()
 
     names = args.cases or list(QUICK_CASES) + (["sd15-full"] if args.full else [])
@@ -41,7 +45,13 @@ def main() -> int:
         start = time.perf_counter()
         rows += run_case(CASES[name])
         print(f"[{name}: {time.perf_counter() - start:.0f} s]", file=sys.stderr, flush=True)
-    print("\nParity with diffusers (max|ours - torch| / max|torch|), random weights, CPU float32\n")
+    if not args.unet_only:
+        for name in list(QUICK_VAE_CASES) + (["vae-sd-full"] if args.full else []):
+            rows += run_vae_case(name)
+        rows += clip_rows(full=args.full)
+        rows += adapter_rows()
+        print("[vae, clip, adapters done]", file=sys.stderr, flush=True)
+    print("\nParity with diffusers / transformers (max|ours - torch| / max|torch|), random weights, CPU float32\n")
     print(format_table(rows))
     ok = all(r.ok for r in rows)
     if args.bf16:

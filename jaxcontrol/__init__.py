@@ -5,30 +5,44 @@
 """
 
 from .convert import load_model
+from .convert.pipeline_folder import PipelineBundle, load_pipeline
 from .errors import CheckpointError, ConfigError, JaxControlError
 from .models import (
+    AutoencoderKL,
+    AutoencoderKLConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPVisionModelWithProjection,
     ControlNetConfig,
     ControlNetModel,
+    MultiAdapter,
+    T2IAdapter,
     UNet2DConditionConfig,
     UNet2DConditionModel,
     controlnet_from_unet,
     init_params,
 )
-from .models.vae import AutoencoderKL, AutoencoderKLConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AutoencoderKL",
     "AutoencoderKLConfig",
+    "CLIPTextModel",
+    "CLIPTextModelWithProjection",
+    "CLIPVisionModelWithProjection",
+    "MultiAdapter",
+    "T2IAdapter",
     "CheckpointError",
     "ConfigError",
     "ControlNetConfig",
     "ControlNetModel",
     "JaxControlError",
+    "PipelineBundle",
     "UNet2DConditionConfig",
     "UNet2DConditionModel",
     "controlnet_from_unet",
     "init_params",
     "load_model",
+    "load_pipeline",
 ]

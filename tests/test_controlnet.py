@@ -82,7 +82,7 @@ def test_controlnet_options_parity(extra, kwargs, tmp_path):
     x, t, ctx, cond = _inputs(cond_channels=fields.get("conditioning_channels", 3))
     with torch.no_grad():
         down_ref, mid_ref = tcn(
-            torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()), torch.from_numpy(np.asarray(t)),
+            torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()), torch.from_numpy(np.array(t)),
             torch.from_numpy(np.asarray(ctx)), torch.from_numpy(np.asarray(cond).transpose(0, 3, 1, 2).copy()),
             conditioning_scale=0.6, return_dict=False, **kwargs,
         )

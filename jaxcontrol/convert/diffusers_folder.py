@@ -19,6 +19,16 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from ..errors import CheckpointError, ConfigError
+from ..models.adapter import T2IAdapter, T2IAdapterConfig
+from ..models.clip import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    CLIPVisionModelWithProjection,
+    normalize_clip_keys,
+)
 from ..models.configs import ControlNetConfig, ModelConfig, UNet2DConditionConfig
 from ..models.controlnet import ControlNetModel
 from ..models.params import param_shapes
@@ -56,9 +66,23 @@ MODEL_TYPES: dict[str, ModelType] = {
     "UNet2DConditionModel": ModelType(UNet2DConditionModel, UNet2DConditionConfig),
     "ControlNetModel": ModelType(ControlNetModel, ControlNetConfig),
     "AutoencoderKL": ModelType(AutoencoderKL, AutoencoderKLConfig, normalize=vae_legacy_names),
+    # diffusers' MultiAdapter saves each adapter as its own T2IAdapter folder (path, path_1, ...):
+    # see jaxcontrol.models.adapter.load_multi_adapter
+    "T2IAdapter": ModelType(T2IAdapter, T2IAdapterConfig),
+    # transformers folders (config.json "architectures"); CLIP keys may come with or without the
+    # text_model./vision_model. prefix (transformers 4.x vs 5.x); position_ids is a buffer
+    **{
+        cls.__name__: ModelType(cls, config, ignore=(r"position_ids$",), normalize=normalize_clip_keys)
+        for cls, config in (
+            (CLIPTextModel, CLIPTextConfig),
+            (CLIPTextModelWithProjection, CLIPTextConfig),
+            (CLIPVisionModel, CLIPVisionConfig),
+            (CLIPVisionModelWithProjection, CLIPVisionConfig),
+        )
+    },
 }
 
-WEIGHT_BASENAMES = ("diffusion_pytorch_model", "model")
+WEIGHT_BASENAMES = ("diffusion_pytorch_model", "model", "pytorch_model")
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
 
 

@@ -31,22 +31,28 @@ def attention(
     impl: str = "plain",
     upcast: bool = False,
     scale: float | None = None,
+    mask: jax.Array | None = None,
 ) -> jax.Array:
-    """Scaled dot-product attention on (batch, length, heads, head_dim) tensors."""
+    """Scaled dot-product attention on (batch, length, heads, head_dim) tensors.
+
+    `mask` is boolean, broadcastable to (batch, heads, q_len, k_len), True where attention is allowed.
+    """
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if impl == "dot_product":
         if upcast:
             out = jax.nn.dot_product_attention(
-                q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), scale=scale
+                q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), scale=scale, mask=mask
             )
             return out.astype(v.dtype)
-        return jax.nn.dot_product_attention(q, k, v, scale=scale)
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, mask=mask)
     if impl != "plain":
         raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     if upcast:
         q, k = q.astype(jnp.float32), k.astype(jnp.float32)
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 

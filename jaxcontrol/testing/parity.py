@@ -37,7 +37,7 @@ TINY_UNET_TEST = dict(
 # diffusers' tests/pipelines/stable_diffusion_adapter (norm_num_groups defaults to 32)
 TINY_ADAPTER_TEST = dict(
     block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
     cross_attention_dim=32,
 )
 # SD-2.x style: linear projections, per-block head counts, upcast attention
