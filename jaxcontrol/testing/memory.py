@@ -41,13 +41,21 @@ def build_sd15_folder(folder: str | Path) -> Path:
 
 
 _PROBE = r"""
-import json, resource, sys
+import json, sys
 import jax
 import jaxcontrol
 from jaxcontrol.models.params import count_params
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+def status(field):
+    # VmHWM / VmRSS belong to this process's own address space; ru_maxrss would also count the
+    # parent's memory at fork time, which Linux carries across exec
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+
+base = status("VmRSS")
 bundle = jaxcontrol.load_pipeline(sys.argv[1])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status("VmHWM")
 counts = {k: count_params(v) for k, v in bundle.params.items()}
 print(json.dumps({"baseline_bytes": base, "peak_bytes": peak, "param_counts": counts}))
 """
