@@ -154,8 +154,9 @@ def avg_pool_2x2_ceil(x: jax.Array) -> jax.Array:
 
 # --- blocks (diffusers' names) -----------------------------------------------------------------
 class AdapterResnetBlock(nn.Module):
-    """`x + block2(relu(block1(x)))`, block1 3x3, block2 1x1."""
+    """`x + block2(relu(block1(x)))`: block1 3x3; block2 1x1 (full adapters) or 3x3 (light adapter)."""
 
+    block2_kernel: int = 1
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -164,7 +165,7 @@ class AdapterResnetBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         ch = x.shape[-1]
         h = nn.relu(conv(ch, 3, name="block1", **kw)(x))
-        h = conv(ch, 1, name="block2", **kw)(h)
+        h = conv(ch, self.block2_kernel, name="block2", **kw)(h)
         return h + x
 
 
@@ -189,21 +190,6 @@ class AdapterBlock(nn.Module):
         return x
 
 
-class LightAdapterResnetBlock(nn.Module):
-    """`x + block2(relu(block1(x)))`, both 3x3."""
-
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        ch = x.shape[-1]
-        h = nn.relu(conv(ch, 3, name="block1", **kw)(x))
-        h = conv(ch, 3, name="block2", **kw)(h)
-        return h + x
-
-
 class LightAdapterBlock(nn.Module):
     """Optional pool, 1x1 `in_conv` to `out_channels // 4`, residual blocks, 1x1 `out_conv`."""
 
@@ -220,7 +206,7 @@ class LightAdapterBlock(nn.Module):
             x = avg_pool_2x2_ceil(x)
         x = conv(self.out_channels // 4, 1, name="in_conv", **kw)(x)
         for j in range(self.num_res_blocks):
-            x = LightAdapterResnetBlock(name=f"resnets_{j}", **kw)(x)
+            x = AdapterResnetBlock(block2_kernel=3, name=f"resnets_{j}", **kw)(x)
         return conv(self.out_channels, 1, name="out_conv", **kw)(x)
 
 
