@@ -75,8 +75,8 @@ def main() -> int:
         first = time.perf_counter() - start
         med, _ = _time(lambda: fwd(params, jx, jt, jctx).block_until_ready(), args.repeats)
         rows.append((f"jaxcontrol (jit, attention={impl})", first, med, np.asarray(out).transpose(0, 3, 1, 2)))
-        del params
-    del t_unet, state
+        params = None  # free before the next variant is loaded
+    t_unet = state = None
 
     base = rows[0][2]
     ref_out = rows[0][3]

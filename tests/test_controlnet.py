@@ -9,7 +9,7 @@ from diffusers import ControlNetModel as TorchControlNet
 
 import jaxcontrol as jc
 from jaxcontrol.models.params import flatten
-from jaxcontrol.testing.reference import nchw_to_nhwc, randomize_, rel_err
+from jaxcontrol.testing.reference import randomize_, rel_err
 
 UNET = dict(
     block_out_channels=(16, 32), layers_per_block=2, norm_num_groups=8, cross_attention_dim=24,

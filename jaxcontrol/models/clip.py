@@ -24,7 +24,7 @@ written in JAX, so it is differentiable (CLIP guidance, aesthetic losses).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +36,7 @@ from ..convert.sources import TensorSource
 from ..errors import CheckpointError, ConfigError
 from .attention import attention
 from .configs import ModelConfig
-from .layers import LayerNorm, conv
+from .layers import LayerNorm, conv, get_activation
 
 Dtype = Any
 
@@ -44,10 +44,8 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # transformers' ACT2FN entries for the activations CLIP checkpoints use
-_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "quick_gelu": lambda x: x * nn.sigmoid(1.702 * x),
-    "gelu": lambda x: nn.gelu(x, approximate=False),
-}
+# the `hidden_act` values CLIP checkpoints use (implemented in layers.get_activation)
+_ACTIVATIONS = ("quick_gelu", "gelu")
 
 # keys every transformers config.json carries that describe the file, not the network
 _BOOKKEEPING_KEYS = frozenset({"architectures", "model_type", "transformers_version", "dtype", "torch_dtype"})
@@ -220,7 +218,7 @@ class CLIPMLP(nn.Module):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = nn.Dense(c.intermediate_size, name="fc1", **kw)(x)
-        x = _ACTIVATIONS[c.hidden_act](x)
+        x = get_activation(c.hidden_act)(x)
         return nn.Dense(c.hidden_size, name="fc2", **kw)(x)
 
 

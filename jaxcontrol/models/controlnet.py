@@ -10,7 +10,7 @@ ready for the U-Net's `down_block_additional_residuals` / `mid_block_additional_
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,9 @@ from .params import flatten, init_params, unflatten
 from .unet import embed_time, encoder_blocks
 
 Dtype = Any
+
+if TYPE_CHECKING:
+    from .unet import UNet2DConditionModel
 
 # subtrees a ControlNet copies from its U-Net (diffusers' `ControlNetModel.from_unet`)
 SHARED_WITH_UNET = ("conv_in", "time_embedding", "mid_block")
@@ -143,7 +146,7 @@ class ControlNetModel(nn.Module):
 
 
 def controlnet_from_unet(
-    unet: "UNet2DConditionModel",  # noqa: F821
+    unet: "UNet2DConditionModel",
     unet_params: Any,
     rng: jax.Array,
     *,
