@@ -23,6 +23,11 @@ Dtype = Any
 ATTENTION_IMPLS = ("plain", "dot_product")
 
 
+def check_attention_impl(impl: str) -> None:
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+
+
 def attention(
     q: jax.Array,
     k: jax.Array,
@@ -46,8 +51,7 @@ def attention(
             )
             return out.astype(v.dtype)
         return jax.nn.dot_product_attention(q, k, v, scale=scale, mask=mask)
-    if impl != "plain":
-        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    check_attention_impl(impl)
     if upcast:
         q, k = q.astype(jnp.float32), k.astype(jnp.float32)
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from .attention import ATTENTION_IMPLS
+from .attention import check_attention_impl
 from .configs import ControlNetConfig, controlnet_config_from_unet
 from .layers import conv
 from .params import flatten, init_params, unflatten
@@ -72,8 +72,7 @@ class ControlNetModel(nn.Module):
         guess_mode: bool = False,
     ) -> tuple[tuple[jax.Array, ...], jax.Array]:
         cfg = self.config
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        check_attention_impl(self.attention_impl)
         if sample.ndim != 4 or sample.shape[-1] != cfg.in_channels:
             raise ValueError(f"sample must be NHWC with {cfg.in_channels} channels, got shape {tuple(sample.shape)}")
         if controlnet_cond.ndim != 4 or controlnet_cond.shape[-1] != cfg.conditioning_channels:

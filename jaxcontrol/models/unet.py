@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from .attention import ATTENTION_IMPLS
+from .attention import check_attention_impl
 from .configs import CROSS_ATTN_DOWN, CROSS_ATTN_UP, MID_CROSS_ATTN, UNet2DConditionConfig, _UNetFields
 from .layers import GroupNorm, TimestepEmbedding, broadcast_timesteps, conv, get_activation, timestep_embedding
 from .unet_blocks import DownBlock, MidBlock, UpBlock
@@ -117,8 +117,7 @@ class UNet2DConditionModel(nn.Module):
         timestep_cond: jax.Array | None = None,
     ) -> jax.Array:
         cfg = self.config
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        check_attention_impl(self.attention_impl)
         if sample.ndim != 4 or sample.shape[-1] != cfg.in_channels:
             raise ValueError(
                 f"sample must be NHWC with {cfg.in_channels} channels, got shape {tuple(sample.shape)}"

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from ..errors import ConfigError
-from .attention import ATTENTION_IMPLS, attention
+from .attention import attention, check_attention_impl
 from .configs import ModelConfig
 from .layers import GroupNorm, conv, get_activation
 from .resnet import ResnetBlock2D, Upsample2D
@@ -208,8 +208,7 @@ class AutoencoderKL(nn.Module):
     attention_impl: str = "plain"
 
     def setup(self) -> None:
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        check_attention_impl(self.attention_impl)
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.encoder = Encoder(cfg, self.attention_impl, **kw)
