@@ -1,0 +1,423 @@
+"""Guidance as composable score functions.
+
+A *score function* is a model prediction `f(x_t, t, cond) -> prediction`: `x_t` the
+variance-preserving noisy latents (NHWC) the network sees, `t` the timestep (scalar or per
+sample), `cond` a dict, and the prediction in the model's parameterisation (epsilon by default).
+A *guidance rule* takes score functions and returns a new one, so rules stack:
+
+    eps = unet_prediction(unet, unet_params, controlnets=[ControlNetUnit(cn, cn_params, scale=0.8)])
+    eps = classifier_free(eps, guidance_scale=7.5, guidance_rescale=0.7)
+    eps = classifier_guidance(eps, my_log_prob, scale=2.0, schedule=plan.schedule)
+    latents = sample(eps, plan, x_T, cond, key=key)
+
+Each rule is a plain function of arrays: `jit`, `vmap` and `grad` go through it. Batched branches
+(conditional, unconditional, concepts) are evaluated in one model call. See docs/GUIDANCE.md.
+
+Conventions for `cond` (all entries are optional except what a rule reads):
+
+* `text`: encoder hidden states (B, L, D); `control`: a tuple of control images (B, H, W, C) in
+  [0, 1], one per ControlNet; `control_mask`: (B,) multiplier of every ControlNet's output (0 in
+  the unconditional branch under guess mode); `adapter`: a tuple of T2I-Adapter features (already
+  scaled by `adapter_conditioning_scale`); `step`: the `StepInfo` the sampler adds.
+* A rule with branches reads sub-dicts (`cond["cond"]`, `cond["uncond"]`, `cond["concepts"]`);
+  entries beside them (such as `step`) are shared by every branch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .errors import ConfigError
+from .sampler import Stateful
+
+ScoreFn = Callable[[jax.Array, jax.Array, dict], jax.Array]
+BRANCH_KEYS = ("cond", "uncond", "concepts")
+
+
+# ------------------------------------------------------------------------------------------------
+# parameterisations
+# ------------------------------------------------------------------------------------------------
+
+
+def _per_sample(v, x):
+    v = jnp.asarray(v, jnp.float32)
+    return v.reshape(v.shape + (1,) * (x.ndim - v.ndim)) if v.ndim else v
+
+
+def to_epsilon(prediction, x, alpha_bar, prediction_type: str = "epsilon"):
+    """The epsilon a prediction implies at x_t = sqrt(abar) x0 + sqrt(1 - abar) eps."""
+    ab = _per_sample(alpha_bar, x)
+    if prediction_type == "epsilon":
+        return prediction
+    if prediction_type == "v_prediction":
+        return jnp.sqrt(ab) * prediction + jnp.sqrt(1 - ab) * x
+    if prediction_type == "sample":
+        return (x - jnp.sqrt(ab) * prediction) / jnp.sqrt(1 - ab)
+    raise ConfigError(f"unknown prediction_type {prediction_type!r}")
+
+
+def from_epsilon(eps, x, alpha_bar, prediction_type: str = "epsilon"):
+    """The inverse of `to_epsilon`."""
+    ab = _per_sample(alpha_bar, x)
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "v_prediction":
+        return (eps - jnp.sqrt(1 - ab) * x) / jnp.sqrt(ab)
+    if prediction_type == "sample":
+        return (x - jnp.sqrt(1 - ab) * eps) / jnp.sqrt(ab)
+    raise ConfigError(f"unknown prediction_type {prediction_type!r}")
+
+
+def predicted_x0(eps, x, alpha_bar):
+    ab = _per_sample(alpha_bar, x)
+    return (x - jnp.sqrt(1 - ab) * eps) / jnp.sqrt(ab)
+
+
+# ------------------------------------------------------------------------------------------------
+# branches
+# ------------------------------------------------------------------------------------------------
+
+
+def _tile_t(t, n: int):
+    t = jnp.asarray(t)
+    return t if t.ndim == 0 else jnp.concatenate([t] * n)
+
+
+def evaluate_branches(model: ScoreFn, x, t, branches: Sequence[dict], shared: dict | None = None) -> list:
+    """Evaluate `model` on several conditionings in one batched call; one prediction per branch.
+
+    Each branch is a dict with the same structure; their arrays are concatenated on the batch
+    axis, `x` (and a per-sample `t`) repeated. `shared` entries (such as `step`) go to the call
+    unchanged.
+    """
+    n = len(branches)
+    if n == 1:
+        out = model(x, t, {**(shared or {}), **branches[0]})
+        return [out]
+    try:
+        merged = jax.tree_util.tree_map(lambda *leaves: jnp.concatenate(leaves, axis=0), *branches)
+    except ValueError as e:
+        raise ConfigError(f"guidance branches must have the same structure and shapes: {e}") from e
+    out = model(jnp.concatenate([x] * n), _tile_t(t, n), {**(shared or {}), **merged})
+    return jnp.split(out, n, axis=0)
+
+
+def _shared(cond: dict) -> dict:
+    return {k: v for k, v in cond.items() if k not in BRANCH_KEYS}
+
+
+# ------------------------------------------------------------------------------------------------
+# classifier-free guidance and its relatives
+# ------------------------------------------------------------------------------------------------
+
+
+def rescale_noise_cfg(guided, cond_pred, guidance_rescale: float):
+    """Lin et al. 2023, section 3.4: match the guided prediction's std to the conditional one's."""
+    axes = tuple(range(1, guided.ndim))
+    std_cond = jnp.std(cond_pred, axis=axes, keepdims=True, ddof=1)
+    std_cfg = jnp.std(guided, axis=axes, keepdims=True, ddof=1)
+    rescaled = guided * (std_cond / std_cfg)
+    return guidance_rescale * rescaled + (1 - guidance_rescale) * guided
+
+
+def classifier_free(model: ScoreFn, guidance_scale, *, guidance_rescale: float = 0.0) -> ScoreFn:
+    """Ho & Salimans 2022: uncond + s (cond - uncond), both branches in one batched call.
+
+    `cond` holds `cond["cond"]` and `cond["uncond"]` (the negative prompt goes in `uncond`). A
+    Python `guidance_scale` <= 1 runs the conditional branch alone (as diffusers' pipelines do);
+    a traced scale always runs both.
+    """
+    static = isinstance(guidance_scale, int | float)
+
+    def guided(x, t, cond):
+        if static and guidance_scale <= 1.0:
+            return model(x, t, {**_shared(cond), **cond["cond"]})
+        uncond, text = evaluate_branches(model, x, t, [cond["uncond"], cond["cond"]], _shared(cond))
+        out = uncond + guidance_scale * (text - uncond)
+        if guidance_rescale > 0:
+            out = rescale_noise_cfg(out, text, guidance_rescale)
+        return out
+
+    return guided
+
+
+def composable(model: ScoreFn, weights: Sequence[float]) -> ScoreFn:
+    """Composable Diffusion (Liu et al. 2022): uncond + sum_k w_k (concept_k - uncond).
+
+    Positive weights are AND, negative weights NOT. `cond["concepts"]` is a list of branch dicts,
+    one per weight; `cond["uncond"]` the unconditional branch.
+    """
+    weights = tuple(weights)
+
+    def guided(x, t, cond):
+        concepts = list(cond["concepts"])
+        if len(concepts) != len(weights):
+            raise ConfigError(f"composable: {len(weights)} weights but {len(concepts)} concepts")
+        preds = evaluate_branches(model, x, t, [cond["uncond"], *concepts], _shared(cond))
+        uncond = preds[0]
+        out = uncond
+        for w, p in zip(weights, preds[1:]):
+            out = out + w * (p - uncond)
+        return out
+
+    return guided
+
+
+@dataclasses.dataclass(frozen=True)
+class SegaConcept:
+    """One semantic-guidance edit (Brack et al. 2023), with diffusers' parameter names."""
+
+    edit_guidance_scale: float = 5.0
+    edit_warmup_steps: int = 10
+    edit_threshold: float = 0.9
+    reverse_editing_direction: bool = False
+    edit_weight: float = 1.0
+
+
+class sega(Stateful):
+    """SEGA-style semantic guidance: CFG plus per-concept edits with warm-up, threshold, momentum.
+
+    For each concept c: g_c = +-s_c (eps_c - eps_uncond), kept only where |g_c| reaches the
+    `edit_threshold` quantile of |g_c| over each sample's channel; the weighted sum of the g_c
+    plus `edit_momentum_scale` times the running momentum is added to the CFG prediction from the
+    step after the longest warm-up. Momentum: m <- beta m + (1 - beta) g. Stateful (the momentum),
+    so it is the outermost rule of a stack.
+    """
+
+    def __init__(self, model: ScoreFn, guidance_scale: float, concepts: Sequence[SegaConcept], *,
+                 edit_momentum_scale: float = 0.1, edit_mom_beta: float = 0.4):
+        self.model, self.guidance_scale, self.concepts = model, guidance_scale, tuple(concepts)
+        self.momentum_scale, self.mom_beta = edit_momentum_scale, edit_mom_beta
+
+    def init(self, x):
+        return jnp.zeros_like(x, jnp.float32)
+
+    def __call__(self, x, t, cond, momentum):
+        concepts = list(cond["concepts"])
+        if len(concepts) != len(self.concepts):
+            raise ConfigError(f"sega: {len(self.concepts)} concept settings but {len(concepts)} concept branches")
+        preds = evaluate_branches(self.model, x, t, [cond["uncond"], cond["cond"], *concepts], _shared(cond))
+        uncond, text = preds[0], preds[1]
+        guidance = self.guidance_scale * (text - uncond)
+        step = cond["step"].index
+        edit = jnp.zeros_like(guidance)
+        for c, p in zip(self.concepts, preds[2:]):
+            g = (p - uncond) * (-1.0 if c.reverse_editing_direction else 1.0) * c.edit_guidance_scale
+            flat = jnp.abs(g).reshape(g.shape[0], -1, g.shape[-1])  # (B, H*W, C)
+            q = jnp.quantile(flat, c.edit_threshold, axis=1, keepdims=True)  # per sample and channel
+            q = q.reshape(g.shape[0], 1, 1, g.shape[-1])
+            g = jnp.where(jnp.abs(g) >= q, g, 0.0)
+            active = step >= c.edit_warmup_steps
+            edit = edit + jnp.where(active, c.edit_weight * g, 0.0)
+        edit = edit + self.momentum_scale * momentum
+        momentum = self.mom_beta * momentum + (1 - self.mom_beta) * edit
+        warm = step >= max(c.edit_warmup_steps for c in self.concepts) if self.concepts else True
+        return uncond + guidance + jnp.where(warm, edit, 0.0), momentum
+
+
+# ------------------------------------------------------------------------------------------------
+# gradient guidance
+# ------------------------------------------------------------------------------------------------
+
+
+def classifier_guidance(model: ScoreFn, log_prob: Callable, scale, schedule, *,
+                        prediction_type: str = "epsilon") -> ScoreFn:
+    """Dhariwal & Nichol 2021: eps' = eps - w sqrt(1 - abar_t) grad_x log p(y | x_t, t).
+
+    `log_prob(x_t, t, cond) -> (B,)` is any differentiable JAX classifier (it reads its labels
+    from `cond`); `schedule` a `NoiseSchedule` (its `alpha_bar_at` handles fractional t).
+    """
+
+    def guided(x, t, cond):
+        out = model(x, t, cond)
+        ab = _per_sample(schedule.alpha_bar_at(t), x)
+        grad = jax.grad(lambda z: jnp.sum(log_prob(z, t, cond)))(x)
+        eps = to_epsilon(out, x, ab, prediction_type)
+        eps = eps - scale * jnp.sqrt(1 - ab) * grad
+        return from_epsilon(eps, x, ab, prediction_type)
+
+    return guided
+
+
+def spherical_distance(a, b):
+    """Squared great-circle distance between directions (the CLIP-guidance loss of Crowson)."""
+    a = a / jnp.linalg.norm(a, axis=-1, keepdims=True)
+    b = b / jnp.linalg.norm(b, axis=-1, keepdims=True)
+    return 2.0 * jnp.arcsin(jnp.clip(jnp.linalg.norm(a - b, axis=-1) / 2, 0.0, 1.0)) ** 2
+
+
+def random_cutouts(images, key, num_cutouts: int, size: int, min_fraction: float = 0.5):
+    """`num_cutouts` random square crops of each NHWC image, resized to `size` (bilinear, differentiable)."""
+    b, h, w, c = images.shape
+    k1, k2, k3 = jax.random.split(key, 3)
+    side = jnp.minimum(h, w) * jax.random.uniform(k1, (num_cutouts,), minval=min_fraction, maxval=1.0)
+    oy = jax.random.uniform(k2, (num_cutouts,)) * (h - side)
+    ox = jax.random.uniform(k3, (num_cutouts,)) * (w - side)
+
+    def one(s, y, x_):
+        scale = jnp.stack([size / s, size / s])
+        return jax.image.scale_and_translate(images, (b, size, size, c), (1, 2), scale,
+                                             jnp.stack([-y * size / s, -x_ * size / s]), method="linear")
+
+    return jax.vmap(one)(side, oy, ox)  # (num_cutouts, B, size, size, C)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipGuide:
+    """What CLIP guidance needs: the VAE, the CLIP vision tower, and their parameters."""
+
+    vae: Any
+    vae_params: Any
+    clip: Any  # CLIPVisionModelWithProjection
+    clip_params: Any
+    image_size: int = 224
+    num_cutouts: int = 0
+    cutout_min_fraction: float = 0.5
+
+
+def clip_image_embeds(guide: ClipGuide, latents, key=None):
+    """Decode diffusion latents and embed them with CLIP (differentiable); (K, B, D) over cutouts."""
+    from .models.clip import clip_preprocess
+    from .models.vae import unscale_latents
+
+    images = guide.vae.apply({"params": guide.vae_params}, unscale_latents(latents, guide.vae.config),
+                             method=guide.vae.decode)
+    images = jnp.clip((images + 1) / 2, 0, 1)
+    if guide.num_cutouts:
+        if key is None:
+            raise ConfigError("CLIP guidance with cutouts needs a key")
+        crops = random_cutouts(images, key, guide.num_cutouts, guide.image_size, guide.cutout_min_fraction)
+        crops = crops.reshape((-1,) + crops.shape[2:])
+        pixels = clip_preprocess(crops, guide.image_size, clamp=False)
+    else:
+        pixels = clip_preprocess(images, guide.image_size, clamp=False)
+    embeds = guide.clip.apply({"params": guide.clip_params}, pixels).image_embeds
+    return embeds.reshape(-1, latents.shape[0], embeds.shape[-1])
+
+
+def clip_guidance(model: ScoreFn, guide: ClipGuide, scale, schedule, *, key=None,
+                  prediction_type: str = "epsilon", through_model: bool = False) -> ScoreFn:
+    """CLIP guidance: follow -grad of the spherical distance between the CLIP embedding of the
+    decoded predicted x0 and `cond["clip_target"]` (B, D), a text or image embedding.
+
+    eps' = eps + scale sqrt(1 - abar) grad_x dist (classifier guidance with log p = -dist). The
+    gradient flows through the VAE decoder and the CLIP vision tower; with `through_model` also
+    through the score function (as the original CLIP-guided pipeline does; much more costly).
+    Cutouts (`guide.num_cutouts`) draw from `key` folded with the step index.
+    """
+
+    def guided(x, t, cond):
+        ab = _per_sample(schedule.alpha_bar_at(t), x)
+        target = cond["clip_target"]
+        step_key = None if key is None else jax.random.fold_in(key, cond["step"].index)
+
+        def loss(z, eps):
+            x0 = predicted_x0(eps, z, ab)
+            emb = clip_image_embeds(guide, x0, step_key)
+            return jnp.sum(jnp.mean(spherical_distance(emb, target[None]), axis=0)) * scale
+
+        if through_model:
+            def total(z):
+                out = model(z, t, cond)
+                eps = to_epsilon(out, z, ab, prediction_type)
+                return loss(z, eps), out
+
+            grad, out = jax.grad(total, has_aux=True)(x)
+        else:
+            out = model(x, t, cond)
+            eps_fixed = jax.lax.stop_gradient(to_epsilon(out, x, ab, prediction_type))
+            grad = jax.grad(lambda z: loss(z, eps_fixed))(x)
+        eps = to_epsilon(out, x, ab, prediction_type)
+        return from_epsilon(eps + jnp.sqrt(1 - ab) * grad, x, ab, prediction_type)
+
+    return guided
+
+
+# ------------------------------------------------------------------------------------------------
+# ControlNet and T2I-Adapter conditioning of a U-Net
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlNetUnit:
+    """One ControlNet with diffusers' pipeline settings.
+
+    `scale` is `controlnet_conditioning_scale`; the net acts for evaluation i of n when
+    not (i / n < start or (i + 1) / n > end) (`control_guidance_start` / `_end`, diffusers' rule).
+    `guess_mode` uses the 0.825^(12 - k) ramp; pair it with `control_mask` 0 in the
+    unconditional branch to act only on the conditional one, as diffusers does.
+    """
+
+    module: Any
+    params: Any
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    guess_mode: bool = False
+
+
+def window_keep(step, start: float, end: float):
+    """1.0 while a control window is open at this step, else 0.0 (diffusers' controlnet_keep)."""
+    n = step.count
+    open_steps = np.array([not (i / n < start or (i + 1) / n > end) for i in range(n)], np.float32)
+    return jnp.asarray(open_steps)[step.index]
+
+
+def unet_prediction(unet, params, *, controlnets: Sequence[ControlNetUnit] = (),
+                    adapter_conditioning_factor: float = 1.0) -> ScoreFn:
+    """The U-Net as a score function, optionally steered by ControlNets and T2I-Adapter features.
+
+    Reads `cond["text"]`, `cond["control"]` (one image per unit), `cond["control_mask"]`
+    (optional, per sample) and `cond["adapter"]` (optional features, computed once per sample by
+    `adapter_features`; they apply while step < int(num_inference_steps * factor)).
+    """
+    controlnets = tuple(controlnets)
+
+    def predict(x, t, cond):
+        b = x.shape[0]
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
+        text = cond["text"]
+        step = cond.get("step")
+        kwargs: dict[str, Any] = {}
+        if controlnets:
+            images = cond.get("control")
+            if images is None or len(images) != len(controlnets):
+                raise ConfigError(f"{len(controlnets)} ControlNets need cond['control'] with as many images")
+            mask = jnp.asarray(cond.get("control_mask", 1.0), jnp.float32)
+            down, mid = None, None
+            for unit, image in zip(controlnets, images):
+                scale = jnp.broadcast_to(jnp.asarray(unit.scale, jnp.float32) * mask, (b,))
+                if step is not None and (unit.start > 0.0 or unit.end < 1.0):
+                    scale = scale * window_keep(step, unit.start, unit.end)
+                d, m = unit.module.apply({"params": unit.params}, x, t, text, image,
+                                         conditioning_scale=scale, guess_mode=unit.guess_mode)
+                down = d if down is None else tuple(a + r for a, r in zip(down, d))
+                mid = m if mid is None else mid + m
+            kwargs.update(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+        feats = cond.get("adapter")
+        if feats is not None:
+            if step is not None and adapter_conditioning_factor < 1.0:
+                active = (step.index < int(step.num_inference_steps * adapter_conditioning_factor)).astype(jnp.float32)
+                feats = tuple(f * active for f in feats)
+            kwargs["down_intrablock_additional_residuals"] = tuple(feats)
+        return unet.apply({"params": params}, x, t, text, **kwargs)
+
+    return predict
+
+
+def adapter_features(adapter, params, images, scale: float | Sequence[float] = 1.0):
+    """T2I-Adapter features for NHWC condition images, scaled by `adapter_conditioning_scale`.
+
+    Computed once per sample and passed in `cond["adapter"]`, not recomputed at each step.
+    A MultiAdapter takes a list of images and a list of scales (its adapter weights).
+    """
+    if isinstance(images, list | tuple):  # a MultiAdapter: the scales are its adapter weights
+        n = len(images)
+        weights = jnp.full((n,), scale, jnp.float32) if isinstance(scale, int | float) else jnp.asarray(scale, jnp.float32)
+        return tuple(adapter.apply({"params": params}, list(images), adapter_weights=weights))
+    return tuple(f * scale for f in adapter.apply({"params": params}, images))

@@ -1,0 +1,273 @@
+"""The sampling loop: one `lax.scan` over a plan's model evaluations, under one `jit`.
+
+    plan = make_plan(scheduler_config, 20, "dpmpp_2m")
+    x = sample(score_fn, plan, noise, cond, key=key)          # jit it, vmap it, grad it
+
+`score_fn(x_t, t, cond) -> prediction` is any model prediction (see `jaxcontrol.guidance`). The
+loop adds `cond["step"]`, a `StepInfo` with the index of the model evaluation (diffusers' loop
+counter `i`) and the run's length, so rules that depend on the step (ControlNet windows, adapter
+factors, SEGA warm-up) read it there. `cond` must therefore be a dict.
+
+Editing (img2img / SDEdit, inpainting by partial diffusion, RePaint, DDIM inversion) is here too,
+as functions over the same loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .errors import ConfigError
+from .schedulers.solvers import Plan
+
+
+class StepInfo(NamedTuple):
+    """What a score function may know about where it is in the run."""
+
+    index: Any  # traced int32: this model evaluation's index in the loop
+    count: int  # model evaluations in the run (diffusers' len(timesteps))
+    num_inference_steps: int  # diffusers' num_inference_steps for the run
+
+
+class Stateful:
+    """A score function that carries state across steps (for example SEGA's momentum).
+
+    Subclasses define `init(x) -> state` and `__call__(x, t, cond, state) -> (prediction, state)`.
+    """
+
+    def init(self, x):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __call__(self, x, t, cond, state):  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def with_step(cond, step: StepInfo):
+    if cond is None:
+        return {"step": step}
+    if not isinstance(cond, dict):
+        raise ConfigError(f"cond must be a dict (the sampler adds cond['step']), got {type(cond).__name__}")
+    return {**cond, "step": step}
+
+
+class Inpaint(NamedTuple):
+    """Partial diffusion: keep `known` where `mask` is 0, regenerate where it is 1.
+
+    After each evaluation the kept region is reset to `known` noised to that evaluation's level
+    with `noise` (diffusers' legacy inpainting); after the last one it equals `known` exactly.
+    Arrays are NHWC latents; `mask` broadcasts against them (for example (B, H, W, 1)).
+    """
+
+    known: Any
+    mask: Any
+    noise: Any
+
+
+def sample(
+    model: Callable,
+    plan: Plan,
+    x_init,
+    cond: dict | None = None,
+    *,
+    key=None,
+    noise=None,
+    inpaint: Inpaint | None = None,
+    callback: Callable | None = None,
+    rows: dict | None = None,
+    return_state: bool = False,
+):
+    """Run `plan` from `x_init` (already at the first evaluation's level) and return the result.
+
+    `noise`: optional array (num_evals, *x.shape) of the standard-normal noise each evaluation
+    injects (stochastic solvers); otherwise drawn from `key` folded with the evaluation index.
+    `callback(i, x)`: called on the host after each evaluation through `jax.debug.callback`;
+    when it is None nothing is traced for it. `rows`: the plan's arrays, to pass them as jit
+    arguments instead of constants.
+    """
+    x_init = jnp.asarray(x_init, jnp.float32)
+    rows = plan.rows if rows is None else rows
+    rows = {k: jnp.asarray(v) for k, v in rows.items()}
+    count = plan.num_evals
+    update = plan.update_fn()
+    stateful = isinstance(model, Stateful)
+    needs_noise = plan.stochastic
+    if needs_noise and noise is None and key is None:
+        raise ConfigError(f"the {plan.solver} solver injects noise: pass key= or noise=")
+    if noise is not None:
+        noise = jnp.asarray(noise, jnp.float32)
+        if noise.shape != (count,) + x_init.shape:
+            raise ConfigError(f"noise must have shape {(count,) + x_init.shape}, got {noise.shape}")
+
+    xs = {"row": rows, "index": jnp.arange(count, dtype=jnp.int32)}
+    if noise is not None:
+        xs["noise"] = noise
+
+    def body(carry, xs):
+        state, gstate = carry
+        row, i = xs["row"], xs["index"]
+        x = state["x"]
+        c = with_step(cond, StepInfo(i, count, plan.num_inference_steps))
+        x_in = x / row["in_div"]
+        if stateful:
+            out, gstate = model(x_in, row["t"], c, gstate)
+        else:
+            out = model(x_in, row["t"], c)
+        out = jnp.asarray(out, jnp.float32)
+        if noise is not None:
+            z = xs["noise"]
+        elif needs_noise:
+            z = jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32)
+        else:
+            z = jnp.zeros((), jnp.float32)
+        state = update(state, out, row, z)
+        if inpaint is not None:
+            level = row["next_a"] * inpaint.known + row["next_b"] * inpaint.noise
+            state = {**state, "x": inpaint.mask * state["x"] + (1 - inpaint.mask) * level}
+        if callback is not None:
+            jax.debug.callback(callback, i, plan.output(state))
+        return (state, gstate), None
+
+    gstate = model.init(x_init) if stateful else None
+    (state, gstate), _ = jax.lax.scan(body, (plan.init_state(x_init), gstate), xs)
+    if return_state:
+        return plan.output(state), state
+    return plan.output(state)
+
+
+def initial_latents(plan: Plan, noise):
+    """Text-to-image start: standard-normal `noise` scaled by the plan's `init_noise_sigma`."""
+    return jnp.asarray(noise, jnp.float32) * plan.init_noise_sigma
+
+
+def noised_latents(plan: Plan, latents, noise):
+    """img2img / SDEdit start: clean `latents` noised to the plan's first level (its `strength`)."""
+    return plan.start_a * jnp.asarray(latents, jnp.float32) + plan.start_b * jnp.asarray(noise, jnp.float32)
+
+
+def img2img(model, plan: Plan, latents, noise, cond=None, **kwargs):
+    """SDEdit (Meng et al. 2022): noise `latents` to the plan's start level, then denoise.
+
+    Build the plan with `make_plan(..., strength=s)`; diffusers' img2img pipelines do the same.
+    """
+    return sample(model, plan, noised_latents(plan, latents, noise), cond, **kwargs)
+
+
+def inpaint(model, plan: Plan, latents, mask, noise, cond=None, **kwargs):
+    """Inpainting by partial diffusion with any noise-prediction model (no inpainting U-Net).
+
+    `mask` is 1 where to generate, 0 where to keep `latents`. With a full-strength plan the run
+    starts from pure noise; with `make_plan(..., strength=s)` from the noised latents.
+    """
+    latents = jnp.asarray(latents, jnp.float32)
+    mask = jnp.asarray(mask, jnp.float32)
+    x = initial_latents(plan, noise) if plan.begin_index == 0 else noised_latents(plan, latents, noise)
+    return sample(model, plan, x, cond, inpaint=Inpaint(latents, mask, jnp.asarray(noise, jnp.float32)), **kwargs)
+
+
+def ddim_invert(model, plan: Plan, latents, cond=None, **kwargs):
+    """DDIM inversion: deterministic x_0 -> x_T with a `ddim_inverse` plan."""
+    if plan.solver != "ddim_inverse":
+        raise ConfigError(f"ddim_invert needs a plan for the 'ddim_inverse' solver, got {plan.solver!r}")
+    return sample(model, plan, latents, cond, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# RePaint (Lugmayr et al. 2022): DDPM-style steps with resampling jumps back in time.
+# ------------------------------------------------------------------------------------------------
+
+
+def repaint_schedule(num_inference_steps: int, num_train_timesteps: int = 1000, jump_length: int = 10,
+                     jump_n_sample: int = 10) -> np.ndarray:
+    """The timestep walk of diffusers' RePaintScheduler: descending, with jumps back up."""
+    if jump_length < 1 or jump_n_sample < 1:
+        raise ConfigError("jump_length and jump_n_sample must be >= 1")
+    n = min(num_train_timesteps, num_inference_steps)
+    jumps = {j: jump_n_sample - 1 for j in range(0, n - jump_length, jump_length)}
+    ts, t = [], n
+    while t >= 1:
+        t -= 1
+        ts.append(t)
+        if jumps.get(t, 0) > 0:
+            jumps[t] -= 1
+            for _ in range(jump_length):
+                t += 1
+                ts.append(t)
+    return np.array(ts) * (num_train_timesteps // n)
+
+
+def repaint(model, schedule, latents, mask, key, cond=None, *, num_inference_steps: int = 50,
+            jump_length: int = 10, jump_n_sample: int = 10, eta: float = 0.0, noise=None):
+    """RePaint inpainting with any noise-prediction model; mask is 1 where to generate.
+
+    `schedule` is a `NoiseSchedule`. Follows diffusers' RePaintScheduler: at each event of the
+    walk the model denoises one step (known region re-noised to the new level) or, on a jump,
+    the sample is re-noised forward by the betas in between. Returns the final latents.
+    `noise`: optional (events, *shape) normal draws; otherwise from `key`.
+    """
+    N = schedule.num_train_timesteps
+    ts = repaint_schedule(num_inference_steps, N, jump_length, jump_n_sample)
+    ratio = N // min(N, num_inference_steps)
+    ac = schedule.alphas_cumprod.astype(np.float64)
+    betas = schedule.betas.astype(np.float64)
+    # events: (model timestep, kind 0 = denoise / 1 = undo, coefficients)
+    rows = {k: [] for k in ("t", "undo", "a_t", "a_prev", "std", "undo_a", "undo_b")}
+    t_last = ts[0] + 1
+    for t in ts:
+        if t < t_last:
+            prev = t - ratio
+            a_t = ac[t]
+            a_prev = ac[prev] if prev >= 0 else ac[0]
+            var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+            std = eta * np.sqrt(var)
+            rows["undo"].append(0)
+            rows["a_t"].append(a_t)
+            rows["a_prev"].append(a_prev)
+            rows["std"].append(std)
+            rows["undo_a"].append(1.0)
+            rows["undo_b"].append(0.0)
+        else:
+            # undo from t_last to t: x <- sqrt(prod(1-b)) x + sqrt(1-prod(1-b)) z (exact composition)
+            keep = np.prod(1 - betas[t_last : t_last + ratio])
+            rows["undo"].append(1)
+            rows["a_t"].append(1.0)
+            rows["a_prev"].append(1.0)
+            rows["std"].append(0.0)
+            rows["undo_a"].append(np.sqrt(keep))
+            rows["undo_b"].append(np.sqrt(1 - keep))
+        rows["t"].append(t)
+        t_last = t
+    rows = {k: jnp.asarray(np.asarray(v, np.float32)) for k, v in rows.items()}
+    latents = jnp.asarray(latents, jnp.float32)
+    mask = jnp.asarray(mask, jnp.float32)
+    events = len(ts)
+    if noise is None:
+        keys = jax.random.split(key, 3)
+        noise = jax.random.normal(keys[0], (events, 2) + latents.shape, jnp.float32)
+        x0 = jax.random.normal(keys[1], latents.shape, jnp.float32)
+    else:
+        noise = jnp.asarray(noise, jnp.float32)
+        x0 = noise[0, 0]
+
+    def body(x, xs):
+        row, z, i = xs["row"], xs["z"], xs["i"]
+
+        def denoise(x):
+            c = with_step(cond, StepInfo(i, events, num_inference_steps))
+            eps = model(x, row["t"], c)
+            a_t, a_prev = row["a_t"], row["a_prev"]
+            x0_pred = (x - jnp.sqrt(1 - a_t) * eps) / jnp.sqrt(a_t)
+            direction = jnp.sqrt(jnp.maximum(1 - a_prev - row["std"] ** 2, 0)) * eps
+            unknown = jnp.sqrt(a_prev) * x0_pred + direction + row["std"] * z[0]
+            known = jnp.sqrt(a_prev) * latents + jnp.sqrt(1 - a_prev) * z[1]
+            return mask * unknown + (1 - mask) * known
+
+        def undo(x):
+            return row["undo_a"] * x + row["undo_b"] * z[0]
+
+        return jax.lax.cond(row["undo"] > 0, undo, denoise, x), None
+
+    x, _ = jax.lax.scan(body, x0, {"row": rows, "z": noise, "i": jnp.arange(events, dtype=jnp.int32)})
+    return x

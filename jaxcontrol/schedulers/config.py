@@ -1,0 +1,178 @@
+"""Scheduler configs: diffusers' `scheduler_config.json`, read without a translation table.
+
+A config is a class name plus the fields it sets. Fields it does not set take the default of the
+solver that runs it, exactly as `SomeScheduler.from_config(other.config)` does in diffusers, so a
+DDIM config can drive the Euler solver and get Euler's `timestep_spacing` default.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..errors import ConfigError
+
+_COMMON = dict(
+    num_train_timesteps=1000,
+    beta_start=0.0001,
+    beta_end=0.02,
+    beta_schedule="linear",
+    trained_betas=None,
+    prediction_type="epsilon",
+    timestep_spacing="leading",
+    steps_offset=0,
+    rescale_betas_zero_snr=False,
+)
+
+# Each solver's own defaults (those of the diffusers class of the same name).
+SOLVER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ddpm": {**_COMMON, "variance_type": "fixed_small", "clip_sample": True, "clip_sample_range": 1.0,
+             "thresholding": False},
+    "ddim": {**_COMMON, "clip_sample": True, "clip_sample_range": 1.0, "set_alpha_to_one": True,
+             "thresholding": False},
+    "ddim_inverse": {**_COMMON, "clip_sample": True, "clip_sample_range": 1.0, "set_alpha_to_one": True},
+    "pndm": {**_COMMON, "skip_prk_steps": False, "set_alpha_to_one": False},
+    "euler": {**_COMMON, "timestep_spacing": "linspace", "interpolation_type": "linear",
+              "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+              "sigma_min": None, "sigma_max": None, "timestep_type": "discrete", "final_sigmas_type": "zero"},
+    "euler_ancestral": {**_COMMON, "timestep_spacing": "linspace"},
+    "heun": {**_COMMON, "beta_start": 0.00085, "beta_end": 0.012, "timestep_spacing": "linspace",
+             "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+             "clip_sample": False, "clip_sample_range": 1.0, "sigma_min": None, "sigma_max": None},
+    "dpmsolver_multistep": {**_COMMON, "timestep_spacing": "linspace", "solver_order": 2,
+                            "algorithm_type": "dpmsolver++", "solver_type": "midpoint", "lower_order_final": True,
+                            "euler_at_final": False, "use_karras_sigmas": False, "use_exponential_sigmas": False,
+                            "use_beta_sigmas": False, "use_lu_lambdas": False, "use_flow_sigmas": False,
+                            "final_sigmas_type": "zero", "lambda_min_clipped": -math.inf, "variance_type": None,
+                            "thresholding": False, "sigma_min": None, "sigma_max": None},
+    "unipc": {**_COMMON, "timestep_spacing": "linspace", "solver_order": 2, "predict_x0": True,
+              "solver_type": "bh2", "lower_order_final": True, "disable_corrector": (), "solver_p": None,
+              "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+              "use_flow_sigmas": False, "final_sigmas_type": "zero", "thresholding": False,
+              "sigma_min": None, "sigma_max": None},
+    "lcm": {**_COMMON, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+            "original_inference_steps": 50, "clip_sample": False, "clip_sample_range": 1.0,
+            "set_alpha_to_one": True, "timestep_scaling": 10.0, "thresholding": False},
+}
+
+CLASS_TO_SOLVER = {
+    "DDPMScheduler": "ddpm",
+    "DDIMScheduler": "ddim",
+    "DDIMInverseScheduler": "ddim_inverse",
+    "PNDMScheduler": "pndm",
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_ancestral",
+    "HeunDiscreteScheduler": "heun",
+    "DPMSolverMultistepScheduler": "dpmsolver_multistep",
+    "UniPCMultistepScheduler": "unipc",
+    "LCMScheduler": "lcm",
+}
+SOLVER_TO_CLASS = {v: k for k, v in CLASS_TO_SOLVER.items()}
+
+# Short names users type (`infer.py --scheduler`), mapped to solvers and config overrides.
+ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddpm": ("ddpm", {}),
+    "ddim": ("ddim", {}),
+    "pndm": ("pndm", {}),
+    "plms": ("pndm", {"skip_prk_steps": True}),
+    "euler": ("euler", {}),
+    "euler_a": ("euler_ancestral", {}),
+    "euler_ancestral": ("euler_ancestral", {}),
+    "heun": ("heun", {}),
+    "dpmpp_2m": ("dpmsolver_multistep", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_karras": ("dpmsolver_multistep", {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                                "use_karras_sigmas": True}),
+    "dpmsolver_multistep": ("dpmsolver_multistep", {}),
+    "unipc": ("unipc", {}),
+    "lcm": ("lcm", {}),
+    "ddim_inverse": ("ddim_inverse", {}),
+}
+
+# Values we read but do not implement: anything but these raises a ConfigError naming the field.
+_SUPPORTED_ONLY = {
+    "thresholding": (False,),
+    "use_exponential_sigmas": (False,),
+    "use_beta_sigmas": (False,),
+    "use_lu_lambdas": (False,),
+    "use_flow_sigmas": (False,),
+    "timestep_type": ("discrete",),
+    "solver_p": (None,),
+    "interpolation_type": ("linear",),
+}
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """A diffusers scheduler config: the class it names and the fields it sets."""
+
+    class_name: str | None = None
+    values: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> "SchedulerConfig":
+        values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items() if not k.startswith("_")}
+        return cls(raw.get("_class_name"), values)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "SchedulerConfig":
+        path = Path(path)
+        if path.is_dir():
+            for candidate in (path / "scheduler_config.json", path / "scheduler" / "scheduler_config.json"):
+                if candidate.is_file():
+                    path = candidate
+                    break
+            else:
+                raise ConfigError(f"{path}: no scheduler_config.json in this folder or its scheduler/ subfolder")
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read the scheduler config: {e}") from e
+        return cls.from_dict(raw)
+
+    def replace(self, **changes: Any) -> "SchedulerConfig":
+        return SchedulerConfig(self.class_name, {**self.values, **changes})
+
+    @property
+    def default_solver(self) -> str:
+        if self.class_name is None:
+            return "ddim"
+        if self.class_name not in CLASS_TO_SOLVER:
+            raise ConfigError(
+                f"scheduler class {self.class_name!r} is not implemented; choose a solver from {sorted(ALIASES)}"
+            )
+        return CLASS_TO_SOLVER[self.class_name]
+
+    def resolve(self, solver: str | None = None) -> tuple[str, "ResolvedConfig"]:
+        """The solver name (an alias such as `dpmpp_2m_karras` is expanded) and its full settings."""
+        solver = solver or self.default_solver
+        if solver not in ALIASES:
+            raise ConfigError(f"unknown solver {solver!r}; expected one of {sorted(ALIASES)}")
+        name, overrides = ALIASES[solver]
+        settings = dict(SOLVER_DEFAULTS[name])
+        settings.update({k: v for k, v in self.values.items() if k in settings})
+        settings.update(overrides)
+        for key, allowed in _SUPPORTED_ONLY.items():
+            if key in settings and settings[key] not in allowed:
+                raise ConfigError(
+                    f"scheduler config field {key}={settings[key]!r} is not supported by the {name} solver "
+                    f"(supported: {allowed})"
+                )
+        if settings["prediction_type"] not in ("epsilon", "v_prediction", "sample"):
+            raise ConfigError(f"prediction_type={settings['prediction_type']!r} is not supported")
+        if settings["timestep_spacing"] not in ("leading", "trailing", "linspace"):
+            raise ConfigError(f"timestep_spacing={settings['timestep_spacing']!r} is not one of leading, trailing, linspace")
+        return name, ResolvedConfig(settings)
+
+
+class ResolvedConfig(dict):
+    """Settings with attribute access (`cfg.beta_schedule`)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError as e:
+            raise AttributeError(name) from e
