@@ -73,6 +73,23 @@ def from_epsilon(eps, x, alpha_bar, prediction_type: str = "epsilon"):
     raise ConfigError(f"unknown prediction_type {prediction_type!r}")
 
 
+def shift_epsilon(prediction, delta_eps, alpha_bar, prediction_type: str = "epsilon"):
+    """The prediction whose implied epsilon is moved by `delta_eps` (x_t fixed).
+
+    Exact in each parameterisation (v = (eps - sqrt(1 - abar) x) / sqrt(abar), so dv = d eps /
+    sqrt(abar); x0 = (x - sqrt(1 - abar) eps) / sqrt(abar)), and a zero shift returns the
+    prediction bit for bit.
+    """
+    ab = _per_sample(alpha_bar, delta_eps)
+    if prediction_type == "epsilon":
+        return prediction + delta_eps
+    if prediction_type == "v_prediction":
+        return prediction + delta_eps / jnp.sqrt(ab)
+    if prediction_type == "sample":
+        return prediction - jnp.sqrt(1 - ab) / jnp.sqrt(ab) * delta_eps
+    raise ConfigError(f"unknown prediction_type {prediction_type!r}")
+
+
 def predicted_x0(eps, x, alpha_bar):
     ab = _per_sample(alpha_bar, x)
     return (x - jnp.sqrt(1 - ab) * eps) / jnp.sqrt(ab)
@@ -237,9 +254,7 @@ def classifier_guidance(model: ScoreFn, log_prob: Callable, scale, schedule, *,
         out = model(x, t, cond)
         ab = _per_sample(schedule.alpha_bar_at(t), x)
         grad = jax.grad(lambda z: jnp.sum(log_prob(z, t, cond)))(x)
-        eps = to_epsilon(out, x, ab, prediction_type)
-        eps = eps - scale * jnp.sqrt(1 - ab) * grad
-        return from_epsilon(eps, x, ab, prediction_type)
+        return shift_epsilon(out, -scale * jnp.sqrt(1 - ab) * grad, ab, prediction_type)
 
     return guided
 
@@ -332,8 +347,7 @@ def clip_guidance(model: ScoreFn, guide: ClipGuide, scale, schedule, *, key=None
             out = model(x, t, cond)
             eps_fixed = jax.lax.stop_gradient(to_epsilon(out, x, ab, prediction_type))
             grad = jax.grad(lambda z: loss(z, eps_fixed))(x)
-        eps = to_epsilon(out, x, ab, prediction_type)
-        return from_epsilon(eps + jnp.sqrt(1 - ab) * grad, x, ab, prediction_type)
+        return shift_epsilon(out, jnp.sqrt(1 - ab) * grad, ab, prediction_type)
 
     return guided
 

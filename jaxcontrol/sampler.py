@@ -123,8 +123,9 @@ def sample(
         else:
             z = jnp.zeros((), jnp.float32)
         state = update(state, out, row, z)
-        if inpaint is not None:
-            level = row["next_a"] * inpaint.known + row["next_b"] * inpaint.noise
+        if inpaint is not None:  # after the last evaluation the kept region is the original itself
+            last = i == count - 1
+            level = jnp.where(last, inpaint.known, row["next_a"] * inpaint.known + row["next_b"] * inpaint.noise)
             state = {**state, "x": inpaint.mask * state["x"] + (1 - inpaint.mask) * level}
         if callback is not None:
             jax.debug.callback(callback, i, plan.output(state))
@@ -219,7 +220,7 @@ def repaint(model, schedule, latents, mask, key, cond=None, *, num_inference_ste
         if t < t_last:
             prev = t - ratio
             a_t = ac[t]
-            a_prev = ac[prev] if prev >= 0 else ac[0]
+            a_prev = ac[prev] if prev >= 0 else 1.0  # diffusers' RePaint: final_alpha_cumprod = 1
             var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
             std = eta * np.sqrt(var)
             rows["undo"].append(0)
