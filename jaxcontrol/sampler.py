@@ -19,17 +19,24 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from .errors import ConfigError
 from .schedulers.solvers import Plan
 
 
-class StepInfo(NamedTuple):
-    """What a score function may know about where it is in the run."""
+@struct.dataclass
+class StepInfo:
+    """What a score function may know about where it is in the run.
 
-    index: Any  # traced int32: this model evaluation's index in the loop
-    count: int  # model evaluations in the run (diffusers' len(timesteps))
-    num_inference_steps: int  # diffusers' num_inference_steps for the run
+    `index` is an array (traced inside the loop); `count` and `num_inference_steps` are static,
+    so rules can build host-side tables from them (and a jitted score function recompiles when
+    they change).
+    """
+
+    index: Any  # int32: this model evaluation's index in the loop (diffusers' loop counter i)
+    count: int = struct.field(pytree_node=False)  # model evaluations in the run (len(timesteps))
+    num_inference_steps: int = struct.field(pytree_node=False)  # diffusers' num_inference_steps
 
 
 class Stateful:
