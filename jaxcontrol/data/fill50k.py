@@ -1,0 +1,186 @@
+"""fill50k-style examples drawn procedurally in numpy (no TFDS needed).
+
+The ControlNet training tutorial's fill50k dataset: a filled circle of a named colour on a named
+background, the caption "<circle colour> circle with <background colour> background", and as the
+condition the circle's outline, white on black. Here every example is a pure function of
+(seed, split, index), so any example, in particular a held-out validation condition for a benchmark,
+can be drawn on its own:
+
+    ex = fill50k_example(7, split="validation", seed=0, image_size=64)
+    ex.image, ex.condition      # (64, 64, 3) uint8 each
+    ex.caption                  # e.g. "light blue circle with maroon background"
+    ex.center, ex.radius        # in pixels; (x, y) with y down
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import ConfigError
+
+# name -> sRGB. Names are what appears in captions (CSS / X11 colour names, spaced as words).
+DEFAULT_COLORS: tuple[tuple[str, tuple[int, int, int]], ...] = (
+    ("red", (255, 0, 0)),
+    ("green", (0, 128, 0)),
+    ("blue", (0, 0, 255)),
+    ("yellow", (255, 255, 0)),
+    ("orange", (255, 165, 0)),
+    ("purple", (128, 0, 128)),
+    ("pink", (255, 192, 203)),
+    ("brown", (165, 42, 42)),
+    ("black", (0, 0, 0)),
+    ("white", (255, 255, 255)),
+    ("gray", (128, 128, 128)),
+    ("cyan", (0, 255, 255)),
+    ("magenta", (255, 0, 255)),
+    ("light blue", (173, 216, 230)),
+    ("dark green", (0, 100, 0)),
+    ("navy", (0, 0, 128)),
+    ("gold", (255, 215, 0)),
+    ("maroon", (128, 0, 0)),
+    ("olive", (128, 128, 0)),
+    ("teal", (0, 128, 128)),
+    ("lime", (0, 255, 0)),
+    ("salmon", (250, 128, 114)),
+    ("turquoise", (64, 224, 208)),
+    ("lavender", (230, 230, 250)),
+    ("pale golden rod", (238, 232, 170)),
+    ("old lace", (253, 245, 230)),
+    ("chocolate", (210, 105, 30)),
+    ("sky blue", (135, 206, 235)),
+)
+
+SPLITS = {"train": 0, "validation": 1}
+MIN_COLOR_DISTANCE = 60.0  # Euclidean sRGB distance between circle and background, so the circle shows
+
+
+@dataclasses.dataclass(frozen=True)
+class Fill50kExample:
+    image: np.ndarray  # (S, S, 3) uint8: the filled circle on its background
+    condition: np.ndarray  # (S, S, 3) uint8: the outline, white on black
+    caption: str
+    circle_color: str
+    background_color: str
+    center: tuple[float, float]  # (x, y) in pixels, origin at the top-left corner of the image
+    radius: float  # pixels
+    index: int
+    split: str
+
+
+def check_colors(colors: Sequence[tuple[str, Sequence[int]]] | None) -> tuple[tuple[str, tuple[int, int, int]], ...]:
+    """Validate a colour vocabulary [(name, (r, g, b)), ...] and return it as a tuple of tuples."""
+    if colors is None:
+        return DEFAULT_COLORS
+    out = []
+    seen = set()
+    for item in colors:
+        try:
+            name, rgb = item
+            rgb = tuple(int(v) for v in rgb)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"colour vocabulary entry {item!r}: expected (name, (r, g, b))") from e
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"colour vocabulary entry {item!r}: the name must be a non-empty string")
+        if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
+            raise ConfigError(f"colour {name!r}: expected three values in 0..255, got {rgb}")
+        if name in seen:
+            raise ConfigError(f"colour {name!r} appears twice in the vocabulary")
+        seen.add(name)
+        out.append((name, rgb))
+    if not color_pairs(tuple(out)):
+        raise ConfigError(
+            f"colour vocabulary {[n for n, _ in out]} has no (circle, background) pair at least "
+            f"{MIN_COLOR_DISTANCE} apart in RGB; add more distinct colours"
+        )
+    return tuple(out)
+
+
+def color_pairs(colors: tuple[tuple[str, tuple[int, int, int]], ...]) -> list[tuple[int, int]]:
+    """(circle, background) index pairs of distinct, clearly different colours, in a fixed order."""
+    rgb = np.asarray([c for _, c in colors], np.float64).reshape(-1, 3)
+    return [
+        (i, j)
+        for i in range(len(colors))
+        for j in range(len(colors))
+        if i != j and np.linalg.norm(rgb[i] - rgb[j]) >= MIN_COLOR_DISTANCE
+    ]
+
+
+def colors_fingerprint(colors: tuple[tuple[str, tuple[int, int, int]], ...]) -> str:
+    """Short stable hash of a vocabulary, for dataset config names."""
+    return hashlib.sha256(json.dumps([[n, list(c)] for n, c in colors]).encode()).hexdigest()[:10]
+
+
+def draw_circle(
+    image_size: int,
+    center: tuple[float, float],
+    radius: float,
+    circle_rgb: Sequence[int],
+    background_rgb: Sequence[int],
+    outline_width: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(image, condition) uint8 arrays: an anti-aliased filled disc, and its outline white on black.
+
+    Coverage is clip(r - d + 1/2, 0, 1) with d the distance of the pixel centre from the circle's
+    centre (a one-pixel linear ramp across the boundary); the outline's is the same for a ring of
+    `outline_width` pixels (default max(2, S / 128)) centred on the circle.
+    """
+    if outline_width is None:
+        outline_width = max(2.0, image_size / 128.0)
+    c = np.arange(image_size, dtype=np.float64) + 0.5
+    d = np.hypot(c[None, :] - center[0], c[:, None] - center[1])
+    fill = np.clip(radius - d + 0.5, 0.0, 1.0)[..., None]
+    image = np.asarray(background_rgb, np.float64) * (1.0 - fill) + np.asarray(circle_rgb, np.float64) * fill
+    ring = np.clip(outline_width / 2.0 - np.abs(d - radius) + 0.5, 0.0, 1.0)
+    condition = np.repeat((ring * 255.0)[..., None], 3, axis=-1)
+    return (
+        np.round(image).astype(np.uint8),
+        np.round(condition).astype(np.uint8),
+    )
+
+
+def fill50k_example(
+    index: int,
+    *,
+    split: str = "train",
+    seed: int = 0,
+    image_size: int = 512,
+    colors: Sequence[tuple[str, Sequence[int]]] | None = None,
+    min_radius: float = 0.08,
+    max_radius: float = 0.35,
+) -> Fill50kExample:
+    """Example `index` of `split`, a pure function of its arguments (numpy's PCG64 seeded by
+    (seed, split, index)). Radii are fractions of `image_size`; the circle lies inside the image."""
+    if split not in SPLITS:
+        raise ConfigError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+    if image_size < 8:
+        raise ConfigError(f"image_size must be at least 8, got {image_size}")
+    if not 0 < min_radius <= max_radius < 0.5:
+        raise ConfigError(f"need 0 < min_radius <= max_radius < 0.5, got {min_radius}, {max_radius}")
+    if index < 0 or seed < 0:
+        raise ConfigError(f"index and seed must be >= 0, got index={index}, seed={seed}")
+    colors = check_colors(colors)
+    pairs = color_pairs(colors)
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), SPLITS[split], int(index)]))
+    ci, bi = pairs[int(rng.integers(len(pairs)))]
+    radius = float(rng.uniform(min_radius, max_radius)) * image_size
+    cx = float(rng.uniform(radius, image_size - radius))
+    cy = float(rng.uniform(radius, image_size - radius))
+    (cname, crgb), (bname, brgb) = colors[ci], colors[bi]
+    image, condition = draw_circle(image_size, (cx, cy), radius, crgb, brgb)
+    return Fill50kExample(
+        image=image,
+        condition=condition,
+        caption=f"{cname} circle with {bname} background",
+        circle_color=cname,
+        background_color=bname,
+        center=(cx, cy),
+        radius=radius,
+        index=int(index),
+        split=split,
+    )
