@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxcontrol import guidance as G
-from jaxcontrol.sampler import initial_latents, sample
+from jaxcontrol.sampler import img2img, initial_latents, sample
 from jaxcontrol.schedulers import make_plan
 from jaxcontrol.testing.pipeline_parity import (
     build_tiny_models,
@@ -105,6 +105,27 @@ def test_multi_controlnet_guess_mode_windows_in_the_scan(tiny_cn):
             "uncond": {"text": jnp.asarray(ne.numpy()), "control": images, "control_mask": jnp.zeros((1,))}}
     plan = make_plan(config, steps)
     out = jax.jit(lambda x: sample(model, plan, initial_latents(plan, x), cond))(to_nhwc(lat))
+    assert _rel(out, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("class_name,solver", [("DDIMScheduler", "ddim"), ("UniPCMultistepScheduler", "unipc")])
+def test_controlnet_img2img_pipeline_in_the_scan(tiny_cn, class_name, solver):
+    tiny, ours = tiny_cn
+    (unet, up), (cn, cp) = ours["unet"], ours["controlnet_0"]
+    pe, ne, noise, imgs = _inputs(seed=5)
+    init = torch.randn(noise.shape, generator=torch.Generator().manual_seed(6))
+    config = {**SD15_SCHEDULER, "_class_name": class_name}
+    steps, strength = 6, 0.6
+    ref = diffusers_latents(
+        tiny, getattr(diffusers, class_name).from_config(config), prompt_embeds=pe, negative_prompt_embeds=ne,
+        latents=noise, steps=steps, guidance_scale=SCALE, controlnets=["controlnet_0"], images=imgs[:1],
+        init_latents=init, strength=strength, controlnet_conditioning_scale=0.9)
+    model = G.classifier_free(G.unet_prediction(unet, up, controlnets=[G.ControlNetUnit(cn, cp, 0.9)]), SCALE)
+    img = to_nhwc(imgs[0])
+    cond = {"cond": {"text": jnp.asarray(pe.numpy()), "control": (img,)},
+            "uncond": {"text": jnp.asarray(ne.numpy()), "control": (img,)}}
+    plan = make_plan(config, steps, strength=strength)
+    out = jax.jit(lambda a, z: img2img(model, plan, a, z, cond))(to_nhwc(init), to_nhwc(noise))
     assert _rel(out, ref) <= 1e-4
 
 

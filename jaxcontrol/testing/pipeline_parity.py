@@ -70,11 +70,20 @@ def load_ours(tiny: TinyModels, name: str):
 
 def diffusers_latents(tiny: TinyModels, scheduler, *, prompt_embeds, negative_prompt_embeds, latents,
                       steps: int, guidance_scale: float, noises=None, controlnets=(), images=None,
-                      adapters=(), **call_kwargs) -> np.ndarray:
-    """Run diffusers' pipeline and return the final latents (NCHW numpy)."""
+                      adapters=(), init_latents=None, **call_kwargs) -> np.ndarray:
+    """Run diffusers' pipeline and return the final latents (NCHW numpy).
+
+    With `init_latents`, `StableDiffusionControlNetImg2ImgPipeline` runs on them (a 4-channel
+    `image` skips the VAE) and `latents` is the noise its `prepare_latents` draws.
+    """
     import torch
-    from diffusers import MultiAdapter, StableDiffusionAdapterPipeline, StableDiffusionControlNetPipeline
-    from diffusers import MultiControlNetModel
+    from diffusers import (
+        MultiAdapter,
+        MultiControlNetModel,
+        StableDiffusionAdapterPipeline,
+        StableDiffusionControlNetImg2ImgPipeline,
+        StableDiffusionControlNetPipeline,
+    )
 
     common = dict(vae=tiny.torch["vae"], text_encoder=None, tokenizer=None, unet=tiny.torch["unet"],
                   scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -83,8 +92,8 @@ def diffusers_latents(tiny: TinyModels, scheduler, *, prompt_embeds, negative_pr
         pipe = StableDiffusionAdapterPipeline(adapter=nets[0] if len(nets) == 1 else MultiAdapter(nets), **common)
     else:
         nets = [tiny.torch[c] for c in controlnets]
-        pipe = StableDiffusionControlNetPipeline(
-            controlnet=nets[0] if len(nets) == 1 else MultiControlNetModel(nets), **common)
+        cls = StableDiffusionControlNetPipeline if init_latents is None else StableDiffusionControlNetImg2ImgPipeline
+        pipe = cls(controlnet=nets[0] if len(nets) == 1 else MultiControlNetModel(nets), **common)
     pipe.set_progress_bar_config(disable=True)
     counter = {"i": 0}
     module = sys.modules[type(scheduler).__module__]
@@ -100,8 +109,15 @@ def diffusers_latents(tiny: TinyModels, scheduler, *, prompt_embeds, negative_pr
 
     if saved is not None and noises is not None:
         module.randn_tensor = fake_randn
+    pipe_module = sys.modules[type(pipe).__module__]
+    pipe_randn = pipe_module.randn_tensor
     try:
         image = images[0] if len(images) == 1 else list(images)
+        if init_latents is not None:
+            start_noise = latents
+            pipe_module.randn_tensor = lambda shape, **kw: start_noise.clone()
+            call_kwargs = dict(call_kwargs, control_image=image)
+            image, latents = init_latents, None
         if adapters:  # this pipeline still has the older per-step callback
             progress = dict(callback=lambda i, t, lat: on_step(None, i, t, None), callback_steps=1)
         else:
@@ -111,6 +127,7 @@ def diffusers_latents(tiny: TinyModels, scheduler, *, prompt_embeds, negative_pr
                        latents=latents, num_inference_steps=steps, guidance_scale=guidance_scale,
                        output_type="latent", **progress, **call_kwargs)
     finally:
+        pipe_module.randn_tensor = pipe_randn
         if saved is not None:
             module.randn_tensor = saved
     return out.images.numpy()
