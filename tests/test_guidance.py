@@ -233,3 +233,22 @@ def test_ddim_inversion_round_trip():
 
 def test_inpaint_tuple_is_exported():
     assert Inpaint._fields == ("known", "mask", "noise")
+
+
+def test_sega_edit_pulls_toward_the_concept_after_warmup():
+    """A SEGA edit toward component 0 moves CFG samples of component 1 left; warm-up past the end disables it."""
+    n = 512
+    cond = {"cond": {"label": jnp.ones((n,), jnp.int32)}, "uncond": {"label": -jnp.ones((n,), jnp.int32)},
+            "concepts": [{"label": jnp.zeros((n,), jnp.int32)}]}
+    plan = make_plan(DDIM, 20)
+    z = _noise(1)[:n]
+
+    def run(rule):
+        return np.asarray(jax.jit(lambda z: sample(rule, plan, initial_latents(plan, z), cond))(z))[:, 0, 0]
+
+    base = run(G.sega(eps_branch, 2.0, [G.SegaConcept(edit_guidance_scale=0.0)]))
+    edited = run(G.sega(eps_branch, 2.0, [G.SegaConcept(edit_guidance_scale=3.0, edit_warmup_steps=2,
+                                                          edit_threshold=0.0)]))
+    late = run(G.sega(eps_branch, 2.0, [G.SegaConcept(edit_guidance_scale=3.0, edit_warmup_steps=50)]))
+    assert edited[:, 0].mean() < base[:, 0].mean() - 0.2
+    np.testing.assert_array_equal(late, base)
