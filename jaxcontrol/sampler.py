@@ -90,6 +90,8 @@ def sample(
 
     `noise`: optional array (num_evals, *x.shape) of the standard-normal noise each evaluation
     injects (stochastic solvers); otherwise drawn from `key` folded with the evaluation index.
+    `key` may be one key, or one per sample (shape (B,)) so that each sample's noise depends only
+    on its own key, whatever batch it runs in.
     `callback(i, x)`: called on the host after each evaluation through `jax.debug.callback`;
     when it is None nothing is traced for it. `rows`: the plan's arrays, to pass them as jit
     arguments instead of constants.
@@ -108,6 +110,9 @@ def sample(
         if noise.shape != (count,) + x_init.shape:
             raise ConfigError(f"noise must have shape {(count,) + x_init.shape}, got {noise.shape}")
 
+    per_sample_keys = key is not None and jnp.ndim(key) == 1
+    if per_sample_keys and key.shape[0] != x_init.shape[0]:
+        raise ConfigError(f"{key.shape[0]} keys for a batch of {x_init.shape[0]}: pass one key or one per sample")
     xs = {"row": rows, "index": jnp.arange(count, dtype=jnp.int32)}
     if noise is not None:
         xs["noise"] = noise
@@ -125,6 +130,8 @@ def sample(
         out = jnp.asarray(out, jnp.float32)
         if noise is not None:
             z = xs["noise"]
+        elif needs_noise and per_sample_keys:
+            z = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:], jnp.float32))(key)
         elif needs_noise:
             z = jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32)
         else:

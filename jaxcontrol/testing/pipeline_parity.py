@@ -148,3 +148,49 @@ def reference_loop(model_jit, plan, x, cond, noises=None) -> np.ndarray:
 
 def to_nhwc(t) -> jnp.ndarray:
     return jnp.asarray(nchw_to_nhwc(t.numpy() if hasattr(t, "numpy") else t))
+
+
+TINY_TEXT = dict(bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-5,
+                 num_attention_heads=4, num_hidden_layers=3, pad_token_id=1, vocab_size=1000)
+
+
+def save_tiny_pipeline(folder: str | Path, *, kind: str = "sd", scheduler: str = "PNDMScheduler", seed: int = 0):
+    """A diffusers pipeline folder with tiny random components, saved by diffusers itself.
+
+    kind: "sd" (StableDiffusionPipeline), "controlnet", "multi-controlnet", "adapter" or
+    "controlnet-img2img". Returns the in-memory diffusers pipeline.
+    """
+    import diffusers
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from .reference import tiny_clip_tokenizer
+
+    folder = Path(folder)
+    tiny = build_tiny_models(folder / "_models", adapter=kind == "adapter", num_controlnets=2, seed=seed)
+    torch.manual_seed(seed)
+    tok = CLIPTokenizer.from_pretrained(tiny_clip_tokenizer(folder / "_tokenizer"))
+    sched_cls = getattr(diffusers, scheduler)
+    sched = sched_cls.from_config({"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                                   "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
+                                   "skip_prk_steps": True})
+    common = dict(vae=randomize_(tiny.torch["vae"], seed + 9), text_encoder=randomize_(CLIPTextModel(
+        CLIPTextConfig(**TINY_TEXT)), seed + 8), tokenizer=tok, unet=tiny.torch["unet"], scheduler=sched,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if kind == "sd":
+        pipe = diffusers.StableDiffusionPipeline(**common)
+    elif kind in ("controlnet", "controlnet-img2img"):
+        cls = diffusers.StableDiffusionControlNetPipeline if kind == "controlnet" else \
+            diffusers.StableDiffusionControlNetImg2ImgPipeline
+        pipe = cls(controlnet=tiny.torch["controlnet_0"], **common)
+    elif kind == "multi-controlnet":
+        pipe = diffusers.StableDiffusionControlNetPipeline(
+            controlnet=diffusers.MultiControlNetModel([tiny.torch["controlnet_0"], tiny.torch["controlnet_1"]]),
+            **common)
+    elif kind == "adapter":
+        pipe = diffusers.StableDiffusionAdapterPipeline(adapter=tiny.torch["adapter"], **common)
+    else:
+        raise ValueError(f"unknown kind {kind!r}")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(folder / "pipeline")
+    return pipe

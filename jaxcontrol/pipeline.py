@@ -1,0 +1,458 @@
+"""Text-to-image with ControlNets, T2I-Adapters and guidance: batched, sharded, compiled once.
+
+    pipe = Pipeline.from_pretrained("sd15", controlnets=["control_canny"])
+    images = pipe(["a red circle"], controls=[ControlInput(edge_map)], num_inference_steps=20, seed=0)
+
+`images` is uint8 (B, H, W, 3). One call is one jitted program: prompt encoding, sampling and
+decoding. The program is compiled once per (shapes, settings) and reused. Guidance and control
+scales are traced, so a sweep over them does not recompile. The batch is sharded over a
+`jax.sharding.Mesh` along its `data` axis (every device, on every host, by default); parameters are
+replicated.
+
+Reproducibility: image `i` of a call starts from `normal(fold_in(key(seed), i))` and, for stochastic
+solvers, draws its step noise from its own key. So `(seed, image index)` regenerates an image in
+any batch size or device count (`image_indices=` picks the indices).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from . import guidance as G
+from .errors import ConfigError
+from .models.vae import sample_posterior, scale_latents, unscale_latents
+from .sampler import initial_latents, noised_latents, repaint, sample
+from .schedulers import SchedulerConfig, make_plan
+from .tokenizer import tokenize
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlInput:
+    """One ControlNet's input for a call: its image (NHWC [0, 1], one per prompt or one for all)
+    and diffusers' settings (`controlnet_conditioning_scale`, `control_guidance_start` / `_end`)."""
+
+    image: Any
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterInput:
+    """One T2I-Adapter's input: its condition image and `adapter_conditioning_scale`."""
+
+    image: Any
+    scale: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipGuidanceInput:
+    """CLIP guidance for a call: the models, the target embedding (D,) or (B, D), and the weight."""
+
+    guide: G.ClipGuide
+    target: Any
+    scale: float = 100.0
+
+
+def default_mesh(devices: Sequence | None = None) -> Mesh:
+    """A one-axis (`data`) mesh over every device of every host."""
+    devices = np.asarray(devices if devices is not None else jax.devices())
+    return Mesh(devices.reshape(-1), ("data",))
+
+
+def to_dtype(name: Any):
+    if isinstance(name, str):
+        if name not in DTYPES:
+            raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+        return DTYPES[name]
+    return name
+
+
+class Pipeline:
+    """A Stable Diffusion pipeline (U-Net, VAE, CLIP text encoder, tokenizer, scheduler config)
+    plus any number of ControlNets and T2I-Adapters, as pure JAX functions of their parameters."""
+
+    def __init__(self, bundle, *, controlnets: Sequence[tuple] = (), adapters: Sequence[tuple] = (),
+                 mesh: Mesh | None = None):
+        for name in ("unet", "vae", "text_encoder"):
+            if name not in bundle.modules:
+                raise ConfigError(f"{bundle.path}: the pipeline has no {name} (found {sorted(bundle.modules)})")
+        if bundle.tokenizer is None:
+            raise ConfigError(f"{bundle.path}: the pipeline has no tokenizer")
+        self.bundle = bundle
+        self.unet, self.vae, self.text_encoder = bundle.unet, bundle.vae, bundle.text_encoder
+        self.tokenizer = bundle.tokenizer
+        self.scheduler_config = SchedulerConfig.from_dict(bundle.scheduler_config or {"_class_name": "PNDMScheduler"})
+        own_cn = bundle.modules.get("controlnet")
+        own_ad = bundle.modules.get("adapter")
+        self.controlnets = list(controlnets)
+        if own_cn is not None:
+            pairs = zip(own_cn, bundle.params["controlnet"]) if isinstance(own_cn, list) else [
+                (own_cn, bundle.params["controlnet"])]
+            self.controlnets = list(pairs) + self.controlnets
+        self.adapters = list(adapters)
+        if own_ad is not None:
+            pairs = zip(own_ad, bundle.params["adapter"]) if isinstance(own_ad, list) else [
+                (own_ad, bundle.params["adapter"])]
+            self.adapters = list(pairs) + self.adapters
+        self.mesh = mesh or default_mesh()
+        replicated = NamedSharding(self.mesh, P())
+        place = lambda tree: jax.device_put(tree, replicated)  # noqa: E731
+        self.params = {
+            "unet": place(bundle.params["unet"]),
+            "vae": place(bundle.params["vae"]),
+            "text_encoder": place(bundle.params["text_encoder"]),
+            "controlnets": [place(p) for _, p in self.controlnets],
+            "adapters": [place(p) for _, p in self.adapters],
+        }
+        self._programs: dict[Any, Callable] = {}
+        self._clip_guides: dict[int, G.ClipGuide] = {}
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, path, *, dtype: Any = "float32", vae_dtype: Any = "float32",
+                        controlnets: Sequence[str] = (), adapters: Sequence[str] = (),
+                        attention_impl: str = "plain", mesh: Mesh | None = None,
+                        unsafe_load_pickle: bool = False) -> "Pipeline":
+        """Load a pipeline folder, single file or jaxcontrol checkpoint, plus extra ControlNets /
+        adapters by path. `dtype` is the U-Net's (and ControlNets', adapters', text encoder's)
+        compute dtype; `vae_dtype` the VAE's (float32 by default even in bf16 mode)."""
+        from .convert import load_model
+        from .convert.pipeline_folder import load_pipeline
+
+        dtype, vae_dtype = to_dtype(dtype), to_dtype(vae_dtype)
+        bundle = load_pipeline(path, dtype=dtype, attention_impl=attention_impl,
+                               component_kwargs={"vae": {"dtype": vae_dtype}}, unsafe_load_pickle=unsafe_load_pickle)
+        kw = dict(dtype=dtype, attention_impl=attention_impl, unsafe_load_pickle=unsafe_load_pickle)
+        cns = [load_model(p, **kw) for p in controlnets]
+        ads = [load_model(p, dtype=dtype, unsafe_load_pickle=unsafe_load_pickle) for p in adapters]
+        return cls(bundle, controlnets=cns, adapters=ads, mesh=mesh)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.unet.config.in_channels
+
+    # ------------------------------------------------------------------ inputs
+    def token_ids(self, prompts: Sequence[str]) -> np.ndarray:
+        return tokenize(self.tokenizer, list(prompts)).astype(np.int32)
+
+    def prepare_controls(self, controls: Sequence[ControlInput], batch: int, height: int, width: int) -> list:
+        from .preprocess import prepare_control_image
+
+        if len(controls) != len(self.controlnets):
+            raise ConfigError(f"{len(self.controlnets)} ControlNets are loaded but {len(controls)} control "
+                              "images were given (one per ControlNet)")
+        out = []
+        for c in controls:
+            img = prepare_control_image(c.image, height, width, batch_size=batch, vae_scale_factor=self.vae_scale_factor)
+            if img.shape[0] == 1 and batch > 1:
+                img = np.repeat(img, batch, axis=0)
+            if img.shape[0] != batch:
+                raise ConfigError(f"a control image batch of {img.shape[0]} for {batch} images")
+            out.append(img.astype(np.float32))
+        return out
+
+    def prepare_adapter_images(self, adapters: Sequence[AdapterInput], batch: int, height: int, width: int) -> list:
+        from .models.adapter import adapter_in_channels
+        from .preprocess import prepare_adapter_image
+
+        if len(adapters) != len(self.adapters):
+            raise ConfigError(f"{len(self.adapters)} adapters are loaded but {len(adapters)} adapter images were given")
+        out = []
+        for a, (module, params) in zip(adapters, self.adapters):
+            factor = module.config.downscale_factor
+            img = prepare_adapter_image(a.image, height, width, in_channels=adapter_in_channels(params, factor))
+            img = np.repeat(img, batch, axis=0) if img.shape[0] == 1 and batch > 1 else img
+            if img.shape[0] != batch:
+                raise ConfigError(f"an adapter image batch of {img.shape[0]} for {batch} images")
+            out.append(img.astype(np.float32))
+        return out
+
+    # ------------------------------------------------------------------ the program
+    def _program(self, static: tuple) -> Callable:
+        if static in self._programs:
+            return self._programs[static]
+        settings = dict(static)
+        plan = make_plan(self.scheduler_config, settings["steps"], settings["solver"],
+                         strength=settings["strength"], **dict(settings["plan_options"]))
+        unet, vae, text_encoder = self.unet, self.vae, self.text_encoder
+        cn_modules = [m for m, _ in self.controlnets]
+        ad_modules = [m for m, _ in self.adapters]
+        windows, guess = settings["windows"], settings["guess_mode"]
+        do_cfg, clip_skip = settings["do_cfg"], settings["clip_skip"]
+        mode = settings["mode"]
+
+        def encode(params, ids):
+            out = text_encoder.apply({"params": params}, ids)
+            if clip_skip:
+                hidden = out.hidden_states[-(clip_skip + 1)]
+                return text_encoder.apply({"params": params}, hidden, method=text_encoder.apply_final_layer_norm)
+            return out.last_hidden_state
+
+        def program(params, inputs):
+            inputs = dict(inputs, keys=jax.random.wrap_key_data(inputs["keys"]))
+            text = encode(params["text_encoder"], inputs["ids"])
+            branch = {"text": text}
+            units = [G.ControlNetUnit(m, p, inputs["control_scales"][k], windows[k][0], windows[k][1], guess)
+                     for k, (m, p) in enumerate(zip(cn_modules, params["controlnets"]))]
+            if units:
+                branch["control"] = tuple(inputs["controls"])
+            if ad_modules:
+                feats = None
+                for k, (m, p) in enumerate(zip(ad_modules, params["adapters"])):
+                    f = G.adapter_features(m, p, inputs["adapter_images"][k], 1.0)
+                    f = tuple(x * inputs["adapter_scales"][k] for x in f)
+                    feats = f if feats is None else tuple(a + b for a, b in zip(feats, f))
+                branch["adapter"] = feats
+            model = G.unet_prediction(unet, params["unet"], controlnets=units,
+                                      adapter_conditioning_factor=settings["adapter_factor"])
+            if do_cfg:
+                uncond = dict(branch, text=encode(params["text_encoder"], inputs["neg_ids"]))
+                if guess and units:
+                    b = text.shape[0]
+                    branch["control_mask"], uncond["control_mask"] = jnp.ones((b,)), jnp.zeros((b,))
+                model = G.classifier_free(model, inputs["guidance_scale"], guidance_rescale=settings["rescale"])
+                cond = {"cond": branch, "uncond": uncond}
+            else:
+                cond = branch
+            if "clip_target" in inputs:
+                guide = self._clip_guides[settings["clip_guide"]]
+                model = G.clip_guidance(model, guide, inputs["clip_scale"], plan.schedule,
+                                        key=jax.random.wrap_key_data(inputs["clip_key"]),
+                                        prediction_type=plan.prediction_type)
+                cond = {**cond, "clip_target": inputs["clip_target"]}
+            noise = inputs["noise"]
+            if mode == "txt2img":
+                latents = sample(model, plan, initial_latents(plan, noise), cond, key=inputs["keys"])
+            else:
+                known = inputs.get("init_latents")
+                if known is None:
+                    moments = vae.apply({"params": params["vae"]}, inputs["init_images"], method=vae.encode)
+                    z = jax.vmap(lambda m, k: sample_posterior(m[None], jax.random.fold_in(k, 1 << 20))[0])(
+                        moments, inputs["keys"])
+                    known = scale_latents(z, vae.config)
+                if mode == "img2img":
+                    latents = sample(model, plan, noised_latents(plan, known, noise), cond, key=inputs["keys"])
+                elif mode == "inpaint":
+                    from .sampler import Inpaint
+
+                    start = initial_latents(plan, noise) if plan.begin_index == 0 else noised_latents(plan, known, noise)
+                    latents = sample(model, plan, start, cond, key=inputs["keys"],
+                                     inpaint=Inpaint(known, inputs["mask"], noise))
+                else:  # repaint
+                    jl, jn = settings["repaint"]
+                    latents = repaint(model, plan.schedule, known, inputs["mask"], inputs["keys"][0], cond,
+                                      num_inference_steps=settings["steps"], jump_length=jl, jump_n_sample=jn)
+            if settings["output"] == "latent":
+                return latents
+            images = vae.apply({"params": params["vae"]}, unscale_latents(latents, vae.config), method=vae.decode)
+            return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
+
+        batch_sharding = NamedSharding(self.mesh, P("data"))
+        self._programs[static] = (jax.jit(program, out_shardings=batch_sharding), plan)
+        return self._programs[static]
+
+    # ------------------------------------------------------------------ the call
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        *,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        guidance_rescale: float = 0.0,
+        scheduler: str | None = None,
+        scheduler_options: dict | None = None,
+        seed: int = 0,
+        num_images_per_prompt: int = 1,
+        image_indices: Sequence[int] | None = None,
+        controls: Sequence[ControlInput] = (),
+        guess_mode: bool = False,
+        adapters: Sequence[AdapterInput] = (),
+        adapter_conditioning_factor: float = 1.0,
+        init_image: Any = None,
+        init_latents: Any = None,
+        strength: float = 0.8,
+        mask: Any = None,
+        inpaint_method: str = "partial",
+        repaint_jump_length: int = 10,
+        repaint_jump_n_sample: int = 10,
+        clip_guidance: ClipGuidanceInput | None = None,
+        clip_skip: int | None = None,
+        latents: Any = None,
+        output_type: str = "uint8",
+    ) -> np.ndarray:
+        """Generate images. Returns uint8 (B, H, W, 3), float [0, 1] with `output_type="float"`,
+        or the final latents with `output_type="latent"`.
+
+        `init_image` (NHWC in [0, 1]) or `init_latents` selects img2img (SDEdit) at `strength`;
+        with `mask` (1 = regenerate; image- or latent-sized) inpainting by partial diffusion
+        (`inpaint_method="partial"`) or RePaint (`"repaint"`). `latents` replaces the initial
+        noise (B, h, w, C) for exact reproduction of another implementation's run.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ConfigError("no prompt given")
+        negatives = negative_prompt if negative_prompt is not None else ""
+        negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
+        if len(negatives) != len(prompts):
+            raise ConfigError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
+        b = len(prompts)
+        f = self.vae_scale_factor
+        sample_size = getattr(self.unet.config, "sample_size", 64) or 64
+        height = height or sample_size * f
+        width = width or sample_size * f
+        if height % f or width % f:
+            raise ConfigError(f"height and width must be multiples of {f}, got {height}x{width}")
+        h, w, c = height // f, width // f, self.latent_channels
+        indices = list(range(b)) if image_indices is None else list(image_indices)
+        if len(indices) != b:
+            raise ConfigError(f"{len(indices)} image indices for {b} images")
+
+        mode = "txt2img"
+        if init_image is not None or init_latents is not None:
+            mode = "img2img" if mask is None else ("inpaint" if inpaint_method == "partial" else "repaint")
+            if inpaint_method not in ("partial", "repaint"):
+                raise ConfigError(f"inpaint_method must be 'partial' or 'repaint', got {inpaint_method!r}")
+        elif mask is not None:
+            raise ConfigError("a mask needs an init image to inpaint")
+        solver = scheduler
+        strength_used = strength if mode in ("img2img", "inpaint") and strength < 1.0 else 1.0
+        if mode == "repaint":
+            strength_used = 1.0
+
+        root = jax.random.key(seed)
+        keys = jnp.stack([jax.random.fold_in(root, i) for i in indices]) if b else None
+        if latents is None:
+            noise = np.stack([np.asarray(jax.random.normal(k, (h, w, c))) for k in keys])
+        else:
+            noise = np.asarray(latents, np.float32)
+            if noise.shape != (b, h, w, c):
+                raise ConfigError(f"latents must have shape {(b, h, w, c)}, got {noise.shape}")
+
+        inputs: dict[str, Any] = {
+            "ids": self.token_ids(prompts),
+            "neg_ids": self.token_ids(negatives),
+            "noise": noise.astype(np.float32),
+            "keys": np.asarray(jax.random.key_data(keys)),
+            "guidance_scale": np.float32(guidance_scale),
+        }
+        if self.controlnets:
+            if not controls:
+                raise ConfigError(f"{len(self.controlnets)} ControlNets are loaded: give a control image for each")
+            inputs["controls"] = self.prepare_controls(controls, b, height, width)
+            inputs["control_scales"] = np.asarray([ctl.scale for ctl in controls], np.float32)
+        if self.adapters:
+            if not adapters:
+                raise ConfigError(f"{len(self.adapters)} adapters are loaded: give an adapter image for each")
+            inputs["adapter_images"] = self.prepare_adapter_images(adapters, b, height, width)
+            inputs["adapter_scales"] = np.asarray([a.scale for a in adapters], np.float32)
+        if mode != "txt2img":
+            if init_latents is not None:
+                inputs["init_latents"] = self._batch(np.asarray(init_latents, np.float32), b, (h, w, c), "init_latents")
+            else:
+                img = self._batch(np.asarray(init_image, np.float32), b, (height, width, 3), "init_image")
+                inputs["init_images"] = img * 2.0 - 1.0
+            if mask is not None:
+                inputs["mask"] = self._latent_mask(np.asarray(mask, np.float32), b, h, w)
+        if clip_guidance is not None:
+            target = np.asarray(clip_guidance.target, np.float32)
+            inputs["clip_target"] = np.broadcast_to(target, (b, target.shape[-1])).copy()
+            inputs["clip_scale"] = np.float32(clip_guidance.scale)
+            inputs["clip_key"] = np.asarray(jax.random.key_data(jax.random.fold_in(root, 1 << 30)))
+            self._clip_guides[id(clip_guidance.guide)] = clip_guidance.guide
+
+        static = (
+            ("steps", num_inference_steps), ("solver", solver), ("strength", strength_used),
+            ("plan_options", tuple(sorted((scheduler_options or {}).items()))),
+            ("windows", tuple((ctl.start, ctl.end) for ctl in controls)), ("guess_mode", bool(guess_mode)),
+            ("do_cfg", guidance_scale > 1.0), ("rescale", float(guidance_rescale)), ("clip_skip", clip_skip),
+            ("adapter_factor", float(adapter_conditioning_factor)), ("mode", mode),
+            ("repaint", (repaint_jump_length, repaint_jump_n_sample)), ("output", output_type),
+            ("clip_guide", None if clip_guidance is None else id(clip_guidance.guide)),
+        )
+        program, _ = self._program(static)
+        out = program(self.params, self._shard(inputs, b))
+        out = self._gather(out)[:b]
+        if output_type == "latent":
+            return out
+        if output_type == "float":
+            return out
+        return np.round(out * 255.0).astype(np.uint8)
+
+    def plan_for(self, num_inference_steps: int, scheduler: str | None = None, strength: float = 1.0, **options):
+        return make_plan(self.scheduler_config, num_inference_steps, scheduler, strength=strength, **options)
+
+    # ------------------------------------------------------------------ sharding helpers
+    @staticmethod
+    def _batch(x: np.ndarray, b: int, shape: tuple, name: str) -> np.ndarray:
+        if x.ndim == len(shape):
+            x = x[None]
+        if x.shape[0] == 1 and b > 1:
+            x = np.repeat(x, b, axis=0)
+        if x.shape != (b,) + tuple(shape):
+            raise ConfigError(f"{name} must have shape {(b,) + tuple(shape)} (or one for all), got {x.shape}")
+        return x
+
+    def _latent_mask(self, mask: np.ndarray, b: int, h: int, w: int) -> np.ndarray:
+        if mask.ndim == 2:
+            mask = mask[None, :, :, None]
+        elif mask.ndim == 3:
+            mask = mask[..., None] if mask.shape[-1] != 1 else mask[None]
+        if mask.shape[-1] != 1:
+            mask = mask[..., :1]
+        if mask.shape[1:3] != (h, w):  # image-sized: nearest, as diffusers' legacy inpainting
+            ys = (np.arange(h) * mask.shape[1] // h)
+            xs = (np.arange(w) * mask.shape[2] // w)
+            mask = mask[:, ys][:, :, xs]
+        mask = (mask > 0.5).astype(np.float32)
+        return self._batch(mask, b, (h, w, 1), "mask")
+
+    def _shard(self, inputs: dict, b: int) -> dict:
+        """Per-image arrays onto the mesh's `data` axis (the batch padded to a multiple of its size),
+        the rest replicated. Every host passes the same values (they derive from the call's
+        arguments), and each device takes its slice, so this is multi-host safe."""
+        n = self.mesh.devices.size
+        pad = (-b) % n
+        batch_sharding = NamedSharding(self.mesh, P("data"))
+        replicated = NamedSharding(self.mesh, P())
+
+        def put(x):
+            if isinstance(x, (list, tuple)):
+                return type(x)(put(v) for v in x)
+            x = np.asarray(x)
+            if x.ndim >= 1 and x.shape[0] == b:
+                if pad:
+                    x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
+                sharding = batch_sharding
+            else:
+                sharding = replicated
+            return jax.make_array_from_callback(x.shape, sharding, lambda index, x=x: x[index])
+
+        scalars = ("control_scales", "adapter_scales", "guidance_scale", "clip_scale", "clip_key")
+        return {k: (jax.make_array_from_callback(np.shape(v), replicated, lambda i, v=np.asarray(v): v[i])
+                    if k in scalars else put(v)) for k, v in inputs.items()}
+
+    @staticmethod
+    def _gather(x) -> np.ndarray:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
