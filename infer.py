@@ -1,0 +1,281 @@
+#!/usr/bin/env python
+"""Text-to-image with ControlNets, T2I-Adapters and guidance (a thin CLI over jaxcontrol.pipeline).
+
+Examples:
+  # Stable Diffusion 1.5 + a canny ControlNet, weights on disk
+  python infer.py --model ./stable-diffusion-v1-5 --prompt "a bird on a branch" \\
+      --controlnet ./sd-controlnet-canny --control-image bird.png --preprocess canny \\
+      --steps 20 --scheduler dpmpp_2m --num-images 4 --output out/
+
+  # two ControlNets with their own scales and windows, plus a T2I-Adapter
+  python infer.py --model sd15 --prompt "a house" \\
+      --controlnet cn_depth --control-image depth.png --control-scale 0.8 --control-end 0.6 \\
+      --controlnet cn_pose --control-image pose.png --control-scale 1.0 \\
+      --adapter t2i_sketch --adapter-image sketch.png --adapter-scale 0.7
+
+It writes one PNG per image, a contact-sheet grid and a JSON sidecar per image with every setting,
+the seed and the image index (`--seed S --image-indices i` regenerates image i).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+SOLVER_CHOICES = ("ddim", "ddpm", "pndm", "plms", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras",
+                  "unipc", "lcm")
+DEFAULT_MODEL = Path(__file__).resolve().parent / "jaxcontrol" / "assets" / "default_model"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    m = ap.add_argument_group("model")
+    m.add_argument("--model", help="a diffusers pipeline folder, an LDM single file, or a jaxcontrol checkpoint "
+                                   "(default: the embedded model shipped with the repository)")
+    m.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="compute dtype of the U-Net, ControlNets, adapters and text encoder (default float32)")
+    m.add_argument("--vae-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="compute dtype of the VAE (default float32, also in bf16 mode)")
+    m.add_argument("--attention", default="plain", choices=("plain", "dot_product"), help="attention kernel")
+    m.add_argument("--unsafe-load-pickle", action="store_true",
+                   help="allow arbitrary Python objects in .ckpt/.pth/.bin files: this runs code from the file; "
+                        "only for files you trust")
+    p = ap.add_argument_group("prompts")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompt-file", help="a text file with one prompt per line")
+    p.add_argument("--negative-prompt", default="", help="the negative prompt (unconditional branch of CFG)")
+    c = ap.add_argument_group("ControlNet (repeat the group once per ControlNet)")
+    c.add_argument("--controlnet", action="append", default=[], help="a ControlNet (diffusers folder or .pth file)")
+    c.add_argument("--control-image", action="append", default=[],
+                   help="its condition image (first those of the model folder's own ControlNets, if any)")
+    c.add_argument("--control-scale", action="append", type=float, default=[],
+                   help="controlnet_conditioning_scale (once for all, or once per ControlNet; default 1.0)")
+    c.add_argument("--control-start", action="append", type=float, default=[],
+                   help="control_guidance_start, fraction of steps (default 0.0)")
+    c.add_argument("--control-end", action="append", type=float, default=[],
+                   help="control_guidance_end, fraction of steps (default 1.0)")
+    c.add_argument("--guess-mode", action="store_true", help="ControlNet guess mode (control on the conditional "
+                                                             "branch only, 0.825^(12-k) scales)")
+    a = ap.add_argument_group("T2I-Adapter (repeat the group once per adapter)")
+    a.add_argument("--adapter", action="append", default=[], help="a T2I-Adapter (diffusers folder or .pth file)")
+    a.add_argument("--adapter-image", action="append", default=[], help="its condition image")
+    a.add_argument("--adapter-scale", action="append", type=float, default=[],
+                   help="adapter_conditioning_scale (once for all, or once per adapter; default 1.0)")
+    a.add_argument("--adapter-factor", type=float, default=1.0,
+                   help="adapter_conditioning_factor: the fraction of steps the adapters act on (default 1.0)")
+    a.add_argument("--preprocess", default="none", choices=("none", "canny"),
+                   help="turn control and adapter images into Canny edge maps first (JAX, on the device)")
+    a.add_argument("--canny-low", type=int, default=100, help="Canny low threshold (default 100)")
+    a.add_argument("--canny-high", type=int, default=200, help="Canny high threshold (default 200)")
+    s = ap.add_argument_group("sampling")
+    s.add_argument("--scheduler", choices=SOLVER_CHOICES,
+                   help="solver (default: the model's own scheduler class)")
+    s.add_argument("--steps", type=int, default=30, help="number of inference steps (default 30)")
+    s.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    s.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance_rescale (Lin et al. 2023)")
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
+    s.add_argument("--clip-skip", type=int, default=None, help="use the CLIP layer this many from the end")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
+    s.add_argument("--image-indices", help="comma-separated image indices to (re)generate, as in the sidecars")
+    s.add_argument("--batch-size", type=int, default=4, help="images per compiled call (default 4)")
+    s.add_argument("--height", type=int, help="image height in pixels (a multiple of 8; default: the model's)")
+    s.add_argument("--width", type=int, help="image width in pixels (a multiple of 8; default: the model's)")
+    e = ap.add_argument_group("editing and guidance")
+    e.add_argument("--init-image", help="img2img / SDEdit start image")
+    e.add_argument("--strength", type=float, default=0.8, help="img2img strength (default 0.8)")
+    e.add_argument("--mask", help="inpainting mask (white = regenerate); needs --init-image")
+    e.add_argument("--inpaint-method", default="partial", choices=("partial", "repaint"),
+                   help="partial diffusion (default) or RePaint")
+    e.add_argument("--repaint-jump-length", type=int, default=10)
+    e.add_argument("--repaint-jump-n-sample", type=int, default=10)
+    e.add_argument("--clip-guidance-scale", type=float, default=0.0,
+                   help="CLIP guidance weight (needs --clip-model; default 0 = off)")
+    e.add_argument("--clip-model", help="a transformers CLIPModel folder for CLIP guidance")
+    e.add_argument("--clip-prompt", help="the text CLIP guidance steers toward (default: the prompt)")
+    e.add_argument("--clip-cutouts", type=int, default=0, help="random cutouts per step for CLIP guidance")
+    o = ap.add_argument_group("output")
+    o.add_argument("--output", default="outputs", help="output folder (default ./outputs)")
+    o.add_argument("--name", default="image", help="file name prefix (default 'image')")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return ap
+
+
+def fail(message: str) -> int:
+    print(f"infer.py: error: {message}", file=sys.stderr)
+    return 2
+
+
+def per_unit(values, n, default, what):
+    if not values:
+        return [default] * n
+    if len(values) == 1:
+        return values * n
+    if len(values) != n:
+        raise ValueError(f"{what} given {len(values)} times for {n} models (give it once, or once per model)")
+    return values
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    import numpy as np
+
+    from jaxcontrol.errors import JaxControlError
+
+    try:
+        return run(args, np)
+    except (JaxControlError, ValueError, FileNotFoundError, OSError) as e:
+        return fail(str(e))
+
+
+def run(args, np) -> int:
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            return fail(f"--prompt-file {path}: no such file")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        return fail("give at least one --prompt or a --prompt-file")
+    model = args.model or str(DEFAULT_MODEL)
+    if not Path(model).exists():
+        if args.model is None:
+            return fail("no --model given and the embedded default model is not built (run `make embedded-model`)")
+        return fail(f"--model {model}: no such file or folder")
+    for flag, paths in (("--controlnet", args.controlnet), ("--adapter", args.adapter)):
+        for p in paths:
+            if not Path(p).exists():
+                return fail(f"{flag} {p}: no such file or folder")
+    # a pipeline folder may hold its own ControlNets / adapter: their images come first
+    if len(args.control_image) < len(args.controlnet):
+        return fail(f"{len(args.controlnet)} --controlnet but {len(args.control_image)} --control-image")
+    if len(args.adapter_image) < len(args.adapter):
+        return fail(f"{len(args.adapter)} --adapter but {len(args.adapter_image)} --adapter-image")
+    for name in ("height", "width"):
+        v = getattr(args, name)
+        if v is not None and (v <= 0 or v % 8):
+            return fail(f"--{name} {v}: must be a positive multiple of 8")
+    if args.mask and not args.init_image:
+        return fail("--mask needs --init-image")
+    if args.clip_guidance_scale and not args.clip_model:
+        return fail("--clip-guidance-scale needs --clip-model")
+    if args.batch_size < 1 or args.num_images < 1:
+        return fail("--batch-size and --num-images must be at least 1")
+    n_cn, n_ad = len(args.control_image), len(args.adapter_image)
+    cn_scales = per_unit(args.control_scale, n_cn, 1.0, "--control-scale")
+    cn_starts = per_unit(args.control_start, n_cn, 0.0, "--control-start")
+    cn_ends = per_unit(args.control_end, n_cn, 1.0, "--control-end")
+    ad_scales = per_unit(args.adapter_scale, n_ad, 1.0, "--adapter-scale")
+
+    from jaxcontrol.preprocess import load_image  # validates images before the slow model load
+
+    control_images = [np.asarray(load_image(p), np.float32) / 255.0 for p in args.control_image]
+    adapter_images = [np.asarray(load_image(p), np.float32) / 255.0 for p in args.adapter_image]
+    init_image = np.asarray(load_image(args.init_image), np.float32) / 255.0 if args.init_image else None
+    mask = np.asarray(load_image(args.mask, mode="L"), np.float32) / 255.0 if args.mask else None
+
+    from tqdm import tqdm
+
+    import jax
+
+    from jaxcontrol.images import make_grid, save_json, save_png
+    from jaxcontrol.pipeline import AdapterInput, ControlInput, Pipeline
+
+    t0 = time.perf_counter()
+    pipe = Pipeline.from_pretrained(model, dtype=args.dtype, vae_dtype=args.vae_dtype, controlnets=args.controlnet,
+                                    adapters=args.adapter, attention_impl=args.attention,
+                                    unsafe_load_pickle=args.unsafe_load_pickle)
+    f = pipe.vae_scale_factor
+    height = args.height or (init_image.shape[0] if init_image is not None else None)
+    width = args.width or (init_image.shape[1] if init_image is not None else None)
+    height = height or pipe.unet.config.sample_size * f
+    width = width or pipe.unet.config.sample_size * f
+    if height % f or width % f:
+        return fail(f"image size {height}x{width} is not a multiple of {f} (the VAE's downscale factor)")
+    if init_image is not None and init_image.shape[:2] != (height, width):
+        from PIL import Image
+
+        init_image = np.asarray(Image.fromarray(np.round(init_image * 255).astype(np.uint8)).resize(
+            (width, height), Image.BICUBIC), np.float32) / 255.0
+    if args.preprocess == "canny":
+        from jaxcontrol.preprocess import canny
+
+        def edges(img, channels):
+            u8 = np.round(img * 255).astype(np.uint8)[None]
+            return np.asarray(canny(u8, args.canny_low, args.canny_high, channels=channels))[0]
+
+        control_images = [edges(i, 3) for i in control_images]
+        adapter_images = [edges(i, 3) for i in adapter_images]
+    clip = None
+    if args.clip_guidance_scale:
+        clip = load_clip_guidance(args, pipe, prompts, np)
+
+    indices = list(range(len(prompts) * args.num_images))
+    if args.image_indices:
+        indices = [int(i) for i in args.image_indices.split(",")]
+        if any(i < 0 or i >= len(prompts) * args.num_images for i in indices):
+            return fail(f"--image-indices must be in 0..{len(prompts) * args.num_images - 1}")
+    jobs = [(i, prompts[i // args.num_images]) for i in indices]
+    out_dir = Path(args.output)
+    settings = {k: v for k, v in vars(args).items() if k not in ("prompt", "prompt_file", "no_progress")}
+    settings.update(model=model, height=height, width=width, devices=jax.device_count())
+    written, images = [], []
+    batches = math.ceil(len(jobs) / args.batch_size)
+    bar = tqdm(total=len(jobs), disable=args.no_progress, unit="img", desc="compiling + sampling")
+    for b in range(batches):
+        chunk = jobs[b * args.batch_size : (b + 1) * args.batch_size]
+        n_real = len(chunk)
+        if len(jobs) > args.batch_size:  # pad the last batch so that one compiled program serves all
+            chunk = chunk + [chunk[-1]] * (args.batch_size - n_real)
+        start = time.perf_counter()
+        out = pipe(
+            [p for _, p in chunk], args.negative_prompt, height=height, width=width,
+            num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+            guidance_rescale=args.guidance_rescale, scheduler=args.scheduler,
+            scheduler_options={"eta": args.eta} if args.eta and (args.scheduler or "") == "ddim" else None,
+            seed=args.seed, image_indices=[i for i, _ in chunk],
+            controls=[ControlInput(img, s, a, e) for img, s, a, e in zip(control_images, cn_scales, cn_starts, cn_ends)],
+            guess_mode=args.guess_mode,
+            adapters=[AdapterInput(img, s) for img, s in zip(adapter_images, ad_scales)],
+            adapter_conditioning_factor=args.adapter_factor, init_image=init_image, strength=args.strength,
+            mask=mask, inpaint_method=args.inpaint_method, repaint_jump_length=args.repaint_jump_length,
+            repaint_jump_n_sample=args.repaint_jump_n_sample, clip_guidance=clip, clip_skip=args.clip_skip,
+        )
+        for (index, prompt), image in zip(chunk[:n_real], out[:n_real]):
+            stem = f"{args.name}_{index:05d}"
+            written.append(save_png(image, out_dir / f"{stem}.png"))
+            save_json({**settings, "prompt": prompt, "image_index": index,
+                       "seconds_for_batch": round(time.perf_counter() - start, 3)}, out_dir / f"{stem}.json")
+            images.append(image)
+        bar.set_description("sampling")
+        bar.update(n_real)
+    bar.close()
+    grid = save_png(make_grid(images), out_dir / f"{args.name}_grid.png")
+    print(f"wrote {len(written)} images and {grid} in {time.perf_counter() - t0:.1f} s "
+          f"({jax.device_count()} device(s))")
+    return 0
+
+
+def load_clip_guidance(args, pipe, prompts, np):
+    import jax.numpy as jnp
+
+    from jaxcontrol.convert.clip_model import load_clip_towers
+    from jaxcontrol.guidance import ClipGuide
+    from jaxcontrol.pipeline import ClipGuidanceInput
+    from jaxcontrol.tokenizer import load_tokenizer, tokenize
+
+    (text, tparams), (vision, vparams) = load_clip_towers(args.clip_model, unsafe_load_pickle=args.unsafe_load_pickle)
+    tok_dir = Path(args.clip_model)
+    tokenizer = load_tokenizer(tok_dir) if (tok_dir / "vocab.json").is_file() else pipe.tokenizer
+    ids = tokenize(tokenizer, [args.clip_prompt or prompts[0]])
+    target = text.apply({"params": tparams}, jnp.asarray(ids)).text_embeds[0]
+    guide = ClipGuide(pipe.vae, pipe.params["vae"], vision, vparams, image_size=vision.config.image_size,
+                      num_cutouts=args.clip_cutouts)
+    return ClipGuidanceInput(guide, np.asarray(target), args.clip_guidance_scale)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

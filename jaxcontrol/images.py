@@ -1,0 +1,63 @@
+"""Writing images: atomic PNGs and contact-sheet grids."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+
+def _atomic_write(path: Path, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write an (H, W, 3 or 1) uint8 image as PNG, atomically (temp file + rename)."""
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        arr = np.round(np.clip(arr, 0, 1) * 255).astype(np.uint8)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    return _atomic_write(Path(path), lambda f: Image.fromarray(arr).save(f, format="PNG"))
+
+
+def save_json(data: Any, path: str | os.PathLike) -> Path:
+    text = json.dumps(data, indent=2, sort_keys=True, default=str).encode()
+    return _atomic_write(Path(path), lambda f: f.write(text))
+
+
+def make_grid(images: Sequence[np.ndarray], columns: int | None = None, pad: int = 2,
+              background: int = 255) -> np.ndarray:
+    """Tile equally sized (H, W, C) uint8 images into one contact sheet, row by row."""
+    images = [np.asarray(i) for i in images]
+    if not images:
+        raise ValueError("no images to tile")
+    images = [np.repeat(i, 3, axis=-1) if i.ndim == 3 and i.shape[-1] == 1 else
+              (np.repeat(i[..., None], 3, axis=-1) if i.ndim == 2 else i) for i in images]
+    h = max(i.shape[0] for i in images)
+    w = max(i.shape[1] for i in images)
+    n = len(images)
+    cols = columns or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    grid = np.full((rows * h + (rows + 1) * pad, cols * w + (cols + 1) * pad, 3), background, np.uint8)
+    for k, img in enumerate(images):
+        r, c = divmod(k, cols)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        grid[y : y + img.shape[0], x : x + img.shape[1]] = img[..., :3]
+    return grid
