@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="control_guidance_start, fraction of steps (default 0.0)")
     c.add_argument("--control-end", action="append", type=float, default=[],
                    help="control_guidance_end, fraction of steps (default 1.0)")
+    c.add_argument("--control-resize-mode", default="default", choices=("default", "crop", "fill"),
+                   help="how control images are fitted to the output size: stretch (default), centre-crop, "
+                        "or pad (diffusers' resize_mode)")
     c.add_argument("--guess-mode", action="store_true", help="ControlNet guess mode (control on the conditional "
                                                              "branch only, 0.825^(12-k) scales)")
     a = ap.add_argument_group("T2I-Adapter (repeat the group once per adapter)")
@@ -237,7 +240,8 @@ def run(args, np) -> int:
             guidance_rescale=args.guidance_rescale, scheduler=args.scheduler,
             scheduler_options={"eta": args.eta} if args.eta and (args.scheduler or "") == "ddim" else None,
             seed=args.seed, image_indices=[i for i, _ in chunk],
-            controls=[ControlInput(img, s, a, e) for img, s, a, e in zip(control_images, cn_scales, cn_starts, cn_ends)],
+            controls=[ControlInput(img, s, a, e, args.control_resize_mode)
+                      for img, s, a, e in zip(control_images, cn_scales, cn_starts, cn_ends)],
             guess_mode=args.guess_mode,
             adapters=[AdapterInput(img, s) for img, s in zip(adapter_images, ad_scales)],
             adapter_conditioning_factor=args.adapter_factor, init_image=init_image, strength=args.strength,

@@ -43,6 +43,7 @@ class ControlInput:
     scale: float = 1.0
     start: float = 0.0
     end: float = 1.0
+    resize_mode: str = "default"  # diffusers' VaeImageProcessor: "default" (stretch), "crop" or "fill"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +157,8 @@ class Pipeline:
                               "images were given (one per ControlNet)")
         out = []
         for c in controls:
-            img = prepare_control_image(c.image, height, width, batch_size=batch, vae_scale_factor=self.vae_scale_factor)
+            img = prepare_control_image(c.image, height, width, batch_size=batch, vae_scale_factor=self.vae_scale_factor,
+                                        resize_mode=c.resize_mode)
             if img.shape[0] == 1 and batch > 1:
                 img = np.repeat(img, batch, axis=0)
             if img.shape[0] != batch:

@@ -111,3 +111,15 @@ def test_bad_inputs_name_the_problem(folders):
     with pytest.raises(ConfigError, match="latents must have shape"):
         pipe("a", height=H, width=W, latents=np.zeros((1, 4, 4, 4)),
              controls=[ControlInput(np.zeros((H, W, 3)))] * 2)
+
+
+@pytest.mark.slow
+def test_bf16_unet_with_float32_vae_stays_close(folders):
+    path, _ = folders["sd"]
+    kw = dict(height=H, width=W, num_inference_steps=3, guidance_scale=4.0, seed=1, output_type="float")
+    f32 = Pipeline.from_pretrained(path)(PROMPTS[:1], **kw)
+    pipe = Pipeline.from_pretrained(path, dtype="bfloat16", vae_dtype="float32")
+    assert pipe.vae.dtype == np.float32 and pipe.unet.dtype != np.float32
+    bf16 = pipe(PROMPTS[:1], **kw)
+    assert np.isfinite(bf16).all()
+    assert np.abs(bf16 - f32).max() < 0.05
