@@ -191,3 +191,36 @@ def test_adapter_conditioning_factor_stops_the_adapter_part_way(tiny_adapter):
     np.testing.assert_allclose(sample(plain, rest, jnp.asarray(half_steps[1]), no_adapter), half, rtol=1e-5,
                                atol=1e-5)
     seen["ok"] = True
+
+
+def test_controlnet_and_adapter_together_equal_the_direct_unet_call(tiny_adapter):
+    """unet_prediction with a ControlNet and adapter features = the U-Net called with both residuals."""
+    import jaxcontrol as jc
+
+    _, ours = tiny_adapter
+    (unet, up), (adapter, ap) = ours["unet"], ours["adapter"]
+    cn, cp = jc.controlnet_from_unet(unet, up, jax.random.key(0), conditioning_embedding_out_channels=(16, 32))
+    leaves, tree = jax.tree_util.tree_flatten(cp)  # move the zero convolutions off zero
+    keys = jax.random.split(jax.random.key(5), len(leaves))
+    cp = jax.tree_util.tree_unflatten(tree, [p + 0.02 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+    k = jax.random.split(jax.random.key(1), 4)
+    x = jax.random.normal(k[0], (1, 8, 8, 4))
+    text = jax.random.normal(k[1], (1, 6, 32))
+    image = jax.random.uniform(k[2], (1, 16, 16, 3))
+    feats = G.adapter_features(adapter, ap, jax.random.uniform(k[3], (1, 16, 16, 3)), 0.6)
+    t = jnp.float32(400.0)
+    unit = G.ControlNetUnit(cn, cp, 0.7)
+    got = jax.jit(G.unet_prediction(unet, up, controlnets=[unit]))(x, t, {"text": text, "control": (image,),
+                                                                         "adapter": feats})
+
+    def direct(x):
+        tt = jnp.full((1,), t)
+        down, mid = cn.apply({"params": cp}, x, tt, text, image, conditioning_scale=jnp.full((1,), 0.7))
+        with_cn = unet.apply({"params": up}, x, tt, text, down_block_additional_residuals=down,
+                             mid_block_additional_residual=mid, down_intrablock_additional_residuals=feats)
+        with_adapter_only = unet.apply({"params": up}, x, tt, text, down_intrablock_additional_residuals=feats)
+        return with_cn, with_adapter_only
+
+    both, adapter_only = jax.jit(direct)(x)
+    np.testing.assert_allclose(got, both, rtol=1e-6, atol=1e-6)
+    assert np.abs(np.asarray(got) - np.asarray(adapter_only)).max() > 1e-4  # the ControlNet really acts
