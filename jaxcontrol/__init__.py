@@ -4,7 +4,7 @@
     out = unet.apply({"params": params}, latents_nhwc, t, text_embeddings)
 """
 
-from .convert import load_model
+from .convert import export_diffusers, load_checkpoint, load_model, load_single_file, save_checkpoint
 from .convert.pipeline_folder import PipelineBundle, load_pipeline
 from .errors import CheckpointError, ConfigError, JaxControlError
 from .models import (
@@ -42,7 +42,11 @@ __all__ = [
     "UNet2DConditionConfig",
     "UNet2DConditionModel",
     "controlnet_from_unet",
+    "export_diffusers",
     "init_params",
+    "load_checkpoint",
     "load_model",
     "load_pipeline",
+    "load_single_file",
+    "save_checkpoint",
 ]

@@ -166,6 +166,10 @@ def load_model(
 ) -> tuple[nn.Module, dict]:
     """Load a diffusers model folder as `(module, params)`.
 
+    Also accepted: a jaxcontrol checkpoint (`jaxcontrol.json`, one component or `subfolder`), one of
+    its component folders, and a single-file checkpoint (LDM, ControlNet, T2I-Adapter; `subfolder`
+    names the component of a multi-component file), whose config is inferred from its shapes.
+
     Args:
       path: the folder holding `config.json` and the weights (or a pipeline folder with `subfolder`).
       dtype: compute dtype of activations (`jnp.bfloat16` for mixed precision).
@@ -175,6 +179,21 @@ def load_model(
       unsafe_load_pickle: allow arbitrary objects in `.bin` pickles. Only for files you trust.
     """
     folder = Path(path) / subfolder if subfolder else Path(path)
+    if Path(path).is_file():
+        from .single_file import load_single_file
+
+        bundle = load_single_file(path, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
+                                  unsafe_load_pickle=unsafe_load_pickle,
+                                  components=None if subfolder is None else (subfolder,))
+        if len(bundle.modules) != 1:
+            raise ConfigError(
+                f"{path}: holds {sorted(bundle.modules)}; pick one with subfolder=... (or use load_pipeline)")
+        (name,) = bundle.modules
+        return bundle.modules[name], bundle.params[name]
+    from .jax_format import is_jaxcontrol_checkpoint, is_jaxcontrol_component, load_jaxcontrol_model
+
+    if is_jaxcontrol_component(folder) or is_jaxcontrol_checkpoint(folder):
+        return load_jaxcontrol_model(folder, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a directory")
     raw = read_config(folder)

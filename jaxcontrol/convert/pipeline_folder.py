@@ -85,8 +85,22 @@ def load_pipeline(
       component_kwargs: per-component overrides of those, e.g. `{"vae": {"dtype": jnp.float32}}`
         to keep the VAE in float32 while the U-Net runs in bf16.
       components: load only these components (default: all that the folder lists).
+
+    A jaxcontrol checkpoint folder (`jaxcontrol.json`) and a single-file checkpoint (LDM Stable
+    Diffusion, ControlNet, T2I-Adapter) load into the same bundle.
     """
     folder = Path(path)
+    if folder.is_file():
+        from .single_file import load_single_file
+
+        return load_single_file(folder, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
+                                component_kwargs=component_kwargs, components=components,
+                                unsafe_load_pickle=unsafe_load_pickle)
+    from .jax_format import is_jaxcontrol_checkpoint, load_checkpoint
+
+    if is_jaxcontrol_checkpoint(folder):
+        return load_checkpoint(folder, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
+                               components=components, component_kwargs=component_kwargs)
     index = read_model_index(folder)
     overrides = dict(component_kwargs or {})
     modules: dict[str, Any] = {}

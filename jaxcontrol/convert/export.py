@@ -1,0 +1,184 @@
+"""Export to diffusers / transformers folders that their `from_pretrained` loads.
+
+    export_diffusers("controlnet-torch", {"controlnet": (controlnet, cparams)})
+    # controlnet-torch/config.json + diffusion_pytorch_model.safetensors
+    diffusers.ControlNetModel.from_pretrained("controlnet-torch")
+
+One component gives a model folder; several give a pipeline folder (`model_index.json`, one
+subfolder per component, the tokenizers and the scheduler config). CLIP encoders are written as
+transformers folders (`config.json` with `architectures`, `model.safetensors`). Tensors are
+converted back to PyTorch layout (names by `flax_path_to_torch_key`, kernels transposed) and
+streamed into the file one at a time, so writing needs no second copy of the parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+from flax import linen as nn
+
+from ..errors import CheckpointError, ConfigError
+from ..models.params import count_params, flatten
+from .components import normalized_config
+from .jax_format import _cast, _tree_dtype, atomic_directory, module_config
+from .safetensors_file import _NAMES
+from .state_dict import flax_path_to_torch_key
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+TRANSFORMERS_WEIGHTS = "model.safetensors"
+_TRANSFORMERS_MODEL_TYPES = {
+    "CLIPTextModel": "clip_text_model", "CLIPTextModelWithProjection": "clip_text_model",
+    "CLIPVisionModel": "clip_vision_model", "CLIPVisionModelWithProjection": "clip_vision_model",
+}
+# pipeline slots diffusers' SD pipelines declare that a converted checkpoint leaves empty
+_EMPTY_SLOTS = ("safety_checker", "feature_extractor", "image_encoder")
+
+
+def write_safetensors_streaming(
+    path: str | os.PathLike,
+    entries: Iterable[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write a safetensors file whose tensors are produced one at a time by `entries`' loaders.
+
+    The header is built from the declared names, shapes and dtypes first; each produced array is
+    checked against its declaration.
+    """
+    entries = list(entries)
+    header: dict[str, Any] = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}} if metadata else {}
+    offset = 0
+    for name, shape, dtype, _ in entries:
+        kind = _NAMES.get(np.dtype(dtype))
+        if kind is None:
+            raise CheckpointError(f"cannot store tensor {name!r} of dtype {dtype} in safetensors")
+        size = math.prod(shape) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": kind, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, shape, dtype, load in entries:
+            a = np.ascontiguousarray(load())
+            if a.shape != tuple(shape) or a.dtype != np.dtype(dtype):
+                raise CheckpointError(f"{path}: tensor {name!r} came out as {a.dtype}{a.shape}, "
+                                      f"declared {np.dtype(dtype)}{tuple(shape)}")
+            if a.dtype.byteorder == ">":
+                a = a.astype(a.dtype.newbyteorder("<"))
+            f.write(a.tobytes())
+
+
+def torch_entries(params: Any) -> list:
+    """(torch name, torch shape, dtype, loader) per parameter, in PyTorch layout."""
+    out = []
+    for path, leaf in flatten(params).items():
+        name = flax_path_to_torch_key(path)
+        shape = tuple(leaf.shape)
+        kind = path.rpartition("/")[2]
+        if kind == "kernel" and len(shape) == 4:
+            tshape, perm = (shape[3], shape[2], shape[0], shape[1]), (3, 2, 0, 1)
+        elif kind == "kernel" and len(shape) == 2:
+            tshape, perm = (shape[1], shape[0]), (1, 0)
+        else:
+            tshape, perm = shape, None
+        out.append((name, tshape, np.dtype(leaf.dtype),
+                    (lambda leaf=leaf, perm=perm: np.transpose(np.asarray(leaf), perm) if perm else np.asarray(leaf))))
+    return out
+
+
+def write_model_folder(folder: Path, config: Mapping[str, Any], params: Any) -> int:
+    """Write one diffusers (or transformers, for CLIP) model folder; returns the parameter count."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = normalized_config(dict(config), f"{folder.name} config")
+    cls = config["_class_name"]
+    if cls in _TRANSFORMERS_MODEL_TYPES:
+        out = {k: v for k, v in config.items() if k != "_class_name"}
+        out.update(architectures=[cls], model_type=_TRANSFORMERS_MODEL_TYPES[cls], dtype=_torch_dtype_name(params))
+        (folder / "config.json").write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
+        weights = folder / TRANSFORMERS_WEIGHTS
+    else:
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        weights = folder / DIFFUSERS_WEIGHTS
+    write_safetensors_streaming(weights, torch_entries(params), metadata={"format": "pt"})
+    return count_params(params)
+
+
+def _torch_dtype_name(params: Any) -> str:
+    name = _tree_dtype(params)
+    return name if name in ("float32", "bfloat16", "float16") else "float32"
+
+
+def _tokenizer_class(folder: Path) -> str:
+    try:
+        return json.loads((folder / "tokenizer_config.json").read_text()).get("tokenizer_class") or "CLIPTokenizer"
+    except (OSError, json.JSONDecodeError):
+        return "CLIPTokenizer"
+
+
+class DiffusersWriter:
+    """Writes components one at a time into `root`: a model folder for one, a pipeline folder for several."""
+
+    def __init__(self, root: Path, single: bool):
+        self.root = Path(root)
+        self.single = single
+        self.classes: dict[str, str] = {}
+
+    def add(self, name: str, config: Mapping[str, Any], params: Any) -> int:
+        folder = self.root if self.single else self.root / name
+        n = write_model_folder(folder, config, params)
+        self.classes[name] = dict(config)["_class_name"]
+        return n
+
+    def finish(self, *, pipeline_class: str | None, tokenizers: Mapping[str, Path] | None = None,
+               scheduler_config: Mapping[str, Any] | None = None) -> None:
+        if self.single:
+            return
+        index: dict[str, Any] = {"_class_name": pipeline_class or "DiffusionPipeline"}
+        for name, cls in self.classes.items():
+            index[name] = ["transformers" if cls in _TRANSFORMERS_MODEL_TYPES else "diffusers", cls]
+        for name, folder in (tokenizers or {}).items():
+            shutil.copytree(folder, self.root / name)
+            index[name] = ["transformers", _tokenizer_class(folder)]
+        if scheduler_config is not None:
+            (self.root / "scheduler").mkdir()
+            (self.root / "scheduler" / "scheduler_config.json").write_text(
+                json.dumps(dict(scheduler_config), indent=2, sort_keys=True) + "\n")
+            index["scheduler"] = ["diffusers", scheduler_config.get("_class_name", "PNDMScheduler")]
+        if pipeline_class and pipeline_class.startswith("StableDiffusion"):
+            for slot in _EMPTY_SLOTS:
+                index.setdefault(slot, [None, None])
+            index["requires_safety_checker"] = False
+        (self.root / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def export_diffusers(
+    path: str | os.PathLike,
+    components: Mapping[str, tuple[nn.Module, Any]],
+    *,
+    dtype: Any = None,
+    pipeline_class: str | None = None,
+    tokenizers: Mapping[str, str | os.PathLike] | None = None,
+    scheduler_config: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write `{name: (module, params)}` as a diffusers model folder (one) or pipeline folder (several), atomically.
+
+    `dtype` casts floating-point parameters ("float32", "bfloat16", "float16"); None keeps them.
+    """
+    if not components:
+        raise ConfigError("export_diffusers: no components given")
+    with atomic_directory(path, overwrite=overwrite) as tmp:
+        writer = DiffusersWriter(tmp, single=len(components) == 1)
+        for name, (module, params) in components.items():
+            writer.add(name, module_config(module), _cast(params, dtype))
+        writer.finish(pipeline_class=pipeline_class, tokenizers={k: Path(v) for k, v in (tokenizers or {}).items()},
+                      scheduler_config=scheduler_config)
+    return Path(os.path.abspath(path))
