@@ -7,6 +7,10 @@
 from .convert import export_diffusers, load_checkpoint, load_model, load_single_file, save_checkpoint
 from .convert.pipeline_folder import PipelineBundle, load_pipeline
 from .errors import CheckpointError, ConfigError, JaxControlError
+from . import guidance  # noqa: E402  (score-function combinators: jaxcontrol.guidance.classifier_free, ...)
+from .pipeline import AdapterInput, ControlInput, Pipeline
+from .sampler import sample
+from .schedulers import NoiseSchedule, SchedulerConfig, make_plan
 from .models import (
     AutoencoderKL,
     AutoencoderKLConfig,
@@ -43,6 +47,14 @@ __all__ = [
     "UNet2DConditionModel",
     "controlnet_from_unet",
     "export_diffusers",
+    "guidance",
+    "make_plan",
+    "sample",
+    "AdapterInput",
+    "ControlInput",
+    "NoiseSchedule",
+    "Pipeline",
+    "SchedulerConfig",
     "init_params",
     "load_checkpoint",
     "load_model",
