@@ -108,7 +108,8 @@ def test_multi_controlnet_guess_mode_windows_in_the_scan(tiny_cn):
     assert _rel(out, ref) <= 1e-4
 
 
-@pytest.mark.parametrize("class_name,solver", [("DDIMScheduler", "ddim"), ("UniPCMultistepScheduler", "unipc")])
+@pytest.mark.parametrize("class_name,solver", [
+    ("DDIMScheduler", "ddim"), pytest.param("UniPCMultistepScheduler", "unipc", marks=pytest.mark.slow)])
 def test_controlnet_img2img_pipeline_in_the_scan(tiny_cn, class_name, solver):
     tiny, ours = tiny_cn
     (unet, up), (cn, cp) = ours["unet"], ours["controlnet_0"]
@@ -145,7 +146,7 @@ def _adapter_setup(tiny_adapter, multi, scale):
     return pe, ne, lat, imgs, cond
 
 
-@pytest.mark.parametrize("multi", [False, True])
+@pytest.mark.parametrize("multi", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_adapter_pipeline_in_the_scan(tiny_adapter, multi):
     tiny, ours = tiny_adapter
     unet, up = ours["unet"]
@@ -163,6 +164,7 @@ def test_adapter_pipeline_in_the_scan(tiny_adapter, multi):
     assert _rel(out, ref) <= 1e-4
 
 
+@pytest.mark.slow
 def test_adapter_conditioning_factor_stops_the_adapter_part_way(tiny_adapter):
     """factor 0.5 of 4 steps: adapter for steps 0-1 (SDXL adapter pipeline rule), then the plain U-Net."""
     tiny, ours = tiny_adapter
@@ -193,6 +195,7 @@ def test_adapter_conditioning_factor_stops_the_adapter_part_way(tiny_adapter):
     seen["ok"] = True
 
 
+@pytest.mark.slow
 def test_controlnet_and_adapter_together_equal_the_direct_unet_call(tiny_adapter):
     """unet_prediction with a ControlNet and adapter features = the U-Net called with both residuals."""
     import jaxcontrol as jc
