@@ -1,0 +1,235 @@
+"""One ControlNet training step on the full SD-1.5 architecture: jaxcontrol vs diffusers (PyTorch), on the CPU.
+
+    .venv/bin/python benchmarks/train_step.py                 # 256x256 images (32x32 latents), batch 1
+    .venv/bin/python benchmarks/train_step.py --size 512 --batch 2 --steps 5
+
+Both sides run the same step, with random weights: a frozen SD-1.5 U-Net (859.5M), a trainable
+ControlNet copied from it (361.3M), float32, precomputed latents (posterior moments, sampled in the
+step) and text embeddings, DDPM noise at uniform timesteps, epsilon MSE, backward, global-norm
+clipping at 1.0 and AdamW (lr 1e-5, weight decay 1e-2), as diffusers' `train_controlnet.py`
+does. jaxcontrol's side is `jaxcontrol.training.make_train_step` compiled by `jit_train_step`.
+
+Each side runs in its own process. Peak memory is the process's VmHWM from /proc, reset (via
+/proc/self/clear_refs) after the models are built, so it covers compilation and the steps;
+the peak of the whole process, model construction included, is reported too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SD15_UNET = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8,
+                 cross_attention_dim=768, sample_size=64)
+SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, sample_size=512)
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _inputs(size: int, batch: int, seed: int = 0):
+    import numpy as np
+
+    g = np.random.default_rng(seed)
+    lat = size // 8
+    return dict(
+        moments=g.standard_normal((batch, lat, lat, 8), dtype=np.float32) * 0.5,
+        context=g.standard_normal((batch, 77, 768), dtype=np.float32),
+        cond=g.random((batch, size, size, 3), dtype=np.float32),
+    )
+
+
+def run_jax(size: int, batch: int, steps: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxcontrol.models import AutoencoderKL, AutoencoderKLConfig, UNet2DConditionConfig, UNet2DConditionModel
+    from jaxcontrol.models import controlnet_from_unet, init_params
+    from jaxcontrol.schedulers import NoiseSchedule, make_betas
+    from jaxcontrol.training import default_config, jit_train_step, make_mesh, make_train_step
+    from jaxcontrol.training.networks import Networks
+    from jaxcontrol.training.sharding import batch_sharding, param_shardings, replicated
+    from jaxcontrol.training.state import create_train_state, learning_rate_schedule, make_optimizer
+
+    base = _status("VmRSS")
+    t0 = time.perf_counter()
+    unet = UNet2DConditionModel(UNet2DConditionConfig(**SD15_UNET))
+    unet_params = init_params(unet, 0)
+    cn, cparams = controlnet_from_unet(unet, unet_params, jax.random.key(1))
+    config = default_config()
+    config.task, config.batch_size = "controlnet", batch
+    config.optim.learning_rate, config.optim.weight_decay, config.optim.max_grad_norm = 1e-5, 1e-2, 1.0
+    nets = Networks(task="controlnet", unet=unet, vae=AutoencoderKL(AutoencoderKLConfig(**SD15_VAE)),
+                    text_encoder=None, tokenizer=None, scheduler_config={}, prediction_type="epsilon",
+                    schedule=NoiseSchedule(make_betas(1000, 0.00085, 0.012, "scaled_linear")), controlnet=cn)
+    sched = learning_rate_schedule(config.optim, 1000)
+    tx = make_optimizer(config.optim, sched)
+    mesh = make_mesh(1, 1, jax.devices()[:1])
+    abstract = jax.eval_shape(lambda p: create_train_state(p, tx, 0, ema=False), {"controlnet": cparams})
+    state_sh = param_shardings(abstract, mesh)
+    frozen = {"unet": unet_params}
+    frozen_sh = param_shardings(frozen, mesh, shard=False)
+    bsh = batch_sharding(mesh, ("data", "fsdp"), leading=1)
+    state = jax.jit(lambda p: create_train_state(p, tx, 0, ema=False), out_shardings=state_sh)(
+        {"controlnet": cparams})
+    frozen = jax.device_put(frozen, frozen_sh)
+    del cparams, unet_params
+    x = _inputs(size, batch)
+    b = {"latents": x["moments"][None], "encoder_hidden_states": x["context"][None],
+         "conditioning_pixel_values": x["cond"][None]}
+    b = jax.device_put(b, bsh)
+    step = jit_train_step(make_train_step(nets, config, tx, sched), state_sh, frozen_sh, bsh, replicated(mesh))
+    setup_s = time.perf_counter() - t0
+    whole_peak = _status("VmHWM")
+    reset = _reset_peak()
+    t0 = time.perf_counter()
+    compiled = step.lower(state, frozen, b).compile()
+    compile_s = time.perf_counter() - t0
+    state, m = compiled(state, frozen, b)  # warm-up
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, m = compiled(state, frozen, b)
+    jax.block_until_ready((state, m))
+    dt = time.perf_counter() - t0
+    return {"side": "jaxcontrol (JAX/XLA)", "samples_per_s": steps * batch / dt, "step_s": dt / steps,
+            "compile_s": compile_s, "setup_s": setup_s, "baseline_bytes": base,
+            "peak_step_bytes": _status("VmHWM") if reset else None,
+            "peak_process_bytes": max(whole_peak, _status("VmHWM")), "loss": float(m["loss"]),
+            "devices": str(jax.devices()[0].platform), "dtype": str(jnp.float32.dtype),
+            "trainable": int(sum(a.size for a in jax.tree_util.tree_leaves(state.params))),
+            "frozen": int(sum(a.size for a in jax.tree_util.tree_leaves(frozen))), "np": np.__version__}
+
+
+def run_torch(size: int, batch: int, steps: int) -> dict:
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    base = _status("VmRSS")
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD15_UNET)
+    controlnet = ControlNetModel.from_unet(unet)
+    unet.requires_grad_(False)
+    unet.eval()
+    controlnet.train()
+    opt = torch.optim.AdamW(controlnet.parameters(), lr=1e-5, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    x = _inputs(size, batch)
+    moments = torch.from_numpy(np.ascontiguousarray(x["moments"].transpose(0, 3, 1, 2)))
+    context = torch.from_numpy(x["context"])
+    cond = torch.from_numpy(np.ascontiguousarray(x["cond"].transpose(0, 3, 1, 2)))
+    setup_s = time.perf_counter() - t0
+    whole_peak = _status("VmHWM")
+    reset = _reset_peak()
+
+    def step():
+        mean, logvar = moments.chunk(2, dim=1)
+        logvar = logvar.clamp(-30.0, 20.0)
+        latents = (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)) * 0.18215
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, 1000, (latents.shape[0],)).long()
+        noisy = scheduler.add_noise(latents, noise, t)
+        down, mid = controlnet(noisy, t, encoder_hidden_states=context, controlnet_cond=cond, return_dict=False)
+        pred = unet(noisy, t, encoder_hidden_states=context, down_block_additional_residuals=down,
+                    mid_block_additional_residual=mid, return_dict=False)[0]
+        loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    step()  # warm-up (allocates the optimizer state)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    dt = time.perf_counter() - t0
+    return {"side": "diffusers (PyTorch eager)", "samples_per_s": steps * batch / dt, "step_s": dt / steps,
+            "compile_s": 0.0, "setup_s": setup_s, "baseline_bytes": base,
+            "peak_step_bytes": _status("VmHWM") if reset else None,
+            "peak_process_bytes": max(whole_peak, _status("VmHWM")), "loss": float(loss),
+            "trainable": sum(p.numel() for p in controlnet.parameters()),
+            "frozen": sum(p.numel() for p in unet.parameters()), "torch": torch.__version__}
+
+
+def child(which: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", which, "--size", str(args.size), "--batch", str(args.batch),
+           "--steps", str(args.steps)]
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    env.pop("XLA_FLAGS", None)  # one CPU device, as a user would have
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{which} side failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def gib(n) -> str:
+    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", type=int, default=256, help="image side in pixels (latents are size / 8)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    p.add_argument("--child", choices=("jax", "torch"), help=argparse.SUPPRESS)
+    p.add_argument("--json", help="also write the results to this file")
+    args = p.parse_args()
+    if args.child:
+        result = (run_jax if args.child == "jax" else run_torch)(args.size, args.batch, args.steps)
+        print(json.dumps(result))
+        return
+    print(f"ControlNet training step, SD-1.5 architecture, {args.size}x{args.size} images "
+          f"({args.size // 8}x{args.size // 8} latents), batch {args.batch}, float32, {os.cpu_count()} CPU cores",
+          flush=True)
+    ours, ref = child("jax", args), child("torch", args)
+    rows = [
+        ("samples/s", f"{ours['samples_per_s']:.4f}", f"{ref['samples_per_s']:.4f}",
+         f"{ours['samples_per_s'] / ref['samples_per_s']:.2f}x"),
+        ("seconds/step", f"{ours['step_s']:.2f}", f"{ref['step_s']:.2f}", f"{ours['step_s'] / ref['step_s']:.2f}x"),
+        ("peak memory, compile + steps", gib(ours["peak_step_bytes"]), gib(ref["peak_step_bytes"]),
+         "n/a" if ours["peak_step_bytes"] is None else f"{ours['peak_step_bytes'] / ref['peak_step_bytes']:.2f}x"),
+        ("peak memory, whole process", gib(ours["peak_process_bytes"]), gib(ref["peak_process_bytes"]),
+         f"{ours['peak_process_bytes'] / ref['peak_process_bytes']:.2f}x"),
+        ("compile (one-off)", f"{ours['compile_s']:.0f} s", "-", ""),
+        ("trainable / frozen params", f"{ours['trainable'] / 1e6:.1f}M / {ours['frozen'] / 1e6:.1f}M",
+         f"{ref['trainable'] / 1e6:.1f}M / {ref['frozen'] / 1e6:.1f}M", ""),
+    ]
+    header = ("", "jaxcontrol", "diffusers", "ours/theirs")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
+    print(" | ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("-|-".join("-" * w for w in widths))
+    for r in rows:
+        print(" | ".join(c.ljust(w) for c, w in zip(r, widths)))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"jax": ours, "torch": ref, "args": vars(args)}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+"""The networks a run needs, their parameters, and which of them train.
+
+    nets, trainable, frozen = build_networks(config, workdir)
+
+`nets` holds the modules, the tokenizer and the noise schedule; `trainable` and `frozen` are
+`{component: params}` dicts. What trains, by `config.task`:
+
+| task | trainable | frozen |
+| --- | --- | --- |
+| controlnet | `controlnet` (+ the U-Net decoder with `controlnet.unlock_unet`) | U-Net, VAE, text encoder |
+| adapter | `adapter` | U-Net, VAE, text encoder |
+| unet | `unet` | VAE, text encoder |
+
+"Unlocking" follows the ControlNet paper's `sd_locked=False`: the U-Net's up blocks and output
+layers (`up_blocks_*`, `conv_norm_out`, `conv_out`) train with the ControlNet, the encoder stays
+frozen. `unet_params(trainable, frozen)` puts the U-Net back together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..convert import load_model
+from ..convert.pipeline_folder import load_pipeline
+from ..errors import ConfigError
+from ..models import (
+    AutoencoderKL,
+    AutoencoderKLConfig,
+    CLIPTextModel,
+    ControlNetModel,
+    T2IAdapter,
+    T2IAdapterConfig,
+    UNet2DConditionConfig,
+    UNet2DConditionModel,
+    controlnet_from_unet,
+    init_params,
+)
+from ..models.clip import CLIPTextConfig
+from ..schedulers import NoiseSchedule, SchedulerConfig
+from ..tokenizer import load_tokenizer, tokenize
+from .config import SD_SCHEDULER, to_plain
+
+# the U-Net's decoder, in the ControlNet paper's "unlocked" mode
+UNET_DECODER = ("up_blocks_", "conv_norm_out", "conv_out")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass
+class Networks:
+    """Modules and everything around them that is not a parameter."""
+
+    task: str
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: Any
+    scheduler_config: dict  # diffusers scheduler_config.json (with _class_name)
+    schedule: NoiseSchedule
+    prediction_type: str
+    controlnet: ControlNetModel | None = None
+    adapter: T2IAdapter | None = None
+    empty_ids: np.ndarray | None = None  # (1, L) token ids of the empty prompt
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def trainable_modules(self) -> dict[str, Any]:
+        """{component: module} of what `trainable` holds (the U-Net appears for unet / unlocked runs)."""
+        out: dict[str, Any] = {}
+        if self.controlnet is not None:
+            out["controlnet"] = self.controlnet
+        if self.adapter is not None:
+            out["adapter"] = self.adapter
+        return out
+
+
+def unet_params(trainable: dict, frozen: dict) -> dict:
+    """The U-Net's full parameter tree from its frozen and trainable parts."""
+    return {**frozen.get("unet", {}), **trainable.get("unet", {})}
+
+
+def _dtype(name: str):
+    return DTYPES[name]
+
+
+def _cast(tree: Any, dtype) -> Any:
+    return jax.tree_util.tree_map(
+        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype != dtype else a, tree)
+
+
+def _host(tree: Any) -> Any:
+    """Parameters as numpy arrays (so that placing them on the mesh copies once, from the host)."""
+    return jax.tree_util.tree_map(np.asarray, tree)
+
+
+def _load_pretrained(path: str, kw: dict):
+    from ..convert.jax_format import is_jaxcontrol_checkpoint
+
+    nets = ("unet", "vae", "text_encoder")
+    if Path(path).is_file() or is_jaxcontrol_checkpoint(path):
+        bundle = load_pipeline(path, components=nets, **kw)
+    else:
+        bundle = load_pipeline(path, components=nets + ("tokenizer", "scheduler"), **kw)
+    missing = [n for n in nets if n not in bundle.modules]
+    if missing:
+        raise ConfigError(f"config.model.pretrained_path={path!r}: no {missing} in that pipeline")
+    if bundle.tokenizer is None:
+        raise ConfigError(f"config.model.pretrained_path={path!r}: the pipeline has no tokenizer")
+    scheduler = bundle.scheduler_config or dict(SD_SCHEDULER)
+    return bundle.modules, bundle.params, bundle.tokenizer, scheduler
+
+
+def _scratch_words(config) -> list[str]:
+    from .tokenizer import caption_words
+
+    if config.data.dataset == "fill50k":
+        from ..data.fill50k import DEFAULT_COLORS
+
+        return caption_words([name for name, _ in DEFAULT_COLORS] + ["circle with background"])
+    if config.data.dataset == "folder":
+        from ..data.manifest import read_manifest
+
+        texts = [e.text for e in read_manifest(config.data.train_manifest, check_files=False)]
+        if config.data.validation_manifest:
+            texts += [e.text for e in read_manifest(config.data.validation_manifest, check_files=False)]
+        return caption_words(texts)
+    raise ConfigError('config.model.tokenizer_path is empty: with model.init="scratch" and data.dataset="tfds" '
+                      "give a tokenizer folder (a word-level one is written only for fill50k and folder datasets)")
+
+
+def scratch_tokenizer(config, workdir: str | os.PathLike):
+    """The tokenizer of a from-scratch run: `model.tokenizer_path`, or a word-level one in WORKDIR/tokenizer."""
+    if config.model.tokenizer_path:
+        return load_tokenizer(config.model.tokenizer_path)
+    from .tokenizer import write_word_tokenizer
+
+    folder = Path(workdir) / "tokenizer"
+    if jax.process_index() == 0 and not (folder / "vocab.json").is_file():
+        write_word_tokenizer(folder, _scratch_words(config))
+    _barrier("tokenizer")  # every host, whether or not the folder existed, so that none waits alone
+    tok = load_tokenizer(folder)
+    vocab = int(config.model.text_encoder.get("vocab_size", 49408))
+    if len(tok) > vocab:
+        raise ConfigError(f"config.model.text_encoder.vocab_size={vocab} is smaller than the tokenizer's "
+                          f"{len(tok)} tokens ({folder})")
+    return tok
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"jaxcontrol_{name}")
+
+
+def _scratch(config, workdir, compute, attention_impl):
+    seed = int(config.seed)
+    kw = dict(dtype=compute, attention_impl=attention_impl)
+    modules, params = {}, {}
+    unet_cfg = UNet2DConditionConfig.from_dict(to_plain(config.model.unet), source="config.model.unet")
+    modules["unet"] = UNet2DConditionModel(unet_cfg, **kw)
+    params["unet"] = init_params(modules["unet"], seed + 1)
+    if config.model.vae_path:
+        modules["vae"], params["vae"] = load_model(config.model.vae_path, **kw)
+    else:
+        vae_cfg = AutoencoderKLConfig.from_dict(to_plain(config.model.vae), source="config.model.vae")
+        modules["vae"] = AutoencoderKL(vae_cfg, **kw)
+        params["vae"] = init_params(modules["vae"], seed + 2)
+    if config.model.text_encoder_path:
+        modules["text_encoder"], params["text_encoder"] = load_model(config.model.text_encoder_path, **kw)
+    else:
+        text_cfg = CLIPTextConfig.from_dict(to_plain(config.model.text_encoder), source="config.model.text_encoder")
+        modules["text_encoder"] = CLIPTextModel(text_cfg, **kw)
+        params["text_encoder"] = init_params(modules["text_encoder"], seed + 3)
+    scheduler = {"_class_name": "DDPMScheduler", **to_plain(config.model.scheduler)}
+    return modules, params, scratch_tokenizer(config, workdir), scheduler
+
+
+def build_networks(config, workdir: str | os.PathLike) -> tuple[Networks, dict, dict]:
+    """Load or build every network of the run; returns (networks, trainable params, frozen params).
+
+    Parameters come back as host (numpy) arrays: the trainer places them on the mesh.
+    """
+    compute = _dtype(config.precision.compute_dtype)
+    frozen_dtype = _dtype(config.precision.frozen_param_dtype)
+    attention_impl = config.model.attention_impl
+    if config.model.init == "pretrained":
+        kw = dict(dtype=compute, param_dtype=jnp.float32, attention_impl=attention_impl)
+        modules, params, tokenizer, scheduler = _load_pretrained(config.model.pretrained_path, kw)
+    else:
+        modules, params, tokenizer, scheduler = _scratch(config, workdir, compute, attention_impl)
+
+    sched_cfg = SchedulerConfig.from_dict(scheduler)
+    _, resolved = sched_cfg.resolve("ddpm")
+    prediction_type = config.loss.prediction_type or resolved.prediction_type
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ConfigError(f"the scheduler's prediction_type is {prediction_type!r}; training supports 'epsilon' and "
+                          "'v_prediction' (set config.loss.prediction_type)")
+    scheduler = {**scheduler, "prediction_type": prediction_type}
+    nets = Networks(
+        task=config.task, unet=modules["unet"], vae=modules["vae"], text_encoder=modules["text_encoder"],
+        tokenizer=tokenizer, scheduler_config=scheduler, schedule=NoiseSchedule.from_config(resolved),
+        prediction_type=prediction_type,
+    )
+    nets.empty_ids = tokenize(tokenizer, [""])
+    _check_sizes(config, nets)
+
+    unet_p = params["unet"]
+    frozen = {"vae": _cast(params["vae"], frozen_dtype), "text_encoder": _cast(params["text_encoder"], frozen_dtype)}
+    trainable: dict[str, Any] = {}
+    if config.task == "controlnet":
+        nets.controlnet, trainable["controlnet"] = _controlnet(config, nets.unet, unet_p, compute, attention_impl)
+        if config.controlnet.unlock_unet:
+            trainable["unet"] = {k: v for k, v in unet_p.items() if k.startswith(UNET_DECODER)}
+            frozen["unet"] = _cast({k: v for k, v in unet_p.items() if not k.startswith(UNET_DECODER)}, frozen_dtype)
+        else:
+            frozen["unet"] = _cast(unet_p, frozen_dtype)
+    elif config.task == "adapter":
+        nets.adapter, trainable["adapter"] = _adapter(config, nets.unet, compute)
+        frozen["unet"] = _cast(unet_p, frozen_dtype)
+    else:
+        trainable["unet"] = unet_p
+    trainable = _cast(_host(trainable), jnp.float32)  # float32 master weights
+    return nets, trainable, _host(frozen)
+
+
+def _controlnet(config, unet, unet_p, compute, attention_impl):
+    c = config.controlnet
+    if c.init_from:
+        module, params = load_model(c.init_from, dtype=compute, param_dtype=jnp.float32, attention_impl=attention_impl)
+        if not isinstance(module, ControlNetModel):
+            raise ConfigError(f"config.controlnet.init_from={c.init_from!r} is a {type(module).__name__}, "
+                              "not a ControlNetModel")
+        return module, params
+    module, params = controlnet_from_unet(
+        unet, unet_p, jax.random.key(int(config.seed) + 4),
+        conditioning_channels=int(c.conditioning_channels),
+        conditioning_embedding_out_channels=tuple(c.conditioning_embedding_out_channels),
+    )
+    return module, params
+
+
+def _adapter(config, unet, compute):
+    a = config.adapter
+    if a.init_from:
+        module, params = load_model(a.init_from, dtype=compute, param_dtype=jnp.float32)
+        if not isinstance(module, T2IAdapter):
+            raise ConfigError(f"config.adapter.init_from={a.init_from!r} is a {type(module).__name__}, not a T2IAdapter")
+    else:
+        cfg = T2IAdapterConfig.from_dict(dict(
+            in_channels=int(a.in_channels), channels=tuple(a.channels), num_res_blocks=int(a.num_res_blocks),
+            downscale_factor=int(a.downscale_factor), adapter_type=a.adapter_type), source="config.adapter")
+        module = T2IAdapter(cfg, dtype=compute)
+        params = init_params(module, int(config.seed) + 5)
+    unet_channels = tuple(unet.config.block_out_channels)
+    if tuple(module.config.feature_channels)[: len(unet_channels)] != unet_channels:
+        raise ConfigError(f"config.adapter.channels={tuple(module.config.channels)} must match the U-Net's "
+                          f"block_out_channels={unet_channels}")
+    return module, params
+
+
+def _check_sizes(config, nets: Networks) -> None:
+    res = int(config.data.resolution)
+    f = nets.vae_scale_factor
+    down = 2 ** (len(nets.unet.config.block_out_channels) - 1)
+    if res % (f * down):
+        raise ConfigError(f"config.data.resolution={res} must be a multiple of {f * down} (VAE factor {f} x "
+                          f"U-Net downsampling {down})")
+    if config.task == "controlnet" and not config.controlnet.init_from:
+        hint = 2 ** (len(config.controlnet.conditioning_embedding_out_channels) - 1)
+        if hint != f:
+            raise ConfigError(
+                f"config.controlnet.conditioning_embedding_out_channels has "
+                f"{len(config.controlnet.conditioning_embedding_out_channels)} entries, so the control image is "
+                f"embedded at 1/{hint} of its size, but the VAE's latents are 1/{f} of the image; "
+                f"give {int(np.log2(f)) + 1} entries")
+    if config.task == "adapter" and not config.adapter.init_from and int(config.adapter.downscale_factor) != f:
+        raise ConfigError(f"config.adapter.downscale_factor={config.adapter.downscale_factor} must equal the VAE's "
+                          f"factor {f} (the adapter's first feature is at latent resolution)")

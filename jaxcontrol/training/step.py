@@ -1,0 +1,177 @@
+"""The training step and the validation sampler, as pure functions of (params, batch).
+
+    loss_fn = make_loss_fn(nets, config)            # (trainable, frozen, micro_batch, key) -> (loss, aux)
+    step = make_train_step(nets, config, tx, schedule)
+    state, metrics = step(state, frozen, batch)     # batch leaves: (grad_accum_steps, micro_batch, ...)
+
+One call is one optimizer update: the micro-batches are scanned (`lax.scan`), their gradients
+averaged, clipped and applied once, so the learning-rate schedule and the EMA count optimizer
+steps and nothing but the state needs checkpointing. `jit_train_step` compiles it with explicit
+in/out shardings and the state donated.
+
+A micro-batch holds either pixels (`pixel_values` in [-1, 1], encoded by the frozen VAE in the
+step) or precomputed `latents` (posterior moments, sampled in the step as diffusers does), and
+either `input_ids` (encoded by the frozen text encoder) or precomputed `encoder_hidden_states`;
+plus `conditioning_pixel_values` in [0, 1] for ControlNets and adapters.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ..guidance import ControlNetUnit, adapter_features, classifier_free, unet_prediction
+from ..models.vae import sample_posterior, scale_latents, unscale_latents
+from ..sampler import initial_latents, sample
+from . import losses
+from .config import timestep_sampling
+from .networks import Networks, unet_params
+from .remat import remat_scope
+from .state import TrainState, update_ema
+
+DEVICE_KEYS = ("pixel_values", "latents", "input_ids", "encoder_hidden_states", "conditioning_pixel_values")
+
+
+def encode_prompts(nets: Networks, frozen: dict, ids: jax.Array) -> jax.Array:
+    out = nets.text_encoder.apply({"params": frozen["text_encoder"]}, ids)
+    return out.last_hidden_state.astype(jnp.float32)
+
+
+def model_prediction(nets: Networks, config, trainable: dict, frozen: dict, noisy: jax.Array, t: jax.Array,
+                     context: jax.Array, cond: jax.Array | None) -> jax.Array:
+    """The trained model's prediction for `noisy` latents: U-Net plus ControlNet / adapter, per the task."""
+    kwargs: dict[str, Any] = {}
+    if nets.controlnet is not None:
+        with remat_scope(config.remat.controlnet, config.remat.policy):
+            down, mid = nets.controlnet.apply({"params": trainable["controlnet"]}, noisy, t, context, cond,
+                                              conditioning_scale=float(config.controlnet.conditioning_scale))
+        if config.controlnet.small_scale:  # the paper's small-scale training: the mid block only
+            down = tuple(jnp.zeros_like(d) for d in down)
+        kwargs.update(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+    if nets.adapter is not None:
+        feats = nets.adapter.apply({"params": trainable["adapter"]}, cond)
+        scale = float(config.adapter.conditioning_scale)
+        kwargs["down_intrablock_additional_residuals"] = [f * scale for f in feats]
+    with remat_scope(config.remat.unet, config.remat.policy):
+        return nets.unet.apply({"params": unet_params(trainable, frozen)}, noisy, t, context, **kwargs)
+
+
+def make_loss_fn(nets: Networks, config) -> Callable:
+    """(trainable, frozen, micro_batch, key) -> (loss, aux): the whole objective of one micro-batch."""
+    schedule = nets.schedule
+    sampling = timestep_sampling(config)
+    snr_gamma = float(config.loss.snr_gamma)
+    noise_offset = float(config.loss.noise_offset)
+    p_empty = float(config.loss.proportion_empty_prompts)
+    pred_type = nets.prediction_type
+    needs_cond = nets.controlnet is not None or nets.adapter is not None
+
+    def loss_fn(trainable, frozen, batch, key):
+        k_lat, k_noise, k_off, k_t, k_drop = jax.random.split(key, 5)
+        if "latents" in batch:
+            moments = batch["latents"].astype(jnp.float32)
+        else:
+            moments = nets.vae.apply({"params": frozen["vae"]}, batch["pixel_values"], method=nets.vae.encode)
+        latents = scale_latents(sample_posterior(moments, k_lat), nets.vae.config)
+        if "encoder_hidden_states" in batch:
+            context = losses.drop_prompts(k_drop, batch["encoder_hidden_states"].astype(jnp.float32),
+                                          frozen.get("empty_prompt"), p_empty) if p_empty else \
+                batch["encoder_hidden_states"].astype(jnp.float32)
+        else:
+            ids = losses.drop_prompts(k_drop, batch["input_ids"], jnp.asarray(nets.empty_ids), p_empty)
+            context = encode_prompts(nets, frozen, ids)
+        latents, context = jax.lax.stop_gradient(latents), jax.lax.stop_gradient(context)
+        b = latents.shape[0]
+        noise = losses.offset_noise(k_off, jax.random.normal(k_noise, latents.shape, jnp.float32), noise_offset)
+        t = losses.sample_timesteps(k_t, b, schedule.num_train_timesteps, sampling)
+        noisy = schedule.add_noise(latents, noise, t)
+        target = losses.prediction_target(schedule, latents, noise, t, pred_type)
+        cond = batch["conditioning_pixel_values"] if needs_cond else None
+        pred = model_prediction(nets, config, trainable, frozen, noisy, t, context, cond)
+        weights = losses.min_snr_weights(schedule, t, snr_gamma, pred_type) if snr_gamma > 0 else None
+        return losses.diffusion_loss(pred, target, weights), {"timesteps": t}
+
+    return loss_fn
+
+
+def make_train_step(nets: Networks, config, tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
+                    loss_fn: Callable | None = None) -> Callable:
+    """(state, frozen, batch) -> (state, metrics). Pure; see `jit_train_step` for the compiled form."""
+    loss_fn = loss_fn or make_loss_fn(nets, config)
+    accum = int(config.grad_accum_steps)
+    ema_decay = float(config.optim.ema_decay)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state: TrainState, frozen: dict, batch: dict):
+        key, step_key = jax.random.split(state.key)
+        if accum == 1:
+            (loss, _), grads = grad_fn(state.params, frozen, jax.tree_util.tree_map(lambda a: a[0], batch), step_key)
+        else:
+            def micro(carry, xs):
+                g_acc, l_acc = carry
+                mb, i = xs
+                (loss, _), g = grad_fn(state.params, frozen, mb, jax.random.fold_in(step_key, i))
+                return (jax.tree_util.tree_map(jnp.add, g_acc, g), l_acc + loss), None
+
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+            (grads, loss), _ = jax.lax.scan(micro, (zeros, jnp.zeros((), jnp.float32)),
+                                            (batch, jnp.arange(accum, dtype=jnp.int32)))
+            grads = jax.tree_util.tree_map(lambda g: g / accum, grads)
+            loss = loss / accum
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        step = state.step + 1
+        ema = update_ema(state.ema, params, step, ema_decay) if ema_decay > 0 else state.ema
+        new = state.replace(step=step, params=params, opt_state=opt_state, ema=ema,
+                            rng=jax.random.key_data(key))
+        metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": lr_schedule(state.step)}
+        return new, metrics
+
+    return train_step
+
+
+def jit_train_step(train_step: Callable, state_sharding: Any, frozen_sharding: Any, batch_sharding: Any,
+                   metrics_sharding: Any, compiler_options: dict | None = None) -> Callable:
+    """`jax.jit` with explicit shardings; the state (argument 0) is donated."""
+    return jax.jit(train_step, in_shardings=(state_sharding, frozen_sharding, batch_sharding),
+                   out_shardings=(state_sharding, metrics_sharding), donate_argnums=(0,),
+                   compiler_options=compiler_options or None)
+
+
+# ------------------------------------------------------------------------------------------------
+# validation images
+# ------------------------------------------------------------------------------------------------
+
+
+def make_sample_fn(nets: Networks, config, plan) -> Callable:
+    """(trainable, frozen, ids, negative_ids, cond_images, noise, key) -> images (B, H, W, 3) in [-1, 1]."""
+    guidance = float(config.validation.guidance_scale)
+
+    def sample_fn(trainable, frozen, ids, neg_ids, cond_images, noise, key):
+        text = encode_prompts(nets, frozen, ids)
+        neg = encode_prompts(nets, frozen, neg_ids)
+        params = unet_params(trainable, frozen)
+        units = []
+        if nets.controlnet is not None:
+            units = [ControlNetUnit(nets.controlnet, trainable["controlnet"],
+                                    scale=float(config.controlnet.conditioning_scale))]
+        model = unet_prediction(nets.unet, params, controlnets=units)
+        branch_c, branch_u = {"text": text}, {"text": neg}
+        if units:
+            branch_c["control"] = branch_u["control"] = (cond_images,)
+        if nets.adapter is not None:
+            feats = adapter_features(nets.adapter, trainable["adapter"], cond_images,
+                                     float(config.adapter.conditioning_scale))
+            branch_c["adapter"] = branch_u["adapter"] = feats
+        model = classifier_free(model, guidance)
+        latents = sample(model, plan, initial_latents(plan, noise), {"cond": branch_c, "uncond": branch_u},
+                         key=key)
+        images = nets.vae.apply({"params": frozen["vae"]}, unscale_latents(latents, nets.vae.config),
+                                method=nets.vae.decode)
+        return jnp.clip(images, -1.0, 1.0)
+
+    return sample_fn

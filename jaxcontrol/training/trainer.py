@@ -1,0 +1,283 @@
+"""The training loop: `train(config, workdir)`, what `train.py` runs.
+
+    from jaxcontrol.training import default_config, train
+    config = default_config()
+    ...
+    summary = train(config, "runs/controlnet")
+
+Order of work: (multi-host initialisation), the mesh, the networks, the data, the state (restored
+from the latest checkpoint of WORKDIR/checkpoints if there is one, onto the current mesh), then
+the step loop with logging, checkpoints and validation images, then the final checkpoint and the
+export. Rerunning the same command after an interruption resumes; the losses then continue
+exactly as an uninterrupted run's (same config, same mesh shape, CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..errors import ConfigError
+from ..schedulers import make_plan
+from .checkpoint import Checkpointer
+from .config import check_config, to_plain
+from .data import device_batch, make_train_dataset, open_sources, precomputed_source, validation_examples
+from .export import export_trained
+from .logger import MetricsWriter, image_grid, to_uint8
+from .networks import Networks, build_networks
+from .sharding import (
+    batch_divisor,
+    batch_sharding,
+    describe,
+    initialize_distributed,
+    make_mesh,
+    param_shardings,
+    replicated,
+)
+from .state import TrainState, create_train_state, learning_rate_schedule, make_optimizer
+from .step import DEVICE_KEYS, jit_train_step, make_sample_fn, make_train_step
+
+log = logging.getLogger("jaxcontrol.train")
+
+
+class Run:
+    """Everything `train` sets up, kept together so that tests and tools can drive steps themselves.
+
+    `Run(config, workdir)` builds the mesh, networks, optimizer, shardings, data and checkpointer;
+    `run.state` is fresh or restored; `run.step_fn(run.state, run.frozen, batch)` is the compiled
+    step; `run.next_batch()` the next global batch.
+    """
+
+    def __init__(self, config, workdir: str | os.PathLike, *, restore: bool = True):
+        config = check_config(config)
+        self.config = config
+        self.workdir = Path(os.path.abspath(workdir))
+        self.is_main = jax.process_index() == 0
+        if self.is_main:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+        self.mesh = make_mesh(int(config.mesh.data), int(config.mesh.fsdp), _devices(int(config.mesh.num_devices)))
+        self.batch_axes = tuple(config.mesh.batch_axes)
+        self.accum = int(config.grad_accum_steps)
+        micro = config.batch_size // self.accum
+        div = batch_divisor(self.mesh, self.batch_axes)
+        if micro % div:
+            raise ConfigError(f"config.batch_size / grad_accum_steps = {micro} examples per micro-batch do not "
+                              f"split over the mesh's batch axes {self.batch_axes} ({div} ways; {describe(self.mesh)})")
+
+        self.nets, trainable, frozen = build_networks(config, self.workdir)
+        self.lr_schedule = learning_rate_schedule(config.optim, int(config.steps))
+        self.tx = make_optimizer(config.optim, self.lr_schedule)
+
+        # --- data
+        train_source, self.validation_source = open_sources(config, self.workdir)
+        if config.data.precompute:
+            train_source = precomputed_source(config, self.workdir, train_source, self.nets, frozen)
+            has_text = train_source.meta.get("text_embeddings") is not None
+            if has_text and config.loss.proportion_empty_prompts > 0:
+                frozen["empty_prompt"] = np.asarray(self._encode_text_host(frozen, self.nets.empty_ids))
+        else:
+            has_text = False
+        self.dataset = make_train_dataset(config, train_source, self.nets.tokenizer, tokenize_prompts=not has_text)
+        self.iterator = iter(self.dataset)
+        self.batch_keys = tuple(k for k in DEVICE_KEYS
+                                if not (k == "conditioning_pixel_values" and config.task == "unet"))
+
+        # --- shardings and state
+        shard = bool(config.mesh.shard_trainable)
+        min_size = int(config.mesh.min_shard_size)
+        ema = config.optim.ema_decay > 0
+        seed = int(config.seed)
+        abstract = jax.eval_shape(lambda p: create_train_state(p, self.tx, seed, ema=ema), trainable)
+        self.state_sharding = param_shardings(abstract, self.mesh, shard=shard, min_size=min_size)
+        self.frozen_sharding = param_shardings(frozen, self.mesh, shard=bool(config.mesh.shard_frozen),
+                                               min_size=min_size)
+        self.batch_sharding = batch_sharding(self.mesh, self.batch_axes, leading=1)
+        self.abstract_state = jax.tree_util.tree_map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, self.state_sharding)
+        self.frozen = jax.device_put(frozen, self.frozen_sharding)
+        self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=int(config.checkpoint.keep),
+                                         async_save=bool(config.checkpoint.async_save))
+        self.meta = {"batch_size": int(config.batch_size), "grad_accum_steps": self.accum,
+                     "process_count": jax.process_count(), "dataset": config.data.dataset, "seed": seed,
+                     "task": config.task, "mesh": dict(self.mesh.shape)}
+        latest = self.checkpointer.latest_step() if restore else None
+        if latest is not None:
+            self.state = self.checkpointer.restore(latest, self.abstract_state, self.iterator, self.meta)
+            self.restored_step = int(latest)
+        else:
+            self.state = jax.jit(lambda p: create_train_state(p, self.tx, seed, ema=ema),
+                                 out_shardings=self.state_sharding)(jax.device_put(trainable, self.state_sharding.params))
+            self.restored_step = None
+        del trainable
+        self.compiler_options = to_plain(config.compiler_options) or None
+        self.step_fn = jit_train_step(make_train_step(self.nets, config, self.tx, self.lr_schedule),
+                                      self.state_sharding, self.frozen_sharding, self.batch_sharding,
+                                      replicated(self.mesh), self.compiler_options)
+        self._sample_fn = None
+
+    # ---------------------------------------------------------------------------------------------
+    def _encode_text_host(self, frozen, ids):
+        te = self.nets.text_encoder
+        return te.apply({"params": frozen["text_encoder"]}, jnp.asarray(ids)).last_hidden_state
+
+    def next_batch(self) -> dict:
+        return device_batch(next(self.iterator), self.accum, self.batch_sharding, self.batch_keys)
+
+    def save(self, step: int) -> None:
+        self.checkpointer.save(step, self.state, self.iterator, self.meta)
+
+    def export_params(self) -> dict:
+        """The trainable params to export: the EMA when there is one and export.use_ema, gathered to every host."""
+        tree = self.state.ema if (self.config.export.use_ema and self.state.ema) else self.state.params
+        return jax.jit(lambda t: t, out_shardings=replicated(self.mesh))(tree)
+
+    # ---------------------------------------------------------------------------------------------
+    def validation_images(self, params: Any | None = None) -> np.ndarray | None:
+        """A grid: one column per validation example; rows: condition (if any), then the sample."""
+        cfg = self.config.validation
+        source = self.validation_source
+        if source is None or len(source) == 0 or cfg.num_images < 1:
+            return None
+        from ..tokenizer import tokenize
+
+        examples = validation_examples(source, int(cfg.num_images), int(self.config.data.resolution))
+        n = len(examples)
+        nets: Networks = self.nets
+        if self._sample_fn is None:
+            plan = make_plan(nets.scheduler_config, int(cfg.num_inference_steps), cfg.solver or None)
+            self._plan = plan
+            self._sample_fn = jax.jit(make_sample_fn(nets, self.config, plan), out_shardings=replicated(self.mesh),
+                                      compiler_options=self.compiler_options)
+        ids = tokenize(nets.tokenizer, [e["caption"] for e in examples])
+        neg = np.repeat(nets.empty_ids, n, axis=0)
+        cond = np.stack([e["conditioning_pixel_values"] for e in examples]).astype(np.float32)
+        res = cond.shape[1] // nets.vae_scale_factor
+        key = jax.random.key(int(cfg.seed))
+        noise = jax.random.normal(key, (n, res, res, nets.unet.config.in_channels), jnp.float32)
+        params = self.state.params if params is None else params
+        images = np.asarray(self._sample_fn(params, self.frozen, ids, neg, cond, noise, jax.random.fold_in(key, 1)))
+        rows = []
+        if nets.controlnet is not None or nets.adapter is not None:
+            rows.append(to_uint8(cond, 0.0, 1.0))
+        rows.append(to_uint8(images))
+        return image_grid(rows)
+
+
+def train(config, workdir: str | os.PathLike) -> dict:
+    """Train per `config` in `workdir` (created; resumed from its checkpoints if it has any).
+
+    Returns a summary: {"step", "restored_from", "exported": {...}, "last_loss"}.
+    """
+    if config.distributed.initialize:
+        initialize_distributed(config.distributed.coordinator_address, int(config.distributed.num_processes),
+                               int(config.distributed.process_id))
+    check_config(config)
+    run = Run(config, workdir)
+    cfg = run.config
+    workdir = run.workdir
+    if run.is_main:
+        _write_json(workdir / "config.json", to_plain(cfg))
+    start = int(jax.device_get(run.state.step))
+    writer = MetricsWriter(workdir, total_steps=int(cfg.steps), initial_step=start, batch_size=int(cfg.batch_size),
+                           tensorboard=bool(cfg.log.tensorboard), progress_bar=bool(cfg.log.progress_bar),
+                           enabled=run.is_main)
+    writer.console(f"jaxcontrol train: task={cfg.task} mesh {describe(run.mesh)}, {jax.process_count()} host(s); "
+                   + (f"resumed from step {run.restored_step}" if run.restored_step is not None else "fresh start"))
+    log_every = int(cfg.log.every) or int(cfg.steps)
+    ckpt_every = int(cfg.checkpoint.every)
+    val_every = int(cfg.validation.every)
+    pending: list[tuple[int, dict]] = []
+    interval: list[dict] = []
+    last: dict = {}
+    step = start
+
+    def flush() -> None:
+        nonlocal pending
+        if not pending:
+            return
+        host = jax.device_get([m for _, m in pending])
+        records = [(s, {k: float(v) for k, v in m.items()}) for (s, _), m in zip(pending, host)]
+        writer.steps(records)
+        interval.extend(r for _, r in records)
+        last.update(records[-1][1])
+        pending = []
+
+    try:
+        first = True
+        while step < cfg.steps:
+            batch = run.next_batch()
+            run.state, metrics = run.step_fn(run.state, run.frozen, batch)
+            step += 1
+            pending.append((step, metrics))
+            if first:  # the first step includes compilation: time samples/s from after it
+                flush()
+                writer.reset_clock(step)
+                interval.clear()
+                first = False
+            if step % log_every == 0 or step == cfg.steps:
+                flush()
+                if interval:
+                    means = {k: float(np.mean([r[k] for r in interval])) for k in interval[0]}
+                    means["learning_rate"] = interval[-1]["learning_rate"]
+                    writer.summary(step, means)
+                    interval.clear()
+            if (ckpt_every and step % ckpt_every == 0) or step == cfg.steps:
+                flush()
+                run.save(step)
+                writer.console(f"step {step}: checkpoint saving (async) to {run.checkpointer.directory}")
+            if val_every and step % val_every == 0 and step != cfg.steps:
+                _validate(run, writer, step)
+        flush()
+        run.checkpointer.wait()
+        if cfg.validation.at_end:
+            _validate(run, writer, step)
+        exported = {}
+        if cfg.export.at_end:
+            formats = tuple(f for f in ("diffusers", "jaxcontrol") if cfg.export[f])
+            params = run.export_params()
+            frozen = jax.jit(lambda t: t, out_shardings=replicated(run.mesh))(run.frozen)
+            if run.is_main and formats:
+                exported = {k: str(v) for k, v in export_trained(
+                    run.nets, params, frozen, workdir / "export", formats=formats, dtype=cfg.export.dtype).items()}
+                for k, v in exported.items():
+                    writer.console(f"exported {k}: {v}")
+    finally:
+        run.checkpointer.close()
+        writer.close()
+    return {"step": step, "restored_from": run.restored_step, "exported": exported, "last_loss": last.get("loss")}
+
+
+def _devices(count: int) -> list:
+    devices = jax.devices()
+    if count == -1:
+        return devices
+    if jax.process_count() > 1:
+        raise ConfigError(f"config.mesh.num_devices={count}: a multi-host run uses every device (set -1)")
+    if count > len(devices):
+        raise ConfigError(f"config.mesh.num_devices={count}, but there are {len(devices)} devices")
+    return devices[:count]
+
+
+def _validate(run: Run, writer: MetricsWriter, step: int) -> None:
+    t0 = time.perf_counter()
+    grid = run.validation_images()
+    if grid is not None:
+        writer.image(step, "validation", grid)
+        writer.console(f"step {step}: validation took {time.perf_counter() - t0:.1f}s")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+__all__ = ["Run", "TrainState", "train"]
