@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -24,20 +23,9 @@ log = logging.getLogger("jaxcontrol.train")
 
 def write_png(path: str | os.PathLike, image: np.ndarray) -> Path:
     """Write an (H, W, 3) uint8 image atomically (temporary file in the same folder, then rename)."""
-    from PIL import Image
+    from ..images import save_png
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(image).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return save_png(image, path)
 
 
 def image_grid(rows: list[np.ndarray]) -> np.ndarray:
