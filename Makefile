@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: venv test test-slow test-all demo parity bench clean
+.PHONY: venv test test-slow test-all demo embedded-model fidelity parity bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,9 +29,24 @@ test-slow: $(STAMP)
 test-all: $(STAMP)
 	$(PYTEST) -q
 
-# Until the embedded default model exists, the demo is the parity report against diffusers.
+# The embedded default model (jaxcontrol/assets/): prompt + circle outline -> a PNG grid of
+# condition | no control | ControlNet | T2I-Adapter | both, and a CFG sweep.
 demo: $(STAMP)
-	$(BIN)/python benchmarks/parity.py
+	$(BIN)/python infer.py --demo --output outputs/demo
+
+# Retrain the embedded model from scratch with train.py (four stages, see configs/embedded.py and
+# docs/RESULTS.md), then install the exports into jaxcontrol/assets/.
+EMBEDDED_RUNS := runs/embedded
+embedded-model: $(STAMP)
+	for stage in vae unet controlnet adapter; do \
+		$(BIN)/python train.py --config configs/embedded.py:$$stage --workdir $(EMBEDDED_RUNS)/$$stage || exit 1; \
+	done
+	$(BIN)/python -m jaxcontrol.demo install $(EMBEDDED_RUNS)
+
+# Control fidelity of the embedded model (tables and plots in docs/RESULTS.md)
+fidelity: $(STAMP)
+	$(BIN)/pip install -q -e ".[bench]"
+	$(BIN)/python benchmarks/control_fidelity.py --runs $(EMBEDDED_RUNS) --out docs/results
 
 parity: $(STAMP)
 	$(BIN)/python benchmarks/parity.py --full

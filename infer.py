@@ -7,6 +7,12 @@ Examples:
       --controlnet ./sd-controlnet-canny --control-image bird.png --preprocess canny \\
       --steps 20 --scheduler dpmpp_2m --num-images 4 --output out/
 
+  # the embedded demo model (no --model): its ControlNet takes a circle outline
+  python infer.py --prompt "red circle with white background" --control-image outline.png
+
+  # the demo grid (condition | no control | ControlNet | T2I-Adapter | both, and a CFG sweep)
+  python infer.py --demo --output outputs/demo
+
   # two ControlNets with their own scales and windows, plus a T2I-Adapter
   python infer.py --model sd15 --prompt "a house" \\
       --controlnet cn_depth --control-image depth.png --control-scale 0.8 --control-end 0.6 \\
@@ -27,14 +33,15 @@ from pathlib import Path
 
 SOLVER_CHOICES = ("ddim", "ddpm", "pndm", "plms", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras",
                   "unipc", "lcm")
-DEFAULT_MODEL = Path(__file__).resolve().parent / "jaxcontrol" / "assets" / "default_model"
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     m = ap.add_argument_group("model")
     m.add_argument("--model", help="a diffusers pipeline folder, an LDM single file, or a jaxcontrol checkpoint "
-                                   "(default: the embedded model shipped with the repository)")
+                                   "(default: the embedded demo model, jaxcontrol/assets/; then --control-image "
+                                   "and --adapter-image without --controlnet / --adapter use its ControlNet and "
+                                   "T2I-Adapter)")
     m.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="compute dtype of the U-Net, ControlNets, adapters and text encoder (default float32)")
     m.add_argument("--vae-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
@@ -76,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = ap.add_argument_group("sampling")
     s.add_argument("--scheduler", choices=SOLVER_CHOICES,
                    help="solver (default: the model's own scheduler class)")
-    s.add_argument("--steps", type=int, default=30, help="number of inference steps (default 30)")
-    s.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    s.add_argument("--steps", type=int, help="number of inference steps (default 30; --demo: 20)")
+    s.add_argument("--guidance-scale", type=float,
+                   help="classifier-free guidance scale (default 7.5; --demo: 5)")
     s.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance_rescale (Lin et al. 2023)")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     s.add_argument("--clip-skip", type=int, default=None, help="use the CLIP layer this many from the end")
@@ -100,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--clip-model", help="a transformers CLIPModel folder for CLIP guidance")
     e.add_argument("--clip-prompt", help="the text CLIP guidance steers toward (default: the prompt)")
     e.add_argument("--clip-cutouts", type=int, default=0, help="random cutouts per step for CLIP guidance")
+    d = ap.add_argument_group("demo")
+    d.add_argument("--demo", action="store_true",
+                   help="write the control grid instead: condition | no control | ControlNet | T2I-Adapter | both, "
+                        "and a row of CFG scales, for the first prompt (default: the demo prompt) and the first "
+                        "--control-image (default: a drawn circle outline); needs one ControlNet and one adapter "
+                        "(the embedded model's by default)")
     o = ap.add_argument_group("output")
     o.add_argument("--output", default="outputs", help="output folder (default ./outputs)")
     o.add_argument("--name", default="image", help="file name prefix (default 'image')")
@@ -141,13 +155,26 @@ def run(args, np) -> int:
         if not path.is_file():
             return fail(f"--prompt-file {path}: no such file")
         prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    from jaxcontrol import demo
+
+    if args.demo and not prompts:
+        prompts = [demo.DEMO_PROMPT]
     if not prompts:
         return fail("give at least one --prompt or a --prompt-file")
-    model = args.model or str(DEFAULT_MODEL)
+    model = args.model or str(demo.DEFAULT_MODEL)
     if not Path(model).exists():
         if args.model is None:
             return fail("no --model given and the embedded default model is not built (run `make embedded-model`)")
         return fail(f"--model {model}: no such file or folder")
+    if args.model is None:  # the embedded model: images without a network go to its own ControlNet / adapter
+        if len(args.control_image) > len(args.controlnet) or (args.demo and not args.controlnet):
+            args.controlnet = [str(demo.DEFAULT_CONTROLNET)] + args.controlnet
+        if len(args.adapter_image) > len(args.adapter) or (args.demo and not args.adapter):
+            args.adapter = [str(demo.DEFAULT_ADAPTER)] + args.adapter
+    if args.demo:
+        return run_demo(args, prompts[0], model, np)
+    args.steps = 30 if args.steps is None else args.steps
+    args.guidance_scale = 7.5 if args.guidance_scale is None else args.guidance_scale
     for flag, paths in (("--controlnet", args.controlnet), ("--adapter", args.adapter)):
         for p in paths:
             if not Path(p).exists():
@@ -260,6 +287,39 @@ def run(args, np) -> int:
     grid = save_png(make_grid(images), out_dir / f"{args.name}_grid.png")
     print(f"wrote {len(written)} images and {grid} in {time.perf_counter() - t0:.1f} s "
           f"({jax.device_count()} device(s))")
+    return 0
+
+
+def run_demo(args, prompt, model, np) -> int:
+    if len(args.controlnet) != 1 or len(args.adapter) != 1:
+        return fail(f"--demo needs one --controlnet and one --adapter, got {len(args.controlnet)} and "
+                    f"{len(args.adapter)}")
+    for flag, paths in (("--controlnet", args.controlnet), ("--adapter", args.adapter)):
+        if not Path(paths[0]).exists():
+            return fail(f"{flag} {paths[0]}: no such file or folder")
+    from jaxcontrol import demo
+    from jaxcontrol.images import save_png
+    from jaxcontrol.pipeline import Pipeline
+    from jaxcontrol.preprocess import load_image
+    from PIL import Image
+
+    t0 = time.perf_counter()
+    pipe = Pipeline.from_pretrained(model, dtype=args.dtype, vae_dtype=args.vae_dtype, controlnets=args.controlnet,
+                                    adapters=args.adapter, attention_impl=args.attention)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    height, width = args.height or size, args.width or size
+    if args.control_image:
+        condition = load_image(args.control_image[0])
+    else:
+        condition = Image.fromarray(demo.circle_outline(max(height, width)))
+    condition = np.asarray(condition.resize((width, height), Image.BILINEAR))
+    guidance = demo.DEMO_GUIDANCE if args.guidance_scale is None else args.guidance_scale
+    steps = demo.DEMO_STEPS if args.steps is None else args.steps
+    grid = demo.control_grid(pipe, prompt, condition, seed=args.seed, steps=steps, guidance_scale=guidance,
+                             scheduler=args.scheduler)
+    path = save_png(grid, Path(args.output) / f"{args.name}_demo.png")
+    print(f"wrote {path} ({prompt!r}, {steps} steps, CFG {guidance:g}, seed {args.seed}) in "
+          f"{time.perf_counter() - t0:.1f} s")
     return 0
 
 

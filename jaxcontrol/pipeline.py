@@ -22,10 +22,11 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 from . import guidance as G
 from .errors import ConfigError
+from .mesh import named
 from .models.vae import sample_posterior, scale_latents, unscale_latents
 from .sampler import initial_latents, noised_latents, repaint, sample
 from .schedulers import SchedulerConfig, make_plan
@@ -105,7 +106,7 @@ class Pipeline:
                 (own_ad, bundle.params["adapter"])]
             self.adapters = list(pairs) + self.adapters
         self.mesh = mesh or default_mesh()
-        replicated = NamedSharding(self.mesh, P())
+        replicated = named(self.mesh, P())
         place = lambda tree: jax.device_put(tree, replicated)  # noqa: E731
         self.params = {
             "unet": place(bundle.params["unet"]),
@@ -262,7 +263,7 @@ class Pipeline:
             images = vae.apply({"params": params["vae"]}, unscale_latents(latents, vae.config), method=vae.decode)
             return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
 
-        batch_sharding = NamedSharding(self.mesh, P("data"))
+        batch_sharding = named(self.mesh, P("data"))
         self._programs[static] = (jax.jit(program, out_shardings=batch_sharding), plan)
         return self._programs[static]
 
@@ -432,8 +433,8 @@ class Pipeline:
         arguments), and each device takes its slice, so this is multi-host safe."""
         n = self.mesh.devices.size
         pad = (-b) % n
-        batch_sharding = NamedSharding(self.mesh, P("data"))
-        replicated = NamedSharding(self.mesh, P())
+        batch_sharding = named(self.mesh, P("data"))
+        replicated = named(self.mesh, P())
 
         def put(x):
             if isinstance(x, (list, tuple)):

@@ -638,3 +638,31 @@ def test_train_py_on_two_hosts(data_dir, tmp_path):
     import jaxcontrol
 
     jaxcontrol.load_model(workdir / "export" / "jaxcontrol" / "controlnet")
+
+
+def test_vae_task_trains_exports_its_scaling_factor_and_snapshots(data_dir, tmp_path):
+    """task="vae" end to end in-process: the loss falls, the export carries 1/std of the latents as
+    `scaling_factor` and loads in both formats, and `export.every` writes step snapshots."""
+    import jaxcontrol
+    from jaxcontrol.training import train
+
+    cfg = smoke_config(_ensure_data(data_dir), **{
+        "task": "vae", "model.init": "scratch", "steps": 12, "optim.learning_rate": 3e-3, "export.every": 6,
+        "validation.at_end": True, "export.at_end": True, "vae.scaling_examples": 16, "log.progress_bar": False,
+        "log.tensorboard": False})
+    summary = train(cfg, tmp_path / "vae")
+    records = read_metrics(tmp_path / "vae" / "metrics.jsonl")
+    losses = [r["loss"] for r in records]
+    assert summary["step"] == 12 and len(losses) == 12 and np.mean(losses[-3:]) < np.mean(losses[:3])
+    grid = np.asarray(Image.open(tmp_path / "vae" / "samples" / "validation_step_0000012.png"))
+    assert grid.shape[0] == 2 * 8  # images, reconstructions
+    module, params = jaxcontrol.load_model(tmp_path / "vae" / "export" / "jaxcontrol" / "vae")
+    factor = module.config.scaling_factor
+    assert factor != jaxcontrol.AutoencoderKLConfig().scaling_factor and 0 < factor < 1e3
+    diff_module, _ = jaxcontrol.load_model(tmp_path / "vae" / "export" / "diffusers" / "vae")
+    assert diff_module.config.scaling_factor == pytest.approx(factor)
+    assert (tmp_path / "vae" / "export" / "steps" / "6" / "jaxcontrol" / "vae").is_dir()
+    with pytest.raises(ConfigError, match="data.precompute"):
+        check_config(smoke_config(data_dir, **{"task": "vae", "data.precompute": True}))
+    with pytest.raises(ConfigError, match="fill50k_palette"):
+        check_config(smoke_config(data_dir, **{"data.fill50k_palette": "pastel"}))

@@ -21,6 +21,8 @@ _EXPORTS = {
     "fill50k_example": "fill50k",
     "draw_circle": "fill50k",
     "DEFAULT_COLORS": "fill50k",
+    "BASIC_COLORS": "fill50k",
+    "PALETTES": "fill50k",
     "DataError": "manifest",
     "ManifestError": "manifest",
     "ManifestEntry": "manifest",

@@ -55,6 +55,22 @@ DEFAULT_COLORS: tuple[tuple[str, tuple[int, int, int]], ...] = (
     ("sky blue", (135, 206, 235)),
 )
 
+# ten clearly distinct colours (pairwise sRGB distance >= 90): the embedded demo model's vocabulary,
+# on which colour accuracy can be scored by nearest named colour without near-synonyms
+BASIC_COLORS: tuple[tuple[str, tuple[int, int, int]], ...] = (
+    ("red", (255, 0, 0)),
+    ("green", (0, 128, 0)),
+    ("blue", (0, 0, 255)),
+    ("yellow", (255, 255, 0)),
+    ("orange", (255, 165, 0)),
+    ("purple", (128, 0, 128)),
+    ("black", (0, 0, 0)),
+    ("white", (255, 255, 255)),
+    ("gray", (128, 128, 128)),
+    ("cyan", (0, 255, 255)),
+)
+PALETTES = {"default": DEFAULT_COLORS, "basic": BASIC_COLORS}
+
 SPLITS = {"train": 0, "validation": 1}
 MIN_COLOR_DISTANCE = 60.0  # Euclidean sRGB distance between circle and background, so the circle shows
 
@@ -72,10 +88,15 @@ class Fill50kExample:
     split: str
 
 
-def check_colors(colors: Sequence[tuple[str, Sequence[int]]] | None) -> tuple[tuple[str, tuple[int, int, int]], ...]:
-    """Validate a colour vocabulary [(name, (r, g, b)), ...] and return it as a tuple of tuples."""
+def check_colors(colors: Sequence[tuple[str, Sequence[int]]] | str | None) -> tuple[tuple[str, tuple[int, int, int]], ...]:
+    """Validate a colour vocabulary [(name, (r, g, b)), ...] (or a `PALETTES` name) and return it as a
+    tuple of tuples."""
     if colors is None:
         return DEFAULT_COLORS
+    if isinstance(colors, str):
+        if colors not in PALETTES:
+            raise ConfigError(f"colour palette {colors!r} is not one of {sorted(PALETTES)}")
+        return PALETTES[colors]
     out = []
     seen = set()
     for item in colors:

@@ -19,7 +19,7 @@ import ml_collections
 
 from ..errors import ConfigError
 
-TASKS = ("controlnet", "adapter", "unet")
+TASKS = ("controlnet", "adapter", "unet", "vae")
 INITS = ("pretrained", "scratch")
 SCHEDULES = ("constant", "cosine")
 TIMESTEP_SAMPLING = ("uniform", "cubic")
@@ -28,6 +28,7 @@ DTYPES = ("float32", "bfloat16")
 REMAT_MODES = ("none", "blocks", "layers")
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
 DATASETS = ("fill50k", "folder", "tfds")
+RECONSTRUCTION_LOSSES = ("mse", "l1")
 
 # --- tiny architectures, for from-scratch runs and tests on a CPU ---------------------------------
 # (diffusers / transformers config.json field names)
@@ -60,7 +61,7 @@ def _placeholder(kind):
 def default_config() -> ml_collections.ConfigDict:
     """Every key the trainer reads, with its default. Experiment files start from this."""
     c = ml_collections.ConfigDict()
-    c.task = "controlnet"  # what is trained: "controlnet", "adapter" or "unet"
+    c.task = "controlnet"  # what is trained: "controlnet", "adapter", "unet" or "vae"
     c.seed = 0
     c.steps = 1000  # optimizer steps
     c.batch_size = 8  # global batch per optimizer step: all hosts, all accumulated micro-batches
@@ -96,6 +97,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.adapter.downscale_factor = 8
     c.adapter.adapter_type = "full_adapter"
     c.adapter.conditioning_scale = 1.0
+
+    c.vae = ml_collections.ConfigDict()  # task="vae": the autoencoder itself (model.vae / model.vae_path)
+    c.vae.reconstruction_loss = "mse"  # "mse" or "l1", per pixel in [-1, 1]
+    c.vae.kl_weight = 1e-6  # weight of the posterior's KL to N(0, I) (summed per sample), as diffusers' VAE scripts
+    c.vae.scaling_factor = 0.0  # exported scaling_factor; 0 = 1 / std of the latents of training images (as SD's)
+    c.vae.scaling_examples = 256  # training examples that estimate it
 
     # --- the objective ------------------------------------------------------------------------
     c.loss = ml_collections.ConfigDict()
@@ -155,6 +162,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.fill50k_num_train = 50_000
     c.data.fill50k_num_validation = 100
     c.data.fill50k_seed = 0
+    c.data.fill50k_palette = "default"  # colour vocabulary: "default" (28 named colours) or "basic" (10)
     c.data.train_manifest = ""  # "folder": JSONL manifest of the training triples
     c.data.validation_manifest = ""  # "folder": optional JSONL manifest for validation prompts/conditions
     c.data.tfds_path = ""  # "tfds": a built dataset folder (<data_dir>/<name>/<config>/<version>)
@@ -192,6 +200,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.export.jaxcontrol = True  # WORKDIR/export/jaxcontrol (jaxcontrol.load_model / load_pipeline read it)
     c.export.use_ema = True  # export the EMA weights when there are any
     c.export.dtype = "float32"
+    c.export.every = 0  # > 0: also export every N steps, to WORKDIR/export/steps/<step>/<format>/<name>
+    c.export.scheduler_class = ""  # task="unet": the exported pipeline's scheduler ("" = DDPMScheduler, as trained)
     return c
 
 
@@ -237,6 +247,12 @@ def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     _choice(config, "remat.controlnet", REMAT_MODES)
     _choice(config, "remat.policy", REMAT_POLICIES)
     _choice(config, "data.dataset", DATASETS)
+    _choice(config, "vae.reconstruction_loss", RECONSTRUCTION_LOSSES)
+    from ..data.fill50k import PALETTES
+
+    _choice(config, "data.fill50k_palette", tuple(PALETTES))
+    if config.vae.kl_weight < 0 or config.vae.scaling_factor < 0:
+        _fail("vae", "kl_weight and scaling_factor must be >= 0")
     _choice(config, "export.dtype", DTYPES + ("float16",))
     if config.model.init == "pretrained" and not config.model.pretrained_path:
         _fail("model.pretrained_path", 'is empty but model.init is "pretrained"; give a pipeline folder, '
@@ -244,7 +260,7 @@ def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     for key in ("steps", "batch_size", "grad_accum_steps", "checkpoint.keep"):
         if _get(config, key) < 1:
             _fail(key, f"must be >= 1, got {_get(config, key)}")
-    for key in ("log.every", "checkpoint.every", "validation.every", "optim.warmup_steps"):
+    for key in ("log.every", "checkpoint.every", "validation.every", "optim.warmup_steps", "export.every"):
         if _get(config, key) < 0:
             _fail(key, f"must be >= 0, got {_get(config, key)}")
     if config.batch_size % config.grad_accum_steps:
@@ -280,6 +296,8 @@ def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
         _fail("data.resolution", f"must be >= 8, got {config.data.resolution}")
     if config.task != "controlnet" and (config.controlnet.small_scale or config.controlnet.unlock_unet):
         _fail("controlnet", f"small_scale / unlock_unet apply to task='controlnet', not {config.task!r}")
+    if config.task == "vae" and config.data.precompute:
+        _fail("data.precompute", "a VAE run trains the encoder: it cannot use precomputed latents")
     if config.task != "controlnet" and config.remat.controlnet != "none":
         _fail("remat.controlnet", f"applies to task='controlnet', not {config.task!r}")
     return config

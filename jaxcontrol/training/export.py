@@ -7,6 +7,7 @@
 | controlnet | `<format>/controlnet` (a ControlNetModel folder); with `unlock_unet` also `<format>/unet` |
 | adapter | `<format>/adapter` (a T2IAdapter folder) |
 | unet | `<format>/pipeline` (a StableDiffusionPipeline folder: U-Net, VAE, text encoder, tokenizer, scheduler) |
+| vae | `<format>/vae` (an AutoencoderKL folder, `scaling_factor` from `config.vae`) |
 
 A diffusers folder loads with diffusers' `from_pretrained` and with `jaxcontrol.load_model` /
 `load_pipeline`; a jaxcontrol folder with `load_model` / `load_pipeline`. A U-Net pipeline export
@@ -45,6 +46,8 @@ def _components(nets: Networks, params: dict, frozen: dict) -> tuple[dict[str, t
             "text_encoder": (nets.text_encoder, frozen["text_encoder"]),
         }, True
     out: dict[str, tuple] = {}
+    if nets.task == "vae":
+        return {"vae": (nets.vae, params["vae"])}, False
     if nets.controlnet is not None:
         out["controlnet"] = (nets.controlnet, params["controlnet"])
     if nets.adapter is not None:

@@ -10,6 +10,7 @@
 | controlnet | `controlnet` (+ the U-Net decoder with `controlnet.unlock_unet`) | U-Net, VAE, text encoder |
 | adapter | `adapter` | U-Net, VAE, text encoder |
 | unet | `unet` | VAE, text encoder |
+| vae | `vae` | (the text encoder and U-Net are built but unused) |
 
 "Unlocking" follows the ControlNet paper's `sd_locked=False`: the U-Net's up blocks and output
 layers (`up_blocks_*`, `conv_norm_out`, `conv_out`) train with the ControlNet, the encoder stays
@@ -123,9 +124,10 @@ def _scratch_words(config) -> list[str]:
     from .tokenizer import caption_words
 
     if config.data.dataset == "fill50k":
-        from ..data.fill50k import DEFAULT_COLORS
+        from ..data.fill50k import check_colors
 
-        return caption_words([name for name, _ in DEFAULT_COLORS] + ["circle with background"])
+        palette = check_colors(str(config.data.fill50k_palette))
+        return caption_words([name for name, _ in palette] + ["circle with background"])
     if config.data.dataset == "folder":
         from ..data.manifest import read_manifest
 
@@ -215,8 +217,11 @@ def build_networks(config, workdir: str | os.PathLike) -> tuple[Networks, dict, 
     _check_sizes(config, nets)
 
     unet_p = params["unet"]
-    frozen = {"vae": _cast(params["vae"], frozen_dtype), "text_encoder": _cast(params["text_encoder"], frozen_dtype)}
     trainable: dict[str, Any] = {}
+    if config.task == "vae":  # the autoencoder alone: nothing else is needed on the devices
+        trainable["vae"] = params["vae"]
+        return nets, _cast(_host(trainable), jnp.float32), {}
+    frozen = {"vae": _cast(params["vae"], frozen_dtype), "text_encoder": _cast(params["text_encoder"], frozen_dtype)}
     if config.task == "controlnet":
         nets.controlnet, trainable["controlnet"] = _controlnet(config, nets.unet, unet_p, compute, attention_impl)
         if config.controlnet.unlock_unet:
@@ -271,7 +276,7 @@ def _adapter(config, unet, compute):
 def _check_sizes(config, nets: Networks) -> None:
     res = int(config.data.resolution)
     f = nets.vae_scale_factor
-    down = 2 ** (len(nets.unet.config.block_out_channels) - 1)
+    down = 1 if config.task == "vae" else 2 ** (len(nets.unet.config.block_out_channels) - 1)
     if res % (f * down):
         raise ConfigError(f"config.data.resolution={res} must be a multiple of {f * down} (VAE factor {f} x "
                           f"U-Net downsampling {down})")

@@ -20,10 +20,11 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from ..errors import ConfigError
+from ..mesh import named
 
 AXES = ("data", "fsdp")
 log = logging.getLogger(__name__)
@@ -73,24 +74,24 @@ def param_spec(shape: Sequence[int], fsdp_size: int, min_size: int = 2**12) -> P
 
 
 def param_shardings(tree: Any, mesh: Mesh, *, shard: bool = True, min_size: int = 2**12) -> Any:
-    """A `NamedSharding` per leaf of `tree` (arrays or ShapeDtypeStructs); `shard=False` replicates all."""
+    """A sharding per leaf of `tree` (arrays or ShapeDtypeStructs); `shard=False` replicates all."""
     fsdp = mesh.shape["fsdp"] if shard else 1
 
     def one(leaf):
         shape = tuple(getattr(leaf, "shape", ()))
-        return NamedSharding(mesh, param_spec(shape, fsdp, min_size))
+        return named(mesh, param_spec(shape, fsdp, min_size))
 
     return jax.tree_util.tree_map(one, tree)
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
+def replicated(mesh: Mesh) -> jax.sharding.Sharding:
+    return named(mesh, P())
 
 
-def batch_sharding(mesh: Mesh, batch_axes: Sequence[str] = AXES, *, leading: int = 0) -> NamedSharding:
+def batch_sharding(mesh: Mesh, batch_axes: Sequence[str] = AXES, *, leading: int = 0) -> jax.sharding.Sharding:
     """Sharding of a batch array whose batch dimension comes after `leading` unsharded dimensions."""
     axes = tuple(a for a in batch_axes if mesh.shape[a] > 1) or None
-    return NamedSharding(mesh, P(*([None] * leading), axes))
+    return named(mesh, P(*([None] * leading), axes))
 
 
 def batch_divisor(mesh: Mesh, batch_axes: Sequence[str] = AXES) -> int:
@@ -98,7 +99,7 @@ def batch_divisor(mesh: Mesh, batch_axes: Sequence[str] = AXES) -> int:
     return math.prod(mesh.shape[a] for a in batch_axes)
 
 
-def global_batch(local: Mapping[str, np.ndarray], sharding: NamedSharding, *, batch_dim: int = 0) -> dict:
+def global_batch(local: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding, *, batch_dim: int = 0) -> dict:
     """Global `jax.Array`s from this host's rows of the batch (`jax.make_array_from_process_local_data`).
 
     Every host passes its own rows (the same count on each); the global batch dimension is the sum.

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from ..guidance import ControlNetUnit, adapter_features, classifier_free, unet_prediction
-from ..models.vae import sample_posterior, scale_latents, unscale_latents
+from ..models.vae import sample_posterior, scale_latents, split_moments, unscale_latents
 from ..sampler import initial_latents, sample
 from . import losses
 from .config import timestep_sampling
@@ -59,8 +59,36 @@ def model_prediction(nets: Networks, config, trainable: dict, frozen: dict, nois
         return nets.unet.apply({"params": unet_params(trainable, frozen)}, noisy, t, context, **kwargs)
 
 
+def make_vae_loss_fn(nets: Networks, config) -> Callable:
+    """task="vae": reconstruction of a posterior sample plus `kl_weight` x KL(posterior || N(0, I)).
+
+    The KL is summed over latent elements and averaged over the batch, the reconstruction error
+    averaged over pixels, as in diffusers' VAE fine-tuning scripts.
+    """
+    vae = nets.vae
+    l1 = config.vae.reconstruction_loss == "l1"
+    kl_weight = float(config.vae.kl_weight)
+
+    def loss_fn(trainable, frozen, batch, key):
+        del frozen
+        x = batch["pixel_values"].astype(jnp.float32)
+        moments = vae.apply({"params": trainable["vae"]}, x, method=vae.encode)
+        z = sample_posterior(moments, key)
+        rec = vae.apply({"params": trainable["vae"]}, z, method=vae.decode)
+        err = jnp.abs(rec - x) if l1 else jnp.square(rec - x)
+        reconstruction = jnp.mean(err)
+        mean, logvar = split_moments(moments)
+        kl = 0.5 * jnp.sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3))
+        kl = jnp.mean(kl)
+        return reconstruction + kl_weight * kl, {"reconstruction": reconstruction, "kl": kl}
+
+    return loss_fn
+
+
 def make_loss_fn(nets: Networks, config) -> Callable:
     """(trainable, frozen, micro_batch, key) -> (loss, aux): the whole objective of one micro-batch."""
+    if nets.task == "vae":
+        return make_vae_loss_fn(nets, config)
     schedule = nets.schedule
     sampling = timestep_sampling(config)
     snr_gamma = float(config.loss.snr_gamma)

@@ -14,6 +14,7 @@ exactly as an uninterrupted run's (same config, same mesh shape, CPU).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..errors import ConfigError
+from ..models.vae import sample_posterior
 from ..schedulers import make_plan
 from .checkpoint import Checkpointer
 from .config import check_config, to_plain
@@ -87,8 +89,12 @@ class Run:
             has_text = False
         self.dataset = make_train_dataset(config, train_source, self.nets.tokenizer, tokenize_prompts=not has_text)
         self.iterator = iter(self.dataset)
-        self.batch_keys = tuple(k for k in DEVICE_KEYS
-                                if not (k == "conditioning_pixel_values" and config.task == "unet"))
+        self.train_source = train_source
+        if config.task == "vae":
+            self.batch_keys: tuple = ("pixel_values",)
+        else:
+            self.batch_keys = tuple(k for k in DEVICE_KEYS
+                                    if not (k == "conditioning_pixel_values" and config.task == "unet"))
 
         # --- shardings and state
         shard = bool(config.mesh.shard_trainable)
@@ -151,6 +157,11 @@ class Run:
         examples = validation_examples(source, int(cfg.num_images), int(self.config.data.resolution))
         n = len(examples)
         nets: Networks = self.nets
+        params = self.state.params if params is None else params
+        if self.config.task == "vae":  # rows: the images, their reconstructions (posterior mean)
+            x = np.stack([e["pixel_values"] for e in examples]).astype(np.float32)
+            rec = np.asarray(self._reconstruct(params["vae"], x))
+            return image_grid([to_uint8(x), to_uint8(rec)])
         if self._sample_fn is None:
             plan = make_plan(nets.scheduler_config, int(cfg.num_inference_steps), cfg.solver or None)
             self._plan = plan
@@ -162,13 +173,40 @@ class Run:
         res = cond.shape[1] // nets.vae_scale_factor
         key = jax.random.key(int(cfg.seed))
         noise = jax.random.normal(key, (n, res, res, nets.unet.config.in_channels), jnp.float32)
-        params = self.state.params if params is None else params
         images = np.asarray(self._sample_fn(params, self.frozen, ids, neg, cond, noise, jax.random.fold_in(key, 1)))
         rows = []
         if nets.controlnet is not None or nets.adapter is not None:
             rows.append(to_uint8(cond, 0.0, 1.0))
         rows.append(to_uint8(images))
         return image_grid(rows)
+
+
+    def _reconstruct(self, vae_params, images):
+        vae = self.nets.vae
+        if getattr(self, "_reconstruct_fn", None) is None:
+            self._reconstruct_fn = jax.jit(
+                lambda p, x: jnp.clip(vae.apply({"params": p}, x), -1.0, 1.0), out_shardings=replicated(self.mesh),
+                compiler_options=self.compiler_options)
+        return self._reconstruct_fn(vae_params, images)
+
+    def vae_scaling_factor(self, vae_params) -> float:
+        """task="vae": `vae.scaling_factor`, or 1 / std of the latents (posterior samples) of up to
+        `vae.scaling_examples` training images, as Stable Diffusion's 0.18215 was chosen."""
+        cfg = self.config.vae
+        if cfg.scaling_factor > 0:
+            return float(cfg.scaling_factor)
+        vae = self.nets.vae
+        examples = validation_examples(self.train_source, int(cfg.scaling_examples), int(self.config.data.resolution))
+        encode = jax.jit(lambda p, x, k: sample_posterior(vae.apply({"params": p}, x, method=vae.encode), k),
+                         out_shardings=replicated(self.mesh))
+        latents = []
+        for i in range(0, len(examples), 32):
+            x = np.stack([e["pixel_values"] for e in examples[i:i + 32]]).astype(np.float32)
+            latents.append(np.asarray(encode(vae_params, x, jax.random.key(i))))
+        std = float(np.std(np.concatenate(latents)))
+        if not np.isfinite(std) or std <= 0:
+            raise ConfigError(f"the VAE's latents have standard deviation {std}; set config.vae.scaling_factor")
+        return 1.0 / std
 
 
 def train(config, workdir: str | os.PathLike) -> dict:
@@ -194,6 +232,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
     log_every = int(cfg.log.every) or int(cfg.steps)
     ckpt_every = int(cfg.checkpoint.every)
     val_every = int(cfg.validation.every)
+    export_every = int(cfg.export.every)
     pending: list[tuple[int, dict]] = []
     interval: list[dict] = []
     last: dict = {}
@@ -235,20 +274,15 @@ def train(config, workdir: str | os.PathLike) -> dict:
                 writer.console(f"step {step}: checkpoint saving (async) to {run.checkpointer.directory}")
             if val_every and step % val_every == 0 and step != cfg.steps:
                 _validate(run, writer, step)
+            if export_every and step % export_every == 0 and step != cfg.steps:
+                _export(run, writer, workdir / "export" / "steps" / str(step))
         flush()
         run.checkpointer.wait()
         if cfg.validation.at_end:
             _validate(run, writer, step)
         exported = {}
         if cfg.export.at_end:
-            formats = tuple(f for f in ("diffusers", "jaxcontrol") if cfg.export[f])
-            params = run.export_params()
-            frozen = jax.jit(lambda t: t, out_shardings=replicated(run.mesh))(run.frozen)
-            if run.is_main and formats:
-                exported = {k: str(v) for k, v in export_trained(
-                    run.nets, params, frozen, workdir / "export", formats=formats, dtype=cfg.export.dtype).items()}
-                for k, v in exported.items():
-                    writer.console(f"exported {k}: {v}")
+            exported = _export(run, writer, workdir / "export")
     finally:
         run.checkpointer.close()
         writer.close()
@@ -264,6 +298,30 @@ def _devices(count: int) -> list:
     if count > len(devices):
         raise ConfigError(f"config.mesh.num_devices={count}, but there are {len(devices)} devices")
     return devices[:count]
+
+
+def _export(run: Run, writer: MetricsWriter, out_dir: Path) -> dict:
+    """Export the trainable params (the EMA if configured) in the configured formats to `out_dir`."""
+    cfg = run.config
+    formats = tuple(f for f in ("diffusers", "jaxcontrol") if cfg.export[f])
+    params = run.export_params()
+    frozen = jax.jit(lambda t: t, out_shardings=replicated(run.mesh))(run.frozen)
+    nets = run.nets
+    if cfg.task == "vae":
+        factor = run.vae_scaling_factor(params["vae"])
+        nets = dataclasses.replace(nets, vae=nets.vae.clone(
+            config=dataclasses.replace(nets.vae.config, scaling_factor=factor)))
+        writer.console(f"VAE scaling_factor {factor:.5f}")
+    if cfg.export.scheduler_class:
+        nets = dataclasses.replace(nets, scheduler_config={**nets.scheduler_config,
+                                                           "_class_name": str(cfg.export.scheduler_class)})
+    exported = {}
+    if run.is_main and formats:
+        exported = {k: str(v) for k, v in export_trained(
+            nets, params, frozen, out_dir, formats=formats, dtype=cfg.export.dtype).items()}
+        for k, v in exported.items():
+            writer.console(f"exported {k}: {v}")
+    return exported
 
 
 def _validate(run: Run, writer: MetricsWriter, step: int) -> None:

@@ -1,0 +1,151 @@
+"""The embedded default model and the control grid that `make demo` writes.
+
+    pipe = load_embedded()                         # base model + its ControlNet + its T2I-Adapter
+    grid = control_grid(pipe, DEMO_PROMPT, circle_outline())
+    jaxcontrol.images.save_png(grid, "demo.png")
+
+The model (jaxcontrol/assets/, trained by `make embedded-model`, see docs/RESULTS.md) is a small
+Stable-Diffusion-architecture pipeline trained on fill50k-style data: prompts name a circle colour
+and a background colour from `jaxcontrol.data.fill50k.BASIC_COLORS` ("red circle with blue
+background"), and its ControlNet and T2I-Adapter take the circle's outline, white on black.
+
+`control_grid` runs one compiled program: every column is the same call with different traced
+scales (a ControlNet or adapter at scale 0 adds exactly nothing), so the grid costs one compile.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import ConfigError
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEFAULT_MODEL = ASSETS / "default_model"  # the base pipeline (jaxcontrol checkpoint)
+DEFAULT_CONTROLNET = ASSETS / "default_controlnet"
+DEFAULT_ADAPTER = ASSETS / "default_adapter"
+DEMO_PROMPT = "yellow circle with blue background"
+DEMO_GUIDANCE = 5.0
+DEMO_STEPS = 20
+CFG_SWEEP = (1.0, 2.0, 4.0, 6.0, 8.0)
+# what `install` copies: run export -> asset folder
+EXPORTS = {
+    "unet/export/jaxcontrol/pipeline": DEFAULT_MODEL,
+    "controlnet/export/jaxcontrol/controlnet": DEFAULT_CONTROLNET,
+    "adapter/export/jaxcontrol/adapter": DEFAULT_ADAPTER,
+}
+
+
+def is_built() -> bool:
+    return all(p.is_dir() for p in (DEFAULT_MODEL, DEFAULT_CONTROLNET, DEFAULT_ADAPTER))
+
+
+def load_embedded(*, model=None, controlnet=None, adapter=None, **kw):
+    """The embedded pipeline with its ControlNet and T2I-Adapter loaded (any of the three replaceable)."""
+    from .pipeline import Pipeline
+
+    model, controlnet, adapter = (Path(p) if p else d for p, d in (
+        (model, DEFAULT_MODEL), (controlnet, DEFAULT_CONTROLNET), (adapter, DEFAULT_ADAPTER)))
+    for p in (model, controlnet, adapter):
+        if not p.exists():
+            raise ConfigError(f"{p}: not found; the embedded model is built by `make embedded-model`")
+    return Pipeline.from_pretrained(model, controlnets=[controlnet], adapters=[adapter], **kw)
+
+
+def circle_outline(size: int = 64, center: tuple[float, float] = (0.36, 0.58), radius: float = 0.24) -> np.ndarray:
+    """(size, size, 3) uint8 outline of a circle, white on black, as fill50k draws conditions;
+    `center` (x, y) and `radius` are fractions of `size`."""
+    from .data.fill50k import draw_circle
+
+    _, cond = draw_circle(size, (center[0] * size, center[1] * size), radius * size, (0, 0, 0), (0, 0, 0))
+    return cond
+
+
+def _label(image: np.ndarray, text: str, scale: int) -> np.ndarray:
+    from PIL import Image, ImageDraw
+
+    big = np.repeat(np.repeat(image, scale, axis=0), scale, axis=1)
+    h, w = big.shape[:2]
+    canvas = Image.new("RGB", (w, h + 14), (255, 255, 255))
+    canvas.paste(Image.fromarray(big), (0, 14))
+    ImageDraw.Draw(canvas).text((2, 1), text, fill=(0, 0, 0))
+    return np.asarray(canvas)
+
+
+def control_grid(pipe, prompt: str, condition: np.ndarray, *, seed: int = 0, steps: int = DEMO_STEPS,
+                 guidance_scale: float = DEMO_GUIDANCE, cfg_scales: Sequence[float] = CFG_SWEEP,
+                 scheduler: str | None = None, scale: int = 3) -> np.ndarray:
+    """A labelled uint8 grid. Row 1: condition | no control | ControlNet | T2I-Adapter | both, at
+    `guidance_scale`. Row 2: the ControlNet image at each of `cfg_scales`. Same seed throughout."""
+    from .images import make_grid
+    from .pipeline import AdapterInput, ControlInput
+
+    if len(pipe.controlnets) != 1 or len(pipe.adapters) != 1:
+        raise ConfigError(f"control_grid needs one ControlNet and one adapter loaded, got {len(pipe.controlnets)} "
+                          f"and {len(pipe.adapters)}")
+    cond = np.asarray(condition)
+    cond01 = cond.astype(np.float32) / 255.0 if cond.dtype == np.uint8 else cond.astype(np.float32)
+    h, w = cond01.shape[:2]
+
+    def one(cn: float, ad: float, cfg: float) -> np.ndarray:
+        return pipe([prompt], height=h, width=w, num_inference_steps=steps, guidance_scale=cfg, scheduler=scheduler,
+                    seed=seed, controls=[ControlInput(cond01, cn)], adapters=[AdapterInput(cond01, ad)])[0]
+
+    cond_u8 = np.round(np.clip(cond01, 0, 1) * 255).astype(np.uint8)
+    row1 = [_label(cond_u8, "condition", scale)]
+    for name, cn, ad in (("no control", 0.0, 0.0), ("ControlNet", 1.0, 0.0), ("T2I-Adapter", 0.0, 1.0),
+                         ("both", 1.0, 1.0)):
+        row1.append(_label(one(cn, ad, guidance_scale), name, scale))
+    row2 = [_label(one(1.0, 0.0, cfg), f"CN, CFG {cfg:g}", scale) for cfg in cfg_scales]
+    cols = max(len(row1), len(row2))
+    blank = np.full_like(row1[0], 255)
+    cells = row1 + [blank] * (cols - len(row1)) + row2 + [blank] * (cols - len(row2))
+    return make_grid(cells, columns=cols, pad=4)
+
+
+def install(runs: str | os.PathLike, *, overwrite: bool = True) -> list[Path]:
+    """Copy the exports of `make embedded-model`'s runs (under `runs`) into jaxcontrol/assets/,
+    each folder replaced atomically (written beside, then renamed)."""
+    runs = Path(runs)
+    missing = [str(runs / src) for src in EXPORTS if not (runs / src).is_dir()]
+    if missing:
+        raise ConfigError(f"missing exports {missing}: run the four stages of configs/embedded.py first")
+    written = []
+    for src, dest in EXPORTS.items():
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(runs / src, tmp)
+        if dest.exists():
+            if not overwrite:
+                raise ConfigError(f"{dest} exists")
+            old = dest.with_name(f".{dest.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, dest)
+        written.append(dest)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m jaxcontrol.demo install RUNS`: copy the trained exports into jaxcontrol/assets/."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m jaxcontrol.demo", description=main.__doc__)
+    ap.add_argument("command", choices=("install",))
+    ap.add_argument("runs", help="the runs folder of configs/embedded.py (runs/embedded)")
+    args = ap.parse_args(argv)
+    for p in install(args.runs):
+        size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+        print(f"installed {p} ({size / 2**20:.2f} MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,105 @@
+"""The embedded demo model, its control grid and CLI, and the control-fidelity metrics."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxcontrol import demo, evaluation as ev
+from jaxcontrol.data.fill50k import BASIC_COLORS, color_pairs, fill50k_example
+
+ROOT = Path(__file__).resolve().parents[1]
+built = pytest.mark.skipif(not demo.is_built(), reason="the embedded model is not built (make embedded-model)")
+
+
+def _examples(n=24, size=64):
+    return [fill50k_example(i, split="validation", seed=3, image_size=size, colors="basic") for i in range(n)]
+
+
+def test_metrics_score_true_images_high_and_mismatched_ones_low():
+    exs = _examples()
+    images = np.stack([e.image for e in exs])
+    outline = ev.outline_mask(np.stack([e.condition for e in exs]))
+    edges = ev.edge_maps(images)
+    iou, chamfer = ev.edge_iou(edges, outline), ev.chamfer_distance(edges, outline)
+    shuffled = np.roll(np.arange(len(exs)), 1)  # every image against another example's outline
+    assert iou.mean() > 0.7 and chamfer.mean() < 1.0
+    assert ev.edge_iou(edges[shuffled], outline).mean() < 0.2
+    assert ev.chamfer_distance(edges[shuffled], outline).mean() > 5.0
+    acc = ev.color_accuracy(images, [e.circle_color for e in exs], [e.background_color for e in exs], BASIC_COLORS)
+    assert acc["both"].all()
+    # swapping the two colour names of every prompt makes every image wrong
+    swapped = ev.color_accuracy(images, [e.background_color for e in exs], [e.circle_color for e in exs],
+                                BASIC_COLORS)
+    assert not swapped["both"].any()
+
+
+def test_metrics_edge_cases():
+    flat = np.full((2, 32, 32, 3), 128, np.uint8)  # no edges, no circle
+    ring = np.zeros((2, 32, 32), bool)
+    ring[:, 10, 5:20] = True
+    edges = ev.edge_maps(flat)
+    assert not edges.any()
+    assert (ev.edge_iou(edges, ring) == 0).all()
+    assert np.allclose(ev.chamfer_distance(edges, ring), np.hypot(32, 32))
+    assert np.allclose(ev.edge_iou(ring, ring, tolerance=0), 1.0)
+    acc = ev.color_accuracy(flat, ["red", "red"], ["gray", "blue"], BASIC_COLORS)
+    assert list(acc["background"]) == [True, False] and not acc["circle"].any()
+    # a one-pixel shift: no overlap at tolerance 0, half at tolerance 1; the Chamfer distance is exactly 1
+    shifted = np.roll(ring, 1, axis=1)
+    assert ev.edge_iou(shifted, ring, tolerance=0).max() == 0 and np.allclose(ev.edge_iou(shifted, ring), 0.5)
+    assert np.allclose(ev.chamfer_distance(shifted, ring), 1.0)
+    with pytest.raises(ValueError, match="uint8"):
+        ev.edge_maps(flat.astype(np.float32))
+
+
+def test_basic_palette_is_distinct_and_usable():
+    rgb = np.asarray([c for _, c in BASIC_COLORS], float)
+    d = np.linalg.norm(rgb[:, None] - rgb[None], axis=-1)
+    assert d[~np.eye(len(rgb), dtype=bool)].min() >= 90
+    assert len(color_pairs(BASIC_COLORS)) == len(rgb) * (len(rgb) - 1)
+    assert ev.nearest_color(rgb, BASIC_COLORS) == [n for n, _ in BASIC_COLORS]
+
+
+def test_circle_outline_is_a_fill50k_condition():
+    cond = demo.circle_outline(64, center=(0.5, 0.5), radius=0.25)
+    assert cond.shape == (64, 64, 3) and cond.dtype == np.uint8
+    ys, xs = np.nonzero(cond[..., 0] > 127)
+    r = np.hypot(xs + 0.5 - 32, ys + 0.5 - 32)
+    assert np.abs(r - 16).max() <= 1.5
+
+
+@built
+def test_embedded_model_is_small_and_loads():
+    total = sum(f.stat().st_size for p in (demo.DEFAULT_MODEL, demo.DEFAULT_CONTROLNET, demo.DEFAULT_ADAPTER)
+                for f in p.rglob("*") if f.is_file())
+    assert total < 30 * 2**20, f"the embedded model is {total / 2**20:.1f} MiB"
+    pipe = demo.load_embedded()
+    assert len(pipe.controlnets) == 1 and len(pipe.adapters) == 1
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor >= 64
+
+
+@built
+def test_demo_cli_writes_the_grid(tmp_path):
+    out = subprocess.run([sys.executable, "infer.py", "--demo", "--output", str(tmp_path), "--steps", "4",
+                          "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    grid = np.asarray(Image.open(tmp_path / "image_demo.png"))
+    # two rows of five labelled 192x(192+14) cells, 4-px padding
+    assert grid.shape == (2 * (192 + 14) + 3 * 4, 5 * 192 + 6 * 4, 3)
+    cell = lambda r, c: grid[4 + r * 210 + 14: 4 + r * 210 + 14 + 192, 4 + c * 196: 4 + c * 196 + 192]  # noqa: E731
+    assert cell(0, 1).std() > 0 and not np.array_equal(cell(0, 1), cell(0, 2))  # control changes the image
+
+
+def test_infer_without_model_names_the_make_target(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT))
+    import infer
+
+    monkeypatch.setattr(demo, "DEFAULT_MODEL", tmp_path / "absent")
+    assert infer.main(["--prompt", "red circle with blue background", "--output", str(tmp_path)]) == 2
+    assert "make embedded-model" in capsys.readouterr().err
