@@ -104,13 +104,13 @@ def get_config(stage: str = "unet"):
     c.validation.every = 500
     if stage == "controlnet":
         c.controlnet.conditioning_embedding_out_channels = (16, 32, 64)  # three entries: factor-4 latents
-        c.steps = 1200
+        c.steps = 800
         c.optim.learning_rate = 3e-4
         c.export.every = 100  # snapshots for the fidelity-vs-training-step plot
     else:
         c.adapter.channels = UNET["block_out_channels"]
         c.adapter.num_res_blocks = 1
         c.adapter.downscale_factor = 4
-        c.steps = 800
+        c.steps = 500
         c.optim.learning_rate = 3e-4
     return c

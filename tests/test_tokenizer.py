@@ -31,3 +31,19 @@ def test_broken_tokenizer_folder(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="cannot load tokenizer"):
         load_tokenizer(tmp_path)
+
+
+def test_word_tokenizer_keeps_every_caption_word_whole(tmp_path):
+    """Each caption word is one token even when words share letter pairs (r-e in "red" / "green",
+    g-r in "background"), which a merge list built word by word got wrong."""
+    from jaxcontrol.data.fill50k import DEFAULT_COLORS
+    from jaxcontrol.tokenizer import load_tokenizer
+    from jaxcontrol.training.tokenizer import caption_words, write_word_tokenizer
+
+    words = caption_words([n for n, _ in DEFAULT_COLORS] + ["circle with background", "greenery reds"])
+    tok = load_tokenizer(write_word_tokenizer(tmp_path / "tok", words))
+    for w in words:
+        assert len(tok(w)["input_ids"]) == 3, (w, tok(w)["input_ids"])  # BOS, the word, EOS
+    ids = tok("green circle with red background")["input_ids"]
+    assert len(ids) == 7 and len(set(ids[1:-1])) == 5
+    assert len(tok("zebra")["input_ids"]) > 3  # other words still tokenize, character by character

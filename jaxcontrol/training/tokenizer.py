@@ -33,23 +33,54 @@ def caption_words(captions: Iterable[str]) -> list[str]:
     return list(seen)
 
 
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's BPE on one lower-case word: characters (the last one with `</w>`), then repeatedly the
+    lowest-ranked adjacent pair merged everywhere it occurs, until no ranked pair is left."""
+    parts = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(parts) > 1:
+        pairs = {(a, b) for a, b in zip(parts, parts[1:])}
+        best = min(pairs, key=lambda p: ranks.get(p, float("inf")))
+        if best not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(parts):
+            if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
+                merged.append(parts[i] + parts[i + 1])
+                i += 2
+            else:
+                merged.append(parts[i])
+                i += 1
+        parts = merged
+    return parts
+
+
 def word_vocabulary(words: Iterable[str]) -> tuple[dict[str, int], list[str]]:
-    """(vocab, merges) of a CLIP BPE whose merges build each word left to right."""
+    """(vocab, merges) of a CLIP BPE in which each of `words` is exactly one token.
+
+    Words are added in order. For each, BPE runs with the merges so far, and while the word is
+    still in several pieces the merge of its first two pieces is appended (lowest priority). A
+    merge appended later never fires inside a word that earlier merges already join into one
+    token, so every word stays whole (checked by `_bpe` on the finished list).
+    """
     chars = sorted(set(string.ascii_letters + string.digits + string.punctuation))
     tokens = ["!"] + chars + [c + "</w>" for c in chars]
-    merges: list[str] = []
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    words = list(dict.fromkeys(w for w in words if w))
     for w in words:
-        if len(w) < 2:
-            continue
-        cur = w[0]
-        for j, c in enumerate(w[1:], start=1):
-            nxt = c + "</w>" if j == len(w) - 1 else c
-            merges.append(f"{cur} {nxt}")
-            cur = cur + nxt
-            tokens.append(cur)
+        parts = _bpe(w, ranks)
+        while len(parts) > 1:
+            pair = (parts[0], parts[1])
+            ranks[pair] = len(merges)
+            merges.append(pair)
+            tokens.append(pair[0] + pair[1])
+            parts = _bpe(w, ranks)
+    broken = [w for w in words if len(_bpe(w, ranks)) != 1]
+    if broken:  # cannot happen by the argument above; a guard against regressions
+        raise AssertionError(f"words split by the word-level tokenizer: {broken}")
     tokens += [BOS, EOS]
     vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
-    return vocab, list(dict.fromkeys(merges))
+    return vocab, [f"{a} {b}" for a, b in merges]
 
 
 def write_word_tokenizer(folder: str | os.PathLike, words: Iterable[str], *, max_length: int = 77,
