@@ -112,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--demo", action="store_true",
                    help="write the control grid instead: condition | no control | ControlNet | T2I-Adapter | both, "
                         "and a row of CFG scales, for the first prompt (default: the demo prompt) and the first "
-                        "--control-image (default: a drawn circle outline); needs one ControlNet and one adapter "
-                        "(the embedded model's by default)")
+                        "--control-image (default: a drawn circle outline); needs one ControlNet and at most one "
+                        "adapter (the embedded model's by default)")
     o = ap.add_argument_group("output")
     o.add_argument("--output", default="outputs", help="output folder (default ./outputs)")
     o.add_argument("--name", default="image", help="file name prefix (default 'image')")
@@ -169,7 +169,10 @@ def run(args, np) -> int:
     if args.model is None:  # the embedded model: images without a network go to its own ControlNet / adapter
         if len(args.control_image) > len(args.controlnet) or (args.demo and not args.controlnet):
             args.controlnet = [str(demo.DEFAULT_CONTROLNET)] + args.controlnet
-        if len(args.adapter_image) > len(args.adapter) or (args.demo and not args.adapter):
+        if len(args.adapter_image) > len(args.adapter) or (
+                args.demo and not args.adapter and demo.DEFAULT_ADAPTER.is_dir()):
+            if not demo.DEFAULT_ADAPTER.is_dir():
+                return fail("--adapter-image without --adapter: the embedded model has no T2I-Adapter installed")
             args.adapter = [str(demo.DEFAULT_ADAPTER)] + args.adapter
     if args.demo:
         return run_demo(args, prompts[0], model, np)
@@ -291,11 +294,11 @@ def run(args, np) -> int:
 
 
 def run_demo(args, prompt, model, np) -> int:
-    if len(args.controlnet) != 1 or len(args.adapter) != 1:
-        return fail(f"--demo needs one --controlnet and one --adapter, got {len(args.controlnet)} and "
+    if len(args.controlnet) != 1 or len(args.adapter) > 1:
+        return fail(f"--demo needs one --controlnet and at most one --adapter, got {len(args.controlnet)} and "
                     f"{len(args.adapter)}")
     for flag, paths in (("--controlnet", args.controlnet), ("--adapter", args.adapter)):
-        if not Path(paths[0]).exists():
+        if paths and not Path(paths[0]).exists():
             return fail(f"{flag} {paths[0]}: no such file or folder")
     from jaxcontrol import demo
     from jaxcontrol.images import save_png

@@ -64,7 +64,8 @@ class Evaluator:
             cond = self.conds[sl]
             out.append(self.pipe(self.prompts[sl], height=self.size, width=self.size, num_inference_steps=self.steps,
                                  guidance_scale=cfg, seed=self.seed, image_indices=list(range(i, i + len(cond))),
-                                 controls=[ControlInput(cond, cn)], adapters=[AdapterInput(cond, ad)]))
+                                 controls=[ControlInput(cond, cn)],
+                                 adapters=[AdapterInput(cond, ad)] if self.pipe.adapters else []))
         self.calls += 1
         self.seconds += time.perf_counter() - t0
         return np.concatenate(out)
@@ -162,8 +163,12 @@ def main(argv=None) -> int:
     truth = np.stack([e.image for e in examples])
     ref = evaluate.metrics(truth)
     rows, samples = [("training images (reference)", ref)], {}
-    for name, cn, ad in (("no control", 0.0, 0.0), ("ControlNet", 1.0, 0.0), ("T2I-Adapter", 0.0, 1.0),
-                         ("ControlNet + T2I-Adapter", 1.0, 1.0)):
+    modes = [("no control", 0.0, 0.0), ("ControlNet", 1.0, 0.0)]
+    if pipe.adapters:
+        modes += [("T2I-Adapter", 0.0, 1.0), ("ControlNet + T2I-Adapter", 1.0, 1.0)]
+    else:
+        md.append("\nNo T2I-Adapter is loaded: its rows are left out.")
+    for name, cn, ad in modes:
         m, imgs = evaluate(cn, ad, args.cfg)
         rows.append((name, m))
         samples[name] = imgs

@@ -5,8 +5,12 @@
     python train.py --config configs/embedded.py:controlnet --workdir runs/embedded/controlnet
     python train.py --config configs/embedded.py:adapter    --workdir runs/embedded/adapter
 
-`make embedded-model` runs them and copies the exports into jaxcontrol/assets/ (see
-docs/RESULTS.md for what they reach and how long they take). Each later stage reads the earlier
+`make embedded-model` runs the first three and copies the exports into jaxcontrol/assets/ (see
+docs/RESULTS.md for what they reach and how long they take). The adapter stage stops with a
+ConfigError: with the U-Net's first block a plain DownBlock2D (chosen to keep 16x16 attention off
+the CPU's budget), diffusers' adapter semantics add the first feature after that block's
+downsampler (8x8), where a T2I-Adapter's first feature is 16x16. The next model needs
+CrossAttnDownBlock2D first. Each later stage reads the earlier
 exports from `runs/embedded` (`--config.model.vae_path=...` / `--config.model.pretrained_path=...`
 point elsewhere).
 
@@ -14,7 +18,7 @@ The data is fill50k at 64x64 px with the ten-colour "basic" palette. The network
 Diffusion's architecture, shrunk: an AutoencoderKL with a factor-4 latent space (16x16x4 latents),
 a 2-layer CLIP text encoder over a word-level tokenizer written from the captions' words (frozen,
 at its random initialisation: the U-Net learns to read it), and a three-level U-Net with cross-
-attention at 16x16 and 8x8. The ControlNet is a trainable copy of the U-Net's encoder with zero
+attention at 8x8 and in the mid block. The ControlNet is a trainable copy of the U-Net's encoder with zero
 convolutions; the T2I-Adapter is a full adapter at the U-Net's widths.
 """
 
@@ -82,7 +86,8 @@ def get_config(stage: str = "unet"):
         c.checkpoint.every = 200
         c.validation.every = 0
         return c
-    c.data.precompute = True  # latents and text embeddings encoded once
+    c.data.precompute = True  # latents and text embeddings encoded once, shared by the three stages
+    c.data.precomputed_dir = f"{RUNS}/precomputed"
     if stage == "unet":
         c.model.init = "scratch"
         c.model.vae_path = f"{RUNS}/vae/export/jaxcontrol/vae"

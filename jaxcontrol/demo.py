@@ -41,19 +41,23 @@ EXPORTS = {
 
 
 def is_built() -> bool:
-    return all(p.is_dir() for p in (DEFAULT_MODEL, DEFAULT_CONTROLNET, DEFAULT_ADAPTER))
+    """Whether the base model and its ControlNet are installed (the T2I-Adapter is optional)."""
+    return DEFAULT_MODEL.is_dir() and DEFAULT_CONTROLNET.is_dir()
 
 
 def load_embedded(*, model=None, controlnet=None, adapter=None, **kw):
-    """The embedded pipeline with its ControlNet and T2I-Adapter loaded (any of the three replaceable)."""
+    """The embedded pipeline with its ControlNet, and its T2I-Adapter when there is one (any of the
+    three replaceable by a path)."""
     from .pipeline import Pipeline
 
-    model, controlnet, adapter = (Path(p) if p else d for p, d in (
-        (model, DEFAULT_MODEL), (controlnet, DEFAULT_CONTROLNET), (adapter, DEFAULT_ADAPTER)))
-    for p in (model, controlnet, adapter):
+    model, controlnet = (Path(p) if p else d for p, d in ((model, DEFAULT_MODEL), (controlnet, DEFAULT_CONTROLNET)))
+    for p in (model, controlnet):
         if not p.exists():
             raise ConfigError(f"{p}: not found; the embedded model is built by `make embedded-model`")
-    return Pipeline.from_pretrained(model, controlnets=[controlnet], adapters=[adapter], **kw)
+    if adapter and not Path(adapter).exists():
+        raise ConfigError(f"{adapter}: not found")
+    adapter = Path(adapter) if adapter else (DEFAULT_ADAPTER if DEFAULT_ADAPTER.is_dir() else None)
+    return Pipeline.from_pretrained(model, controlnets=[controlnet], adapters=[adapter] if adapter else [], **kw)
 
 
 def circle_outline(size: int = 64, center: tuple[float, float] = (0.36, 0.58), radius: float = 0.24) -> np.ndarray:
@@ -80,25 +84,30 @@ def control_grid(pipe, prompt: str, condition: np.ndarray, *, seed: int = 0, ste
                  guidance_scale: float = DEMO_GUIDANCE, cfg_scales: Sequence[float] = CFG_SWEEP,
                  scheduler: str | None = None, scale: int = 3) -> np.ndarray:
     """A labelled uint8 grid. Row 1: condition | no control | ControlNet | T2I-Adapter | both, at
-    `guidance_scale`. Row 2: the ControlNet image at each of `cfg_scales`. Same seed throughout."""
+    `guidance_scale` (without an adapter loaded: condition | no control | ControlNet). Row 2: the
+    ControlNet image at each of `cfg_scales`. Same seed throughout."""
     from .images import make_grid
     from .pipeline import AdapterInput, ControlInput
 
-    if len(pipe.controlnets) != 1 or len(pipe.adapters) != 1:
-        raise ConfigError(f"control_grid needs one ControlNet and one adapter loaded, got {len(pipe.controlnets)} "
-                          f"and {len(pipe.adapters)}")
+    if len(pipe.controlnets) != 1 or len(pipe.adapters) > 1:
+        raise ConfigError(f"control_grid needs one ControlNet and at most one adapter loaded, got "
+                          f"{len(pipe.controlnets)} and {len(pipe.adapters)}")
+    has_adapter = len(pipe.adapters) == 1
     cond = np.asarray(condition)
     cond01 = cond.astype(np.float32) / 255.0 if cond.dtype == np.uint8 else cond.astype(np.float32)
     h, w = cond01.shape[:2]
 
     def one(cn: float, ad: float, cfg: float) -> np.ndarray:
         return pipe([prompt], height=h, width=w, num_inference_steps=steps, guidance_scale=cfg, scheduler=scheduler,
-                    seed=seed, controls=[ControlInput(cond01, cn)], adapters=[AdapterInput(cond01, ad)])[0]
+                    seed=seed, controls=[ControlInput(cond01, cn)],
+                    adapters=[AdapterInput(cond01, ad)] if has_adapter else [])[0]
 
     cond_u8 = np.round(np.clip(cond01, 0, 1) * 255).astype(np.uint8)
     row1 = [_label(cond_u8, "condition", scale)]
-    for name, cn, ad in (("no control", 0.0, 0.0), ("ControlNet", 1.0, 0.0), ("T2I-Adapter", 0.0, 1.0),
-                         ("both", 1.0, 1.0)):
+    columns = [("no control", 0.0, 0.0), ("ControlNet", 1.0, 0.0)]
+    if has_adapter:
+        columns += [("T2I-Adapter", 0.0, 1.0), ("both", 1.0, 1.0)]
+    for name, cn, ad in columns:
         row1.append(_label(one(cn, ad, guidance_scale), name, scale))
     row2 = [_label(one(1.0, 0.0, cfg), f"CN, CFG {cfg:g}", scale) for cfg in cfg_scales]
     cols = max(len(row1), len(row2))
@@ -109,16 +118,22 @@ def control_grid(pipe, prompt: str, condition: np.ndarray, *, seed: int = 0, ste
 
 def install(runs: str | os.PathLike, *, overwrite: bool = True) -> list[Path]:
     """Copy the exports of `make embedded-model`'s runs (under `runs`) into jaxcontrol/assets/,
-    each folder replaced atomically (written beside, then renamed)."""
+    each folder replaced atomically (written beside, then renamed). The base model and the
+    ControlNet are required; the T2I-Adapter is copied when its run exported one."""
     runs = Path(runs)
-    missing = [str(runs / src) for src in EXPORTS if not (runs / src).is_dir()]
+    required = list(EXPORTS)[:2]  # the base model and the ControlNet; the adapter is installed when there is one
+    missing = [str(runs / src) for src in required if not (runs / src).is_dir()]
     if missing:
-        raise ConfigError(f"missing exports {missing}: run the four stages of configs/embedded.py first")
+        raise ConfigError(f"missing exports {missing}: run the stages of configs/embedded.py first")
     written = []
     for src, dest in EXPORTS.items():
+        if not (runs / src).is_dir():
+            continue
         tmp = dest.with_name(f".{dest.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(runs / src, tmp)
+        # Orbax's commit_success.txt records the absolute path it was written to; restoring from a
+        # local folder does not read it, and a shipped asset should not carry a build machine's paths
+        shutil.copytree(runs / src, tmp, ignore=shutil.ignore_patterns("commit_success.txt"))
         if dest.exists():
             if not overwrite:
                 raise ConfigError(f"{dest} exists")

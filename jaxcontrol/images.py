@@ -19,6 +19,9 @@ def _atomic_write(path: Path, write) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would otherwise become the output's mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -183,3 +183,32 @@ def test_wrong_checkpoint_is_reported(tmp_path):
     (tmp_path / "config.json").write_text(cfg)
     with pytest.raises(jc.CheckpointError, match="adapter.conv_in.weight"):
         jc.load_model(tmp_path)
+
+
+@pytest.mark.parametrize("down", [("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                                  ("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")])
+def test_adapter_feature_shapes_follow_the_block_layout(down):
+    """`adapter_feature_shapes` is where the U-Net adds each feature (checked by tracing the U-Net
+    with those shapes, no compile), and a feature of another size is refused with a named error."""
+    from jaxcontrol.models import UNet2DConditionConfig, UNet2DConditionModel
+    from jaxcontrol.models.unet import adapter_feature_shapes
+
+    up = tuple(("CrossAttnUpBlock2D" if "CrossAttn" in d else "UpBlock2D") for d in reversed(down))
+    cfg = UNet2DConditionConfig(block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=4,
+                                cross_attention_dim=8, attention_head_dim=2, down_block_types=down,
+                                up_block_types=up)
+    unet = UNet2DConditionModel(cfg)
+    shapes = adapter_feature_shapes(cfg, 16, 16)
+    first = (16, 16, 8) if down[0].startswith("CrossAttn") else (8, 8, 8)
+    assert shapes == [first, (8, 8, 16), (4, 4, 16)]
+    x, t, ctx = jnp.zeros((1, 16, 16, 4)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, 3, 8))
+    params = param_shapes(unet)
+
+    def run(feats):
+        return jax.eval_shape(lambda p, f: unet.apply({"params": p}, x, t, ctx, down_intrablock_additional_residuals=f),
+                              params, feats)
+
+    run([jax.ShapeDtypeStruct((1,) + s, jnp.float32) for s in shapes])
+    wrong = [(16, 16, 8), (8, 8, 16), (4, 4, 16)] if first == (8, 8, 8) else [(8, 8, 8), (8, 8, 16), (4, 4, 16)]
+    with pytest.raises(ValueError, match=r"down_intrablock_additional_residuals\[0\].*down block 0"):
+        run([jax.ShapeDtypeStruct((1,) + s, jnp.float32) for s in wrong])

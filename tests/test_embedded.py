@@ -76,11 +76,10 @@ def test_circle_outline_is_a_fill50k_condition():
 
 @built
 def test_embedded_model_is_small_and_loads():
-    total = sum(f.stat().st_size for p in (demo.DEFAULT_MODEL, demo.DEFAULT_CONTROLNET, demo.DEFAULT_ADAPTER)
-                for f in p.rglob("*") if f.is_file())
+    total = sum(f.stat().st_size for f in demo.ASSETS.rglob("*") if f.is_file())
     assert total < 30 * 2**20, f"the embedded model is {total / 2**20:.1f} MiB"
     pipe = demo.load_embedded()
-    assert len(pipe.controlnets) == 1 and len(pipe.adapters) == 1
+    assert len(pipe.controlnets) == 1 and len(pipe.adapters) == int(demo.DEFAULT_ADAPTER.is_dir())
     assert pipe.unet.config.sample_size * pipe.vae_scale_factor >= 64
 
 
@@ -103,3 +102,23 @@ def test_infer_without_model_names_the_make_target(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(demo, "DEFAULT_MODEL", tmp_path / "absent")
     assert infer.main(["--prompt", "red circle with blue background", "--output", str(tmp_path)]) == 2
     assert "make embedded-model" in capsys.readouterr().err
+
+
+def test_install_copies_exports_without_machine_paths(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    for src in list(demo.EXPORTS)[:2]:
+        d = runs / src / "x" / "params"
+        d.mkdir(parents=True)
+        (d / "commit_success.txt").write_text(f"Checkpoint commit was successful to {d}")
+        (d / "weights").write_text("w")
+    targets = {src: tmp_path / "assets" / Path(dest).name for src, dest in demo.EXPORTS.items()}
+    monkeypatch.setattr(demo, "EXPORTS", targets)
+    (tmp_path / "assets").mkdir()
+    written = demo.install(runs)
+    assert [p.name for p in written] == ["default_model", "default_controlnet"]  # no adapter run: skipped
+    for p in written:
+        assert (p / "x" / "params" / "weights").is_file() and not list(p.rglob("commit_success.txt"))
+    import shutil
+    shutil.rmtree(runs / list(targets)[1])
+    with pytest.raises(Exception, match="missing exports"):
+        demo.install(runs)

@@ -147,15 +147,21 @@ class UNet2DConditionModel(nn.Module):
         intrablock = list(down_intrablock_additional_residuals or [])
         downs, mid = encoder_blocks(self, cfg)
         skips = [x]
-        for block in downs:
+        n_adapter = len(intrablock)
+        for i, block in enumerate(downs):
             if block.with_attention:
                 extra = intrablock.pop(0) if intrablock else None
+                if extra is not None:  # added after the block's first resnet: input size, the block's width
+                    _check_adapter_feature(n_adapter - len(intrablock) - 1, i, extra.shape,
+                                           x.shape[:3] + (cfg.block_out_channels[i],))
                 x, res = block(x, emb, context, additional_residual=extra)
             else:
                 x, res = block(x, emb, context)
                 if intrablock:
                     # diffusers adds in place to the block output, which is also its last skip
-                    x = x + intrablock.pop(0).astype(x.dtype)
+                    extra = intrablock.pop(0)
+                    _check_adapter_feature(n_adapter - len(intrablock) - 1, i, extra.shape, x.shape)
+                    x = x + extra.astype(x.dtype)
                     res[-1] = x
             skips.extend(res)
 
@@ -223,3 +229,30 @@ class UNet2DConditionModel(nn.Module):
         if cfg.time_cond_proj_dim is not None:
             args += (None, None, None, jnp.zeros((1, cfg.time_cond_proj_dim)))
         return args
+
+
+def _check_adapter_feature(k: int, block: int, got: tuple, expected: tuple) -> None:
+    if tuple(got) != tuple(expected):
+        raise ValueError(
+            f"down_intrablock_additional_residuals[{k}] (a T2I-Adapter feature) has shape {tuple(got)}, but down "
+            f"block {block} adds it where the U-Net's features are {tuple(expected)}. diffusers adds adapter "
+            f"features inside CrossAttnDownBlock2D (after the first resnet) and after a DownBlock2D (after its "
+            f"downsampler), so the adapter's feature sizes must follow the U-Net's block layout"
+        )
+
+
+def adapter_feature_shapes(config, height: int, width: int) -> list[tuple[int, int, int]]:
+    """(h, w, channels) that each down block of a U-Net (`UNet2DConditionConfig`) expects of a
+    T2I-Adapter feature, for latents of `height` x `width`, in the order they are consumed."""
+    out = []
+    n = len(config.down_block_types)
+    for i, kind in enumerate(config.down_block_types):
+        ch = config.block_out_channels[i]
+        if "CrossAttn" in kind:
+            out.append((height, width, ch))
+        if i < n - 1:
+            height, width = (height + 1) // 2, (width + 1) // 2
+        if "CrossAttn" not in kind:
+            out.append((height, width, ch))
+    return out
+

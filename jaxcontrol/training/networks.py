@@ -231,6 +231,7 @@ def build_networks(config, workdir: str | os.PathLike) -> tuple[Networks, dict, 
             frozen["unet"] = _cast(unet_p, frozen_dtype)
     elif config.task == "adapter":
         nets.adapter, trainable["adapter"] = _adapter(config, nets.unet, compute)
+        _check_adapter_fits(config, nets)
         frozen["unet"] = _cast(unet_p, frozen_dtype)
     else:
         trainable["unet"] = unet_p
@@ -271,6 +272,25 @@ def _adapter(config, unet, compute):
         raise ConfigError(f"config.adapter.channels={tuple(module.config.channels)} must match the U-Net's "
                           f"block_out_channels={unet_channels}")
     return module, params
+
+
+def _check_adapter_fits(config, nets: Networks) -> None:
+    """The adapter's features must have the sizes the U-Net's down blocks add them at."""
+    from ..models.unet import adapter_feature_shapes
+
+    res = int(config.data.resolution)
+    channels = nets.adapter.config.in_channels
+    feats = jax.eval_shape(lambda x: nets.adapter.init_with_output(jax.random.key(0), x)[0],
+                           jax.ShapeDtypeStruct((1, res, res, channels), jnp.float32))
+    got = [tuple(f.shape[1:]) for f in feats]
+    f = nets.vae_scale_factor
+    want = adapter_feature_shapes(nets.unet.config, res // f, res // f)
+    for k, (g, w) in enumerate(zip(got, want)):
+        if g != w:
+            raise ConfigError(
+                f"the T2I-Adapter's features {got} at {res}x{res} px do not fit the U-Net, which adds them at "
+                f"{want} (feature {k}: {g} vs {w}); diffusers adds adapter features inside CrossAttnDownBlock2D "
+                f"and after DownBlock2D, so config.model.unet's down_block_types decide the sizes")
 
 
 def _check_sizes(config, nets: Networks) -> None:
