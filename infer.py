@@ -215,12 +215,10 @@ def run(args, np) -> int:
     import jax
 
     from jaxcontrol.images import make_grid, save_json, save_png
-    from jaxcontrol.pipeline import AdapterInput, ControlInput, Pipeline
+    from jaxcontrol.pipeline import AdapterInput, ControlInput
 
     t0 = time.perf_counter()
-    pipe = Pipeline.from_pretrained(model, dtype=args.dtype, vae_dtype=args.vae_dtype, controlnets=args.controlnet,
-                                    adapters=args.adapter, attention_impl=args.attention,
-                                    unsafe_load_pickle=args.unsafe_load_pickle)
+    pipe = open_pipeline(args, model)
     f = pipe.vae_scale_factor
     height = args.height or (init_image.shape[0] if init_image is not None else None)
     width = args.width or (init_image.shape[1] if init_image is not None else None)
@@ -293,6 +291,14 @@ def run(args, np) -> int:
     return 0
 
 
+def open_pipeline(args, model):
+    from jaxcontrol.pipeline import Pipeline
+
+    return Pipeline.from_pretrained(model, dtype=args.dtype, vae_dtype=args.vae_dtype, controlnets=args.controlnet,
+                                    adapters=args.adapter, attention_impl=args.attention,
+                                    unsafe_load_pickle=args.unsafe_load_pickle)
+
+
 def run_demo(args, prompt, model, np) -> int:
     if len(args.controlnet) != 1 or len(args.adapter) > 1:
         return fail(f"--demo needs one --controlnet and at most one --adapter, got {len(args.controlnet)} and "
@@ -302,13 +308,11 @@ def run_demo(args, prompt, model, np) -> int:
             return fail(f"{flag} {paths[0]}: no such file or folder")
     from jaxcontrol import demo
     from jaxcontrol.images import save_png
-    from jaxcontrol.pipeline import Pipeline
     from jaxcontrol.preprocess import load_image
     from PIL import Image
 
     t0 = time.perf_counter()
-    pipe = Pipeline.from_pretrained(model, dtype=args.dtype, vae_dtype=args.vae_dtype, controlnets=args.controlnet,
-                                    adapters=args.adapter, attention_impl=args.attention)
+    pipe = open_pipeline(args, model)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     height, width = args.height or size, args.width or size
     if args.control_image:

@@ -55,19 +55,12 @@ DEFAULT_COLORS: tuple[tuple[str, tuple[int, int, int]], ...] = (
     ("sky blue", (135, 206, 235)),
 )
 
-# ten clearly distinct colours (pairwise sRGB distance >= 90): the embedded demo model's vocabulary,
-# on which colour accuracy can be scored by nearest named colour without near-synonyms
-BASIC_COLORS: tuple[tuple[str, tuple[int, int, int]], ...] = (
-    ("red", (255, 0, 0)),
-    ("green", (0, 128, 0)),
-    ("blue", (0, 0, 255)),
-    ("yellow", (255, 255, 0)),
-    ("orange", (255, 165, 0)),
-    ("purple", (128, 0, 128)),
-    ("black", (0, 0, 0)),
-    ("white", (255, 255, 255)),
-    ("gray", (128, 128, 128)),
-    ("cyan", (0, 255, 255)),
+# ten clearly distinct colours of DEFAULT_COLORS, in its order (pairwise sRGB distance >= 90): the
+# embedded demo model's vocabulary, on which colour accuracy can be scored by nearest named colour
+# without near-synonyms
+BASIC_COLORS: tuple[tuple[str, tuple[int, int, int]], ...] = tuple(
+    c for c in DEFAULT_COLORS
+    if c[0] in ("red", "green", "blue", "yellow", "orange", "purple", "black", "white", "gray", "cyan")
 )
 PALETTES = {"default": DEFAULT_COLORS, "basic": BASIC_COLORS}
 

@@ -164,25 +164,30 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(f"jaxcontrol_{name}")
 
 
+# from-scratch components: (name, config class, module class, config.model key of a folder to load
+# instead); component i is initialised with seed + i + 1
+SCRATCH = (
+    ("unet", UNet2DConditionConfig, UNet2DConditionModel, None),
+    ("vae", AutoencoderKLConfig, AutoencoderKL, "vae_path"),
+    ("text_encoder", CLIPTextConfig, CLIPTextModel, "text_encoder_path"),
+)
+
+
 def _scratch(config, workdir, compute, attention_impl):
+    """Modules and params of a from-scratch run. A VAE run initialises only the VAE's params (the
+    U-Net and text encoder modules are still built, for `Networks`, but never run)."""
     seed = int(config.seed)
     kw = dict(dtype=compute, attention_impl=attention_impl)
     modules, params = {}, {}
-    unet_cfg = UNet2DConditionConfig.from_dict(to_plain(config.model.unet), source="config.model.unet")
-    modules["unet"] = UNet2DConditionModel(unet_cfg, **kw)
-    params["unet"] = init_params(modules["unet"], seed + 1)
-    if config.model.vae_path:
-        modules["vae"], params["vae"] = load_model(config.model.vae_path, **kw)
-    else:
-        vae_cfg = AutoencoderKLConfig.from_dict(to_plain(config.model.vae), source="config.model.vae")
-        modules["vae"] = AutoencoderKL(vae_cfg, **kw)
-        params["vae"] = init_params(modules["vae"], seed + 2)
-    if config.model.text_encoder_path:
-        modules["text_encoder"], params["text_encoder"] = load_model(config.model.text_encoder_path, **kw)
-    else:
-        text_cfg = CLIPTextConfig.from_dict(to_plain(config.model.text_encoder), source="config.model.text_encoder")
-        modules["text_encoder"] = CLIPTextModel(text_cfg, **kw)
-        params["text_encoder"] = init_params(modules["text_encoder"], seed + 3)
+    for i, (name, config_cls, module_cls, path_key) in enumerate(SCRATCH):
+        path = config.model[path_key] if path_key else ""
+        if path:
+            modules[name], params[name] = load_model(path, **kw)
+            continue
+        cfg = config_cls.from_dict(to_plain(config.model[name]), source=f"config.model.{name}")
+        modules[name] = module_cls(cfg, **kw)
+        if config.task != "vae" or name == "vae":
+            params[name] = init_params(modules[name], seed + i + 1)
     scheduler = {"_class_name": "DDPMScheduler", **to_plain(config.model.scheduler)}
     return modules, params, scratch_tokenizer(config, workdir), scheduler
 
@@ -216,11 +221,11 @@ def build_networks(config, workdir: str | os.PathLike) -> tuple[Networks, dict, 
     nets.empty_ids = tokenize(tokenizer, [""])
     _check_sizes(config, nets)
 
-    unet_p = params["unet"]
     trainable: dict[str, Any] = {}
     if config.task == "vae":  # the autoencoder alone: nothing else is needed on the devices
         trainable["vae"] = params["vae"]
         return nets, _cast(_host(trainable), jnp.float32), {}
+    unet_p = params["unet"]
     frozen = {"vae": _cast(params["vae"], frozen_dtype), "text_encoder": _cast(params["text_encoder"], frozen_dtype)}
     if config.task == "controlnet":
         nets.controlnet, trainable["controlnet"] = _controlnet(config, nets.unet, unet_p, compute, attention_impl)

@@ -128,6 +128,7 @@ class Run:
                                       self.state_sharding, self.frozen_sharding, self.batch_sharding,
                                       replicated(self.mesh), self.compiler_options)
         self._sample_fn = None
+        self._reconstruct_fn = None
 
     # ---------------------------------------------------------------------------------------------
     def _encode_text_host(self, frozen, ids):
@@ -183,7 +184,7 @@ class Run:
 
     def _reconstruct(self, vae_params, images):
         vae = self.nets.vae
-        if getattr(self, "_reconstruct_fn", None) is None:
+        if self._reconstruct_fn is None:
             self._reconstruct_fn = jax.jit(
                 lambda p, x: jnp.clip(vae.apply({"params": p}, x), -1.0, 1.0), out_shardings=replicated(self.mesh),
                 compiler_options=self.compiler_options)
