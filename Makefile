@@ -35,11 +35,10 @@ demo: $(STAMP)
 	$(BIN)/python infer.py --demo --output outputs/demo
 
 # Retrain the embedded model from scratch with train.py (see configs/embedded.py and
-# docs/RESULTS.md), then install the exports into jaxcontrol/assets/. The adapter stage is left out:
-# a T2I-Adapter does not fit this U-Net's block layout (configs/embedded.py, docs/RESULTS.md).
+# docs/RESULTS.md), then install the exports into jaxcontrol/assets/.
 EMBEDDED_RUNS := runs/embedded
 embedded-model: $(STAMP)
-	for stage in vae unet controlnet; do \
+	for stage in vae unet controlnet adapter; do \
 		$(BIN)/python train.py --config configs/embedded.py:$$stage --workdir $(EMBEDDED_RUNS)/$$stage || exit 1; \
 	done
 	$(BIN)/python -m jaxcontrol.demo install $(EMBEDDED_RUNS)

@@ -15,9 +15,11 @@ and its condition outline; metrics (jaxcontrol.evaluation):
   palette colour, both equal to the prompt's.
 
 Tables: no control / ControlNet / T2I-Adapter / both; ControlNet conditioning scale 0 to 1.5;
-CFG scale 1 to 8 (1 = no guidance; the CFG paper's w is scale - 1). With `--runs`, the
-ControlNet snapshots the training exported every 100 steps (configs/embedded.py) give the plot
-of fidelity against training step (the ControlNet paper's "sudden convergence"). `--out` writes
+CFG scale 0 to 8 (the CFG paper's w is scale - 1: 0 is the unconditional model, 1 no guidance).
+With `--runs`, the ControlNet snapshots the training exported every 100 steps
+(configs/embedded.py) give the plot of fidelity against training step (the ControlNet paper's
+"sudden convergence"); step 0 is the no-control row, since a ControlNet's zero convolutions add
+nothing before training. `--out` writes
 the tables (Markdown), the plots and a sample grid there.
 """
 
@@ -37,7 +39,7 @@ from jaxcontrol import demo, evaluation as ev  # noqa: E402
 from jaxcontrol.data.fill50k import BASIC_COLORS, fill50k_example  # noqa: E402
 
 CN_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
-CFG_SCALES = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0)
+CFG_SCALES = (0.0, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0)  # 0: the unconditional model (empty prompts)
 
 
 def held_out(n: int, seed: int, size: int) -> list:
@@ -55,14 +57,19 @@ class Evaluator:
         self.seconds = 0.0
 
     def images(self, cn: float, ad: float, cfg: float) -> np.ndarray:
+        """Samples at ControlNet scale `cn`, adapter scale `ad` and CFG scale `cfg`. CFG 0 is
+        uncond + 0 * (cond - uncond): the empty prompt's prediction alone (diffusers' pipelines treat
+        every scale <= 1 as 1, so it is run as the empty prompt without guidance)."""
         from jaxcontrol.pipeline import AdapterInput, ControlInput
 
+        prompts = [""] * len(self.prompts) if cfg == 0 else self.prompts
+        cfg = 1.0 if cfg == 0 else cfg
         out = []
         t0 = time.perf_counter()
-        for i in range(0, len(self.prompts), self.batch):
+        for i in range(0, len(prompts), self.batch):
             sl = slice(i, i + self.batch)
             cond = self.conds[sl]
-            out.append(self.pipe(self.prompts[sl], height=self.size, width=self.size, num_inference_steps=self.steps,
+            out.append(self.pipe(prompts[sl], height=self.size, width=self.size, num_inference_steps=self.steps,
                                  guidance_scale=cfg, seed=self.seed, image_indices=list(range(i, i + len(cond))),
                                  controls=[ControlInput(cond, cn)],
                                  adapters=[AdapterInput(cond, ad)] if self.pipe.adapters else []))
@@ -82,6 +89,17 @@ class Evaluator:
     def __call__(self, cn: float, ad: float, cfg: float) -> tuple[dict, np.ndarray]:
         images = self.images(cn, ad, cfg)
         return self.metrics(images), images
+
+
+def vae_roundtrip(pipe, images: np.ndarray) -> np.ndarray:
+    """uint8 images through the model's VAE (posterior mean) and back: the best a sample can look."""
+    import jax
+
+    vae, params = pipe.vae, pipe.params["vae"]
+    fn = jax.jit(lambda x: vae.apply({"params": params}, vae.apply({"params": params}, x, method=vae.encode)[
+        ..., : vae.config.latent_channels], method=vae.decode))
+    out = np.asarray(fn(images.astype(np.float32) / 127.5 - 1.0))
+    return np.round(np.clip((out + 1.0) * 127.5, 0, 255)).astype(np.uint8)
 
 
 def table(title: str, key: str, rows: list[tuple[str, dict]]) -> str:
@@ -161,8 +179,8 @@ def main(argv=None) -> int:
           f"{jax.device_count()} {jax.devices()[0].platform} device(s)."]
 
     truth = np.stack([e.image for e in examples])
-    ref = evaluate.metrics(truth)
-    rows, samples = [("training images (reference)", ref)], {}
+    rows, samples = [("training images (reference)", evaluate.metrics(truth)),
+                     ("their VAE reconstructions (reference)", evaluate.metrics(vae_roundtrip(pipe, truth)))], {}
     modes = [("no control", 0.0, 0.0), ("ControlNet", 1.0, 0.0)]
     if pipe.adapters:
         modes += [("T2I-Adapter", 0.0, 1.0), ("ControlNet + T2I-Adapter", 1.0, 1.0)]
@@ -174,7 +192,8 @@ def main(argv=None) -> int:
         samples[name] = imgs
         print(f"{name}: {m}", flush=True)
     md += ["", table(f"Control (CFG {args.cfg:g}, scales 1.0)", "control", rows)]
-    base_iou, cn_iou = rows[1][1]["edge_iou"], rows[2][1]["edge_iou"]
+    rows_control = rows
+    base_iou, cn_iou = rows[2][1]["edge_iou"], rows[3][1]["edge_iou"]
     md.append(f"\nControlNet edge IoU / no-control edge IoU = **{cn_iou / max(base_iou, 1e-9):.2f}x**.")
 
     rows = []
@@ -188,7 +207,7 @@ def main(argv=None) -> int:
     rows = []
     for g in CFG_SCALES:
         m, _ = evaluate(1.0, 0.0, g)
-        rows.append((f"{g:g}", m))
+        rows.append(("0 (empty prompt)" if g == 0 else f"{g:g}", m))
         print(f"CFG {g}: {m}", flush=True)
     md += ["", table("CFG scale (ControlNet at 1.0)", "CFG", rows)]
     cfg_rows = rows
@@ -201,6 +220,8 @@ def main(argv=None) -> int:
         from jaxcontrol.convert import load_model
 
         original = pipe.params["controlnets"][0]
+        if snaps:
+            snap_rows.append(("0", rows_control[2][1]))  # zero convolutions: exactly no control
         for step, path in snaps:
             _, params = load_model(path)
             pipe.params["controlnets"][0] = jax.device_put(params, jax.tree_util.tree_leaves(original)[0].sharding)
@@ -230,7 +251,7 @@ def main(argv=None) -> int:
         plot(out / "cn_scale.png", [float(r[0]) for r in cn_rows],
              {k2: [r[1][k2] for r in cn_rows] for k2 in ("edge_iou", "color_acc")},
              "ControlNet conditioning scale", f"ControlNet scale sweep (CFG {args.cfg:g})")
-        plot(out / "cfg_scale.png", [float(r[0]) for r in cfg_rows],
+        plot(out / "cfg_scale.png", list(CFG_SCALES),
              {k2: [r[1][k2] for r in cfg_rows] for k2 in ("edge_iou", "color_acc")},
              "CFG scale", "CFG sweep (ControlNet at 1.0)")
         if snap_rows:

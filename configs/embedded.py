@@ -5,21 +5,25 @@
     python train.py --config configs/embedded.py:controlnet --workdir runs/embedded/controlnet
     python train.py --config configs/embedded.py:adapter    --workdir runs/embedded/adapter
 
-`make embedded-model` runs the first three and copies the exports into jaxcontrol/assets/ (see
-docs/RESULTS.md for what they reach and how long they take). The adapter stage stops with a
-ConfigError: with the U-Net's first block a plain DownBlock2D (chosen to keep 16x16 attention off
-the CPU's budget), diffusers' adapter semantics add the first feature after that block's
-downsampler (8x8), where a T2I-Adapter's first feature is 16x16. The next model needs
-CrossAttnDownBlock2D first. Each later stage reads the earlier
+`make embedded-model` runs them and copies the exports into jaxcontrol/assets/ (see
+docs/RESULTS.md for what they reach and how long they take). Each later stage reads the earlier
 exports from `runs/embedded` (`--config.model.vae_path=...` / `--config.model.pretrained_path=...`
-point elsewhere).
+point elsewhere); the ControlNet and the T2I-Adapter both sit on the frozen U-Net and do not
+depend on each other.
 
 The data is fill50k at 64x64 px with the ten-colour "basic" palette. The networks are Stable
 Diffusion's architecture, shrunk: an AutoencoderKL with a factor-4 latent space (16x16x4 latents),
-a 2-layer CLIP text encoder over a word-level tokenizer written from the captions' words (frozen,
+a 2-layer CLIP text encoder over a BPE tokenizer trained by `tokenizers` on the captions (frozen,
 at its random initialisation: the U-Net learns to read it), and a three-level U-Net with cross-
-attention at 8x8 and in the mid block. The ControlNet is a trainable copy of the U-Net's encoder with zero
-convolutions; the T2I-Adapter is a full adapter at the U-Net's widths.
+attention at 16x16 (one head, down path only), 8x8 and in the mid block. Its first down block is a
+CrossAttnDownBlock2D so that a T2I-Adapter's first feature is added at full latent resolution
+(diffusers adds adapter features inside cross-attention down blocks, but after a plain
+DownBlock2D's downsampler). The U-Net predicts v on a zero-terminal-SNR schedule: at the last
+timestep its input is pure noise, so the flat colours must come from the prompt rather than from
+the low frequencies that SD's schedule leaves in the noise (on 16x16 latents those decide the
+colours: an epsilon model on SD's schedule scored near chance on background colour). The
+ControlNet is a trainable copy of the U-Net's encoder with zero convolutions; the T2I-Adapter is
+a full adapter at the U-Net's widths.
 """
 
 from jaxcontrol.training.config import default_config
@@ -38,9 +42,12 @@ TEXT_ENCODER = dict(
 )
 UNET = dict(
     block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16, cross_attention_dim=64,
-    attention_head_dim=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    attention_head_dim=(1, 4, 4), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), sample_size=RESOLUTION // 4,
 )
+# v-prediction on a zero-terminal-SNR schedule (Lin et al. 2023): at the last timestep the input is
+# pure noise, so the flat colours must come from the prompt, not from the noise's low frequencies
+SCHEDULER = dict(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")
 STAGES = ("vae", "unet", "controlnet", "adapter")
 
 
@@ -48,6 +55,7 @@ def _common(c):
     c.model.vae = dict(VAE)
     c.model.text_encoder = dict(TEXT_ENCODER)
     c.model.unet = dict(UNET)
+    c.model.scheduler.update(SCHEDULER)
     c.data.dataset = "fill50k"
     c.data.data_dir = f"{RUNS}/tfds"  # shared by the four runs
     c.data.resolution = RESOLUTION
@@ -91,12 +99,11 @@ def get_config(stage: str = "unet"):
     if stage == "unet":
         c.model.init = "scratch"
         c.model.vae_path = f"{RUNS}/vae/export/jaxcontrol/vae"
-        c.steps = 2500
+        c.steps = 3000
         c.batch_size = 32
         c.optim.learning_rate = 1e-3
         c.optim.ema_decay = 0.995
         c.loss.proportion_empty_prompts = 0.1  # for classifier-free guidance
-        c.loss.snr_gamma = 5.0
         c.checkpoint.every = 500
         c.validation.every = 500
         c.export.scheduler_class = "DDIMScheduler"
@@ -109,13 +116,13 @@ def get_config(stage: str = "unet"):
     c.validation.every = 500
     if stage == "controlnet":
         c.controlnet.conditioning_embedding_out_channels = (16, 32, 64)  # three entries: factor-4 latents
-        c.steps = 800
-        c.optim.learning_rate = 3e-4
+        c.steps = 1000
+        c.optim.learning_rate = 1e-3
         c.export.every = 100  # snapshots for the fidelity-vs-training-step plot
     else:
         c.adapter.channels = UNET["block_out_channels"]
         c.adapter.num_res_blocks = 1
         c.adapter.downscale_factor = 4
-        c.steps = 500
-        c.optim.learning_rate = 3e-4
+        c.steps = 600
+        c.optim.learning_rate = 5e-4
     return c

@@ -46,4 +46,5 @@ def test_word_tokenizer_keeps_every_caption_word_whole(tmp_path):
         assert len(tok(w)["input_ids"]) == 3, (w, tok(w)["input_ids"])  # BOS, the word, EOS
     ids = tok("green circle with red background")["input_ids"]
     assert len(ids) == 7 and len(set(ids[1:-1])) == 5
-    assert len(tok("zebra")["input_ids"]) > 3  # other words still tokenize, character by character
+    assert len(tok("zebra")["input_ids"]) > 3  # other words still tokenize, in pieces
+    assert ids[0] == len(tok) - 2 and ids[-1] == len(tok) - 1  # BOS, EOS last, as in CLIP's vocabulary

@@ -1,9 +1,10 @@
 """A small word-level CLIP tokenizer for models trained from scratch.
 
-A text encoder trained from scratch does not need CLIP's 49,408-token vocabulary: this writes a
-`CLIPTokenizer` folder (the on-disk layout of Stable Diffusion's `tokenizer/`) whose vocabulary is
-every printable ASCII character plus whole words, so that the words of a dataset's captions are
-one token each and anything else still tokenizes, character by character.
+A text encoder trained from scratch does not need CLIP's 49,408-token vocabulary: this trains a
+byte-pair encoding with the `tokenizers` library on a dataset's caption words and writes it as a
+`CLIPTokenizer` folder (the on-disk layout of Stable Diffusion's `tokenizer/`). Its vocabulary is
+every printable ASCII character plus the merges up to whole words, so that the words of the
+captions are one token each and anything else still tokenizes, in pieces.
 
     folder = write_word_tokenizer("tok", ["red", "circle", "with", "background"])
     tok = jaxcontrol.tokenizer.load_tokenizer(folder)
@@ -14,12 +15,14 @@ from __future__ import annotations
 import json
 import os
 import string
+import tempfile
 from pathlib import Path
 from typing import Iterable
 
 from ..convert.jax_format import atomic_directory
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+SUFFIX = "</w>"  # CLIP marks a word's last piece
 
 
 def caption_words(captions: Iterable[str]) -> list[str]:
@@ -33,54 +36,33 @@ def caption_words(captions: Iterable[str]) -> list[str]:
     return list(seen)
 
 
-def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
-    """CLIP's BPE on one lower-case word: characters (the last one with `</w>`), then repeatedly the
-    lowest-ranked adjacent pair merged everywhere it occurs, until no ranked pair is left."""
-    parts = list(word[:-1]) + [word[-1] + "</w>"]
-    while len(parts) > 1:
-        pairs = {(a, b) for a, b in zip(parts, parts[1:])}
-        best = min(pairs, key=lambda p: ranks.get(p, float("inf")))
-        if best not in ranks:
-            break
-        merged, i = [], 0
-        while i < len(parts):
-            if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
-                merged.append(parts[i] + parts[i + 1])
-                i += 2
-            else:
-                merged.append(parts[i])
-                i += 1
-        parts = merged
-    return parts
-
-
 def word_vocabulary(words: Iterable[str]) -> tuple[dict[str, int], list[str]]:
-    """(vocab, merges) of a CLIP BPE in which each of `words` is exactly one token.
+    """(vocab, merges) of a CLIP-style BPE trained by the `tokenizers` library on `words`, in which
+    each of them is exactly one token.
 
-    Words are added in order. For each, BPE runs with the merges so far, and while the word is
-    still in several pieces the merge of its first two pieces is appended (lowest priority). A
-    merge appended later never fires inside a word that earlier merges already join into one
-    token, so every word stays whole (checked by `_bpe` on the finished list).
+    The trainer sees every printable ASCII character (alone and word-final, CLIP's `</w>` form) as
+    its alphabet and merges with no frequency floor and no size limit, so it keeps merging until
+    every training word is whole. BOS and EOS come last, as in CLIP's vocabulary (the highest ids).
     """
-    chars = sorted(set(string.ascii_letters + string.digits + string.punctuation))
-    tokens = ["!"] + chars + [c + "</w>" for c in chars]
-    merges: list[tuple[str, str]] = []
-    ranks: dict[tuple[str, str], int] = {}
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
     words = list(dict.fromkeys(w for w in words if w))
-    for w in words:
-        parts = _bpe(w, ranks)
-        while len(parts) > 1:
-            pair = (parts[0], parts[1])
-            ranks[pair] = len(merges)
-            merges.append(pair)
-            tokens.append(pair[0] + pair[1])
-            parts = _bpe(w, ranks)
-    broken = [w for w in words if len(_bpe(w, ranks)) != 1]
-    if broken:  # cannot happen by the argument above; a guard against regressions
+    chars = sorted(set(string.ascii_letters + string.digits + string.punctuation))
+    bpe = Tokenizer(models.BPE(end_of_word_suffix=SUFFIX))
+    bpe.normalizer = normalizers.Lowercase()
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=1 << 20, min_frequency=1, show_progress=False,
+                                  initial_alphabet=chars + [c + SUFFIX for c in chars], end_of_word_suffix=SUFFIX)
+    bpe.train_from_iterator(words, trainer)
+    broken = [w for w in words if len(bpe.encode(w).tokens) != 1]
+    if broken:  # the trainer stops only when no pair is left to merge; a guard against changes there
         raise AssertionError(f"words split by the word-level tokenizer: {broken}")
-    tokens += [BOS, EOS]
-    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
-    return vocab, [f"{a} {b}" for a, b in merges]
+    learned = sorted(bpe.get_vocab().items(), key=lambda kv: kv[1])
+    vocab = {t: i for i, t in enumerate(dict.fromkeys([t for t, _ in learned] + [BOS, EOS]))}
+    with tempfile.TemporaryDirectory() as tmp:  # the trainer's merges, in rank order
+        bpe.model.save(tmp)
+        merges = [m for m in (Path(tmp) / "merges.txt").read_text().splitlines() if m and not m.startswith("#")]
+    return vocab, merges
 
 
 def write_word_tokenizer(folder: str | os.PathLike, words: Iterable[str], *, max_length: int = 77,
