@@ -95,11 +95,12 @@ def vae_roundtrip(pipe, images: np.ndarray) -> np.ndarray:
     """uint8 images through the model's VAE (posterior mean) and back: the best a sample can look."""
     import jax
 
+    from jaxcontrol.training.logger import to_uint8
+
     vae, params = pipe.vae, pipe.params["vae"]
     fn = jax.jit(lambda x: vae.apply({"params": params}, vae.apply({"params": params}, x, method=vae.encode)[
         ..., : vae.config.latent_channels], method=vae.decode))
-    out = np.asarray(fn(images.astype(np.float32) / 127.5 - 1.0))
-    return np.round(np.clip((out + 1.0) * 127.5, 0, 255)).astype(np.uint8)
+    return to_uint8(fn(images.astype(np.float32) / 127.5 - 1.0))
 
 
 def table(title: str, key: str, rows: list[tuple[str, dict]]) -> str:
@@ -192,8 +193,8 @@ def main(argv=None) -> int:
         samples[name] = imgs
         print(f"{name}: {m}", flush=True)
     md += ["", table(f"Control (CFG {args.cfg:g}, scales 1.0)", "control", rows)]
-    rows_control = rows
-    base_iou, cn_iou = rows[2][1]["edge_iou"], rows[3][1]["edge_iou"]
+    no_control = dict(rows)["no control"]
+    base_iou, cn_iou = no_control["edge_iou"], dict(rows)["ControlNet"]["edge_iou"]
     md.append(f"\nControlNet edge IoU / no-control edge IoU = **{cn_iou / max(base_iou, 1e-9):.2f}x**.")
 
     rows = []
@@ -221,7 +222,7 @@ def main(argv=None) -> int:
 
         original = pipe.params["controlnets"][0]
         if snaps:
-            snap_rows.append(("0", rows_control[2][1]))  # zero convolutions: exactly no control
+            snap_rows.append(("0", no_control))  # zero convolutions: exactly no control
         for step, path in snaps:
             _, params = load_model(path)
             pipe.params["controlnets"][0] = jax.device_put(params, jax.tree_util.tree_leaves(original)[0].sharding)
