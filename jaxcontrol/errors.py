@@ -11,3 +11,12 @@ class ConfigError(JaxControlError, ValueError):
 
 class CheckpointError(JaxControlError, ValueError):
     """A checkpoint file is unreadable, truncated, or its keys/shapes do not match the model."""
+
+
+class UsageError(JaxControlError, ValueError):
+    """A command-line flag or argument is invalid (the message names the flag). CLIs exit with 2."""
+
+
+class NonFiniteError(JaxControlError, FloatingPointError):
+    """A computation produced NaN or infinity (the message names the solver and step, or the
+    training step). Nothing is written from a result that raised this."""

@@ -1,0 +1,52 @@
+"""What the three command-line tools share: exit codes and one-line error reporting.
+
+Exit codes (the same in `infer.py`, `train.py` and `convert_weights.py`):
+
+| code | meaning |
+| --- | --- |
+| 0 | success (also `--help`) |
+| 1 | runtime error: a bad file, a config that cannot run, non-finite values, an I/O failure |
+| 2 | usage error: a flag is missing, malformed or out of range (the message names it) |
+| 130 | interrupted (Ctrl-C); nothing half-written is left at the output path |
+
+User errors print one line, `PROG: error: MESSAGE`, on stderr, never a traceback. Anything
+else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+EXIT_OK = 0
+EXIT_RUNTIME = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def error(prog: str, message: str, code: int = EXIT_RUNTIME) -> int:
+    """Print `prog: error: message` on stderr and return `code`."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return code
+
+
+def run_main(prog: str, main: Callable[[], int]) -> int:
+    """Call `main()` and turn the errors a user can cause into one line and an exit code."""
+    from .errors import JaxControlError, UsageError
+
+    try:
+        return main()
+    except UsageError as e:
+        return error(prog, str(e), EXIT_USAGE)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; nothing half-written was left at the output path", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (JaxControlError, FloatingPointError, OSError, MemoryError) as e:
+        return error(prog, _describe(e), EXIT_RUNTIME)
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename is not None:
+        reason = e.strerror or str(e)
+        return f"{e.filename}: {reason}"
+    return str(e) or type(e).__name__
