@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from .errors import ConfigError
+from .errors import ConfigError, NonFiniteError
 from .schedulers.solvers import Plan
 
 
@@ -85,6 +85,7 @@ def sample(
     callback: Callable | None = None,
     rows: dict | None = None,
     return_state: bool = False,
+    return_nonfinite: bool = False,
 ):
     """Run `plan` from `x_init` (already at the first evaluation's level) and return the result.
 
@@ -95,6 +96,9 @@ def sample(
     `callback(i, x)`: called on the host after each evaluation through `jax.debug.callback`;
     when it is None nothing is traced for it. `rows`: the plan's arrays, to pass them as jit
     arguments instead of constants.
+    `return_nonfinite`: also return, per sample (leading axis), the index of the first model
+    evaluation after which that sample's latents held NaN or infinity (-1 if none), so the
+    caller can fail loudly naming the step (`raise_if_nonfinite`). Returned last.
     """
     x_init = jnp.asarray(x_init, jnp.float32)
     rows = plan.rows if rows is None else rows
@@ -118,7 +122,7 @@ def sample(
         xs["noise"] = noise
 
     def body(carry, xs):
-        state, gstate = carry
+        state, gstate, bad = carry
         row, i = xs["row"], xs["index"]
         x = state["x"]
         c = with_step(cond, StepInfo(i, count, plan.num_inference_steps))
@@ -143,13 +147,42 @@ def sample(
             state = {**state, "x": inpaint.mask * state["x"] + (1 - inpaint.mask) * level}
         if callback is not None:
             jax.debug.callback(callback, i, plan.output(state))
-        return (state, gstate), None
+        if return_nonfinite:
+            bad = first_nonfinite(bad, plan.output(state), i)
+        return (state, gstate, bad), None
 
     gstate = model.init(x_init) if stateful else None
-    (state, gstate), _ = jax.lax.scan(body, (plan.init_state(x_init), gstate), xs)
+    bad = jnp.full(x_init.shape[:1], -1, jnp.int32)
+    (state, gstate, bad), _ = jax.lax.scan(body, (plan.init_state(x_init), gstate, bad), xs)
+    result = (plan.output(state),)
     if return_state:
-        return plan.output(state), state
-    return plan.output(state)
+        result += (state,)
+    if return_nonfinite:
+        result += (bad,)
+    return result[0] if len(result) == 1 else result
+
+
+def first_nonfinite(bad, x, i):
+    """Update per-sample "first bad step" markers: samples of `x` (leading axis) holding NaN or
+    infinity that had no marker yet (-1) get step `i`."""
+    finite = jnp.all(jnp.isfinite(x).reshape(x.shape[0], -1), axis=1)
+    return jnp.where((bad < 0) & ~finite, jnp.asarray(i, jnp.int32), bad)
+
+
+def raise_if_nonfinite(bad_steps, *, solver: str, count: int, image_indices=None) -> None:
+    """Host side of `return_nonfinite`: raise `NonFiniteError` naming the solver, the first step
+    (1-based, of `count` model evaluations) and the images whose latents became non-finite."""
+    bad_steps = np.asarray(bad_steps)
+    hit = np.flatnonzero(bad_steps >= 0)
+    if hit.size == 0:
+        return
+    first = int(bad_steps[hit].min())
+    names = hit if image_indices is None else np.asarray(image_indices)[hit]
+    raise NonFiniteError(
+        f"sampling produced NaN or infinite latents: solver {solver!r}, first at model evaluation "
+        f"{first + 1} of {count}, image index(es) {names.tolist()}. Nothing was written. Check the "
+        "scheduler config (prediction_type, rescale_betas_zero_snr, timestep_spacing), the guidance "
+        "scales and the model's dtype")
 
 
 def initial_latents(plan: Plan, noise):
