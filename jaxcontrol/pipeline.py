@@ -25,10 +25,10 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from . import guidance as G
-from .errors import ConfigError
+from .errors import ConfigError, NonFiniteError
 from .mesh import named
 from .models.vae import sample_posterior, scale_latents, unscale_latents
-from .sampler import initial_latents, noised_latents, repaint, sample
+from .sampler import first_nonfinite, initial_latents, noised_latents, raise_if_nonfinite, repaint, sample
 from .schedulers import SchedulerConfig, make_plan
 from .tokenizer import tokenize
 
@@ -78,6 +78,91 @@ def to_dtype(name: Any):
     return name
 
 
+def _expand_per_prompt(img: np.ndarray, batch: int, num_images_per_prompt: int, what: str) -> np.ndarray:
+    """One image for all, or one per prompt repeated `num_images_per_prompt` times (interleaved)."""
+    n, prompts = img.shape[0], batch // num_images_per_prompt
+    if n == 1:
+        return np.repeat(img, batch, axis=0)
+    if n == prompts:
+        return np.repeat(img, num_images_per_prompt, axis=0)
+    if n == batch:
+        return img
+    raise ConfigError(f"{what}: a batch of {n} for {prompts} prompt(s) x {num_images_per_prompt} image(s) "
+                      f"each; give 1, {prompts} (one per prompt) or {batch}")
+
+
+def _device_memory_bytes(device) -> int | None:
+    """The memory a device can allocate: its allocator limit on accelerators, RAM on the CPU."""
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # noqa: BLE001 - not every backend implements memory_stats
+        stats = {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    try:
+        import os
+
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return str(value)
+    return value
+
+
+def check_call_arguments(*, num_inference_steps, guidance_scale, guidance_rescale, seed, num_images_per_prompt,
+                         strength, adapter_conditioning_factor, clip_skip, repaint_jump_length,
+                         repaint_jump_n_sample, output_type, controls, adapters, clip_layers) -> None:
+    """Range checks of `Pipeline.__call__`'s arguments: out-of-range values are errors naming the
+    argument, never clamped or ignored."""
+
+    def number(name, v, lo=None, hi=None, *, lo_open=False):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v):
+            raise ConfigError(f"{name} must be a finite number, got {v!r}")
+        if lo is not None and (v < lo or (lo_open and v == lo)):
+            raise ConfigError(f"{name}={v} is out of range: must be {'>' if lo_open else '>='} {lo}"
+                              + (f" and <= {hi}" if hi is not None else ""))
+        if hi is not None and v > hi:
+            raise ConfigError(f"{name}={v} is out of range: must be <= {hi}")
+
+    def integer(name, v, lo, hi=None):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise ConfigError(f"{name} must be an integer, got {v!r}")
+        number(name, v, lo, hi)
+
+    integer("num_inference_steps", num_inference_steps, 1)
+    number("guidance_scale", guidance_scale, 0.0)
+    number("guidance_rescale", guidance_rescale, 0.0, 1.0)
+    integer("seed", seed, 0, 2**63 - 1)
+    integer("num_images_per_prompt", num_images_per_prompt, 1)
+    number("strength", strength, 0.0, 1.0, lo_open=True)
+    number("adapter_conditioning_factor", adapter_conditioning_factor, 0.0, 1.0)
+    integer("repaint_jump_length", repaint_jump_length, 1)
+    integer("repaint_jump_n_sample", repaint_jump_n_sample, 1)
+    if clip_skip is not None:
+        integer("clip_skip", clip_skip, 0, clip_layers)
+    if output_type not in ("uint8", "float", "latent"):
+        raise ConfigError(f"output_type must be 'uint8', 'float' or 'latent', got {output_type!r}")
+    for k, c in enumerate(controls):
+        number(f"controls[{k}].scale", c.scale)
+        number(f"controls[{k}].start (control_guidance_start)", c.start, 0.0, 1.0)
+        number(f"controls[{k}].end (control_guidance_end)", c.end, 0.0, 1.0)
+        if c.start >= c.end:
+            raise ConfigError(f"controls[{k}]: control_guidance_start={c.start} must be smaller than "
+                              f"control_guidance_end={c.end}")
+    for k, a in enumerate(adapters):
+        number(f"adapters[{k}].scale", a.scale)
+
+
 class Pipeline:
     """A Stable Diffusion pipeline (U-Net, VAE, CLIP text encoder, tokenizer, scheduler config)
     plus any number of ControlNets and T2I-Adapters, as pure JAX functions of their parameters."""
@@ -116,6 +201,7 @@ class Pipeline:
             "adapters": [place(p) for _, p in self.adapters],
         }
         self._programs: dict[Any, Callable] = {}
+        self.last_settings: dict | None = None  # the resolved settings of the latest call (JSON-able)
         self._clip_guides: dict[int, G.ClipGuide] = {}
 
     # ------------------------------------------------------------------ construction
@@ -150,24 +236,27 @@ class Pipeline:
     def token_ids(self, prompts: Sequence[str]) -> np.ndarray:
         return tokenize(self.tokenizer, list(prompts)).astype(np.int32)
 
-    def prepare_controls(self, controls: Sequence[ControlInput], batch: int, height: int, width: int) -> list:
+    def prepare_controls(self, controls: Sequence[ControlInput], batch: int, height: int, width: int,
+                         num_images_per_prompt: int = 1) -> list:
+        """Each ControlNet's images as (batch, height, width, 3) float32 in [0, 1]. An image (or a
+        batch of one) serves every image; a batch of one per prompt is repeated
+        `num_images_per_prompt` times each, interleaved like the prompts (diffusers'
+        `prepare_image`)."""
         from .preprocess import prepare_control_image
 
         if len(controls) != len(self.controlnets):
             raise ConfigError(f"{len(self.controlnets)} ControlNets are loaded but {len(controls)} control "
                               "images were given (one per ControlNet)")
-        out = []
-        for c in controls:
-            img = prepare_control_image(c.image, height, width, batch_size=batch, vae_scale_factor=self.vae_scale_factor,
-                                        resize_mode=c.resize_mode)
-            if img.shape[0] == 1 and batch > 1:
-                img = np.repeat(img, batch, axis=0)
-            if img.shape[0] != batch:
-                raise ConfigError(f"a control image batch of {img.shape[0]} for {batch} images")
-            out.append(img.astype(np.float32))
-        return out
+        return [prepare_control_image(c.image, height, width, batch_size=batch,
+                                      num_images_per_prompt=num_images_per_prompt,
+                                      vae_scale_factor=self.vae_scale_factor, resize_mode=c.resize_mode)
+                for c in controls]
 
-    def prepare_adapter_images(self, adapters: Sequence[AdapterInput], batch: int, height: int, width: int) -> list:
+    def prepare_adapter_images(self, adapters: Sequence[AdapterInput], batch: int, height: int, width: int,
+                               num_images_per_prompt: int = 1) -> list:
+        """Each adapter's images as (batch, height, width, C) float32 in [0, 1], expanded like the
+        control images. (diffusers' adapter pipeline tiles a per-prompt batch instead, which pairs
+        a prompt's second image with the next prompt's condition; we keep each prompt's own.)"""
         from .models.adapter import adapter_in_channels
         from .preprocess import prepare_adapter_image
 
@@ -177,11 +266,28 @@ class Pipeline:
         for a, (module, params) in zip(adapters, self.adapters):
             factor = module.config.downscale_factor
             img = prepare_adapter_image(a.image, height, width, in_channels=adapter_in_channels(params, factor))
-            img = np.repeat(img, batch, axis=0) if img.shape[0] == 1 and batch > 1 else img
-            if img.shape[0] != batch:
-                raise ConfigError(f"an adapter image batch of {img.shape[0]} for {batch} images")
-            out.append(img.astype(np.float32))
+            out.append(_expand_per_prompt(img, batch, num_images_per_prompt, "adapter image"))
         return out
+
+    def check_memory(self, batch: int, height: int, width: int, *, do_cfg: bool = True) -> None:
+        """Refuse sizes whose activations cannot fit, before anything is allocated or compiled.
+
+        A lower bound of the peak: the largest of the VAE decoder's full-resolution activation
+        and the U-Net's first self-attention score tensor (batch x heads x L x L, L = latent
+        pixels, doubled with CFG), against the device's memory (host RAM on the CPU)."""
+        f = self.vae_scale_factor
+        lat = (height // f) * (width // f)
+        rows = batch * (2 if do_cfg else 1)
+        vae_bytes = batch * height * width * max(self.vae.config.block_out_channels) * 4
+        heads = max(self.unet.config.heads_per_block)
+        attn_bytes = rows * heads * lat * lat * 4
+        need = max(vae_bytes, attn_bytes)
+        have = _device_memory_bytes(self.mesh.devices.flat[0])
+        if have and need > have * self.mesh.devices.size:
+            raise ConfigError(
+                f"{batch} image(s) of {height}x{width} need at least {need / 2**30:.1f} GiB of activations "
+                f"(one {'VAE decoder activation' if vae_bytes >= attn_bytes else 'attention score tensor'}); "
+                f"the device has {have / 2**30:.1f} GiB. Use a smaller height/width or batch size")
 
     # ------------------------------------------------------------------ the program
     def _program(self, static: tuple) -> Callable:
@@ -237,8 +343,10 @@ class Pipeline:
                                         prediction_type=plan.prediction_type)
                 cond = {**cond, "clip_target": inputs["clip_target"]}
             noise = inputs["noise"]
+            checked = dict(key=inputs["keys"], return_nonfinite=True)
+            bad = None
             if mode == "txt2img":
-                latents = sample(model, plan, initial_latents(plan, noise), cond, key=inputs["keys"])
+                latents, bad = sample(model, plan, initial_latents(plan, noise), cond, **checked)
             else:
                 known = inputs.get("init_latents")
                 if known is None:
@@ -247,21 +355,25 @@ class Pipeline:
                         moments, inputs["keys"])
                     known = scale_latents(z, vae.config)
                 if mode == "img2img":
-                    latents = sample(model, plan, noised_latents(plan, known, noise), cond, key=inputs["keys"])
+                    latents, bad = sample(model, plan, noised_latents(plan, known, noise), cond, **checked)
                 elif mode == "inpaint":
                     from .sampler import Inpaint
 
                     start = initial_latents(plan, noise) if plan.begin_index == 0 else noised_latents(plan, known, noise)
-                    latents = sample(model, plan, start, cond, key=inputs["keys"],
-                                     inpaint=Inpaint(known, inputs["mask"], noise))
+                    latents, bad = sample(model, plan, start, cond, inpaint=Inpaint(known, inputs["mask"], noise),
+                                          **checked)
                 else:  # repaint
                     jl, jn = settings["repaint"]
                     latents = repaint(model, plan.schedule, known, inputs["mask"], inputs["keys"][0], cond,
                                       num_inference_steps=settings["steps"], jump_length=jl, jump_n_sample=jn)
+            if bad is None:  # RePaint: only the final latents are checked
+                bad = jnp.full(latents.shape[:1], -1, jnp.int32)
+                bad = first_nonfinite(bad, latents, plan.num_evals - 1)
             if settings["output"] == "latent":
-                return latents
+                return latents, bad
             images = vae.apply({"params": params["vae"]}, unscale_latents(latents, vae.config), method=vae.decode)
-            return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
+            # NaN survives the clip, so the host check below still sees a non-finite decode
+            return jnp.clip(images / 2 + 0.5, 0.0, 1.0), bad
 
         batch_sharding = named(self.mesh, P("data"))
         self._programs[static] = (jax.jit(program, out_shardings=batch_sharding), plan)
@@ -310,6 +422,13 @@ class Pipeline:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ConfigError("no prompt given")
+        check_call_arguments(
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale, seed=seed, num_images_per_prompt=num_images_per_prompt,
+            strength=strength, adapter_conditioning_factor=adapter_conditioning_factor, clip_skip=clip_skip,
+            repaint_jump_length=repaint_jump_length, repaint_jump_n_sample=repaint_jump_n_sample,
+            output_type=output_type, controls=controls, adapters=adapters,
+            clip_layers=self.text_encoder.config.num_hidden_layers)
         negatives = negative_prompt if negative_prompt is not None else ""
         negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
         if len(negatives) != len(prompts):
@@ -323,10 +442,15 @@ class Pipeline:
         width = width or sample_size * f
         if height % f or width % f:
             raise ConfigError(f"height and width must be multiples of {f}, got {height}x{width}")
+        if height <= 0 or width <= 0:
+            raise ConfigError(f"height and width must be positive, got {height}x{width}")
         h, w, c = height // f, width // f, self.latent_channels
+        self.check_memory(b, height, width, do_cfg=guidance_scale > 1.0)
         indices = list(range(b)) if image_indices is None else list(image_indices)
         if len(indices) != b:
             raise ConfigError(f"{len(indices)} image indices for {b} images")
+        if any(not isinstance(i, (int, np.integer)) or i < 0 for i in indices):
+            raise ConfigError(f"image_indices must be non-negative integers, got {indices}")
 
         mode = "txt2img"
         if init_image is not None or init_latents is not None:
@@ -336,6 +460,9 @@ class Pipeline:
         elif mask is not None:
             raise ConfigError("a mask needs an init image to inpaint")
         solver = scheduler
+        # diffusers' ControlNet pipelines: guess_mode = guess_mode or <first ControlNet>.global_pool_conditions
+        guess_used = bool(guess_mode) or bool(
+            self.controlnets and getattr(self.controlnets[0][0].config, "global_pool_conditions", False))
         strength_used = strength if mode in ("img2img", "inpaint") and strength < 1.0 else 1.0
         if mode == "repaint":
             strength_used = 1.0
@@ -359,12 +486,12 @@ class Pipeline:
         if self.controlnets:
             if not controls:
                 raise ConfigError(f"{len(self.controlnets)} ControlNets are loaded: give a control image for each")
-            inputs["controls"] = self.prepare_controls(controls, b, height, width)
+            inputs["controls"] = self.prepare_controls(controls, b, height, width, num_images_per_prompt)
             inputs["control_scales"] = np.asarray([ctl.scale for ctl in controls], np.float32)
         if self.adapters:
             if not adapters:
                 raise ConfigError(f"{len(self.adapters)} adapters are loaded: give an adapter image for each")
-            inputs["adapter_images"] = self.prepare_adapter_images(adapters, b, height, width)
+            inputs["adapter_images"] = self.prepare_adapter_images(adapters, b, height, width, num_images_per_prompt)
             inputs["adapter_scales"] = np.asarray([a.scale for a in adapters], np.float32)
         if mode != "txt2img":
             if init_latents is not None:
@@ -373,7 +500,9 @@ class Pipeline:
                 img = self._batch(np.asarray(init_image, np.float32), b, (height, width, 3), "init_image")
                 inputs["init_images"] = img * 2.0 - 1.0
             if mask is not None:
-                inputs["mask"] = self._latent_mask(np.asarray(mask, np.float32), b, h, w)
+                from .preprocess import prepare_mask
+
+                inputs["mask"] = prepare_mask(mask, b, h, w, num_images_per_prompt=num_images_per_prompt)
         if clip_guidance is not None:
             target = np.asarray(clip_guidance.target, np.float32)
             inputs["clip_target"] = np.broadcast_to(target, (b, target.shape[-1])).copy()
@@ -384,18 +513,42 @@ class Pipeline:
         static = (
             ("steps", num_inference_steps), ("solver", solver), ("strength", strength_used),
             ("plan_options", tuple(sorted((scheduler_options or {}).items()))),
-            ("windows", tuple((ctl.start, ctl.end) for ctl in controls)), ("guess_mode", bool(guess_mode)),
+            ("windows", tuple((ctl.start, ctl.end) for ctl in controls)), ("guess_mode", guess_used),
             ("do_cfg", guidance_scale > 1.0), ("rescale", float(guidance_rescale)), ("clip_skip", clip_skip),
             ("adapter_factor", float(adapter_conditioning_factor)), ("mode", mode),
             ("repaint", (repaint_jump_length, repaint_jump_n_sample)), ("output", output_type),
             ("clip_guide", None if clip_guidance is None else id(clip_guidance.guide)),
         )
-        program, _ = self._program(static)
-        out = program(self.params, self._shard(inputs, b))
-        out = self._gather(out)[:b]
-        if output_type == "latent":
-            return out
-        if output_type == "float":
+        program, plan = self._program(static)
+        out, bad = program(self.params, self._shard(inputs, b))
+        out, bad = self._gather(out)[:b], self._gather(bad)[:b]
+        raise_if_nonfinite(bad, solver=plan.solver, count=plan.num_evals, image_indices=indices)
+        if not np.all(np.isfinite(out)):
+            which = [indices[i] for i in np.flatnonzero(~np.isfinite(out.reshape(b, -1)).all(axis=1))]
+            raise NonFiniteError(
+                f"the VAE decode produced NaN or infinite pixels for image index(es) {which} from finite "
+                f"latents (VAE dtype {jnp.dtype(self.vae.dtype).name}; float16 VAEs overflow: use float32)")
+        self.last_settings = {
+            "solver": plan.solver, "scheduler_config": _jsonable(dict(plan.config)),
+            "prediction_type": plan.prediction_type, "num_inference_steps": int(num_inference_steps),
+            "model_evaluations": int(plan.num_evals), "timesteps": np.asarray(plan.timesteps).tolist(),
+            "mode": mode, "strength": float(strength_used), "guidance_scale": float(guidance_scale),
+            "classifier_free_guidance": bool(guidance_scale > 1.0), "guidance_rescale": float(guidance_rescale),
+            "guess_mode": guess_used, "clip_skip": clip_skip, "height": int(height), "width": int(width),
+            "seed": int(seed), "image_indices": [int(i) for i in indices],
+            "controlnets": [{"scale": float(ctl.scale), "start": float(ctl.start), "end": float(ctl.end),
+                             "resize_mode": ctl.resize_mode} for ctl in controls],
+            "adapters": [{"scale": float(a.scale)} for a in adapters],
+            "adapter_conditioning_factor": float(adapter_conditioning_factor),
+            "scheduler_options": _jsonable(dict(scheduler_options or {})),
+            "inpaint_method": inpaint_method if mask is not None else None,
+            "repaint": {"jump_length": repaint_jump_length, "jump_n_sample": repaint_jump_n_sample}
+            if mode == "repaint" else None,
+            "clip_guidance_scale": None if clip_guidance is None else float(clip_guidance.scale),
+            "dtype": jnp.dtype(self.unet.dtype).name, "vae_dtype": jnp.dtype(self.vae.dtype).name,
+            "devices": int(self.mesh.devices.size),
+        }
+        if output_type in ("latent", "float"):
             return out
         return np.round(out * 255.0).astype(np.uint8)
 
@@ -412,20 +565,6 @@ class Pipeline:
         if x.shape != (b,) + tuple(shape):
             raise ConfigError(f"{name} must have shape {(b,) + tuple(shape)} (or one for all), got {x.shape}")
         return x
-
-    def _latent_mask(self, mask: np.ndarray, b: int, h: int, w: int) -> np.ndarray:
-        if mask.ndim == 2:
-            mask = mask[None, :, :, None]
-        elif mask.ndim == 3:
-            mask = mask[..., None] if mask.shape[-1] != 1 else mask[None]
-        if mask.shape[-1] != 1:
-            mask = mask[..., :1]
-        if mask.shape[1:3] != (h, w):  # image-sized: nearest, as diffusers' legacy inpainting
-            ys = (np.arange(h) * mask.shape[1] // h)
-            xs = (np.arange(w) * mask.shape[2] // w)
-            mask = mask[:, ys][:, :, xs]
-        mask = (mask > 0.5).astype(np.float32)
-        return self._batch(mask, b, (h, w, 1), "mask")
 
     def _shard(self, inputs: dict, b: int) -> dict:
         """Per-image arrays onto the mesh's `data` axis (the batch padded to a multiple of its size),

@@ -39,6 +39,7 @@ __all__ = [
     "default_height_width",
     "prepare_control_image",
     "prepare_adapter_image",
+    "prepare_mask",
 ]
 
 
@@ -63,6 +64,8 @@ def load_image(path: str | os.PathLike, mode: str | None = "RGB") -> Image.Image
     try:
         with Image.open(p) as im:
             im.load()  # decode now: truncated / corrupt data fails here, not later
+            if mode is not None:
+                im = _to_8bit(im)
             out = im if mode is None or im.mode == mode else im.convert(mode)
             if out is im:
                 out = im.copy()
@@ -71,6 +74,25 @@ def load_image(path: str | os.PathLike, mode: str | None = "RGB") -> Image.Image
     except (ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ImageLoadError(f"{p}: cannot decode image: {e}") from e
     return out
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """16- and 32-bit integer images (16-bit PNGs load as "I;16" or "I") scaled to 8-bit "L".
+
+    PIL's own `convert` clips such values at 255, which turns a 16-bit mask or depth map into an
+    almost all-white image. A 16-bit image is scaled by 255/65535; an "I" image whose values all
+    fit in 0..255 is taken as 8-bit data."""
+    if im.mode.startswith("I;16"):
+        a = np.asarray(im, dtype=np.float64) * (255.0 / 65535.0)
+    elif im.mode == "I":
+        a = np.asarray(im, dtype=np.float64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise ValueError(f"32-bit integer image with values in [{a.min():g}, {a.max():g}]; expected 0..65535")
+        if a.size and a.max() > 255:
+            a = a * (255.0 / 65535.0)
+    else:
+        return im
+    return Image.fromarray(np.round(a).astype(np.uint8), mode="L")
 
 
 def load_images(paths: Sequence[str | os.PathLike], mode: str | None = "RGB") -> list[Image.Image]:
@@ -611,3 +633,96 @@ def prepare_adapter_image(
         elif in_channels is not None and c != in_channels:
             raise ValueError(f"adapter image has {c} channels; cannot convert to {in_channels}")
     return np.ascontiguousarray(out, dtype=np.float32)
+
+
+# ------------------------------------------------------------------------------------------- masks
+
+
+def _mask_array(item, what: str) -> np.ndarray:
+    """One mask, or a batch of them, as float32 (N, H, W) in [0, 1] from any layout diffusers'
+    mask processor takes, plus RGB(A) arrays (converted to luma)."""
+    if isinstance(item, Image.Image):
+        im = _to_8bit(item)
+        return np.asarray(im.convert("L"), np.float32)[None] / 255.0
+    a = np.asarray(item)
+    if a.dtype == np.bool_:
+        a = a.astype(np.float32)
+    elif a.dtype == np.uint8:
+        a = a.astype(np.float32) / 255.0
+    elif a.dtype == np.uint16:
+        a = a.astype(np.float32) / 65535.0
+    elif np.issubdtype(a.dtype, np.floating):
+        a = a.astype(np.float32)
+        if a.size and (not np.all(np.isfinite(a)) or a.min() < -1e-3 or a.max() > 1 + 1e-3):
+            raise ValueError(f"{what}: float masks must be finite and in [0, 1]; got values in "
+                             f"[{np.nanmin(a):.3g}, {np.nanmax(a):.3g}] (pass uint8 for 0..255 data)")
+    else:
+        raise ValueError(f"{what}: expected a bool, uint8, uint16 or float mask, got dtype {a.dtype}")
+    shape = a.shape
+    channels = (1, 3, 4)
+    if a.ndim == 2:  # (H, W)
+        return a[None]
+    if a.ndim == 3:
+        if shape[-1] in channels and shape[0] not in channels:  # (H, W, C)
+            return _mask_channels(a[None], what, shape)
+        if shape[0] in channels and shape[-1] not in channels:  # (C, H, W) or (1, H, W)
+            return _mask_channels(np.moveaxis(a, 0, -1)[None], what, shape)
+        if shape[-1] == 1:
+            return a[None, ..., 0]
+        return a  # (B, H, W)
+    if a.ndim == 4:
+        if shape[-1] in channels and shape[1] not in channels:  # (B, H, W, C)
+            return _mask_channels(a, what, shape)
+        if shape[1] in channels and shape[-1] not in channels:  # (B, C, H, W)
+            return _mask_channels(np.moveaxis(a, 1, -1), what, shape)
+        if shape[-1] == 1:
+            return a[..., 0]
+        if shape[1] == 1:
+            return a[:, 0]
+    raise ValueError(f"{what}: cannot tell the layout of a mask of shape {shape}; expected (H, W), (H, W, C), "
+                     "(C, H, W), (B, H, W), (B, H, W, C) or (B, C, H, W) with C in 1, 3, 4")
+
+
+def _mask_channels(a: np.ndarray, what: str, shape: tuple) -> np.ndarray:
+    """(B, H, W, C) -> (B, H, W): one channel as it is, RGB(A) to luma (alpha dropped)."""
+    c = a.shape[-1]
+    if c == 1:
+        return a[..., 0]
+    if c in (3, 4):
+        return _to_gray_array(a)[..., 0]
+    raise ValueError(f"{what}: a mask of shape {shape} has {c} channels; expected 1, 3 or 4")
+
+
+def prepare_mask(mask, batch: int, height: int, width: int, *, num_images_per_prompt: int = 1,
+                 what: str = "mask") -> np.ndarray:
+    """An inpainting mask as (batch, height, width, 1) float32 in {0, 1} (1 = regenerate), at the
+    latent size `height` x `width`.
+
+    Accepts what diffusers' mask processor (`VaeImageProcessor(do_binarize=True,
+    do_convert_grayscale=True)`) takes: PIL images of any mode ("1", "L", "RGB", "RGBA", 16-bit),
+    arrays (H, W), (H, W, 1), channels-first (1, H, W) and (B, 1, H, W), batches (B, H, W) and
+    (B, H, W, 1), and lists of these; also RGB(A) arrays, converted to luma. uint8 is 0..255,
+    uint16 0..65535, floats [0, 1]. Masks of any size are resized with PyTorch's nearest rule
+    (diffusers' `F.interpolate` to the latent size) and binarised at 0.5 (>= 0.5 is 1). A single
+    mask serves the whole batch; one per prompt is repeated `num_images_per_prompt` times each.
+    """
+    items = list(mask) if isinstance(mask, (list, tuple)) else [mask]
+    if not items:
+        raise ValueError(f"{what}: empty list")
+    arrays = [_mask_array(m, what) for m in items]
+    sizes = {a.shape[1:] for a in arrays}
+    if len(sizes) > 1:
+        raise ValueError(f"{what}: masks in one batch must have the same size, got {sorted(sizes)}")
+    m = np.concatenate(arrays, axis=0)
+    hi, wi = _nearest_indices(m.shape[1], height), _nearest_indices(m.shape[2], width)
+    m = m[:, hi][:, :, wi]
+    m = (m >= 0.5).astype(np.float32)[..., None]
+    n, prompts = m.shape[0], batch // max(num_images_per_prompt, 1)
+    if n == 1:
+        m = np.repeat(m, batch, axis=0)
+    elif n == prompts:
+        m = np.repeat(m, num_images_per_prompt, axis=0)
+    elif n != batch:
+        raise ValueError(f"{what}: a batch of {n} masks for {prompts} prompt(s) x {num_images_per_prompt} "
+                         f"image(s) each; give 1, {prompts} or {batch}")
+    return np.ascontiguousarray(m)
