@@ -12,7 +12,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# the CPU build of torch first, so that nothing below pulls a CUDA build
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test]"
+	# the library, the training stack (train extra) and the reference implementations the tests compare with
+	$(BIN)/pip install -q -e ".[train,test]"
 	touch $(STAMP)
 
 venv: $(STAMP)
