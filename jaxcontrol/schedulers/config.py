@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 from ..errors import ConfigError
 
-_COMMON = dict(
+_SCHEDULE = dict(
     num_train_timesteps=1000,
     beta_start=0.0001,
     beta_end=0.02,
@@ -25,52 +25,77 @@ _COMMON = dict(
     prediction_type="epsilon",
     timestep_spacing="leading",
     steps_offset=0,
-    rescale_betas_zero_snr=False,
 )
+_COMMON = {**_SCHEDULE, "rescale_betas_zero_snr": False}
 
-# Each solver's own defaults (those of the diffusers class of the same name).
+# diffusers' fix for sigma-space classes on a zero-terminal-SNR schedule: the last alpha_bar (0) is
+# replaced by the smallest positive float16 subnormal, so the first sigma is 4096 instead of inf.
+CLAMPED_TERMINAL_ALPHA_BAR = 2.0**-24
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    """What one diffusers scheduler class reads from a config, and what it does at SNR 0.
+
+    `fields` are exactly the fields the class's `__init__` takes (with its defaults): a config field
+    outside them is ignored, as diffusers' `from_config` ignores it (PNDM and Heun take no
+    `rescale_betas_zero_snr`, so they run a zero-SNR config on the plain schedule). `sigma_fields`
+    are read by `set_timesteps` only when present in the config (`hasattr(self.config, ...)`).
+    `terminal_alpha_bar` is what the class sets `alphas_cumprod[-1]` to when it honours
+    `rescale_betas_zero_snr` (None: the last alpha_bar stays 0).
+    """
+
+    class_name: str
+    fields: dict[str, Any]
+    terminal_alpha_bar: float | None = None
+    sigma_fields: tuple[str, ...] = ()
+
+
+_SIGMA_FIELDS = ("sigma_min", "sigma_max")
+
+# The one table: solver -> diffusers class, the fields it honours, its zero-SNR treatment.
+SOLVER_TABLE: dict[str, SolverSpec] = {
+    "ddpm": SolverSpec("DDPMScheduler", {
+        **_COMMON, "variance_type": "fixed_small", "clip_sample": True, "clip_sample_range": 1.0,
+        "thresholding": False}),
+    "ddim": SolverSpec("DDIMScheduler", {
+        **_COMMON, "clip_sample": True, "clip_sample_range": 1.0, "set_alpha_to_one": True, "thresholding": False}),
+    "ddim_inverse": SolverSpec("DDIMInverseScheduler", {
+        **_COMMON, "clip_sample": True, "clip_sample_range": 1.0, "set_alpha_to_one": True}),
+    "pndm": SolverSpec("PNDMScheduler", {**_SCHEDULE, "skip_prk_steps": False, "set_alpha_to_one": False}),
+    "euler": SolverSpec("EulerDiscreteScheduler", {
+        **_COMMON, "timestep_spacing": "linspace", "interpolation_type": "linear", "use_karras_sigmas": False,
+        "use_exponential_sigmas": False, "use_beta_sigmas": False, "sigma_min": None, "sigma_max": None,
+        "timestep_type": "discrete", "final_sigmas_type": "zero"}, CLAMPED_TERMINAL_ALPHA_BAR),
+    "euler_ancestral": SolverSpec("EulerAncestralDiscreteScheduler", {**_COMMON, "timestep_spacing": "linspace"},
+                                  CLAMPED_TERMINAL_ALPHA_BAR),
+    "heun": SolverSpec("HeunDiscreteScheduler", {
+        **_SCHEDULE, "beta_start": 0.00085, "beta_end": 0.012, "timestep_spacing": "linspace",
+        "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+        "clip_sample": False, "clip_sample_range": 1.0}, sigma_fields=_SIGMA_FIELDS),
+    "dpmsolver_multistep": SolverSpec("DPMSolverMultistepScheduler", {
+        **_COMMON, "timestep_spacing": "linspace", "solver_order": 2, "algorithm_type": "dpmsolver++",
+        "solver_type": "midpoint", "lower_order_final": True, "euler_at_final": False, "use_karras_sigmas": False,
+        "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False,
+        "use_flow_sigmas": False, "final_sigmas_type": "zero", "lambda_min_clipped": -math.inf,
+        "variance_type": None, "thresholding": False}, CLAMPED_TERMINAL_ALPHA_BAR, _SIGMA_FIELDS),
+    "unipc": SolverSpec("UniPCMultistepScheduler", {
+        **_COMMON, "timestep_spacing": "linspace", "solver_order": 2, "predict_x0": True, "solver_type": "bh2",
+        "lower_order_final": True, "disable_corrector": (), "solver_p": None, "use_karras_sigmas": False,
+        "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_flow_sigmas": False,
+        "final_sigmas_type": "zero", "thresholding": False, "sigma_min": None, "sigma_max": None},
+        CLAMPED_TERMINAL_ALPHA_BAR),
+    "lcm": SolverSpec("LCMScheduler", {
+        **_COMMON, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+        "original_inference_steps": 50, "clip_sample": False, "clip_sample_range": 1.0, "set_alpha_to_one": True,
+        "timestep_scaling": 10.0, "thresholding": False}),
+}
+
+# Derived views of the table.
 SOLVER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "ddpm": {**_COMMON, "variance_type": "fixed_small", "clip_sample": True, "clip_sample_range": 1.0,
-             "thresholding": False},
-    "ddim": {**_COMMON, "clip_sample": True, "clip_sample_range": 1.0, "set_alpha_to_one": True,
-             "thresholding": False},
-    "ddim_inverse": {**_COMMON, "clip_sample": True, "clip_sample_range": 1.0, "set_alpha_to_one": True},
-    "pndm": {**_COMMON, "skip_prk_steps": False, "set_alpha_to_one": False},
-    "euler": {**_COMMON, "timestep_spacing": "linspace", "interpolation_type": "linear",
-              "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
-              "sigma_min": None, "sigma_max": None, "timestep_type": "discrete", "final_sigmas_type": "zero"},
-    "euler_ancestral": {**_COMMON, "timestep_spacing": "linspace"},
-    "heun": {**_COMMON, "beta_start": 0.00085, "beta_end": 0.012, "timestep_spacing": "linspace",
-             "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
-             "clip_sample": False, "clip_sample_range": 1.0, "sigma_min": None, "sigma_max": None},
-    "dpmsolver_multistep": {**_COMMON, "timestep_spacing": "linspace", "solver_order": 2,
-                            "algorithm_type": "dpmsolver++", "solver_type": "midpoint", "lower_order_final": True,
-                            "euler_at_final": False, "use_karras_sigmas": False, "use_exponential_sigmas": False,
-                            "use_beta_sigmas": False, "use_lu_lambdas": False, "use_flow_sigmas": False,
-                            "final_sigmas_type": "zero", "lambda_min_clipped": -math.inf, "variance_type": None,
-                            "thresholding": False, "sigma_min": None, "sigma_max": None},
-    "unipc": {**_COMMON, "timestep_spacing": "linspace", "solver_order": 2, "predict_x0": True,
-              "solver_type": "bh2", "lower_order_final": True, "disable_corrector": (), "solver_p": None,
-              "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
-              "use_flow_sigmas": False, "final_sigmas_type": "zero", "thresholding": False,
-              "sigma_min": None, "sigma_max": None},
-    "lcm": {**_COMMON, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-            "original_inference_steps": 50, "clip_sample": False, "clip_sample_range": 1.0,
-            "set_alpha_to_one": True, "timestep_scaling": 10.0, "thresholding": False},
+    name: {**spec.fields, **{k: None for k in spec.sigma_fields}} for name, spec in SOLVER_TABLE.items()
 }
-
-CLASS_TO_SOLVER = {
-    "DDPMScheduler": "ddpm",
-    "DDIMScheduler": "ddim",
-    "DDIMInverseScheduler": "ddim_inverse",
-    "PNDMScheduler": "pndm",
-    "EulerDiscreteScheduler": "euler",
-    "EulerAncestralDiscreteScheduler": "euler_ancestral",
-    "HeunDiscreteScheduler": "heun",
-    "DPMSolverMultistepScheduler": "dpmsolver_multistep",
-    "UniPCMultistepScheduler": "unipc",
-    "LCMScheduler": "lcm",
-}
+CLASS_TO_SOLVER = {spec.class_name: name for name, spec in SOLVER_TABLE.items()}
 SOLVER_TO_CLASS = {v: k for k, v in CLASS_TO_SOLVER.items()}
 
 # Short names users type (`infer.py --scheduler`), mapped to solvers and config overrides.
@@ -152,6 +177,7 @@ class SchedulerConfig:
         if solver not in ALIASES:
             raise ConfigError(f"unknown solver {solver!r}; expected one of {sorted(ALIASES)}")
         name, overrides = ALIASES[solver]
+        # only the fields the solver's diffusers class honours; the others are ignored, as there
         settings = dict(SOLVER_DEFAULTS[name])
         settings.update({k: v for k, v in self.values.items() if k in settings})
         settings.update(overrides)
@@ -166,6 +192,13 @@ class SchedulerConfig:
         if settings["timestep_spacing"] not in ("leading", "trailing", "linspace"):
             raise ConfigError(f"timestep_spacing={settings['timestep_spacing']!r} is not one of leading, trailing, linspace")
         return name, ResolvedConfig(settings)
+
+
+def terminal_alpha_bar(solver: str, cfg: Mapping[str, Any]) -> float | None:
+    """The value `solver`'s diffusers class gives `alphas_cumprod[-1]` under `cfg` (None: unchanged)."""
+    if not cfg.get("rescale_betas_zero_snr", False):
+        return None
+    return SOLVER_TABLE[solver].terminal_alpha_bar
 
 
 class ResolvedConfig(dict):

@@ -87,12 +87,12 @@ class NoiseSchedule:
     log-linear in sigma, the inverse of the Karras `sigma_to_t` rule, exact at integers).
     """
 
-    def __init__(self, betas: np.ndarray, *, zero_terminal_fix: bool = False):
+    def __init__(self, betas: np.ndarray, *, terminal_alpha_bar: float | None = None):
         self.betas = np.asarray(betas, np.float32)
         self.alphas = (np.float32(1) - self.betas).astype(np.float32)
         self.alphas_cumprod = cumprod_f32(self.alphas)
-        if zero_terminal_fix:  # diffusers' sigma-space schedulers avoid an infinite sigma this way
-            self.alphas_cumprod[-1] = 2.0**-24
+        if terminal_alpha_bar is not None:  # diffusers' sigma-space classes: 2**-24, so sigma_max is finite
+            self.alphas_cumprod[-1] = np.float32(terminal_alpha_bar)
         self.num_train_timesteps = len(self.betas)
 
     @classmethod
@@ -104,7 +104,7 @@ class NoiseSchedule:
                 config.beta_end,
                 config.beta_schedule,
                 config.trained_betas,
-                config.rescale_betas_zero_snr,
+                config.get("rescale_betas_zero_snr", False),
             )
         )
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..errors import ConfigError
-from .config import SchedulerConfig
+from .config import SOLVER_TABLE, SchedulerConfig, terminal_alpha_bar
 from .noise import NoiseSchedule, make_betas
 from .timesteps import (
     discrete_timesteps,
@@ -62,6 +62,9 @@ class Plan:
     schedule: NoiseSchedule
     begin_index: int = 0
 
+    def __post_init__(self):
+        _check_finite(self)
+
     @property
     def num_evals(self) -> int:
         return len(self.timesteps)
@@ -88,12 +91,13 @@ def _f32(d: dict[str, Any]) -> dict[str, np.ndarray]:
     return {k: np.asarray(v, F32) for k, v in d.items()}
 
 
-def _schedule(cfg, *, zero_terminal_fix: bool = False) -> NoiseSchedule:
+def _schedule(cfg, solver: str) -> NoiseSchedule:
+    """The noise schedule as `solver`'s diffusers class builds it (see `config.SOLVER_TABLE`)."""
     betas = make_betas(
         cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule, cfg.trained_betas,
-        cfg.rescale_betas_zero_snr,
+        cfg.get("rescale_betas_zero_snr", False),
     )
-    return NoiseSchedule(betas, zero_terminal_fix=zero_terminal_fix and cfg.rescale_betas_zero_snr)
+    return NoiseSchedule(betas, terminal_alpha_bar=terminal_alpha_bar(solver, cfg))
 
 
 def _x0_eps(out, x, sa, sb, prediction_type: str):
@@ -126,7 +130,7 @@ def strength_start(num_inference_steps: int, strength: float) -> int:
 
 
 def plan_ddim(cfg, n: int, *, eta: float = 0.0, begin: int = 0) -> Plan:
-    sched = _schedule(cfg)
+    sched = _schedule(cfg, "ddim")
     ac = sched.alphas_cumprod
     final = F32(1.0) if cfg.set_alpha_to_one else ac[0]
     ts = discrete_timesteps(cfg, n)
@@ -147,7 +151,7 @@ def plan_ddim(cfg, n: int, *, eta: float = 0.0, begin: int = 0) -> Plan:
 
 def plan_ddim_inverse(cfg, n: int, *, begin: int = 0) -> Plan:
     """DDIM run backwards (x_0 -> x_T): diffusers' DDIMInverseScheduler."""
-    sched = _schedule(cfg)
+    sched = _schedule(cfg, "ddim_inverse")
     ac = sched.alphas_cumprod
     _ = discrete_timesteps(cfg, n)  # validates n
     N = cfg.num_train_timesteps
@@ -188,7 +192,7 @@ def plan_ddpm(cfg, n: int, *, begin: int = 0) -> Plan:
     if cfg.variance_type not in ("fixed_small", "fixed_small_log", "fixed_large"):
         raise ConfigError(f"DDPM variance_type={cfg.variance_type!r} is not supported "
                           "(fixed_small, fixed_small_log, fixed_large)")
-    sched = _schedule(cfg)
+    sched = _schedule(cfg, "ddpm")
     ac = sched.alphas_cumprod
     ts = discrete_timesteps(cfg, n)
     prev = np.append(ts[1:], -1)
@@ -229,7 +233,7 @@ def _update_ddpm(cfg):
 def plan_pndm(cfg, n: int, *, begin: int = 0) -> Plan:
     if cfg.prediction_type == "sample":
         raise ConfigError("PNDM supports prediction_type epsilon or v_prediction")
-    sched = _schedule(cfg)
+    sched = _schedule(cfg, "pndm")
     ac = sched.alphas_cumprod
     N = cfg.num_train_timesteps
     final = F32(1.0) if cfg.set_alpha_to_one else ac[0]
@@ -335,8 +339,8 @@ def _update_pndm(cfg):
 # ----------------------------------------------------------------------------------------------
 
 
-def _euler_sigmas(cfg, n: int, *, karras: bool) -> tuple[np.ndarray, np.ndarray, NoiseSchedule]:
-    sched = _schedule(cfg, zero_terminal_fix=True)
+def _euler_sigmas(cfg, n: int, solver: str, *, karras: bool) -> tuple[np.ndarray, np.ndarray, NoiseSchedule]:
+    sched = _schedule(cfg, solver)
     ts = float_timesteps(cfg, n)
     base = train_sigmas(sched.alphas_cumprod)
     log_sigmas = np.log(base)
@@ -360,7 +364,7 @@ def _sigma_init(cfg, sigmas) -> float:
 
 def plan_euler(cfg, n: int, *, begin: int = 0, s_churn: float = 0.0, s_tmin: float = 0.0,
                s_tmax: float = float("inf"), s_noise: float = 1.0) -> Plan:
-    ts, sigmas, sched = _euler_sigmas(cfg, n, karras=cfg.use_karras_sigmas)
+    ts, sigmas, sched = _euler_sigmas(cfg, n, "euler", karras=cfg.use_karras_sigmas)
     s = sigmas[:-1]
     gamma = np.where((s_tmin <= s) & (s <= s_tmax), min(s_churn / (len(sigmas) - 1), 2**0.5 - 1), 0.0)
     s_hat = (s * (gamma + 1)).astype(F32)
@@ -394,7 +398,7 @@ def _update_euler(cfg):
 def plan_euler_ancestral(cfg, n: int, *, begin: int = 0) -> Plan:
     if cfg.prediction_type == "sample":
         raise ConfigError("Euler ancestral supports prediction_type epsilon or v_prediction (as diffusers does)")
-    ts, sigmas, sched = _euler_sigmas(cfg, n, karras=False)
+    ts, sigmas, sched = _euler_sigmas(cfg, n, "euler_ancestral", karras=False)
     s_from, s_to = sigmas[:-1], sigmas[1:]
     up = (s_to**2 * (s_from**2 - s_to**2) / s_from**2) ** F32(0.5)
     down = (s_to**2 - up**2) ** F32(0.5)
@@ -415,7 +419,7 @@ def _update_euler_ancestral(cfg):
 
 
 def plan_heun(cfg, n: int, *, begin: int = 0) -> Plan:
-    ts, sigmas, sched = _euler_sigmas(cfg, n, karras=cfg.use_karras_sigmas)
+    ts, sigmas, sched = _euler_sigmas(cfg, n, "heun", karras=cfg.use_karras_sigmas)
     S = np.concatenate([sigmas[:1], np.repeat(sigmas[1:-1], 2), sigmas[-1:]]).astype(F32)
     T = np.concatenate([ts[:1], np.repeat(ts[1:], 2)]).astype(F32)
     m = len(T)
@@ -512,7 +516,7 @@ def plan_dpmsolver_multistep(cfg, n: int, *, begin: int = 0) -> Plan:
         raise ConfigError(f"DPM-Solver algorithm_type={algo!r} is not supported (dpmsolver++, sde-dpmsolver++, dpmsolver)")
     if cfg.solver_order not in (1, 2, 3):
         raise ConfigError(f"DPM-Solver solver_order must be 1, 2 or 3, got {cfg.solver_order}")
-    sched = _schedule(cfg)
+    sched = _schedule(cfg, "dpmsolver_multistep")
     ts, sigmas = _multistep_sigmas(cfg, n, sched, final_from_karras=False)
     L = len(ts)
     K = 3
@@ -613,7 +617,7 @@ def _update_dpm(cfg):
 def plan_unipc(cfg, n: int, *, begin: int = 0) -> Plan:
     if cfg.solver_type not in ("bh1", "bh2"):
         raise ConfigError(f"UniPC solver_type must be bh1 or bh2, got {cfg.solver_type!r}")
-    sched = _schedule(cfg, zero_terminal_fix=True)
+    sched = _schedule(cfg, "unipc")
     ts, sigmas = _multistep_sigmas(cfg, n, sched, final_from_karras=True)
     L, K = len(ts), cfg.solver_order
     predict_x0 = cfg.predict_x0
@@ -731,7 +735,7 @@ def _init_unipc_full(cfg, x):
 
 
 def plan_lcm(cfg, n: int, *, begin: int = 0, strength: float = 1.0, original_inference_steps: int | None = None) -> Plan:
-    sched = _schedule(cfg)
+    sched = _schedule(cfg, "lcm")
     ac = sched.alphas_cumprod
     N = cfg.num_train_timesteps
     original = original_inference_steps or cfg.original_inference_steps
@@ -779,8 +783,56 @@ def _update_lcm(cfg):
 # ----------------------------------------------------------------------------------------------
 
 
+# Solvers whose update recovers x0 as (x - sb * out) / sa (the timestep-space ones).
+_X0_FROM_ROWS = ("ddim", "ddim_inverse", "ddpm", "lcm")
+
+# Config fields that decide whether a schedule has a step at SNR 0 or a singular coefficient.
+_SNR_FIELDS = ("prediction_type", "rescale_betas_zero_snr", "timestep_spacing", "trained_betas",
+               "final_sigmas_type", "lower_order_final", "solver_order")
+
+
+def _check_x0_recoverable(solver: str, cfg, ts, sa) -> None:
+    """An epsilon model at alpha_bar = 0 (SNR 0) gives x0 = (x - eps) / 0: diffusers returns NaN there."""
+    if cfg.prediction_type != "epsilon":
+        return
+    zero = np.flatnonzero(np.asarray(sa) == 0)
+    if zero.size == 0:
+        return
+    k = int(zero[0])
+    cause = ("rescale_betas_zero_snr=True" if cfg.get("rescale_betas_zero_snr", False)
+             else "the beta schedule (trained_betas)")
+    raise ConfigError(
+        f"prediction_type='epsilon' cannot run on this schedule with the {solver} solver: {cause} gives "
+        f"alpha_bar=0 (SNR 0) at timestep {int(ts[k])} (model evaluation {k + 1} of {len(ts)}), where "
+        "x0 = (x - sqrt(1 - alpha_bar) * epsilon) / sqrt(alpha_bar) divides by zero (diffusers' "
+        f"{SOLVER_TABLE[solver].class_name} returns NaN there). Use prediction_type='v_prediction' (a model "
+        "trained for it), rescale_betas_zero_snr=False, or a solver that clamps the last alpha_bar to 2**-24 "
+        "(euler, euler_a, dpmpp_2m, unipc)")
+
+
+def _check_finite(plan: "Plan") -> None:
+    """The last host-side guard: a plan with a NaN or infinite coefficient never reaches the sampler."""
+    scalars = {"init_noise_sigma": plan.init_noise_sigma, "start_a": plan.start_a, "start_b": plan.start_b}
+    for name, value in scalars.items():
+        if not np.isfinite(value):
+            raise ConfigError(f"the {plan.solver} plan's {name} is {value}: this scheduler config cannot be "
+                              f"sampled by {plan.solver} (check {', '.join(_SNR_FIELDS)})")
+    for name, values in plan.rows.items():
+        values = np.asarray(values)
+        bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1) if values.size else np.zeros(0, bool)
+        if bad.any():
+            k = int(np.flatnonzero(bad)[0])
+            raise ConfigError(
+                f"the {plan.solver} plan's coefficient {name!r} is not finite ({values[k].tolist()}) at model "
+                f"evaluation {k + 1} of {len(values)} (timestep {plan.timesteps[k]}): sampling would return "
+                f"NaN. This scheduler config cannot be sampled by {plan.solver} (check "
+                f"{', '.join(f for f in _SNR_FIELDS if f in plan.config)})")
+
+
 def _finish(solver, cfg, n, ts, rows, sched, begin, *, init_noise_sigma, start, sigmas=None) -> Plan:
     rows = {k: np.asarray(v)[begin:] for k, v in rows.items()}
+    if solver in _X0_FROM_ROWS:
+        _check_x0_recoverable(solver, cfg, np.asarray(ts)[begin:], rows["sa"])
     return Plan(solver, cfg, n - begin if solver != "heun" else n - begin // 2, np.asarray(ts)[begin:], _f32(rows),
                 float(init_noise_sigma), float(start[0]), float(start[1]), sigmas, sched, begin)
 

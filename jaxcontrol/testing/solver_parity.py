@@ -148,6 +148,8 @@ def run_case(case: SolverCase, *, seed: int = 0, shape=(2, 4, 6, 6)) -> dict:
     ours = np.asarray(ours).transpose(0, 3, 1, 2)
     return {
         "rel_err": float(np.abs(ours - ref).max() / np.abs(ref).max()),
+        "ours_finite": bool(np.isfinite(ours).all()),
+        "ref_finite": bool(np.isfinite(ref).all()),
         "timesteps_equal": len(plan.timesteps) == len(ref_t) and np.array_equal(
             np.asarray(plan.timesteps).astype(ref_t.dtype), ref_t),
         "sigmas_equal": None if ref_sigmas is None or plan.sigmas is None else bool(
