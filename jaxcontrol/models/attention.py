@@ -3,8 +3,8 @@
 Two interchangeable attention kernels, chosen per model by `attention_impl`:
 
 * ``"plain"``: scores and softmax written out with einsum; softmax always in float32.
-* ``"dot_product"``: `jax.nn.dot_product_attention`, which XLA lowers to a fused kernel and which
-  takes cuDNN flash attention on GPUs for bf16/fp16 inputs.
+* ``"dot_product"``: `jax.nn.dot_product_attention` without `implementation=`, which in jax 0.10
+  is XLA's attention on every backend (cuDNN's fused kernel is only used when asked for by name).
 
 Both are tested for parity against PyTorch.
 """

@@ -151,7 +151,7 @@ class UNet2DConditionModel(nn.Module):
         for i, block in enumerate(downs):
             if block.with_attention:
                 extra = intrablock.pop(0) if intrablock else None
-                if extra is not None:  # added after the block's first resnet: input size, the block's width
+                if extra is not None:  # added after the block's last resnet/transformer pair, before its downsampler
                     _check_adapter_feature(n_adapter - len(intrablock) - 1, i, extra.shape,
                                            x.shape[:3] + (cfg.block_out_channels[i],))
                 x, res = block(x, emb, context, additional_residual=extra)
@@ -236,8 +236,8 @@ def _check_adapter_feature(k: int, block: int, got: tuple, expected: tuple) -> N
         raise ValueError(
             f"down_intrablock_additional_residuals[{k}] (a T2I-Adapter feature) has shape {tuple(got)}, but down "
             f"block {block} adds it where the U-Net's features are {tuple(expected)}. diffusers adds adapter "
-            f"features inside CrossAttnDownBlock2D (after the first resnet) and after a DownBlock2D (after its "
-            f"downsampler), so the adapter's feature sizes must follow the U-Net's block layout"
+            f"features inside CrossAttnDownBlock2D (after its last resnet/transformer pair, before its downsampler) "
+            f"and after a DownBlock2D (after its downsampler), so the adapter's feature sizes must follow the U-Net's block layout"
         )
 
 
