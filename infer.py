@@ -20,7 +20,12 @@ Examples:
       --adapter t2i_sketch --adapter-image sketch.png --adapter-scale 0.7
 
 It writes one PNG per image, a contact-sheet grid and a JSON sidecar per image with every setting,
-the seed and the image index (`--seed S --image-indices i` regenerates image i).
+the seed and the image index (`--seed S --image-indices i` regenerates image i). Nothing is
+written unless every image came out finite.
+
+Exit codes: 0 success; 1 runtime error (an unreadable model, NaN or infinite values while
+sampling, a size that cannot fit in memory); 2 usage error (a flag out of range, a missing or
+unreadable input file); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -67,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--control-resize-mode", default="default", choices=("default", "crop", "fill"),
                    help="how control images are fitted to the output size: stretch (default), centre-crop, "
                         "or pad (diffusers' resize_mode)")
-    c.add_argument("--guess-mode", action="store_true", help="ControlNet guess mode (control on the conditional "
-                                                             "branch only, 0.825^(12-k) scales)")
+    c.add_argument("--guess-mode", action="store_true",
+                   help="ControlNet guess mode (control on the conditional branch only, residual k of 13 scaled "
+                        "by 10^((k-12)/12)); on by itself for ControlNets with global_pool_conditions (shuffle)")
     a = ap.add_argument_group("T2I-Adapter (repeat the group once per adapter)")
     a.add_argument("--adapter", action="append", default=[], help="a T2I-Adapter (diffusers folder or .pth file)")
     a.add_argument("--adapter-image", action="append", default=[], help="its condition image")
@@ -87,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance-scale", type=float,
                    help="classifier-free guidance scale (default 7.5; --demo: 5)")
     s.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance_rescale (Lin et al. 2023)")
-    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
+    s.add_argument("--eta", type=float, default=0.0,
+                   help="DDIM eta in [0, 1] (default 0); an error with any other solver")
     s.add_argument("--clip-skip", type=int, default=None, help="use the CLIP layer this many from the end")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
@@ -121,111 +128,191 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def fail(message: str) -> int:
-    print(f"infer.py: error: {message}", file=sys.stderr)
-    return 2
+PROG = "infer.py"
+
+
+def check_flags(args) -> None:
+    """Flag values that are out of range or malformed: a `UsageError` naming the flag, before any
+    file is read. Nothing is clamped or silently ignored."""
+    from jaxcontrol.errors import UsageError
+
+    def finite(flag, v):
+        if v is not None and not math.isfinite(v):
+            raise UsageError(f"{flag} {v}: must be a finite number")
+
+    def at_least(flag, v, lo):
+        if v is not None and v < lo:
+            raise UsageError(f"{flag} {v}: must be at least {lo}")
+
+    def within(flag, v, lo, hi, lo_open=False):
+        if v is None:
+            return
+        finite(flag, v)
+        if v < lo or v > hi or (lo_open and v == lo):
+            raise UsageError(f"{flag} {v}: must be in {'(' if lo_open else '['}{lo}, {hi}]")
+
+    for flag, v in (("--steps", args.steps), ("--num-images", args.num_images), ("--batch-size", args.batch_size),
+                    ("--repaint-jump-length", args.repaint_jump_length),
+                    ("--repaint-jump-n-sample", args.repaint_jump_n_sample)):
+        at_least(flag, v, 1)
+    for flag, v in (("--clip-skip", args.clip_skip), ("--clip-cutouts", args.clip_cutouts),
+                    ("--canny-low", args.canny_low), ("--canny-high", args.canny_high)):
+        at_least(flag, v, 0)
+    if args.canny_low > args.canny_high:
+        raise UsageError(f"--canny-low {args.canny_low} is above --canny-high {args.canny_high}")
+    if not 0 <= args.seed < 2**63:
+        raise UsageError(f"--seed {args.seed}: must be in [0, 2^63 - 1]")
+    finite("--guidance-scale", args.guidance_scale)
+    at_least("--guidance-scale", args.guidance_scale, 0)
+    within("--guidance-rescale", args.guidance_rescale, 0.0, 1.0)
+    within("--eta", args.eta, 0.0, 1.0)
+    within("--strength", args.strength, 0.0, 1.0, lo_open=True)
+    within("--adapter-factor", args.adapter_factor, 0.0, 1.0)
+    finite("--clip-guidance-scale", args.clip_guidance_scale)
+    at_least("--clip-guidance-scale", args.clip_guidance_scale, 0)
+    for v in args.control_scale:
+        finite("--control-scale", v)
+    for v in args.adapter_scale:
+        finite("--adapter-scale", v)
+    for flag, values in (("--control-start", args.control_start), ("--control-end", args.control_end)):
+        for v in values:
+            within(flag, v, 0.0, 1.0)
+    for name in ("height", "width"):
+        v = getattr(args, name)
+        if v is not None and (v <= 0 or v % 8):
+            raise UsageError(f"--{name} {v}: must be a positive multiple of 8")
+    if args.image_indices is not None:
+        try:
+            args.image_indices = [int(i) for i in args.image_indices.split(",")]
+        except ValueError:
+            raise UsageError(f"--image-indices {args.image_indices!r}: expected comma-separated integers "
+                             "such as 0,3,5") from None
 
 
 def per_unit(values, n, default, what):
+    from jaxcontrol.errors import UsageError
+
     if not values:
         return [default] * n
     if len(values) == 1:
         return values * n
     if len(values) != n:
-        raise ValueError(f"{what} given {len(values)} times for {n} models (give it once, or once per model)")
+        raise UsageError(f"{what} given {len(values)} times for {n} models (give it once, or once per model)")
     return values
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from jaxcontrol.cli import run_main
+
+    return run_main(PROG, lambda: run(args))
+
+
+def _load(flag, path, mode="RGB"):
+    """An input image named by a flag; an unreadable one is a usage error naming the flag."""
     import numpy as np
 
-    from jaxcontrol.errors import JaxControlError
+    from jaxcontrol.errors import UsageError
+    from jaxcontrol.preprocess import ImageLoadError, load_image
 
     try:
-        return run(args, np)
-    except (JaxControlError, ValueError, FileNotFoundError, OSError) as e:
-        return fail(str(e))
+        return np.asarray(load_image(path, mode=mode), np.float32) / 255.0
+    except ImageLoadError as e:
+        raise UsageError(f"{flag}: {e}") from None
 
 
-def run(args, np) -> int:
+def run(args) -> int:
+    from jaxcontrol.errors import UsageError
+
+    check_flags(args)
     prompts = list(args.prompt)
     if args.prompt_file:
         path = Path(args.prompt_file)
         if not path.is_file():
-            return fail(f"--prompt-file {path}: no such file")
+            raise UsageError(f"--prompt-file {path}: no such file")
         prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
     from jaxcontrol import demo
 
     if args.demo and not prompts:
         prompts = [demo.DEMO_PROMPT]
     if not prompts:
-        return fail("give at least one --prompt or a --prompt-file")
+        raise UsageError("give at least one --prompt or a --prompt-file")
     model = args.model or str(demo.DEFAULT_MODEL)
     if not Path(model).exists():
         if args.model is None:
-            return fail("no --model given and the embedded default model is not built (run `make embedded-model`)")
-        return fail(f"--model {model}: no such file or folder")
+            raise UsageError("no --model given and the embedded default model is not built "
+                             "(run `make embedded-model`)")
+        raise UsageError(f"--model {model}: no such file or folder")
     if args.model is None:  # the embedded model: images without a network go to its own ControlNet / adapter
         if len(args.control_image) > len(args.controlnet) or (args.demo and not args.controlnet):
             args.controlnet = [str(demo.DEFAULT_CONTROLNET)] + args.controlnet
         if len(args.adapter_image) > len(args.adapter) or (
                 args.demo and not args.adapter and demo.DEFAULT_ADAPTER.is_dir()):
             if not demo.DEFAULT_ADAPTER.is_dir():
-                return fail("--adapter-image without --adapter: the embedded model has no T2I-Adapter installed")
+                raise UsageError("--adapter-image without --adapter: the embedded model has no T2I-Adapter installed")
             args.adapter = [str(demo.DEFAULT_ADAPTER)] + args.adapter
     if args.demo:
-        return run_demo(args, prompts[0], model, np)
+        return run_demo(args, prompts[0], model)
     args.steps = 30 if args.steps is None else args.steps
     args.guidance_scale = 7.5 if args.guidance_scale is None else args.guidance_scale
     for flag, paths in (("--controlnet", args.controlnet), ("--adapter", args.adapter)):
         for p in paths:
             if not Path(p).exists():
-                return fail(f"{flag} {p}: no such file or folder")
+                raise UsageError(f"{flag} {p}: no such file or folder")
     # a pipeline folder may hold its own ControlNets / adapter: their images come first
     if len(args.control_image) < len(args.controlnet):
-        return fail(f"{len(args.controlnet)} --controlnet but {len(args.control_image)} --control-image")
+        raise UsageError(f"{len(args.controlnet)} --controlnet but {len(args.control_image)} --control-image")
     if len(args.adapter_image) < len(args.adapter):
-        return fail(f"{len(args.adapter)} --adapter but {len(args.adapter_image)} --adapter-image")
-    for name in ("height", "width"):
-        v = getattr(args, name)
-        if v is not None and (v <= 0 or v % 8):
-            return fail(f"--{name} {v}: must be a positive multiple of 8")
+        raise UsageError(f"{len(args.adapter)} --adapter but {len(args.adapter_image)} --adapter-image")
     if args.mask and not args.init_image:
-        return fail("--mask needs --init-image")
+        raise UsageError("--mask needs --init-image")
     if args.clip_guidance_scale and not args.clip_model:
-        return fail("--clip-guidance-scale needs --clip-model")
-    if args.batch_size < 1 or args.num_images < 1:
-        return fail("--batch-size and --num-images must be at least 1")
+        raise UsageError("--clip-guidance-scale needs --clip-model")
+    n_images = len(prompts) * args.num_images
+    if args.image_indices is not None and any(i < 0 or i >= n_images for i in args.image_indices):
+        raise UsageError(f"--image-indices {','.join(map(str, args.image_indices))}: must be in 0..{n_images - 1}")
     n_cn, n_ad = len(args.control_image), len(args.adapter_image)
     cn_scales = per_unit(args.control_scale, n_cn, 1.0, "--control-scale")
     cn_starts = per_unit(args.control_start, n_cn, 0.0, "--control-start")
     cn_ends = per_unit(args.control_end, n_cn, 1.0, "--control-end")
+    for k, (a, e) in enumerate(zip(cn_starts, cn_ends)):
+        if a >= e:
+            raise UsageError(f"--control-start {a} must be smaller than --control-end {e} (ControlNet {k})")
     ad_scales = per_unit(args.adapter_scale, n_ad, 1.0, "--adapter-scale")
 
-    from jaxcontrol.preprocess import load_image  # validates images before the slow model load
+    # images are validated before the slow model load
+    control_images = [_load("--control-image", p) for p in args.control_image]
+    adapter_images = [_load("--adapter-image", p) for p in args.adapter_image]
+    init_image = _load("--init-image", args.init_image) if args.init_image else None
+    mask = _load("--mask", args.mask, mode="L") if args.mask else None
 
-    control_images = [np.asarray(load_image(p), np.float32) / 255.0 for p in args.control_image]
-    adapter_images = [np.asarray(load_image(p), np.float32) / 255.0 for p in args.adapter_image]
-    init_image = np.asarray(load_image(args.init_image), np.float32) / 255.0 if args.init_image else None
-    mask = np.asarray(load_image(args.mask, mode="L"), np.float32) / 255.0 if args.mask else None
-
+    import numpy as np
     from tqdm import tqdm
 
     import jax
 
     from jaxcontrol.images import make_grid, save_json, save_png
     from jaxcontrol.pipeline import AdapterInput, ControlInput
+    from jaxcontrol.provenance import array_sha256, hash_paths_in_background
 
     t0 = time.perf_counter()
+    hashes = hash_paths_in_background([model, *args.controlnet, *args.adapter])
     pipe = open_pipeline(args, model)
+    layers = pipe.text_encoder.config.num_hidden_layers
+    if args.clip_skip is not None and args.clip_skip > layers:
+        raise UsageError(f"--clip-skip {args.clip_skip}: the text encoder has {layers} layers (at most {layers})")
+    solver = pipe.scheduler_config.resolve(args.scheduler)[0]
+    if args.eta and solver != "ddim":
+        raise UsageError(f"--eta {args.eta} applies to the DDIM solver only; this run uses {solver!r} "
+                         "(add --scheduler ddim)")
     f = pipe.vae_scale_factor
     height = args.height or (init_image.shape[0] if init_image is not None else None)
     width = args.width or (init_image.shape[1] if init_image is not None else None)
     height = height or pipe.unet.config.sample_size * f
     width = width or pipe.unet.config.sample_size * f
     if height % f or width % f:
-        return fail(f"image size {height}x{width} is not a multiple of {f} (the VAE's downscale factor)")
+        raise UsageError(f"image size {height}x{width} is not a multiple of {f} (the VAE's downscale factor): "
+                         "give --height and --width")
     if init_image is not None and init_image.shape[:2] != (height, width):
         from PIL import Image
 
@@ -242,18 +329,11 @@ def run(args, np) -> int:
         adapter_images = [edges(i, 3) for i in adapter_images]
     clip = None
     if args.clip_guidance_scale:
-        clip = load_clip_guidance(args, pipe, prompts, np)
+        clip = load_clip_guidance(args, pipe, prompts)
 
-    indices = list(range(len(prompts) * args.num_images))
-    if args.image_indices:
-        indices = [int(i) for i in args.image_indices.split(",")]
-        if any(i < 0 or i >= len(prompts) * args.num_images for i in indices):
-            return fail(f"--image-indices must be in 0..{len(prompts) * args.num_images - 1}")
+    indices = list(range(n_images)) if args.image_indices is None else args.image_indices
     jobs = [(i, prompts[i // args.num_images]) for i in indices]
-    out_dir = Path(args.output)
-    settings = {k: v for k, v in vars(args).items() if k not in ("prompt", "prompt_file", "no_progress")}
-    settings.update(model=model, height=height, width=width, devices=jax.device_count())
-    written, images = [], []
+    results = []  # everything is sampled (and checked) before anything is written
     batches = math.ceil(len(jobs) / args.batch_size)
     bar = tqdm(total=len(jobs), disable=args.no_progress, unit="img", desc="compiling + sampling")
     for b in range(batches):
@@ -266,7 +346,7 @@ def run(args, np) -> int:
             [p for _, p in chunk], args.negative_prompt, height=height, width=width,
             num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
             guidance_rescale=args.guidance_rescale, scheduler=args.scheduler,
-            scheduler_options={"eta": args.eta} if args.eta and (args.scheduler or "") == "ddim" else None,
+            scheduler_options={"eta": args.eta} if solver == "ddim" else None,
             seed=args.seed, image_indices=[i for i, _ in chunk],
             controls=[ControlInput(img, s, a, e, args.control_resize_mode)
                       for img, s, a, e in zip(control_images, cn_scales, cn_starts, cn_ends)],
@@ -276,15 +356,52 @@ def run(args, np) -> int:
             mask=mask, inpaint_method=args.inpaint_method, repaint_jump_length=args.repaint_jump_length,
             repaint_jump_n_sample=args.repaint_jump_n_sample, clip_guidance=clip, clip_skip=args.clip_skip,
         )
+        seconds = round(time.perf_counter() - start, 3)
+        resolved = {k: v for k, v in pipe.last_settings.items() if k != "image_indices"}
         for (index, prompt), image in zip(chunk[:n_real], out[:n_real]):
-            stem = f"{args.name}_{index:05d}"
-            written.append(save_png(image, out_dir / f"{stem}.png"))
-            save_json({**settings, "prompt": prompt, "image_index": index,
-                       "seconds_for_batch": round(time.perf_counter() - start, 3)}, out_dir / f"{stem}.json")
-            images.append(image)
+            results.append((index, prompt, image, resolved, seconds))
         bar.set_description("sampling")
         bar.update(n_real)
     bar.close()
+
+    import jaxcontrol
+
+    common = {
+        "jaxcontrol_version": jaxcontrol.__version__,
+        "model": {"path": model, "sha256": hashes[model].result()},
+        "negative_prompt": args.negative_prompt,
+        "scheduler": args.scheduler or solver,
+        "steps": args.steps,
+        "attention": args.attention,
+        "inputs": {
+            "control_images": [{"path": p, "sha256": array_sha256(i)} for p, i in zip(args.control_image, control_images)],
+            "adapter_images": [{"path": p, "sha256": array_sha256(i)} for p, i in zip(args.adapter_image, adapter_images)],
+            "preprocess": args.preprocess if args.preprocess == "none" else
+            {"name": args.preprocess, "low": args.canny_low, "high": args.canny_high},
+            "init_image": None if init_image is None else {"path": args.init_image, "sha256": array_sha256(init_image)},
+            "mask": None if mask is None else {"path": args.mask, "sha256": array_sha256(mask)},
+        },
+    }
+    extra_cn = {p: hashes[p].result() for p in args.controlnet}
+    extra_ad = {p: hashes[p].result() for p in args.adapter}
+    out_dir = Path(args.output)
+    written, images = [], []
+    for index, prompt, image, resolved, seconds in results:
+        stem = f"{args.name}_{index:05d}"
+        sidecar = {**resolved, **common, "prompt": prompt, "image_index": index, "seconds_for_batch": seconds,
+                   "controlnets": [dict(c) for c in resolved["controlnets"]],
+                   "adapters": [dict(a) for a in resolved["adapters"]]}
+        # the ControlNets / adapters loaded from files (a pipeline folder's own come first and
+        # are fingerprinted with the model)
+        own_cn = len(resolved["controlnets"]) - len(args.controlnet)
+        for k, (p, digest) in enumerate(extra_cn.items()):
+            sidecar["controlnets"][own_cn + k] = {**sidecar["controlnets"][own_cn + k], "path": p, "sha256": digest}
+        own_ad = len(resolved["adapters"]) - len(args.adapter)
+        for k, (p, digest) in enumerate(extra_ad.items()):
+            sidecar["adapters"][own_ad + k] = {**sidecar["adapters"][own_ad + k], "path": p, "sha256": digest}
+        written.append(save_png(image, out_dir / f"{stem}.png"))
+        save_json(sidecar, out_dir / f"{stem}.json")
+        images.append(image)
     grid = save_png(make_grid(images), out_dir / f"{args.name}_grid.png")
     print(f"wrote {len(written)} images and {grid} in {time.perf_counter() - t0:.1f} s "
           f"({jax.device_count()} device(s))")
@@ -299,24 +416,30 @@ def open_pipeline(args, model):
                                     unsafe_load_pickle=args.unsafe_load_pickle)
 
 
-def run_demo(args, prompt, model, np) -> int:
+def run_demo(args, prompt, model) -> int:
+    from jaxcontrol.errors import UsageError
+
     if len(args.controlnet) != 1 or len(args.adapter) > 1:
-        return fail(f"--demo needs one --controlnet and at most one --adapter, got {len(args.controlnet)} and "
-                    f"{len(args.adapter)}")
+        raise UsageError(f"--demo needs one --controlnet and at most one --adapter, got {len(args.controlnet)} "
+                         f"and {len(args.adapter)}")
     for flag, paths in (("--controlnet", args.controlnet), ("--adapter", args.adapter)):
         if paths and not Path(paths[0]).exists():
-            return fail(f"{flag} {paths[0]}: no such file or folder")
-    from jaxcontrol import demo
-    from jaxcontrol.images import save_png
-    from jaxcontrol.preprocess import load_image
+            raise UsageError(f"{flag} {paths[0]}: no such file or folder")
+    import numpy as np
     from PIL import Image
 
+    import jaxcontrol
+    from jaxcontrol import demo
+    from jaxcontrol.images import save_json, save_png
+    from jaxcontrol.provenance import array_sha256, hash_paths_in_background
+
     t0 = time.perf_counter()
+    hashes = hash_paths_in_background([model, *args.controlnet, *args.adapter])
     pipe = open_pipeline(args, model)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     height, width = args.height or size, args.width or size
     if args.control_image:
-        condition = load_image(args.control_image[0])
+        condition = Image.fromarray(np.round(_load("--control-image", args.control_image[0]) * 255).astype(np.uint8))
     else:
         condition = Image.fromarray(demo.circle_outline(max(height, width)))
     condition = np.asarray(condition.resize((width, height), Image.BILINEAR))
@@ -324,14 +447,29 @@ def run_demo(args, prompt, model, np) -> int:
     steps = demo.DEMO_STEPS if args.steps is None else args.steps
     grid = demo.control_grid(pipe, prompt, condition, seed=args.seed, steps=steps, guidance_scale=guidance,
                              scheduler=args.scheduler)
+    settings = pipe.last_settings
+    sidecar = {
+        "jaxcontrol_version": jaxcontrol.__version__, "prompt": prompt, "negative_prompt": "",
+        "seed": args.seed, "steps": steps, "guidance_scale": guidance, "cfg_sweep": list(demo.CFG_SWEEP),
+        "height": height, "width": width, "solver": settings["solver"],
+        "scheduler_config": settings["scheduler_config"], "prediction_type": settings["prediction_type"],
+        "timesteps": settings["timesteps"], "dtype": settings["dtype"], "vae_dtype": settings["vae_dtype"],
+        "model": {"path": model, "sha256": hashes[model].result()},
+        "controlnet": {"path": args.controlnet[0], "sha256": hashes[args.controlnet[0]].result()},
+        "adapter": {"path": args.adapter[0], "sha256": hashes[args.adapter[0]].result()} if args.adapter else None,
+        "condition": {"path": args.control_image[0] if args.control_image else None,
+                      "sha256": array_sha256(condition)},
+    }
     path = save_png(grid, Path(args.output) / f"{args.name}_demo.png")
+    save_json(sidecar, Path(args.output) / f"{args.name}_demo.json")
     print(f"wrote {path} ({prompt!r}, {steps} steps, CFG {guidance:g}, seed {args.seed}) in "
           f"{time.perf_counter() - t0:.1f} s")
     return 0
 
 
-def load_clip_guidance(args, pipe, prompts, np):
+def load_clip_guidance(args, pipe, prompts):
     import jax.numpy as jnp
+    import numpy as np
 
     from jaxcontrol.convert.clip_model import load_clip_towers
     from jaxcontrol.guidance import ClipGuide

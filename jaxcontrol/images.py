@@ -34,6 +34,11 @@ def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
     """Write an (H, W, 3 or 1) uint8 image as PNG, atomically (temp file + rename)."""
     arr = np.asarray(image)
     if arr.dtype != np.uint8:
+        if not np.all(np.isfinite(arr)):
+            from .errors import NonFiniteError
+
+            raise NonFiniteError(f"{path}: refusing to write an image with NaN or infinite values "
+                                 "(they would become black pixels)")
         arr = np.round(np.clip(arr, 0, 1) * 255).astype(np.uint8)
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
