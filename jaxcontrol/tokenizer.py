@@ -24,6 +24,11 @@ def load_tokenizer(folder: str | os.PathLike):
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no tokenizer folder")
+    from .convert.paths import check_tree
+
+    # regular files only, none resolving outside the folder (a Hugging Face snapshot's blobs/ excepted):
+    # transformers would block on a FIFO and read whatever a link points to
+    check_tree(folder, f"tokenizer folder {folder}")
     from transformers import AutoTokenizer
 
     try:

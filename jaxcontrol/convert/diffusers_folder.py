@@ -10,7 +10,6 @@ torch), a sharded `*.safetensors.index.json`, or the `.bin` equivalents (torch's
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -34,6 +33,7 @@ from ..models.controlnet import ControlNetModel
 from ..models.params import param_shapes
 from ..models.unet import UNet2DConditionModel
 from ..models.vae import AutoencoderKL, AutoencoderKLConfig
+from .paths import check_inside, read_json, regular_file, safe_join
 from .sources import TensorSource, open_weights
 from .state_dict import convert_to_flax
 
@@ -87,20 +87,22 @@ WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.inde
 
 
 def read_config(folder: str | os.PathLike) -> dict:
-    path = Path(folder) / "config.json"
-    if not path.is_file():
+    path = safe_join(folder, "config.json", f"{folder}: config.json")
+    if not os.path.lexists(path):
         raise ConfigError(f"{folder}: no config.json (is this a diffusers model folder?)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: invalid JSON: {e}") from e
+    return read_json(path, "config.json", error=ConfigError)
 
 
 def model_type_of(raw: dict, source: str) -> tuple[str, ModelType]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a config must be a JSON object, found a {type(raw).__name__}")
     name = raw.get("_class_name")
     if name is None and raw.get("architectures"):
-        name = raw["architectures"][0]
-    if name not in MODEL_TYPES:
+        archs = raw["architectures"]
+        if not isinstance(archs, list) or not isinstance(archs[0], str):
+            raise ConfigError(f"{source}: architectures must be a list of class names, found {archs!r}")
+        name = archs[0]
+    if not isinstance(name, str) or name not in MODEL_TYPES:
         raise ConfigError(f"{source}: model class {name!r} is not supported (supported: {sorted(MODEL_TYPES)})")
     return name, MODEL_TYPES[name]
 
@@ -111,8 +113,9 @@ def find_weights(folder: str | os.PathLike, variant: str | None = None) -> Path:
         for suffix in WEIGHT_SUFFIXES:
             stem = f"{base}.{variant}" if variant else base
             candidate = folder / f"{stem}{suffix}"
-            if candidate.is_file():
-                return candidate
+            if os.path.lexists(candidate):
+                check_inside(candidate, folder, f"{folder}: {candidate.name}")
+                return regular_file(candidate, f"{folder}: {candidate.name}")
     found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
     want = f" with variant {variant!r}" if variant else ""
     raise CheckpointError(
@@ -178,6 +181,10 @@ def load_model(
       variant: weights variant, e.g. `"fp16"` for `diffusion_pytorch_model.fp16.safetensors`.
       unsafe_load_pickle: allow arbitrary objects in `.bin` pickles. Only for files you trust.
     """
+    if not os.path.lexists(path):
+        from .jax_format import recover_destination
+
+        recover_destination(path)  # a replacement of `path` killed half-way leaves the old output aside
     folder = Path(path) / subfolder if subfolder else Path(path)
     if Path(path).is_file():
         from .single_file import load_single_file

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import struct
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -28,6 +27,7 @@ from ..errors import CheckpointError, ConfigError
 from ..models.params import count_params, flatten
 from .components import normalized_config
 from .jax_format import _cast, _tree_dtype, atomic_directory, module_config
+from .paths import copy_tree, read_json, safe_join
 from .safetensors_file import _NAMES
 from .state_dict import flax_path_to_torch_key
 
@@ -117,10 +117,11 @@ def _torch_dtype_name(params: Any) -> str:
 
 
 def _tokenizer_class(folder: Path) -> str:
-    try:
-        return json.loads((folder / "tokenizer_config.json").read_text()).get("tokenizer_class") or "CLIPTokenizer"
-    except (OSError, json.JSONDecodeError):
+    path = folder / "tokenizer_config.json"
+    if not path.is_file():
         return "CLIPTokenizer"
+    name = read_json(path, "tokenizer config").get("tokenizer_class")
+    return name if isinstance(name, str) and name else "CLIPTokenizer"
 
 
 class DiffusersWriter:
@@ -132,7 +133,7 @@ class DiffusersWriter:
         self.classes: dict[str, str] = {}
 
     def add(self, name: str, config: Mapping[str, Any], params: Any) -> int:
-        folder = self.root if self.single else self.root / name
+        folder = self.root if self.single else safe_join(self.root, name, f"component name {name!r}", single=True)
         n = write_model_folder(folder, config, params)
         self.classes[name] = dict(config)["_class_name"]
         return n
@@ -145,7 +146,8 @@ class DiffusersWriter:
         for name, cls in self.classes.items():
             index[name] = ["transformers" if cls in _TRANSFORMERS_MODEL_TYPES else "diffusers", cls]
         for name, folder in (tokenizers or {}).items():
-            shutil.copytree(folder, self.root / name)
+            copy_tree(folder, safe_join(self.root, name, f"tokenizer name {name!r}", single=True),
+                      f"tokenizer {name!r} ({folder})")
             index[name] = ["transformers", _tokenizer_class(folder)]
         if scheduler_config is not None:
             (self.root / "scheduler").mkdir()

@@ -23,11 +23,17 @@ leaves no partial output and never replaces a good one.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import functools
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
-import tempfile
+import socket
+import sys
 import uuid
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -39,15 +45,139 @@ from flax import linen as nn
 from ..errors import CheckpointError, ConfigError
 from ..models.params import count_params, flatten, param_shapes
 from .components import Checkpoint, Component, dtype_name, normalized_config
+from .paths import check_tree, copy_tree, read_json, safe_join
 from .state_dict import flax_path_to_torch_key
 
 MANIFEST = "jaxcontrol.json"
 FORMAT_NAME = "jaxcontrol"
 FORMAT_VERSION = 1
 PARAMS_DIR = "params"
+logger = logging.getLogger(__name__)
 
 
 # --- atomic output -----------------------------------------------------------------------------
+#
+# A writer works in `.NAME.tmp-HOST.PID.RAND` beside the destination NAME (HOST: a short hash of
+# the host name, PID: the writing process). Replacing an existing NAME swaps the two folders in one
+# `renameat2(RENAME_EXCHANGE)` call on Linux, so NAME holds either the old or the new output at
+# every instant. Where the exchange is not available (other systems, some network file systems)
+# the old folder is first renamed to `.NAME.old-HOST.PID.RAND` and the new one renamed in; a
+# process killed between the two leaves NAME missing, and the next writer or reader of NAME
+# (`recover_destination`, called by `atomic_directory`, `read_checkpoint`, `load_model` and
+# `load_pipeline`) renames the old folder back. Temporaries are deleted by the next run only when
+# they are provably ours and stale: our naming pattern for this NAME, this host, and a process id
+# that is no longer running.
+
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<host>[0-9a-f]{8})\.(?P<pid>\d+)\.[0-9a-f]{8}$")
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+
+
+def _host_tag() -> str:
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _temp_name(dest: Path, kind: str) -> Path:
+    return dest.parent / f".{dest.name}.{kind}-{_host_tag()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's process (or an id we cannot check): not provably stale
+    return True
+
+
+def stale_temporaries(dest: str | os.PathLike) -> list[tuple[Path, str]]:
+    """`(path, kind)` of the temporaries beside `dest` that a dead writer on this host left ("tmp" or "old")."""
+    dest = Path(os.path.abspath(dest))
+    try:
+        entries = list(os.scandir(dest.parent))
+    except OSError:
+        return []
+    host = _host_tag()
+    found = []
+    for entry in entries:
+        m = _TEMP_RE.match(entry.name)
+        if (m is None or m["name"] != dest.name or m["host"] != host or _pid_alive(int(m["pid"]))
+                or not entry.is_dir(follow_symlinks=False)):
+            continue
+        found.append((Path(entry.path), m["kind"]))
+    return sorted(found)
+
+
+def recover_destination(dest: str | os.PathLike) -> None:
+    """Finish what a killed writer of `dest` left: put the old output back if `dest` is missing
+    (a kill between the two renames of a replacement), then delete its stale temporaries."""
+    dest = Path(os.path.abspath(dest))
+    for path, kind in stale_temporaries(dest):
+        if kind == "old" and not os.path.lexists(dest):
+            try:
+                os.rename(path, dest)
+                logger.warning("%s: restored the previous output from %s (a replacement was interrupted)",
+                               dest, path.name)
+                continue
+            except OSError:
+                pass
+        logger.warning("%s: deleting %s, left by an interrupted writer", dest, path.name)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """`renameat2(src, dst, flags)`; False where the call or the flag is not available, raises on other errors."""
+    fn = _libc_renameat2()
+    if fn is None:
+        return False
+    if fn(-100, os.fsencode(src), -100, os.fsencode(dst), flags) == 0:  # -100: AT_FDCWD
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(src), None, str(dst))
+
+
+@functools.lru_cache(maxsize=1)
+def _libc_renameat2():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _swap_in(tmp: Path, dest: Path) -> None:
+    """Replace the folder `dest` by `tmp` so that `dest` is never missing (see above)."""
+    if _renameat2(tmp, dest, _RENAME_EXCHANGE):
+        old = _temp_name(dest, "old")  # tmp now holds the old output
+        os.rename(tmp, old)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    aside = _temp_name(dest, "old")
+    os.rename(dest, aside)
+    try:
+        os.rename(tmp, dest)
+    except BaseException:
+        os.rename(aside, dest)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _move_in(tmp: Path, dest: Path) -> None:
+    """Rename `tmp` to a `dest` that does not exist, refusing to replace one created meanwhile."""
+    if _renameat2(tmp, dest, _RENAME_NOREPLACE):
+        return
+    if os.path.lexists(dest):
+        raise CheckpointError(f"{dest}: appeared while the output was being written; not replacing it")
+    os.rename(tmp, dest)
 
 
 @contextlib.contextmanager
@@ -55,38 +185,45 @@ def atomic_directory(dest: str | os.PathLike, *, overwrite: bool = False) -> Ite
     """Yield an empty temporary directory beside `dest`; on success it becomes `dest`.
 
     On any exception (KeyboardInterrupt included) the temporary directory is deleted and `dest`
-    is left as it was. With `overwrite`, an existing `dest` is renamed aside, the new directory
-    renamed in, and only then the old one deleted; if the second rename fails the old one is put
-    back. Without `overwrite`, an existing `dest` is an error raised before any work is done.
+    is left as it was. With `overwrite`, an existing `dest` is replaced so that `dest` holds the old
+    or the new output at every instant (an atomic exchange on Linux; elsewhere two renames, with
+    the old output put back by the next run if a kill falls between them). Without `overwrite`, an
+    existing `dest` is an error raised before any work is done. Temporaries that a killed writer of
+    `dest` left on this host are deleted first.
     """
     dest = Path(os.path.abspath(dest))
+    recover_destination(dest)
     if dest.exists() and not overwrite:
         raise CheckpointError(f"{dest}: already exists; pass overwrite=True (--overwrite) to replace it")
-    if dest.exists() and not dest.is_dir():
+    if os.path.lexists(dest) and (dest.is_symlink() or not dest.is_dir()):
         raise CheckpointError(f"{dest}: exists and is not a directory; not replacing it")
     if not dest.parent.is_dir():
         raise CheckpointError(f"{dest.parent}: the destination's parent folder does not exist")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    tmp = _temp_name(dest, "tmp")
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the output's mode
+        os.mkdir(tmp)  # mode 0777 less the umask: the output's mode
+    except OSError as e:
+        raise CheckpointError(f"{dest}: cannot write beside it in {dest.parent}: {e.strerror or e}") from e
+    try:
         yield tmp
         _fsync_tree(tmp)
-        if dest.exists():
-            aside = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(dest, aside)
-            try:
-                os.rename(tmp, dest)
-            except BaseException:
-                os.rename(aside, dest)
-                raise
-            shutil.rmtree(aside, ignore_errors=True)
+        if os.path.lexists(dest):
+            _swap_in(tmp, dest)
         else:
-            os.rename(tmp, dest)
+            _move_in(tmp, dest)
+        _fsync_dir(dest.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _fsync_tree(root: Path) -> None:
@@ -213,8 +350,8 @@ class JaxcontrolWriter:
         self.components: dict[str, dict] = {}
 
     def add(self, name: str, config: Mapping[str, Any], params: Any, dtype: str) -> int:
-        folder = self.root / name
-        folder.mkdir(parents=True)
+        folder = safe_join(self.root, name, f"component name {name!r}", single=True)
+        folder.mkdir()
         config = normalized_config(dict(config), f"{name} config")
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_params(folder / PARAMS_DIR, params)
@@ -238,7 +375,8 @@ class JaxcontrolWriter:
         if pipeline_class:
             toks = {}
             for name, folder in (tokenizers or {}).items():
-                shutil.copytree(folder, self.root / name)
+                copy_tree(folder, safe_join(self.root, name, f"tokenizer name {name!r}", single=True),
+                          f"tokenizer {name!r} ({folder})")
                 toks[name] = name
             manifest["tokenizers"] = toks
             if scheduler_config is not None:
@@ -321,12 +459,15 @@ def is_jaxcontrol_component(path: str | os.PathLike) -> bool:
 
 def read_manifest(path: Path) -> dict:
     file = path / MANIFEST
-    try:
-        manifest = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{file}: unreadable manifest: {e}") from e
+    manifest = read_json(file, "jaxcontrol manifest")
     if manifest.get("format") != FORMAT_NAME or not isinstance(manifest.get("components"), dict):
         raise CheckpointError(f"{file}: not a jaxcontrol manifest")
+    for name, entry in manifest["components"].items():
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{file}: components[{name!r}] must be a JSON object, found {entry!r}")
+    for key in ("tokenizers",):
+        if manifest.get(key) is not None and not isinstance(manifest[key], dict):
+            raise CheckpointError(f"{file}: {key!r} must be a JSON object, found {manifest[key]!r}")
     version = manifest.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CheckpointError(
@@ -338,31 +479,33 @@ def _component_from_folder(folder: Path, name: str) -> Component:
     from .diffusers_folder import read_config
 
     config = read_config(folder)
-    if not (folder / PARAMS_DIR).is_dir():
+    params = safe_join(folder, PARAMS_DIR, f"{folder}: {PARAMS_DIR}/")
+    if not params.is_dir():
         raise CheckpointError(f"{folder}: no {PARAMS_DIR}/ (Orbax) directory")
-    return Component(name, config, params_dir=folder / PARAMS_DIR)
+    check_tree(params, f"{folder}: {PARAMS_DIR}/")
+    return Component(name, config, params_dir=params)
 
 
 def read_jaxcontrol(path: str | os.PathLike) -> Checkpoint:
     """A jaxcontrol checkpoint directory as a lazy `Checkpoint` (no parameters read yet)."""
     path = Path(path)
     manifest = read_manifest(path)
+    where = path / MANIFEST
     comps = {}
     for name, entry in manifest["components"].items():
-        comp = _component_from_folder(path / entry.get("path", name), name)
+        folder = safe_join(path, entry.get("path", name), f"{where}: components[{name!r}].path")
+        comp = _component_from_folder(folder, name)
         if comp.class_name != entry.get("class_name"):
-            raise CheckpointError(f"{path / entry.get('path', name) / 'config.json'}: class {comp.class_name!r} but "
+            raise CheckpointError(f"{folder / 'config.json'}: class {comp.class_name!r} but "
                                   f"the manifest says {entry.get('class_name')!r}")
         comp.stored_dtype = entry.get("dtype")
         comps[name] = comp
-    tokenizers = {k: path / v for k, v in (manifest.get("tokenizers") or {}).items()}
+    tokenizers = {k: safe_join(path, v, f"{where}: tokenizers[{k!r}]")
+                  for k, v in (manifest.get("tokenizers") or {}).items()}
     scheduler = None
     if manifest.get("scheduler"):
-        file = path / manifest["scheduler"]
-        try:
-            scheduler = json.loads(file.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{file}: unreadable scheduler config: {e}") from e
+        file = safe_join(path, manifest["scheduler"], f"{where}: scheduler")
+        scheduler = read_json(file, "scheduler config")
     return Checkpoint(path, "jaxcontrol", comps, pipeline_class=manifest.get("pipeline_class"), tokenizers=tokenizers,
                       scheduler_config=scheduler, prediction_type=manifest.get("prediction_type"))
 

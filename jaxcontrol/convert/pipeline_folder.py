@@ -10,7 +10,6 @@ memory peaks near the size of the converted parameters (measured in `tests/test_
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import warnings
 from pathlib import Path
@@ -20,7 +19,9 @@ import jax.numpy as jnp
 
 from ..errors import CheckpointError, ConfigError
 from ..tokenizer import load_tokenizer
-from .diffusers_folder import MODEL_TYPES, load_model
+from .diffusers_folder import MODEL_TYPES, load_model, read_config
+from .jax_format import recover_destination
+from .paths import read_json, safe_join
 
 # components that are not networks we run: read as configs / tokenizers, or skipped
 TOKENIZERS = ("tokenizer", "tokenizer_2")
@@ -58,13 +59,29 @@ class PipelineBundle:
 
 
 def read_model_index(folder: Path) -> dict:
-    path = folder / "model_index.json"
-    if not path.is_file():
+    path = safe_join(folder, "model_index.json", f"{folder}: model_index.json")
+    if not os.path.lexists(path):
         raise ConfigError(f"{folder}: no model_index.json (is this a diffusers pipeline folder?)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: invalid JSON: {e}") from e
+    return read_json(path, "model_index.json", error=ConfigError)
+
+
+def index_components(folder: Path, index: dict) -> list[tuple[str, str, Path]]:
+    """`(name, class name, folder)` of each component `model_index.json` lists, every name checked.
+
+    A component is a `[library, class]` pair; entries starting with `_` are metadata and
+    `[null, null]` slots are empty. The name must be a plain folder name inside `folder`: `../x`,
+    absolute names and links out are refused with a `CheckpointError` naming the entry.
+    """
+    where = folder / "model_index.json"
+    out = []
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[1] is None:
+            continue
+        if not isinstance(spec[1], str):
+            raise ConfigError(f"{where}: entry {name!r} must be [library, class name], found {spec!r}")
+        sub = safe_join(folder, name, f"{where}: component {name!r}", single=True)
+        out.append((name, spec[1], sub))
+    return out
 
 
 def load_pipeline(
@@ -90,6 +107,8 @@ def load_pipeline(
     Diffusion, ControlNet, T2I-Adapter) load into the same bundle.
     """
     folder = Path(path)
+    if not os.path.lexists(folder):
+        recover_destination(folder)
     if folder.is_file():
         from .single_file import load_single_file
 
@@ -108,13 +127,9 @@ def load_pipeline(
     configs: dict[str, dict] = {}
     tokenizers: dict[str, Any] = {}
     skipped = []
-    for name, spec in index.items():
-        if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[1] is None:
-            continue
+    for name, class_name, sub in index_components(folder, index):
         if components is not None and name not in components:
             continue
-        library, class_name = spec
-        sub = folder / name
         if name in SKIPPED:
             skipped.append(name)
             continue
@@ -122,10 +137,7 @@ def load_pipeline(
             tokenizers[name] = load_tokenizer(sub)
             continue
         if name == SCHEDULER:
-            cfg_path = sub / "scheduler_config.json"
-            if not cfg_path.is_file():
-                raise ConfigError(f"{sub}: no scheduler_config.json")
-            configs[name] = json.loads(cfg_path.read_text())
+            configs[name] = read_scheduler_config(sub)
             continue
         kwargs = dict(dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, variant=variant,
                       unsafe_load_pickle=unsafe_load_pickle)
@@ -135,7 +147,7 @@ def load_pipeline(
             loaded = [load_model(f, **kwargs) for f in folders]
             modules[name] = [m for m, _ in loaded]
             params[name] = [p for _, p in loaded]
-            configs[name] = [json.loads((f / "config.json").read_text()) for f in folders]
+            configs[name] = [read_config(f) for f in folders]
             continue
         if class_name not in MODEL_TYPES:
             warnings.warn(f"{sub}: component {name!r} of class {class_name} is not supported; skipped", stacklevel=2)
@@ -144,7 +156,7 @@ def load_pipeline(
         if not sub.is_dir():
             raise CheckpointError(f"{folder}: model_index.json lists {name!r} but there is no {name}/ folder")
         modules[name], params[name] = load_model(sub, **kwargs)
-        configs[name] = json.loads((sub / "config.json").read_text())
+        configs[name] = read_config(sub)
     if components is not None:
         missing = set(components) - set(modules) - set(tokenizers) - set(configs)
         if missing:
@@ -157,7 +169,7 @@ def multi_folders(folder: Path, name: str) -> list[Path]:
     found = []
     i = 0
     while True:
-        sub = folder / (name if i == 0 else f"{name}_{i}")
+        sub = safe_join(folder, name if i == 0 else f"{name}_{i}", f"{folder}: component {name!r}", single=True)
         if not (sub / "config.json").is_file():
             break
         found.append(sub)
@@ -165,3 +177,11 @@ def multi_folders(folder: Path, name: str) -> list[Path]:
     if not found:
         raise CheckpointError(f"{folder}: no {name}/ folder with a config.json")
     return found
+
+
+def read_scheduler_config(sub: Path) -> dict:
+    """`sub/scheduler_config.json` (a pipeline's scheduler folder), checked like every file a checkpoint names."""
+    path = safe_join(sub, "scheduler_config.json", f"{sub}: scheduler_config.json")
+    if not os.path.lexists(path):
+        raise ConfigError(f"{sub}: no scheduler_config.json")
+    return read_json(path, "scheduler config", error=ConfigError)

@@ -22,6 +22,7 @@ import ml_dtypes
 import numpy as np
 
 from ..errors import CheckpointError
+from .paths import regular_file
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"),
@@ -46,6 +47,7 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        regular_file(self.path)  # open() on a FIFO would block forever
         try:
             size = self.path.stat().st_size
             with open(self.path, "rb") as f:
@@ -65,19 +67,25 @@ class SafetensorsFile:
             header = json.loads(raw.decode("utf-8").rstrip(" "))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{self.path}: corrupted safetensors header (not JSON: {e})") from e
+        except RecursionError:
+            raise CheckpointError(f"{self.path}: corrupted safetensors header (nested too deeply)") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{self.path}: corrupted safetensors header (not a JSON object)")
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        if not isinstance(self.metadata, dict):
+            raise CheckpointError(f"{self.path}: corrupted safetensors header (__metadata__ is not a JSON object)")
         self._data_start = 8 + n
         data_len = size - self._data_start
         self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
         for name, entry in header.items():
             try:
                 dtype = DTYPES[entry["dtype"]]
-                shape = tuple(int(d) for d in entry["shape"])
-                begin, end = (int(o) for o in entry["data_offsets"])
+                shape = tuple(_int(d) for d in entry["shape"])
+                begin, end = (_int(o) for o in entry["data_offsets"])
             except (KeyError, TypeError, ValueError) as e:
                 raise CheckpointError(f"{self.path}: tensor {name!r} has a malformed header entry {entry!r}") from e
+            if any(d < 0 for d in shape):
+                raise CheckpointError(f"{self.path}: tensor {name!r} has a negative dimension in shape {shape}")
             expected = math.prod(shape) * dtype.itemsize
             if end - begin != expected or begin < 0:
                 raise CheckpointError(
@@ -90,6 +98,30 @@ class SafetensorsFile:
                     f"which has only {data_len} bytes"
                 )
             self._entries[name] = (dtype, shape, begin, end)
+        self._check_layout(data_len)
+
+    def _check_layout(self, data_len: int) -> None:
+        """The safetensors rule: the tensors tile the data section exactly, with no overlap and no hole.
+
+        Overlapping offsets would let a small file describe many times its size in tensors."""
+        spans = sorted((begin, end, name) for name, (_, _, begin, end) in self._entries.items())
+        pos = 0
+        previous = None
+        for begin, end, name in spans:
+            if begin < pos:
+                raise CheckpointError(
+                    f"{self.path}: tensor {name!r} (bytes {begin}..{end}) overlaps tensor {previous!r}, which ends at "
+                    f"byte {pos} of the data section; safetensors tensors may not share bytes")
+            if begin > pos:
+                raise CheckpointError(
+                    f"{self.path}: bytes {pos}..{begin} of the data section belong to no tensor (before {name!r}); "
+                    f"a safetensors file must index its whole data section")
+            pos = end
+            previous = name
+        if pos != data_len:
+            raise CheckpointError(
+                f"{self.path}: the tensors end at byte {pos} but the data section has {data_len} bytes; a safetensors "
+                f"file must index its whole data section")
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -111,6 +143,12 @@ class SafetensorsFile:
             if f.readinto(buf) != len(buf):
                 raise CheckpointError(f"{self.path}: truncated while reading tensor {key!r}")
         return np.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def _int(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an integer, got {value!r}")
+    return value
 
 
 def save_safetensors(

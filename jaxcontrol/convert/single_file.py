@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import re
 import zipfile
@@ -40,6 +39,8 @@ from ..models.clip import normalize_clip_keys
 from . import ldm
 from .components import Checkpoint, Component, check_class, normalized_config
 from .diffusers_folder import MODEL_TYPES, find_weights, read_config, vae_legacy_names
+from .jax_format import recover_destination
+from .paths import check_tree
 from .sources import PICKLE_SUFFIXES, TensorSource, open_safetensors, open_weights, source_from_state_dict
 
 FORMATS = {
@@ -317,6 +318,8 @@ def read_checkpoint(
       tokenizer: a tokenizer folder to carry along (single files hold none).
     """
     path = Path(path)
+    if not os.path.lexists(path):
+        recover_destination(path)
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ConfigError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
     if path.is_dir():
@@ -349,6 +352,7 @@ def read_checkpoint(
         tok = Path(tokenizer)
         if not tok.is_dir():
             raise CheckpointError(f"{tok}: not a tokenizer folder")
+        check_tree(tok, f"tokenizer folder {tok}")
         ckpt.tokenizers["tokenizer"] = tok
     _check_names(ckpt, overrides, configs)
     _select(ckpt, components)
@@ -568,24 +572,21 @@ def _diffusers_component(folder: Path, name: str | None, unsafe_load_pickle: boo
 
 def read_diffusers_pipeline(folder: Path, *, unsafe_load_pickle: bool = False) -> Checkpoint:
     """A diffusers pipeline folder: its supported networks, tokenizers and scheduler config."""
-    from .pipeline_folder import MULTI_CLASSES, SCHEDULER, TOKENIZERS, read_model_index
+    from .pipeline_folder import (MULTI_CLASSES, SCHEDULER, TOKENIZERS, index_components, read_model_index,
+                                  read_scheduler_config)
 
     index = read_model_index(folder)
     comps: dict[str, Component] = {}
     tokenizers: dict[str, Path] = {}
     scheduler = None
     notes = []
-    for name, spec in index.items():
-        if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[1] is None:
-            continue
-        sub = folder / name
+    for name, class_name, sub in index_components(folder, index):
+        spec = [None, class_name]
         if name in TOKENIZERS:
+            check_tree(sub, f"{folder}: tokenizer {name!r}")
             tokenizers[name] = sub
         elif name == SCHEDULER:
-            path = sub / "scheduler_config.json"
-            if not path.is_file():
-                raise ConfigError(f"{sub}: no scheduler_config.json")
-            scheduler = json.loads(path.read_text())
+            scheduler = read_scheduler_config(sub)
         elif spec[1] in MULTI_CLASSES:
             raise ConfigError(f"{folder}: {name} is a {spec[1]}; convert each of its folders ({name}, {name}_1, ...) "
                               f"on its own")

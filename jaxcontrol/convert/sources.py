@@ -12,7 +12,6 @@ the size of the converted parameters.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -20,6 +19,7 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 
 from ..errors import CheckpointError
+from .paths import read_json, regular_file, safe_join
 from .safetensors_file import SafetensorsFile
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -115,13 +115,68 @@ def torch_tensor_to_numpy(t) -> np.ndarray:
     return t.numpy()
 
 
+# a storage may back several tensors (tied weights), but the tensors of one file may not add up to
+# more than this many times the bytes its storages hold: a bound on what loading can materialise
+MAX_VIEWS_PER_BYTE = 4
+
+
+def check_tensor_layout(t, key: str, origin: str) -> int:
+    """Refuse a unpickled tensor that would materialise more bytes than its storage holds.
+
+    torch's safe unpickler rebuilds a tensor from (storage, offset, size, stride) as written in the
+    file, so a few bytes of storage with a huge size and stride 0 (an `expand`ed tensor) pass it
+    and only become gigabytes when converted. A tensor must lie inside its storage and its elements
+    must not overlap (no zero or overlapping strides). Checked before any data is copied; returns
+    the tensor's size in bytes.
+    """
+    shape, strides = tuple(t.shape), tuple(t.stride())
+    itemsize = t.element_size()
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel == 0:
+        return 0
+    if any(s < 0 for s in strides):
+        raise CheckpointError(f"{origin}: tensor {key!r} has negative strides {strides}; refused")
+    dims = sorted((s, d) for s, d in zip(strides, shape) if d != 1)
+    extent = 1  # elements spanned by the dimensions with smaller strides
+    for s, d in dims:
+        if s < extent:
+            raise CheckpointError(
+                f"{origin}: tensor {key!r} of shape {shape} has overlapping strides {strides} (an expanded or "
+                f"self-overlapping view: {numel} elements from fewer stored ones); refused")
+        extent = s * (d - 1) + extent
+    storage_bytes = t.untyped_storage().nbytes()
+    needed = (t.storage_offset() + extent) * itemsize
+    if needed > storage_bytes:
+        raise CheckpointError(
+            f"{origin}: tensor {key!r} of shape {shape} needs {needed} bytes but its storage holds "
+            f"{storage_bytes}; refused")
+    return numel * itemsize
+
+
 def source_from_state_dict(state: Mapping, origin: str) -> TensorSource:
-    """A `TensorSource` over an in-memory PyTorch state dict (non-tensor entries are skipped)."""
+    """A `TensorSource` over an in-memory PyTorch state dict (non-tensor entries are skipped).
+
+    Every tensor's layout is checked against its storage first (`check_tensor_layout`), and all
+    tensors together may not exceed `MAX_VIEWS_PER_BYTE` times the distinct storage bytes, so
+    memory stays bounded by the file's own size however the pickle describes its tensors.
+    """
     torch = _torch()
     entries = {}
+    total = 0
+    storages: dict[int, int] = {}
     for k, v in state.items():
         if isinstance(v, torch.Tensor):
+            total += check_tensor_layout(v, k, origin)
+            storage = v.untyped_storage()
+            storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
             entries[k] = (tuple(v.shape), (lambda v=v: torch_tensor_to_numpy(v)))
+    stored = sum(storages.values())
+    if total > MAX_VIEWS_PER_BYTE * stored + 2**20:
+        raise CheckpointError(
+            f"{origin}: the tensors add up to {total} bytes but the file stores only {stored} (views of the same "
+            f"data used more than {MAX_VIEWS_PER_BYTE} times); refused")
     return TensorSource(entries, origin)
 
 
@@ -135,17 +190,27 @@ def open_pickle(path: str | os.PathLike, *, unsafe_load_pickle: bool = False) ->
 def open_weights(path: str | os.PathLike, *, unsafe_load_pickle: bool = False) -> TensorSource:
     """Open one weights file, or a sharded `*.index.json`, by its suffix."""
     path = Path(path)
-    if not path.exists():
+    if not os.path.lexists(path):
         raise CheckpointError(f"{path}: no such file")
+    regular_file(path)  # a FIFO would block open() forever
     name = path.name
     if name.endswith(".index.json"):
-        try:
-            index = json.loads(path.read_text())
-            weight_map = index["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{path}: not a valid shard index ({e})") from e
+        index = read_json(path, "shard index")
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{path}: not a valid shard index (\"weight_map\" must be a JSON object, "
+                                  f"found {type(weight_map).__name__})")
+        bad = {k: v for k, v in weight_map.items() if not isinstance(v, str)}
+        if bad:
+            k, v = next(iter(bad.items()))
+            raise CheckpointError(f"{path}: weight_map[{k!r}] must be a file name, found {v!r}")
         shards = sorted(set(weight_map.values()))
-        sources = [open_weights(path.parent / s, unsafe_load_pickle=unsafe_load_pickle) for s in shards]
+        files = [safe_join(path.parent, s, f"{path}: shard {s!r}") for s in shards]
+        for s, f in zip(shards, files):
+            if f.name.endswith(".index.json"):
+                raise CheckpointError(f"{path}: shard {s!r} is itself an index; shards must be weights files")
+            regular_file(f, f"{path}: shard {s!r}")
+        sources = [open_weights(f, unsafe_load_pickle=unsafe_load_pickle) for f in files]
         merged = TensorSource.merge(sources, str(path))
         missing = sorted(set(weight_map) - set(merged.keys()))
         if missing:

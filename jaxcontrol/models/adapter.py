@@ -48,6 +48,9 @@ class T2IAdapterConfig(ModelConfig):
     """diffusers `T2IAdapter` config. Defaults are diffusers' own (an SD-1.x full adapter)."""
 
     _class_name: ClassVar[str] = "T2IAdapter"
+    _POSITIVE: ClassVar[tuple[str, ...]] = ("in_channels", "channels", "downscale_factor")
+    _NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("num_res_blocks",)
+    _NON_EMPTY: ClassVar[tuple[str, ...]] = ("channels",)
 
     in_channels: int = 3
     channels: tuple[int, ...] = (320, 640, 1280, 1280)

@@ -58,6 +58,10 @@ _BOOKKEEPING_KEYS = frozenset({"architectures", "model_type", "transformers_vers
 class _CLIPConfigBase(ModelConfig):
     # the key under which a full `CLIPModel` config nests this tower's config
     _NESTED_KEY: ClassVar[str] = ""
+    _POSITIVE: ClassVar[tuple[str, ...]] = (
+        "hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers", "num_attention_heads",
+        "vocab_size", "max_position_embeddings", "num_channels", "image_size", "patch_size")
+    _POSITIVE_FLOAT: ClassVar[tuple[str, ...]] = ("layer_norm_eps",)
 
     hidden_size: int = 512
     intermediate_size: int = 2048
@@ -75,7 +79,12 @@ class _CLIPConfigBase(ModelConfig):
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], *, source: str = "config") -> "_CLIPConfigBase":
         """A transformers `config.json` of this tower, or of a full `CLIPModel` (nested sub-config)."""
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{source}: a {cls.__name__} must be a JSON object, found a {type(raw).__name__}")
         raw = dict(raw)
+        if raw.get(cls._NESTED_KEY) is not None and not isinstance(raw[cls._NESTED_KEY], Mapping):
+            raise ConfigError(f"{source}: {cls._NESTED_KEY} must be a JSON object, found a "
+                              f"{type(raw[cls._NESTED_KEY]).__name__}")
         if isinstance(raw.get(cls._NESTED_KEY), Mapping):
             nested = dict(raw[cls._NESTED_KEY])
             # CLIPModel's projections use the top-level projection_dim

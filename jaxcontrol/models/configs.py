@@ -8,6 +8,10 @@ raises `ConfigError` naming the field, so a model never silently runs with a fea
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import types
+import typing
 import warnings
 from typing import Any, ClassVar, Mapping, Sequence
 
@@ -27,6 +31,68 @@ def _freeze(value: Any) -> Any:
     return value
 
 
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a field's annotation (int, float, bool, str, None, tuples, unions)."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if hint is tuple or origin is tuple:
+        if not isinstance(value, tuple | list):
+            return False
+        args = typing.get_args(hint)
+        if not args:
+            return True
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_type_ok(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_type_ok(v, h) for v, h in zip(value, args))
+    return True  # an annotation this check does not know: left to the field's own validation
+
+
+def _describe_type(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if hint is type(None):
+        return "null"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe_type(h) for h in typing.get_args(hint))
+    if hint is float:
+        return "a finite number"
+    if hint in (int, bool, str):
+        return {int: "an int", bool: "true/false", str: "a string"}[hint]
+    if hint is tuple or origin is tuple:
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of ({_describe_type(args[0])})"
+        if args:
+            return f"a list of {len(args)} ({', '.join(_describe_type(a) for a in args)})"
+        return "a list"
+    return getattr(hint, "__name__", str(hint))
+
+
+@functools.lru_cache(maxsize=None)
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _entries(value: Any) -> tuple:
+    """An int-or-list field's values (None and strings give none)."""
+    if value is None or isinstance(value, str):
+        return ()
+    return tuple(value) if isinstance(value, tuple | list) else (value,)
+
+
 def _per_block(value: Any, n: int, name: str) -> tuple:
     """An int/bool/None-or-sequence config value as one entry per block."""
     if isinstance(value, tuple | list):
@@ -43,9 +109,18 @@ class ModelConfig:
     # field name -> value(s) we implement; every other value of that field is refused
     _UNSUPPORTED: ClassVar[dict[str, tuple]] = {}
     _class_name: ClassVar[str] = ""
+    # fields whose value (each entry, for lists) must be an int >= 1 when set / >= 0
+    _POSITIVE: ClassVar[tuple[str, ...]] = ()
+    _NON_NEGATIVE: ClassVar[tuple[str, ...]] = ()
+    # list fields that must have at least one entry
+    _NON_EMPTY: ClassVar[tuple[str, ...]] = ()
+    # float fields that must be > 0 (norm epsilons: 0 or less divides by zero or takes a negative root)
+    _POSITIVE_FLOAT: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], *, source: str = "config") -> "ModelConfig":
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{source}: a {cls.__name__} must be a JSON object, found a {type(raw).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs, unknown = {}, []
         for key, value in raw.items():
@@ -77,6 +152,8 @@ class ModelConfig:
         return new
 
     def validate(self, source: str = "config") -> None:
+        self._check_types(source)
+        self._check_ranges(source)
         for name, allowed in self._UNSUPPORTED.items():
             value = getattr(self, name)
             if value not in allowed:
@@ -85,10 +162,46 @@ class ModelConfig:
                     f"(supported: {list(allowed)})"
                 )
 
+    def _check_types(self, source: str) -> None:
+        """Every field's value has its annotated type (a JSON list where an int belongs, a string
+        where a list belongs, NaN where a number belongs: each a `ConfigError` naming the field)."""
+        for name, hint in _field_types(type(self)).items():
+            value = getattr(self, name)
+            if not _type_ok(value, hint):
+                raise ConfigError(
+                    f"{source}: {name}={value!r} is not supported by jaxcontrol's {type(self).__name__}: "
+                    f"expected {_describe_type(hint)}")
+
+    def _check_ranges(self, source: str) -> None:
+        for name in self._NON_EMPTY:
+            value = getattr(self, name, None)
+            if isinstance(value, tuple | list) and not value:
+                raise ConfigError(f"{source}: {name} is empty; at least one entry is needed")
+        for names, low in ((self._POSITIVE, 1), (self._NON_NEGATIVE, 0)):
+            for name in names:
+                for v in _entries(getattr(self, name, None)):
+                    if isinstance(v, int) and not isinstance(v, bool) and v < low:
+                        raise ConfigError(
+                            f"{source}: {name}={getattr(self, name)!r} is invalid: each value must be >= {low}")
+        for name in self._POSITIVE_FLOAT:
+            value = getattr(self, name, None)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{source}: {name}={value!r} is invalid: it must be > 0")
+
 
 @dataclasses.dataclass(frozen=True)
 class _UNetFields(ModelConfig):
     """Fields the U-Net and the ControlNet share (the encoder half)."""
+
+    _POSITIVE: ClassVar[tuple[str, ...]] = (
+        "in_channels", "block_out_channels", "layers_per_block", "norm_num_groups", "cross_attention_dim",
+        "transformer_layers_per_block", "attention_head_dim", "num_attention_heads", "encoder_hid_dim",
+        "addition_time_embed_dim", "num_class_embeds", "projection_class_embeddings_input_dim",
+        "addition_embed_type_num_heads",
+    )
+    _NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("downsample_padding",)
+    _NON_EMPTY: ClassVar[tuple[str, ...]] = ("down_block_types", "block_out_channels")
+    _POSITIVE_FLOAT: ClassVar[tuple[str, ...]] = ("norm_eps",)
 
     in_channels: int = 4
     flip_sin_to_cos: bool = True
@@ -194,6 +307,9 @@ class UNet2DConditionConfig(_UNetFields):
     """diffusers `UNet2DConditionModel` config (SD-1.x / SD-2.x family). Defaults are diffusers' own."""
 
     _class_name: ClassVar[str] = "UNet2DConditionModel"
+    _POSITIVE: ClassVar[tuple[str, ...]] = _UNetFields._POSITIVE + (
+        "out_channels", "sample_size", "conv_in_kernel", "conv_out_kernel", "time_embedding_dim", "time_cond_proj_dim")
+    _NON_EMPTY: ClassVar[tuple[str, ...]] = _UNetFields._NON_EMPTY + ("up_block_types",)
     _UNSUPPORTED: ClassVar[dict[str, tuple]] = {
         **_UNSUPPORTED_EMBEDDINGS,
         "dual_cross_attention": (False,),
@@ -239,6 +355,12 @@ class UNet2DConditionConfig(_UNetFields):
                 raise ConfigError(
                     f"{source}: up block type {t!r} is not supported (supported: {CROSS_ATTN_UP}, {PLAIN_UP})"
                 )
+        for name in ("conv_in_kernel", "conv_out_kernel"):
+            if getattr(self, name) % 2 == 0:
+                raise ConfigError(f"{source}: {name}={getattr(self, name)} is not supported: an odd kernel size is "
+                                  f"needed (an even one changes the sample size)")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"{source}: dropout={self.dropout} is invalid: it must be in [0, 1)")
         if self.dropout:
             warnings.warn(
                 f"{source}: dropout={self.dropout} is not applied by jaxcontrol (inference is unaffected)",
@@ -251,6 +373,9 @@ class ControlNetConfig(_UNetFields):
     """diffusers `ControlNetModel` config."""
 
     _class_name: ClassVar[str] = "ControlNetModel"
+    _POSITIVE: ClassVar[tuple[str, ...]] = _UNetFields._POSITIVE + (
+        "conditioning_channels", "conditioning_embedding_out_channels")
+    _NON_EMPTY: ClassVar[tuple[str, ...]] = _UNetFields._NON_EMPTY + ("conditioning_embedding_out_channels",)
     _UNSUPPORTED: ClassVar[dict[str, tuple]] = dict(_UNSUPPORTED_EMBEDDINGS)
 
     conditioning_channels: int = 3

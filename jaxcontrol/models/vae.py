@@ -35,6 +35,11 @@ class AutoencoderKLConfig(ModelConfig):
 
     _class_name: ClassVar[str] = "AutoencoderKL"
     _UNSUPPORTED: ClassVar[dict[str, tuple]] = {}
+    _POSITIVE: ClassVar[tuple[str, ...]] = (
+        "in_channels", "out_channels", "block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups",
+        "sample_size")
+    _NON_EMPTY: ClassVar[tuple[str, ...]] = ("down_block_types", "up_block_types", "block_out_channels")
+    _POSITIVE_FLOAT: ClassVar[tuple[str, ...]] = ("scaling_factor",)
 
     in_channels: int = 3
     out_channels: int = 3
@@ -74,6 +79,13 @@ class AutoencoderKLConfig(ModelConfig):
                 raise ConfigError(
                     f"{source}: block_out_channels[{i}]={ch} is not divisible by norm_num_groups={self.norm_num_groups}"
                 )
+        for name in ("latents_mean", "latents_std"):
+            value = getattr(self, name)
+            if value is not None and len(value) != self.latent_channels:
+                raise ConfigError(f"{source}: {name} has {len(value)} entries but latent_channels is "
+                                  f"{self.latent_channels}")
+        if self.latents_std is not None and any(not v > 0 for v in self.latents_std):
+            raise ConfigError(f"{source}: latents_std={list(self.latents_std)} is invalid: every entry must be > 0")
 
 
 SD_VAE = AutoencoderKLConfig(
