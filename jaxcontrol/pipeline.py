@@ -17,6 +17,7 @@ any batch size or device count (`image_indices=` picks the indices).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Sequence
 
 import jax
@@ -126,7 +127,7 @@ def check_call_arguments(*, num_inference_steps, guidance_scale, guidance_rescal
     argument, never clamped or ignored."""
 
     def number(name, v, lo=None, hi=None, *, lo_open=False):
-        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v):
             raise ConfigError(f"{name} must be a finite number, got {v!r}")
         if lo is not None and (v < lo or (lo_open and v == lo)):
             raise ConfigError(f"{name}={v} is out of range: must be {'>' if lo_open else '>='} {lo}"
