@@ -27,6 +27,8 @@ _SCHEDULE = dict(
     steps_offset=0,
 )
 _COMMON = {**_SCHEDULE, "rescale_betas_zero_snr": False}
+_THRESHOLDING = dict(thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0)
+_FLOW = dict(use_flow_sigmas=False, flow_shift=1.0, use_dynamic_shifting=False, time_shift_type="exponential")
 
 # diffusers' fix for sigma-space classes on a zero-terminal-SNR schedule: the last alpha_bar (0) is
 # replaced by the smallest positive float16 subnormal, so the first sigma is 4096 instead of inf.
@@ -56,10 +58,9 @@ _SIGMA_FIELDS = ("sigma_min", "sigma_max")
 # The one table: solver -> diffusers class, the fields it honours, its zero-SNR treatment.
 SOLVER_TABLE: dict[str, SolverSpec] = {
     "ddpm": SolverSpec("DDPMScheduler", {
-        **_COMMON, "variance_type": "fixed_small", "clip_sample": True, "clip_sample_range": 1.0,
-        "thresholding": False}),
+        **_COMMON, **_THRESHOLDING, "variance_type": "fixed_small", "clip_sample": True, "clip_sample_range": 1.0}),
     "ddim": SolverSpec("DDIMScheduler", {
-        **_COMMON, "clip_sample": True, "clip_sample_range": 1.0, "set_alpha_to_one": True, "thresholding": False}),
+        **_COMMON, **_THRESHOLDING, "clip_sample": True, "clip_sample_range": 1.0, "set_alpha_to_one": True}),
     "ddim_inverse": SolverSpec("DDIMInverseScheduler", {
         **_COMMON, "clip_sample": True, "clip_sample_range": 1.0, "set_alpha_to_one": True}),
     "pndm": SolverSpec("PNDMScheduler", {**_SCHEDULE, "skip_prk_steps": False, "set_alpha_to_one": False}),
@@ -74,21 +75,21 @@ SOLVER_TABLE: dict[str, SolverSpec] = {
         "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
         "clip_sample": False, "clip_sample_range": 1.0}, sigma_fields=_SIGMA_FIELDS),
     "dpmsolver_multistep": SolverSpec("DPMSolverMultistepScheduler", {
-        **_COMMON, "timestep_spacing": "linspace", "solver_order": 2, "algorithm_type": "dpmsolver++",
-        "solver_type": "midpoint", "lower_order_final": True, "euler_at_final": False, "use_karras_sigmas": False,
-        "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False,
-        "use_flow_sigmas": False, "final_sigmas_type": "zero", "lambda_min_clipped": -math.inf,
-        "variance_type": None, "thresholding": False}, CLAMPED_TERMINAL_ALPHA_BAR, _SIGMA_FIELDS),
+        **_COMMON, **_THRESHOLDING, **_FLOW, "timestep_spacing": "linspace", "solver_order": 2,
+        "algorithm_type": "dpmsolver++", "solver_type": "midpoint", "lower_order_final": True,
+        "euler_at_final": False, "use_karras_sigmas": False, "use_exponential_sigmas": False,
+        "use_beta_sigmas": False, "use_lu_lambdas": False, "final_sigmas_type": "zero",
+        "lambda_min_clipped": -math.inf, "variance_type": None}, CLAMPED_TERMINAL_ALPHA_BAR, _SIGMA_FIELDS),
     "unipc": SolverSpec("UniPCMultistepScheduler", {
-        **_COMMON, "timestep_spacing": "linspace", "solver_order": 2, "predict_x0": True, "solver_type": "bh2",
-        "lower_order_final": True, "disable_corrector": (), "solver_p": None, "use_karras_sigmas": False,
-        "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_flow_sigmas": False,
-        "final_sigmas_type": "zero", "thresholding": False, "sigma_min": None, "sigma_max": None},
+        **_COMMON, **_THRESHOLDING, **_FLOW, "timestep_spacing": "linspace", "solver_order": 2, "predict_x0": True,
+        "solver_type": "bh2", "lower_order_final": True, "disable_corrector": (), "solver_p": None,
+        "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+        "final_sigmas_type": "zero", "sigma_min": None, "sigma_max": None, "shift_terminal": None},
         CLAMPED_TERMINAL_ALPHA_BAR),
     "lcm": SolverSpec("LCMScheduler", {
-        **_COMMON, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+        **_COMMON, **_THRESHOLDING, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
         "original_inference_steps": 50, "clip_sample": False, "clip_sample_range": 1.0, "set_alpha_to_one": True,
-        "timestep_scaling": 10.0, "thresholding": False}),
+        "timestep_scaling": 10.0}),
 }
 
 # Derived views of the table.
@@ -127,6 +128,8 @@ _SUPPORTED_ONLY = {
     "timestep_type": ("discrete",),
     "solver_p": (None,),
     "interpolation_type": ("linear",),
+    "use_dynamic_shifting": (False,),
+    "shift_terminal": (None,),
 }
 
 

@@ -516,6 +516,11 @@ def plan_dpmsolver_multistep(cfg, n: int, *, begin: int = 0) -> Plan:
         raise ConfigError(f"DPM-Solver algorithm_type={algo!r} is not supported (dpmsolver++, sde-dpmsolver++, dpmsolver)")
     if cfg.solver_order not in (1, 2, 3):
         raise ConfigError(f"DPM-Solver solver_order must be 1, 2 or 3, got {cfg.solver_order}")
+    if algo == "dpmsolver" and cfg.final_sigmas_type == "zero":
+        raise ConfigError(
+            "DPM-Solver algorithm_type='dpmsolver' with final_sigmas_type='zero': the noise-prediction update "
+            "cannot step to sigma 0 (diffusers refuses this config). Use final_sigmas_type='sigma_min' or "
+            "algorithm_type='dpmsolver++'")
     sched = _schedule(cfg, "dpmsolver_multistep")
     ts, sigmas = _multistep_sigmas(cfg, n, sched, final_from_karras=False)
     L = len(ts)
@@ -634,6 +639,8 @@ def plan_unipc(cfg, n: int, *, begin: int = 0) -> Plan:
             cx, wc, wt = _unipc_corrector(cfg, sigmas, i, prev_order, K)
         order = min(K, L - i) if cfg.lower_order_final else K
         order = min(order, lower + 1)
+        if sigmas[i + 1] == 0:
+            _check_unipc_final_step(cfg, order, i, L)
         px, wp = _unipc_predictor(cfg, sigmas, i, order, K)
         lower = lower + 1 if lower < K else lower
         prev_order = order
@@ -644,6 +651,27 @@ def plan_unipc(cfg, n: int, *, begin: int = 0) -> Plan:
     out["t"], out["in_div"] = ts[begin:], np.ones(L - begin)
     a0, s0 = _alpha_sigma(np.float64(sigmas[begin]))
     return Plan("unipc", cfg, L - begin, ts[begin:], _f32(out), 1.0, float(a0), float(s0), sigmas, sched, begin)
+
+
+def _check_unipc_final_step(cfg, order: int, i: int, L: int) -> None:
+    """A UniPC step that lands on sigma 0 is finite only as a first-order data-prediction step.
+
+    At sigma 0, lambda is infinite: the higher-order terms divide by it (diffusers returns NaN at
+    order 2 and fails on a singular matrix at order 3), and the noise-prediction form multiplies
+    0 by inf (NaN). The first-order data-prediction step is exactly the converted output x0.
+    """
+    if not cfg.predict_x0:
+        raise ConfigError(
+            f"UniPC with predict_x0=False and final_sigmas_type={cfg.final_sigmas_type!r}: the last step "
+            f"(model evaluation {i + 1} of {L}) lands on sigma 0, where the noise-prediction update is 0 * inf "
+            "(diffusers returns NaN). Use predict_x0=True or final_sigmas_type='sigma_min'")
+    if order > 1:
+        raise ConfigError(
+            f"UniPC with lower_order_final={cfg.lower_order_final} and solver_order={cfg.solver_order}: the last "
+            f"step (model evaluation {i + 1} of {L}) is of order {order} and lands on sigma 0 "
+            f"(final_sigmas_type={cfg.final_sigmas_type!r}), where the order-{order} coefficients divide by an "
+            "infinite log-SNR step (diffusers returns NaN at order 2 and fails on a singular matrix at order 3). "
+            "Use lower_order_final=True or final_sigmas_type='sigma_min'")
 
 
 def _unipc_basis(cfg, sigmas, t_idx: int, s0_idx: int, past: list[int], order: int, *, corrector: bool):

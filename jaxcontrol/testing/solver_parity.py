@@ -89,6 +89,72 @@ SOLVER_CASES = [
 ]
 
 
+# The zero-terminal-SNR matrix: every solver x {epsilon, v_prediction} x {SD schedule, zero-SNR trailing}.
+SD_SCHEDULE = {"timestep_spacing": "leading", "steps_offset": 1}
+ZERO_SNR_SCHEDULE = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+SCHEDULES = {"sd": SD_SCHEDULE, "zero_snr": ZERO_SNR_SCHEDULE}
+MATRIX_SOLVERS = [  # (diffusers class, our solver name, config fields beyond the schedule, steps)
+    ("DDIMScheduler", "ddim", {"clip_sample": False, "set_alpha_to_one": False}, 10),
+    ("DDPMScheduler", "ddpm", {"clip_sample": False}, 10),
+    ("PNDMScheduler", "pndm", {"skip_prk_steps": False}, 10),
+    ("PNDMScheduler", "plms", {"skip_prk_steps": True}, 10),
+    ("EulerDiscreteScheduler", "euler", {}, 10),
+    ("EulerAncestralDiscreteScheduler", "euler_a", {}, 10),
+    ("HeunDiscreteScheduler", "heun", {}, 10),
+    ("DPMSolverMultistepScheduler", "dpmpp_2m", {}, 10),
+    ("DPMSolverMultistepScheduler", "dpmpp_2m_karras", {"use_karras_sigmas": True}, 10),
+    ("DPMSolverMultistepScheduler", "dpmsolver_multistep", {"algorithm_type": "sde-dpmsolver++"}, 10),
+    ("DPMSolverMultistepScheduler", "dpmsolver_multistep", {"solver_order": 3}, 10),
+    ("UniPCMultistepScheduler", "unipc", {}, 10),
+    ("LCMScheduler", "lcm", {}, 4),
+    ("DDIMInverseScheduler", "ddim_inverse", {"clip_sample": False}, 10),
+]
+# Where diffusers itself returns NaN (epsilon at alpha_bar = 0); make_plan raises a ConfigError instead.
+REFUSED = {("ddim", "epsilon", "zero_snr"), ("ddpm", "epsilon", "zero_snr"), ("lcm", "epsilon", "zero_snr")}
+# Euler's first step from sigma 4096 cancels at that magnitude in float32: diffusers itself is 1.1e-5
+# away from the same loop run in float64 (ours 1.6e-5), so that one case gets 5e-5.
+_LOOSE = {("euler", "v_prediction", "zero_snr"): 5e-5}
+
+
+@dataclass(frozen=True)
+class MatrixCase:
+    case: SolverCase
+    prediction_type: str
+    schedule: str
+    refused: bool
+
+    @property
+    def id(self) -> str:
+        extra = ",".join(f"{k}={v}" for k, v in self.case.config.items()
+                         if k not in SCHEDULES[self.schedule] and k != "prediction_type")
+        return f"{self.case.solver}{f'({extra})' if extra else ''}-{self.prediction_type}-{self.schedule}"
+
+
+def matrix_cases() -> list[MatrixCase]:
+    cases = []
+    for class_name, solver, extra, steps in MATRIX_SOLVERS:
+        for prediction_type in ("epsilon", "v_prediction"):
+            for schedule, fields in SCHEDULES.items():
+                key = (solver, prediction_type, schedule)
+                config = {**fields, **extra, "prediction_type": prediction_type}
+                case = SolverCase(class_name, solver, config, steps=steps, tolerance=_LOOSE.get(key, 1e-5))
+                cases.append(MatrixCase(case, prediction_type, schedule, key in REFUSED))
+    return cases
+
+
+def reference_is_finite(case: SolverCase, *, seed: int = 0, shape=(2, 4, 6, 6)) -> bool:
+    """Whether diffusers' loop gives a finite result for `case` (False where it returns NaN or raises)."""
+    config = {**SD_BETAS, **case.config, "_class_name": case.class_name}
+    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    noises = np.zeros((4 * case.steps + 4,) + shape, np.float32)
+    try:
+        with np.errstate(all="ignore"):
+            _, _, ref = run_diffusers_loop(case.class_name, config, case.steps, x, noises, case.step_options)
+    except (ValueError, np.linalg.LinAlgError):
+        return False
+    return bool(np.isfinite(ref).all())
+
+
 def run_diffusers_loop(class_name: str, config: dict, steps: int, x_nchw: np.ndarray, noises: np.ndarray,
                        step_options: dict | None = None, strength: float | None = None, init_latents=None):
     """diffusers' scheduler loop on the stand-in model; returns (timesteps, sigmas, final)."""
