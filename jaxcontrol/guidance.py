@@ -2,12 +2,13 @@
 
 A *score function* is a model prediction `f(x_t, t, cond) -> prediction`: `x_t` the
 variance-preserving noisy latents (NHWC) the network sees, `t` the timestep (scalar or per
-sample), `cond` a dict, and the prediction in the model's parameterisation (epsilon by default).
+sample), `cond` a dict, and the prediction in the model's parameterisation (the scheduler
+config's `prediction_type`; rules that work in epsilon take the plan, which knows it).
 A *guidance rule* takes score functions and returns a new one, so rules stack:
 
     eps = unet_prediction(unet, unet_params, controlnets=[ControlNetUnit(cn, cn_params, scale=0.8)])
     eps = classifier_free(eps, guidance_scale=7.5, guidance_rescale=0.7)
-    eps = classifier_guidance(eps, my_log_prob, scale=2.0, schedule=plan.schedule)
+    eps = classifier_guidance(eps, my_log_prob, scale=2.0, schedule=plan)  # plan: prediction type
     latents = sample(eps, plan, x_T, cond, key=key)
 
 Each rule is a plain function of arrays: `jit`, `vmap` and `grad` go through it. Batched branches
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .errors import ConfigError
-from .sampler import Stateful
+from .sampler import Stateful, resolve_schedule
 
 ScoreFn = Callable[[jax.Array, jax.Array, dict], jax.Array]
 BRANCH_KEYS = ("cond", "uncond", "concepts")
@@ -49,8 +50,13 @@ def _per_sample(v, x):
     return v.reshape(v.shape + (1,) * (x.ndim - v.ndim)) if v.ndim else v
 
 
-def to_epsilon(prediction, x, alpha_bar, prediction_type: str = "epsilon"):
-    """The epsilon a prediction implies at x_t = sqrt(abar) x0 + sqrt(1 - abar) eps."""
+def to_epsilon(prediction, x, alpha_bar, prediction_type: str):
+    """The epsilon a prediction implies at x_t = sqrt(abar) x0 + sqrt(1 - abar) eps.
+
+    `prediction_type` ('epsilon', 'v_prediction' or 'sample', the scheduler config's field; a
+    plan has it as `plan.prediction_type`) is required here and in `from_epsilon` /
+    `shift_epsilon`: a v-prediction output treated as epsilon gives wrong results silently.
+    """
     ab = _per_sample(alpha_bar, x)
     if prediction_type == "epsilon":
         return prediction
@@ -61,7 +67,7 @@ def to_epsilon(prediction, x, alpha_bar, prediction_type: str = "epsilon"):
     raise ConfigError(f"unknown prediction_type {prediction_type!r}")
 
 
-def from_epsilon(eps, x, alpha_bar, prediction_type: str = "epsilon"):
+def from_epsilon(eps, x, alpha_bar, prediction_type: str):
     """The inverse of `to_epsilon`."""
     ab = _per_sample(alpha_bar, x)
     if prediction_type == "epsilon":
@@ -73,7 +79,7 @@ def from_epsilon(eps, x, alpha_bar, prediction_type: str = "epsilon"):
     raise ConfigError(f"unknown prediction_type {prediction_type!r}")
 
 
-def shift_epsilon(prediction, delta_eps, alpha_bar, prediction_type: str = "epsilon"):
+def shift_epsilon(prediction, delta_eps, alpha_bar, prediction_type: str):
     """The prediction whose implied epsilon is moved by `delta_eps` (x_t fixed).
 
     Exact in each parameterisation (v = (eps - sqrt(1 - abar) x) / sqrt(abar), so dv = d eps /
@@ -187,54 +193,109 @@ def composable(model: ScoreFn, weights: Sequence[float]) -> ScoreFn:
 
 @dataclasses.dataclass(frozen=True)
 class SegaConcept:
-    """One semantic-guidance edit (Brack et al. 2023), with diffusers' parameter names."""
+    """One semantic-guidance edit (Brack et al. 2023), with diffusers' parameter names.
+
+    The concept acts from model evaluation `edit_warmup_steps` on and stops at
+    `edit_cooldown_steps` (None: never), both counted like diffusers' loop index.
+    """
 
     edit_guidance_scale: float = 5.0
     edit_warmup_steps: int = 10
     edit_threshold: float = 0.9
     reverse_editing_direction: bool = False
     edit_weight: float = 1.0
+    edit_cooldown_steps: int | None = None
+
+    def __post_init__(self):
+        if not 0.0 <= self.edit_threshold <= 1.0:
+            raise ConfigError(f"SegaConcept.edit_threshold must be in [0, 1] (a quantile), got {self.edit_threshold}")
+        if self.edit_warmup_steps < 0:
+            raise ConfigError(f"SegaConcept.edit_warmup_steps must be >= 0, got {self.edit_warmup_steps}")
+        if self.edit_cooldown_steps is not None and self.edit_cooldown_steps < 0:
+            raise ConfigError(f"SegaConcept.edit_cooldown_steps must be >= 0 or None, got {self.edit_cooldown_steps}")
+
+
+def sega_edit(delta, concept: SegaConcept):
+    """One concept's edit direction: +-s (eps_c - eps_uncond), kept only where its magnitude reaches
+    the `edit_threshold` quantile of the magnitudes over each sample's channel (linear interpolation,
+    as torch.quantile)."""
+    g = delta * (-1.0 if concept.reverse_editing_direction else 1.0) * concept.edit_guidance_scale
+    b, c = g.shape[0], g.shape[-1]
+    q = jnp.quantile(jnp.abs(g).reshape(b, -1, c), concept.edit_threshold, axis=1)  # (B, C)
+    return jnp.where(jnp.abs(g) >= q[:, None, None, :], g, 0.0)
 
 
 class sega(Stateful):
-    """SEGA-style semantic guidance: CFG plus per-concept edits with warm-up, threshold, momentum.
+    """Semantic guidance (SEGA), step for step diffusers' `SemanticStableDiffusionPipeline`.
 
-    For each concept c: g_c = +-s_c (eps_c - eps_uncond), kept only where |g_c| reaches the
-    `edit_threshold` quantile of |g_c| over each sample's channel; the weighted sum of the g_c
-    plus `edit_momentum_scale` times the running momentum is added to the CFG prediction from the
-    step after the longest warm-up. Momentum: m <- beta m + (1 - beta) g. Stateful (the momentum),
-    so it is the outermost rule of a stack.
+    At model evaluation i, with u, c, e_k the unconditional, conditional and concept predictions:
+
+    * g = s (c - u) (classifier-free guidance);
+    * each concept's edit d_k = `sega_edit(e_k - u)`, or 0 (and weight 0) once i >= its
+      `edit_cooldown_steps`; its weight w_k = max(`edit_weight`, 0);
+    * while some but not all concepts are past their warm-up, g += sum over those k of
+      w_k d_k / sum(w_k) (weights normalised over the warmed-up concepts; where they sum to 0,
+      which makes NaN in diffusers, nothing is added);
+    * e = sum over all concepts of w_k d_k + `edit_momentum_scale` m, then the momentum
+      m <- `edit_mom_beta` m + (1 - `edit_mom_beta`) e: accumulated from the first step, warm-up
+      or not;
+    * once every concept is past its warm-up, g += e;
+    * the prediction is u + g (+ `sem_guidance[i]` when given: precomputed edit guidance, one
+      (B, H, W, C) array per model evaluation, diffusers' `sem_guidance`).
+
+    Like diffusers, which runs no guidance at all when `guidance_scale <= 1`, edits need CFG: a
+    Python `guidance_scale` <= 1 with concepts is an error rather than edits silently dropped.
+    Stateful (the momentum), so it is the outermost rule of a stack.
     """
 
     def __init__(self, model: ScoreFn, guidance_scale: float, concepts: Sequence[SegaConcept], *,
-                 edit_momentum_scale: float = 0.1, edit_mom_beta: float = 0.4):
+                 edit_momentum_scale: float = 0.1, edit_mom_beta: float = 0.4, sem_guidance=None):
+        if isinstance(guidance_scale, int | float) and guidance_scale <= 1.0 and (concepts or sem_guidance is not None):
+            raise ConfigError(f"sega: guidance_scale={guidance_scale} turns classifier-free guidance off, and with it "
+                              "every edit (diffusers' SemanticStableDiffusionPipeline applies edits only when "
+                              "guidance_scale > 1)")
+        if not 0.0 <= edit_mom_beta <= 1.0:
+            raise ConfigError(f"sega: edit_mom_beta must be in [0, 1], got {edit_mom_beta}")
         self.model, self.guidance_scale, self.concepts = model, guidance_scale, tuple(concepts)
         self.momentum_scale, self.mom_beta = edit_momentum_scale, edit_mom_beta
+        self.sem_guidance = None if sem_guidance is None else jnp.asarray(sem_guidance, jnp.float32)
 
     def init(self, x):
         return jnp.zeros_like(x, jnp.float32)
 
     def __call__(self, x, t, cond, momentum):
-        concepts = list(cond["concepts"])
+        concepts = list(cond["concepts"]) if self.concepts else []
         if len(concepts) != len(self.concepts):
             raise ConfigError(f"sega: {len(self.concepts)} concept settings but {len(concepts)} concept branches")
         preds = evaluate_branches(self.model, x, t, [cond["uncond"], cond["cond"], *concepts], _shared(cond))
         uncond, text = preds[0], preds[1]
         guidance = self.guidance_scale * (text - uncond)
-        step = cond["step"].index
-        edit = jnp.zeros_like(guidance)
-        for c, p in zip(self.concepts, preds[2:]):
-            g = (p - uncond) * (-1.0 if c.reverse_editing_direction else 1.0) * c.edit_guidance_scale
-            flat = jnp.abs(g).reshape(g.shape[0], -1, g.shape[-1])  # (B, H*W, C)
-            q = jnp.quantile(flat, c.edit_threshold, axis=1, keepdims=True)  # per sample and channel
-            q = q.reshape(g.shape[0], 1, 1, g.shape[-1])
-            g = jnp.where(jnp.abs(g) >= q, g, 0.0)
-            active = step >= c.edit_warmup_steps
-            edit = edit + jnp.where(active, c.edit_weight * g, 0.0)
-        edit = edit + self.momentum_scale * momentum
+        i = cond["step"].index
+        if self.concepts:
+            guidance, momentum = self._edit(guidance, uncond, preds[2:], i, momentum)
+        if self.sem_guidance is not None:
+            guidance = guidance + self.sem_guidance[i]
+        return uncond + guidance, momentum
+
+    def _edit(self, guidance, uncond, concept_preds, i, momentum):
+        edits, weights, warm = [], [], []
+        for c, p in zip(self.concepts, concept_preds):
+            cooled = False if c.edit_cooldown_steps is None else i >= c.edit_cooldown_steps
+            edits.append(jnp.where(cooled, 0.0, sega_edit(p - uncond, c)))
+            weights.append(jnp.where(cooled, 0.0, max(float(c.edit_weight), 0.0)))
+            warm.append(i >= c.edit_warmup_steps)
+        edits, weights, warm = jnp.stack(edits), jnp.stack(weights), jnp.stack(warm)
+        n_warm = jnp.sum(warm)
+        # some concepts warmed up, not all: their normalised weighted edit, without momentum
+        w_warm = jnp.where(warm, weights, 0.0)
+        total = jnp.sum(w_warm)
+        w_warm = jnp.where(total > 0, w_warm / jnp.where(total > 0, total, 1.0), 0.0)
+        partial = (n_warm > 0) & (n_warm < len(self.concepts))
+        guidance = guidance + jnp.where(partial, jnp.einsum("c,cbhwk->bhwk", w_warm, edits), 0.0)
+        edit = jnp.einsum("c,cbhwk->bhwk", weights, edits) + self.momentum_scale * momentum
         momentum = self.mom_beta * momentum + (1 - self.mom_beta) * edit
-        warm = step >= max(c.edit_warmup_steps for c in self.concepts) if self.concepts else True
-        return uncond + guidance + jnp.where(warm, edit, 0.0), momentum
+        guidance = guidance + jnp.where(n_warm == len(self.concepts), edit, 0.0)
+        return guidance, momentum
 
 
 # ------------------------------------------------------------------------------------------------
@@ -243,12 +304,16 @@ class sega(Stateful):
 
 
 def classifier_guidance(model: ScoreFn, log_prob: Callable, scale, schedule, *,
-                        prediction_type: str = "epsilon") -> ScoreFn:
+                        prediction_type: str | None = None) -> ScoreFn:
     """Dhariwal & Nichol 2021: eps' = eps - w sqrt(1 - abar_t) grad_x log p(y | x_t, t).
 
     `log_prob(x_t, t, cond) -> (B,)` is any differentiable JAX classifier (it reads its labels
-    from `cond`); `schedule` a `NoiseSchedule` (its `alpha_bar_at` handles fractional t).
+    from `cond`). `schedule` is the sampling `Plan`, whose scheduler config gives the model's
+    prediction type, or a `NoiseSchedule` together with an explicit `prediction_type` (its
+    `alpha_bar_at` handles fractional t). The shift is applied to the model's own
+    parameterisation so that the implied epsilon moves by exactly the formula's amount.
     """
+    schedule, prediction_type = resolve_schedule(schedule, prediction_type, "classifier_guidance")
 
     def guided(x, t, cond):
         out = model(x, t, cond)
@@ -316,15 +381,17 @@ def clip_image_embeds(guide: ClipGuide, latents, key=None):
 
 
 def clip_guidance(model: ScoreFn, guide: ClipGuide, scale, schedule, *, key=None,
-                  prediction_type: str = "epsilon", through_model: bool = False) -> ScoreFn:
+                  prediction_type: str | None = None, through_model: bool = False) -> ScoreFn:
     """CLIP guidance: follow -grad of the spherical distance between the CLIP embedding of the
     decoded predicted x0 and `cond["clip_target"]` (B, D), a text or image embedding.
 
     eps' = eps + scale sqrt(1 - abar) grad_x dist (classifier guidance with log p = -dist). The
     gradient flows through the VAE decoder and the CLIP vision tower; with `through_model` also
     through the score function (as the original CLIP-guided pipeline does; much more costly).
-    Cutouts (`guide.num_cutouts`) draw from `key` folded with the step index.
+    Cutouts (`guide.num_cutouts`) draw from `key` folded with the step index. `schedule`: the
+    `Plan` (prediction type from its scheduler config) or a `NoiseSchedule` with `prediction_type`.
     """
+    schedule, prediction_type = resolve_schedule(schedule, prediction_type, "clip_guidance")
 
     def guided(x, t, cond):
         ab = _per_sample(schedule.alpha_bar_at(t), x)

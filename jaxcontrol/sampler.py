@@ -22,7 +22,9 @@ import numpy as np
 from flax import struct
 
 from .errors import ConfigError, NonFiniteError
-from .schedulers.solvers import Plan
+from .schedulers.solvers import Plan, _x0_eps
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 @struct.dataclass
@@ -230,8 +232,9 @@ def ddim_invert(model, plan: Plan, latents, cond=None, **kwargs):
 def repaint_schedule(num_inference_steps: int, num_train_timesteps: int = 1000, jump_length: int = 10,
                      jump_n_sample: int = 10) -> np.ndarray:
     """The timestep walk of diffusers' RePaintScheduler: descending, with jumps back up."""
-    if jump_length < 1 or jump_n_sample < 1:
-        raise ConfigError("jump_length and jump_n_sample must be >= 1")
+    if jump_length < 1 or jump_n_sample < 1 or num_inference_steps < 1:
+        raise ConfigError(f"repaint: num_inference_steps, jump_length and jump_n_sample must be >= 1, got "
+                          f"{num_inference_steps}, {jump_length}, {jump_n_sample}")
     n = min(num_train_timesteps, num_inference_steps)
     jumps = {j: jump_n_sample - 1 for j in range(0, n - jump_length, jump_length)}
     ts, t = [], n
@@ -246,15 +249,66 @@ def repaint_schedule(num_inference_steps: int, num_train_timesteps: int = 1000, 
     return np.array(ts) * (num_train_timesteps // n)
 
 
-def repaint(model, schedule, latents, mask, key, cond=None, *, num_inference_steps: int = 50,
-            jump_length: int = 10, jump_n_sample: int = 10, eta: float = 0.0, noise=None):
-    """RePaint inpainting with any noise-prediction model; mask is 1 where to generate.
+def resolve_schedule(schedule, prediction_type: str | None, where: str):
+    """The `NoiseSchedule` and the model's prediction type for a rule given a plan or a schedule.
 
-    `schedule` is a `NoiseSchedule`. Follows diffusers' RePaintScheduler: at each event of the
-    walk the model denoises one step (known region re-noised to the new level) or, on a jump,
-    the sample is re-noised forward by the betas in between. Returns the final latents.
-    `noise`: optional (events, *shape) normal draws; otherwise from `key`.
+    A `Plan` knows both: its `prediction_type` (from the scheduler config) is used, and a
+    different explicit `prediction_type` is an error. A bare `NoiseSchedule` does not know what
+    the model predicts, so `prediction_type` must then be given: no parameterisation is assumed.
     """
+    if isinstance(schedule, Plan):
+        if prediction_type is not None and prediction_type != schedule.prediction_type:
+            raise ConfigError(f"{where}: prediction_type={prediction_type!r} but the plan's scheduler config says "
+                              f"{schedule.prediction_type!r}; pass the plan alone")
+        return schedule.schedule, schedule.prediction_type
+    if prediction_type is None:
+        raise ConfigError(f"{where}: pass the plan (its prediction_type is read from the scheduler config) or "
+                          "prediction_type= ('epsilon', 'v_prediction' or 'sample') with a bare NoiseSchedule")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ConfigError(f"{where}: prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    return schedule, prediction_type
+
+
+def per_image_keys(key, batch: int, where: str):
+    """One PRNG key per image, shape (batch,): from a key array of length `batch` (typed keys or raw
+    uint32 data of shape (batch, 2)), or from a single key split into `batch` keys (then an image's
+    randomness depends on the batch it runs in; pass one key per image for reproducible images)."""
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.ndim not in (1, 2) or key.shape[-1] != 2:
+            raise ConfigError(f"{where}: key must be a PRNG key, one per image, or raw key data of shape (2,) or "
+                              f"({batch}, 2); got shape {tuple(key.shape)}")
+        key = jax.random.wrap_key_data(key.astype(jnp.uint32))
+    if key.ndim == 0:
+        return jax.random.split(key, batch)
+    if key.ndim != 1 or key.shape[0] != batch:
+        raise ConfigError(f"{where}: {key.shape[0] if key.ndim else 1} keys for a batch of {batch}: pass one key "
+                          "or one per image")
+    return key
+
+
+def repaint(model, schedule, latents, mask, key, cond=None, *, prediction_type: str | None = None,
+            num_inference_steps: int | None = None, jump_length: int = 10, jump_n_sample: int = 10,
+            eta: float = 0.0, noise=None):
+    """RePaint inpainting (Lugmayr et al. 2022) with any diffusion model; `mask` is 1 where to generate.
+
+    `schedule`: the `Plan` (its noise schedule, prediction type and number of steps are used) or a
+    `NoiseSchedule` with an explicit `prediction_type`. The model output is converted to x0 and
+    epsilon by that prediction type (diffusers' RePaintScheduler treats it as epsilon; for other
+    parameterisations this is the same update written for what the model predicts). Otherwise
+    follows diffusers' RePaintPipeline: at each event of the walk the model denoises one step
+    (known region re-noised to the new level with the same draw, which the mask keeps apart from
+    the unknown region's) or, on a jump, the sample is re-noised forward by the betas in between.
+    Returns the final latents.
+
+    `key`: one PRNG key per image (a key array of length B, or raw data (B, 2)): image i draws all
+    its noise from its own key, so it is the same whatever batch it runs in. A single key is
+    split into B keys. `noise`: optional (1 + events, *latents.shape) normal draws instead: the
+    starting noise, then one per event of the walk (`repaint_schedule`).
+    """
+    plan_steps = schedule.num_inference_steps if isinstance(schedule, Plan) else 50
+    schedule, prediction_type = resolve_schedule(schedule, prediction_type, "repaint")
+    num_inference_steps = plan_steps if num_inference_steps is None else num_inference_steps
     N = schedule.num_train_timesteps
     ts = repaint_schedule(num_inference_steps, N, jump_length, jump_n_sample)
     ratio = N // min(N, num_inference_steps)
@@ -268,6 +322,10 @@ def repaint(model, schedule, latents, mask, key, cond=None, *, num_inference_ste
             prev = t - ratio
             a_t = ac[t]
             a_prev = ac[prev] if prev >= 0 else 1.0  # diffusers' RePaint: final_alpha_cumprod = 1
+            if a_t <= 0 and prediction_type == "epsilon":
+                raise ConfigError(f"repaint: alpha_bar is 0 at timestep {t} (a zero-terminal-SNR schedule, "
+                                  "rescale_betas_zero_snr) where an epsilon-prediction model gives no x0; use "
+                                  "fewer steps than num_train_timesteps or a v_prediction model")
             var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
             std = eta * np.sqrt(var)
             rows["undo"].append(0)
@@ -291,31 +349,39 @@ def repaint(model, schedule, latents, mask, key, cond=None, *, num_inference_ste
     latents = jnp.asarray(latents, jnp.float32)
     mask = jnp.asarray(mask, jnp.float32)
     events = len(ts)
+    xs = {"row": rows, "i": jnp.arange(events, dtype=jnp.int32)}
     if noise is None:
-        keys = jax.random.split(key, 3)
-        noise = jax.random.normal(keys[0], (events, 2) + latents.shape, jnp.float32)
-        x0 = jax.random.normal(keys[1], latents.shape, jnp.float32)
+        keys = per_image_keys(key, latents.shape[0], "repaint")
+
+        def draw(i):  # image b's draw number i comes from its own key only
+            return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), latents.shape[1:], jnp.float32))(keys)
+
+        x_start = draw(0)
     else:
         noise = jnp.asarray(noise, jnp.float32)
-        x0 = noise[0, 0]
+        if noise.shape != (events + 1,) + latents.shape:
+            raise ConfigError(f"repaint: noise must have shape {(events + 1,) + latents.shape} (the start, then one "
+                              f"draw per event of the walk), got {noise.shape}")
+        x_start, xs["z"] = noise[0], noise[1:]
 
     def body(x, xs):
-        row, z, i = xs["row"], xs["z"], xs["i"]
+        row, i = xs["row"], xs["i"]
+        z = xs["z"] if noise is not None else draw(i + 1)
 
         def denoise(x):
             c = with_step(cond, StepInfo(i, events, num_inference_steps))
-            eps = model(x, row["t"], c)
+            out = jnp.asarray(model(x, row["t"], c), jnp.float32)
             a_t, a_prev = row["a_t"], row["a_prev"]
-            x0_pred = (x - jnp.sqrt(1 - a_t) * eps) / jnp.sqrt(a_t)
+            x0_pred, eps = _x0_eps(out, x, jnp.sqrt(a_t), jnp.sqrt(1 - a_t), prediction_type)
             direction = jnp.sqrt(jnp.maximum(1 - a_prev - row["std"] ** 2, 0)) * eps
-            unknown = jnp.sqrt(a_prev) * x0_pred + direction + row["std"] * z[0]
-            known = jnp.sqrt(a_prev) * latents + jnp.sqrt(1 - a_prev) * z[1]
+            unknown = jnp.sqrt(a_prev) * x0_pred + direction + row["std"] * z
+            known = jnp.sqrt(a_prev) * latents + jnp.sqrt(1 - a_prev) * z
             return mask * unknown + (1 - mask) * known
 
         def undo(x):
-            return row["undo_a"] * x + row["undo_b"] * z[0]
+            return row["undo_a"] * x + row["undo_b"] * z
 
         return jax.lax.cond(row["undo"] > 0, undo, denoise, x), None
 
-    x, _ = jax.lax.scan(body, x0, {"row": rows, "z": noise, "i": jnp.arange(events, dtype=jnp.int32)})
+    x, _ = jax.lax.scan(body, x_start, xs)
     return x

@@ -42,7 +42,8 @@ def _descent_check(guide, through_model):
     distance = jax.jit(lambda eps: jnp.sum(G.spherical_distance(
         G.clip_image_embeds(guide, G.predicted_x0(eps, x, ab)), target[None])))
     plain = _model(x, t, {})
-    rule = jax.jit(G.clip_guidance(_model, guide, 50.0, SCHEDULE, through_model=through_model))
+    rule = jax.jit(G.clip_guidance(_model, guide, 50.0, SCHEDULE, prediction_type="epsilon",
+                                   through_model=through_model))
     assert float(distance(rule(x, t, _cond(2, target)))) < float(distance(plain))
     return x, t, target, plain
 
@@ -50,7 +51,7 @@ def _descent_check(guide, through_model):
 def test_clip_guidance_descends_the_spherical_distance(guide):
     x, t, target, plain = _descent_check(guide, through_model=False)
     # weight 0 (traced) leaves the prediction bit for bit
-    zero = G.clip_guidance(_model, guide, jnp.float32(0.0), SCHEDULE)
+    zero = G.clip_guidance(_model, guide, jnp.float32(0.0), SCHEDULE, prediction_type="epsilon")
     np.testing.assert_array_equal(jax.jit(zero)(x, t, _cond(2, target)), plain)
 
 
@@ -63,7 +64,7 @@ def test_cutouts_are_random_per_step_and_differentiable(guide):
     x = jax.random.normal(jax.random.key(4), (1, 16, 16, 4))
     target = jax.random.normal(jax.random.key(5), (1, 12))
     cut = G.ClipGuide(guide.vae, guide.vae_params, guide.clip, guide.clip_params, image_size=16, num_cutouts=3)
-    rule = jax.jit(G.clip_guidance(_model, cut, 10.0, SCHEDULE, key=jax.random.key(6)))
+    rule = jax.jit(G.clip_guidance(_model, cut, 10.0, SCHEDULE, prediction_type="epsilon", key=jax.random.key(6)))
     a = rule(x, jnp.float32(400.0), {"clip_target": target, "step": StepInfo(jnp.int32(1), 10, 10)})
     b = rule(x, jnp.float32(400.0), {"clip_target": target, "step": StepInfo(jnp.int32(2), 10, 10)})
     assert np.isfinite(np.asarray(a)).all() and np.abs(np.asarray(a) - np.asarray(b)).max() > 0

@@ -86,7 +86,7 @@ def test_classifier_guidance_with_weight_one_is_the_conditional():
     cond = {"label": jnp.zeros((N,), jnp.int32)}
     fractions = []
     for w in (0.0, 0.5, 1.0, 3.0):
-        x = _run(G.classifier_guidance(eps_mixture, log_prob_component, w, SCHEDULE), cond)
+        x = _run(G.classifier_guidance(eps_mixture, log_prob_component, w, SCHEDULE, prediction_type="epsilon"), cond)
         fractions.append((x[:, 0] < 0).mean())
         if w == 1.0:
             frac, mean, std = _stats(x)
@@ -116,7 +116,8 @@ def test_zero_weight_reproduces_the_unguided_sample_bit_for_bit():
     cond = {"label": jnp.zeros((N,), jnp.int32)}
     base = _run(eps_mixture, cond)
     zero = jnp.float32(0.0)  # traced, so the guidance really runs
-    np.testing.assert_array_equal(_run(G.classifier_guidance(eps_mixture, log_prob_component, zero, SCHEDULE), cond),
+    np.testing.assert_array_equal(_run(G.classifier_guidance(eps_mixture, log_prob_component, zero, SCHEDULE,
+                                                         prediction_type="epsilon"), cond),
                                   base)
     cfg_cond = {"cond": {"label": jnp.ones((N,), jnp.int32)}, "uncond": {"label": -jnp.ones((N,), jnp.int32)}}
     cfg = _run(G.classifier_free(eps_branch, 2.0), cfg_cond)
@@ -130,7 +131,7 @@ def test_composition_equals_applying_rules_by_hand():
     t = jnp.float32(600.0)
     cond = {"cond": {"label": jnp.ones((8,), jnp.int32)}, "uncond": {"label": -jnp.ones((8,), jnp.int32)}}
     stacked = G.classifier_guidance(G.classifier_free(eps_branch, 4.0), lambda z, t, c: log_prob_component(
-        z, t, {"label": jnp.zeros((8,), jnp.int32)}), 2.0, SCHEDULE)
+        z, t, {"label": jnp.zeros((8,), jnp.int32)}), 2.0, SCHEDULE, prediction_type="epsilon")
     ab = SCHEDULE.alpha_bar_at(t)
     eps_u = eps_mixture(x, t, {})
     eps_c = eps_component(x, t, {"label": jnp.ones((8,), jnp.int32)})
@@ -150,7 +151,7 @@ def test_composition_equals_applying_rules_by_hand():
 def test_guidance_rules_work_under_vmap_and_in_v_parameterisation():
     x = jax.random.normal(jax.random.key(2), (4, 1, 1, 2))
     t = jnp.array([900.0, 500.0, 100.0, 10.0])
-    rule = G.classifier_guidance(eps_mixture, log_prob_component, 1.5, SCHEDULE)
+    rule = G.classifier_guidance(eps_mixture, log_prob_component, 1.5, SCHEDULE, prediction_type="epsilon")
     cond = {"label": jnp.array([0, 1, 0, 1])}
     batched = rule(x, t, cond)
     one_by_one = jax.vmap(lambda xi, ti, li: rule(xi[None], ti, {"label": li[None]})[0])(x, t, cond["label"])
@@ -214,8 +215,8 @@ def test_repaint_keeps_the_known_region_and_resamples():
     shape = (2, 4, 4, 2)
     known = jax.random.normal(jax.random.key(8), shape)
     mask = jnp.zeros(shape[:3] + (1,)).at[:, 2:].set(1.0)
-    out = jax.jit(lambda k: repaint(eps_mixture, SCHEDULE, k, mask, jax.random.key(9), {}, num_inference_steps=10,
-                                    jump_length=2, jump_n_sample=2))(known)
+    out = jax.jit(lambda k: repaint(eps_mixture, SCHEDULE, k, mask, jax.random.key(9), {}, prediction_type="epsilon",
+                                    num_inference_steps=10, jump_length=2, jump_n_sample=2))(known)
     np.testing.assert_allclose(np.asarray(out)[:, :2], np.asarray(known)[:, :2], atol=1e-6)
     assert np.isfinite(np.asarray(out)).all()
 
