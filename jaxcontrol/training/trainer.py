@@ -15,9 +15,13 @@ exactly as an uninterrupted run's (same config, same mesh shape, CPU).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
+import re
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, NonFiniteError
 from ..models.vae import sample_posterior
 from ..schedulers import make_plan
 from .checkpoint import Checkpointer
@@ -64,7 +68,7 @@ class Run:
         self.workdir = Path(os.path.abspath(workdir))
         self.is_main = jax.process_index() == 0
         if self.is_main:
-            self.workdir.mkdir(parents=True, exist_ok=True)
+            prepare_workdir(self.workdir)
         self.mesh = make_mesh(int(config.mesh.data), int(config.mesh.fsdp), _devices(int(config.mesh.num_devices)))
         self.batch_axes = tuple(config.mesh.batch_axes)
         self.accum = int(config.grad_accum_steps)
@@ -111,6 +115,14 @@ class Run:
         self.frozen = jax.device_put(frozen, self.frozen_sharding)
         self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=int(config.checkpoint.keep),
                                          async_save=bool(config.checkpoint.async_save))
+        self._closed = False
+        try:
+            self._finish_setup(config, trainable, restore, seed, ema)
+        except BaseException:
+            self.close()
+            raise
+
+    def _finish_setup(self, config, trainable, restore: bool, seed: int, ema: bool) -> None:
         self.meta = {"batch_size": int(config.batch_size), "grad_accum_steps": self.accum,
                      "process_count": jax.process_count(), "dataset": config.data.dataset, "seed": seed,
                      "task": config.task, "mesh": dict(self.mesh.shape)}
@@ -122,15 +134,31 @@ class Run:
             self.state = jax.jit(lambda p: create_train_state(p, self.tx, seed, ema=ema),
                                  out_shardings=self.state_sharding)(jax.device_put(trainable, self.state_sharding.params))
             self.restored_step = None
-        del trainable
         self.compiler_options = to_plain(config.compiler_options) or None
         self.step_fn = jit_train_step(make_train_step(self.nets, config, self.tx, self.lr_schedule),
                                       self.state_sharding, self.frozen_sharding, self.batch_sharding,
                                       replicated(self.mesh), self.compiler_options)
         self._sample_fn = None
         self._reconstruct_fn = None
+        self._finite_fn = None
 
     # ---------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Wait for in-flight (async) checkpoint saves to complete, then close the checkpointer.
+
+        Call it (or use `with Run(...) as run:`) before the process exits: an async save still in
+        flight at exit is lost. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self.checkpointer.close()
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _encode_text_host(self, frozen, ids):
         te = self.nets.text_encoder
         return te.apply({"params": frozen["text_encoder"]}, jnp.asarray(ids)).last_hidden_state
@@ -139,7 +167,25 @@ class Run:
         return device_batch(next(self.iterator), self.accum, self.batch_sharding, self.batch_keys)
 
     def save(self, step: int) -> None:
+        """Start saving the state at `step` (async); `NonFiniteError` instead if the state has NaN/inf."""
+        self.check_state_finite(step)
         self.checkpointer.save(step, self.state, self.iterator, self.meta)
+
+    def check_state_finite(self, step: int) -> None:
+        """Raise `NonFiniteError` naming `step` and the part of the state (params, opt_state, ema)
+        that holds NaN or infinity. One reduction over the state, run before each checkpoint."""
+        if self._finite_fn is None:
+            def finite(state):
+                return {name: jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+                                                   if jnp.issubdtype(x.dtype, jnp.inexact)] or [True]))
+                        for name, tree in (("params", state.params), ("opt_state", state.opt_state),
+                                           ("ema", state.ema))}
+            self._finite_fn = jax.jit(finite, out_shardings=replicated(self.mesh))
+        flags = jax.device_get(self._finite_fn(self.state))
+        bad = [name for name, ok in flags.items() if not bool(ok)]
+        if bad:
+            raise NonFiniteError(f"training step {step}: the train state's {' and '.join(bad)} hold NaN or "
+                                 f"infinity; not saving a checkpoint of it{_latest_note(self)}")
 
     def export_params(self) -> dict:
         """The trainable params to export: the EMA when there is one and export.use_ema, gathered to every host."""
@@ -214,12 +260,29 @@ def train(config, workdir: str | os.PathLike) -> dict:
     """Train per `config` in `workdir` (created; resumed from its checkpoints if it has any).
 
     Returns a summary: {"step", "restored_from", "exported": {...}, "last_loss"}.
+
+    Non-finite values stop the run with `NonFiniteError` naming the training step and the metric:
+    the step's metrics (loss, grad_norm) are fetched to the host at every log flush (every
+    `log.every` steps, and before every checkpoint, validation and export), and the whole train
+    state is checked before each checkpoint is saved, so a NaN is caught within `log.every` steps
+    and never saved or exported: the latest checkpoint stays the last good one. A
+    `KeyboardInterrupt` stops the loop; in-flight checkpoint saves are completed first.
     """
     if config.distributed.initialize:
         initialize_distributed(config.distributed.coordinator_address, int(config.distributed.num_processes),
                                int(config.distributed.process_id))
     check_config(config)
-    run = Run(config, workdir)
+    if jax.process_index() == 0:
+        prepare_workdir(Path(workdir))
+        removed = remove_stale_exports(Path(workdir) / "export")
+        if removed:
+            log.warning("removed %d unfinished export folder(s) of an interrupted run: %s", len(removed),
+                        ", ".join(str(p) for p in removed))
+    with Run(config, workdir) as run:
+        return _train_loop(run)
+
+
+def _train_loop(run: Run) -> dict:
     cfg = run.config
     workdir = run.workdir
     if run.is_main:
@@ -245,10 +308,11 @@ def train(config, workdir: str | os.PathLike) -> dict:
             return
         host = jax.device_get([m for _, m in pending])
         records = [(s, {k: float(v) for k, v in m.items()}) for (s, _), m in zip(pending, host)]
-        writer.steps(records)
+        pending = []
+        writer.steps(records)  # logged first, so that metrics.jsonl shows the bad values too
+        check_finite_metrics(records, run)
         interval.extend(r for _, r in records)
         last.update(records[-1][1])
-        pending = []
 
     try:
         first = True
@@ -274,8 +338,11 @@ def train(config, workdir: str | os.PathLike) -> dict:
                 run.save(step)
                 writer.console(f"step {step}: checkpoint saving (async) to {run.checkpointer.directory}")
             if val_every and step % val_every == 0 and step != cfg.steps:
+                flush()
                 _validate(run, writer, step)
             if export_every and step % export_every == 0 and step != cfg.steps:
+                flush()
+                run.check_state_finite(step)
                 _export(run, writer, workdir / "export" / "steps" / str(step))
         flush()
         run.checkpointer.wait()
@@ -283,11 +350,77 @@ def train(config, workdir: str | os.PathLike) -> dict:
             _validate(run, writer, step)
         exported = {}
         if cfg.export.at_end:
+            run.check_state_finite(step)
             exported = _export(run, writer, workdir / "export")
     finally:
-        run.checkpointer.close()
         writer.close()
     return {"step": step, "restored_from": run.restored_step, "exported": exported, "last_loss": last.get("loss")}
+
+
+def check_finite_metrics(records: list[tuple[int, dict]], run: Run | None = None) -> None:
+    """Raise `NonFiniteError` naming the first training step whose metrics (loss, grad_norm, ...)
+    hold NaN or infinity. `records` are (step, {name: float}) in step order."""
+    for step, metrics in records:
+        bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
+        if bad:
+            what = ", ".join(f"{k}={v}" for k, v in bad.items())
+            raise NonFiniteError(f"training step {step}: non-finite {what}; stopped without saving a checkpoint "
+                                 f"or exporting from this state{_latest_note(run)} (lower optim.learning_rate, "
+                                 "set optim.max_grad_norm, or check the data)")
+
+
+def _latest_note(run: Run | None) -> str:
+    if run is None:
+        return ""
+    run.checkpointer.wait()
+    latest = run.checkpointer.latest_step()
+    if latest is None:
+        return "; no checkpoint had been saved"
+    return f"; the latest checkpoint is step {latest} in {run.checkpointer.directory}"
+
+
+def prepare_workdir(workdir: Path) -> None:
+    """Create `workdir` and check that files can be written in it (`OSError` naming it otherwise)."""
+    if workdir.exists() and not workdir.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "the run directory exists and is not a directory", str(workdir))
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=workdir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise type(e)(e.errno, f"cannot be used as the run directory: {e.strerror or e}", str(workdir)) from e
+
+
+STALE_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-[^/]+$")
+
+
+def remove_stale_exports(export_dir: Path) -> list[Path]:
+    """Clean what a killed export left under `export_dir`; returns the folders removed.
+
+    Exports are written through `atomic_directory`: in `.NAME.tmp-*` beside the destination, renamed
+    into place when complete; a replaced export is first renamed aside to `.NAME.old-*`. Only a
+    killed process leaves either behind. A `.tmp-*` folder is always incomplete and is deleted; an
+    `.old-*` folder is deleted when NAME exists, and renamed back to NAME when it does not (the kill
+    came between the two renames). Call it only while no export is being written.
+    """
+    removed: list[Path] = []
+    if not export_dir.is_dir():
+        return removed
+    for folder, dirs, _ in os.walk(export_dir):
+        for name in sorted(dirs):
+            m = STALE_TEMP.match(name)
+            if m is None:
+                continue
+            path = Path(folder) / name
+            dest = Path(folder) / m.group("name")
+            if m.group("kind") == "old" and not dest.exists():
+                os.rename(path, dest)
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        dirs[:] = [d for d in dirs if STALE_TEMP.match(d) is None]
+    return removed
 
 
 def _devices(count: int) -> list:
@@ -339,4 +472,4 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["Run", "TrainState", "train"]
+__all__ = ["Run", "TrainState", "check_finite_metrics", "prepare_workdir", "remove_stale_exports", "train"]
