@@ -76,3 +76,84 @@ def test_errors_are_clear_and_write_nothing(tiny, tmp_path, args, message):
     assert res.returncode == 2
     assert message in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------- reliability (issue: no silent wrong output)
+
+
+@pytest.fixture(scope="module")
+def tiny_ddim(tmp_path_factory):
+    """A tiny ControlNet pipeline whose own scheduler is DDIM (so --eta applies without --scheduler)."""
+    root = tmp_path_factory.mktemp("infer_ddim")
+    save_tiny_pipeline(root, kind="controlnet", scheduler="DDIMScheduler")
+    return root / "pipeline"
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--strength", "1.5", "--init-image", "control.png"], "--strength"),
+    (["--guidance-scale", "-3"], "--guidance-scale"),
+    (["--control-end", "1.5"], "--control-end"),
+    (["--control-start", "0.6", "--control-end", "0.4"], "--control-start"),
+    (["--eta", "0.5", "--scheduler", "euler"], "--eta"),
+    (["--seed", "12345678901234567890"], "--seed"),
+    (["--image-indices", "a,b"], "--image-indices"),
+    (["--clip-skip", "100"], "--clip-skip"),
+    (["--steps", "0"], "--steps"),
+])
+def test_out_of_range_flags_are_usage_errors_naming_the_flag(tiny, tmp_path, args, flag):
+    res = _infer("--model", tiny / "pipeline", "--prompt", "a", "--control-image", "control.png", "--steps", "2",
+                 "--height", "16", "--width", "16", "--output", tmp_path / "out", "--no-progress", *args, cwd=tiny)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("infer.py: error: ") and flag in lines[-1]
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_size_that_cannot_fit_is_a_one_line_runtime_error(tiny, tmp_path):
+    res = _infer("--model", tiny / "pipeline", "--prompt", "a", "--control-image", tiny / "control.png",
+                 "--height", "1048576", "--width", "1048576", "--output", tmp_path / "out", "--no-progress")
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert "GiB" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_weights_fail_loudly_and_write_nothing(tiny, tmp_path):
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    bad = tmp_path / "nan_pipeline"
+    shutil.copytree(tiny / "pipeline", bad)
+    weights = bad / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    tensors["conv_out.bias"] = np.full_like(tensors["conv_out.bias"], np.nan)
+    save_file(tensors, weights)
+    res = _infer("--model", bad, "--prompt", "a", "--control-image", tiny / "control.png", "--steps", "2",
+                 "--height", "16", "--width", "16", "--output", tmp_path / "out", "--no-progress")
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert "NaN" in res.stderr and "solver 'pndm', first at model evaluation 1 of 3" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_eta_applies_to_the_models_own_ddim_scheduler_and_sidecar_is_resolved(tiny, tiny_ddim, tmp_path):
+    from jaxcontrol.provenance import path_sha256
+
+    outs = {}
+    for eta in ("0", "1"):
+        out = tmp_path / f"eta{eta}"
+        res = _infer("--model", tiny_ddim, "--prompt", "a", "--control-image", tiny / "control.png", "--steps", "3",
+                     "--height", "16", "--width", "16", "--eta", eta, "--seed", "2", "--output", out, "--no-progress")
+        assert res.returncode == 0, res.stderr[-2000:]
+        outs[eta] = (np.asarray(Image.open(out / "image_00000.png")), json.loads((out / "image_00000.json").read_text()))
+    assert np.abs(outs["0"][0].astype(int) - outs["1"][0].astype(int)).max() > 0  # eta was used, not ignored
+    side = outs["1"][1]
+    assert side["solver"] == "ddim" and side["scheduler_options"] == {"eta": 1.0}
+    assert side["scheduler_config"]["set_alpha_to_one"] is False  # the folder's config, resolved
+    assert side["prediction_type"] == "epsilon" and side["num_inference_steps"] == 3
+    assert side["timesteps"] == [667, 334, 1]
+    assert side["controlnets"] == [{"scale": 1.0, "start": 0.0, "end": 1.0, "resize_mode": "default"}]
+    assert side["model"]["sha256"] == path_sha256(tiny_ddim)
+    assert len(side["inputs"]["control_images"][0]["sha256"]) == 64
+    assert side["jaxcontrol_version"] and side["guidance_scale"] == 7.5 and side["guess_mode"] is False
