@@ -365,7 +365,7 @@ class Pipeline:
                                           **checked)
                 else:  # repaint
                     jl, jn = settings["repaint"]
-                    latents = repaint(model, plan.schedule, known, inputs["mask"], inputs["keys"][0], cond,
+                    latents = repaint(model, plan, known, inputs["mask"], inputs["keys"], cond,  # per-image keys
                                       num_inference_steps=settings["steps"], jump_length=jl, jump_n_sample=jn)
             if bad is None:  # RePaint: only the final latents are checked
                 bad = jnp.full(latents.shape[:1], -1, jnp.int32)
