@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +120,10 @@ def test_demo_cli_writes_the_grid(tmp_path):
     assert cell(0, 1).std() > 0 and not np.array_equal(cell(0, 1), cell(0, 2))  # control changes the image
     if demo.DEFAULT_ADAPTER.is_dir():  # condition | no control | ControlNet | T2I-Adapter | both
         assert not np.array_equal(cell(0, 1), cell(0, 3)) and not np.array_equal(cell(0, 2), cell(0, 4))
+    side = json.loads((tmp_path / "image_demo.json").read_text())  # the demo records what made it
+    assert side["solver"] == "ddim" and side["prediction_type"] == "v_prediction" and side["steps"] == 4
+    assert side["scheduler_config"]["rescale_betas_zero_snr"] is True and len(side["timesteps"]) == 4
+    assert len(side["model"]["sha256"]) == 64 and len(side["controlnet"]["sha256"]) == 64
 
 
 def test_infer_without_model_names_the_make_target(tmp_path, monkeypatch, capsys):
