@@ -1,19 +1,260 @@
-"""The code in docs/ runs: every ```python block of the guides is executed."""
+"""The code in the README and the guides runs.
 
+- Every ```python block of README.md, docs/TRAINING.md and docs/GUIDANCE.md is executed, each
+  file's blocks in order in one namespace, in a temporary working directory. The model paths the
+  README uses (`stable-diffusion-v1-5`, `control_v11p_sd15_canny`, the original single files)
+  hold tiny random models of the same formats there, built with diffusers: nothing is downloaded.
+- Every `infer.py` / `convert_weights.py` command in their ```bash blocks is parsed by that
+  tool's own argument parser (an option that does not exist fails), the README's conversions
+  run for real on the tiny files, every `train.py --config.KEY=...` names a key of its config
+  file, and every `make TARGET` is a target of the Makefile.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
 import re
+import runpy
+import shlex
+import shutil
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
-BLOCKS = [(path.name, i, code) for path in sorted(DOCS.glob("GUIDANCE.md"))
-          for i, code in enumerate(re.findall(r"```python\n(.*?)```", path.read_text(), re.S))]
+ROOT = Path(__file__).resolve().parent.parent
+DOC_FILES = ("README.md", "docs/TRAINING.md", "docs/GUIDANCE.md")
+TOOLS = ("infer.py", "convert_weights.py", "train.py")
 
 
-@pytest.mark.parametrize("name,index,code", BLOCKS, ids=[f"{n}:{i}" for n, i, _ in BLOCKS])
-def test_doc_block_runs(name, index, code):
-    exec(compile(code, f"{name}[{index}]", "exec"), {"__name__": "docs_example"})
+def python_blocks(name: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (ROOT / name).read_text(), re.S)
+
+
+def shell_commands(name: str) -> list[list[str]]:
+    """The commands of a file's ```bash / ```sh blocks: continuation lines joined, comments dropped."""
+    commands = []
+    for block in re.findall(r"```(?:bash|sh|shell)\n(.*?)```", (ROOT / name).read_text(), re.S):
+        pending = ""
+        for line in block.replace("\\\n", " ").splitlines():
+            pending += line + "\n"
+            try:
+                words = shlex.split(pending, comments=True)
+            except ValueError:  # a quotation spanning lines: read on
+                continue
+            pending = ""
+            if words:
+                commands.append(words)
+    return commands
+
+
+def tool_commands(name: str, tool: str) -> list[list[str]]:
+    """The arguments of every `[.venv/bin/]python TOOL ...` command of a file."""
+    return [words[2:] for words in shell_commands(name)
+            if len(words) >= 2 and Path(words[0]).name.startswith("python") and words[1] == tool]
+
+
+def load_tool(tool: str):
+    spec = importlib.util.spec_from_file_location(f"docs_cli_{Path(tool).stem}", ROOT / tool)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_blocks(name: str, namespace: dict | None = None) -> dict:
+    namespace = {"__name__": "docs_example"} if namespace is None else namespace
+    for i, code in enumerate(python_blocks(name)):
+        exec(compile(code, f"{name}[python block {i}]", "exec"), namespace)
+    return namespace
+
+
+# --- tiny models at the paths the README uses --------------------------------------------------------
+
+TEXT = dict(bos_token_id=0, eos_token_id=2, hidden_size=64, intermediate_size=37, layer_norm_eps=1e-5,
+            num_attention_heads=1, num_hidden_layers=2, pad_token_id=1, vocab_size=1000)
+# 4 VAE levels and the standard hint encoder: the 8x image / latent factor of SD
+VAE = dict(block_out_channels=[32, 32, 32, 32], in_channels=3, out_channels=3, layers_per_block=1,
+           down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4)
+
+
+def _ldm_mappings():
+    """The inverse key mappings (diffusers -> original LDM names) that tests/test_convert.py writes."""
+    spec = importlib.util.spec_from_file_location("docs_convert_mappings", ROOT / "tests" / "test_convert.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def readme_models(tmp_path_factory) -> Path:
+    return build_readme_models(tmp_path_factory.mktemp("readme"))
+
+
+def build_readme_models(root: Path) -> Path:
+    """A folder with what the README's examples read, as tiny random models (SD-1.x layout)."""
+    import torch
+    from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, StableDiffusionPipeline
+    from diffusers import UNet2DConditionModel
+    from PIL import Image
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from jaxcontrol.testing.parity import TINY_ADAPTER_TEST
+    from jaxcontrol.testing.reference import randomize_, tiny_clip_tokenizer
+
+    ldm = _ldm_mappings()
+    torch.manual_seed(0)
+    tok = tiny_clip_tokenizer(root / "sd15" / "tokenizer")
+    unet = randomize_(UNet2DConditionModel(**{**TINY_ADAPTER_TEST, "sample_size": 8, "cross_attention_dim": 64}), 1)
+    vae = randomize_(AutoencoderKL(**VAE), 2)
+    text = randomize_(CLIPTextModel(CLIPTextConfig(**TEXT)), 3)
+    StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=text, tokenizer=CLIPTokenizer.from_pretrained(tok),
+        scheduler=PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                skip_prk_steps=True, steps_offset=1),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).save_pretrained(root / "stable-diffusion-v1-5")
+    single = {"model.diffusion_model." + k: v for k, v in ldm.unet_to_ldm(unet.state_dict(), 2).items()}
+    single.update({"first_stage_model." + k: v for k, v in ldm.vae_to_ldm(vae.state_dict()).items()})
+    single.update(ldm.clip_to_ldm(text.state_dict()))
+    save_file(ldm.contiguous(single), root / "v1-5-pruned-emaonly.safetensors")
+
+    controlnet = randomize_(ControlNetModel.from_unet(unet), 4)
+    controlnet.save_pretrained(root / "control_v11p_sd15_canny")
+    original = {"control_model." + k: v for k, v in ldm.unet_to_ldm(controlnet.state_dict(), 2).items()}
+    torch.save(ldm.contiguous(original), root / "control_v11p_sd15_canny.pth")
+
+    import jaxcontrol
+
+    jaxcontrol.save_checkpoint(root / "my-controlnet-jax",
+                               {"controlnet": jaxcontrol.load_model(root / "control_v11p_sd15_canny")})
+    rng = np.random.default_rng(0)
+    bird = np.zeros((64, 64, 3), np.uint8)
+    bird[16:48, 20:44] = rng.integers(100, 255, 3, dtype=np.uint8)
+    Image.fromarray(bird).save(root / "bird.png")
+    Image.fromarray(bird).save(root / "outline.png")
+    return root
+
+
+def _workdir(models: Path, dest: Path) -> Path:
+    """A fresh working directory that sees the models (symlinked) but writes its own outputs."""
+    dest.mkdir()
+    for p in models.iterdir():
+        (dest / p.name).symlink_to(p, target_is_directory=p.is_dir())
+    return dest
+
+
+# --- ```python blocks -------------------------------------------------------------------------------
+
+
+def test_readme_python_blocks_run(readme_models, tmp_path, monkeypatch):
+    monkeypatch.chdir(_workdir(readme_models, tmp_path / "cwd"))
+    ns = run_blocks("README.md")
+    images = np.asarray(ns["images"])
+    assert images.dtype == np.uint8 and images.shape == (1, 64, 64, 3)
+    assert np.isfinite(np.asarray(ns["x"])).all() and ns["x"].shape == (1, 8, 8, 4)
+    assert len(ns["down"]) == 6 and ns["eps"].shape == (2, 8, 8, 4)
+    assert (tmp_path / "cwd" / "canny-torch" / "config.json").is_file()
+
+
+GUIDANCE_BLOCKS = python_blocks("docs/GUIDANCE.md")
+
+
+@pytest.mark.parametrize("index", range(len(GUIDANCE_BLOCKS)))
+def test_guidance_blocks_run(index, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    exec(compile(GUIDANCE_BLOCKS[index], f"docs/GUIDANCE.md[python block {index}]", "exec"),
+         {"__name__": "docs_example"})
 
 
 def test_there_is_a_worked_example():
-    assert BLOCKS, "docs/GUIDANCE.md lost its worked example"
+    assert GUIDANCE_BLOCKS, "docs/GUIDANCE.md lost its worked example"
+
+
+def test_training_python_blocks_run(tmp_path, monkeypatch):
+    assert python_blocks("docs/TRAINING.md"), "docs/TRAINING.md has no Python example"
+    work = tmp_path / "cwd"
+    work.mkdir()
+    (work / "configs").symlink_to(ROOT / "configs", target_is_directory=True)
+    monkeypatch.chdir(work)
+    run_blocks("docs/TRAINING.md")
+
+
+# --- ```bash blocks ---------------------------------------------------------------------------------
+
+
+def test_every_documented_command_uses_options_that_exist():
+    checked = 0
+    for tool in ("infer.py", "convert_weights.py"):
+        parser = load_tool(tool).build_parser()
+        for name in DOC_FILES:
+            for argv in tool_commands(name, tool):
+                try:
+                    parser.parse_args(argv)
+                except SystemExit as e:
+                    pytest.fail(f"{name}: `{tool} {shlex.join(argv)}` does not parse (exit {e.code})")
+                checked += 1
+    assert checked >= 6
+
+
+def _config_keys(config_arg: str, overrides: list[str]) -> list[str]:
+    """The `--config.KEY` overrides whose KEY is not in the config file's config."""
+    file, *arg = config_arg.split(":", 1)
+    config = runpy.run_path(str(ROOT / file))["get_config"](*arg)
+    unknown = []
+    for key in overrides:
+        node = config
+        for part in key.split("."):
+            if part not in node:
+                unknown.append(key)
+                break
+            node = node[part]
+    return unknown
+
+
+def test_every_documented_train_command_names_existing_config_keys():
+    checked = 0
+    for name in DOC_FILES:
+        for argv in tool_commands(name, "train.py"):
+            flags = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+            it = iter(argv)
+            for a in it:  # `--flag value` form
+                if a in ("--config", "--workdir"):
+                    flags[a[2:]] = next(it)
+            assert {"config", "workdir"} <= set(flags), f"{name}: train.py {shlex.join(argv)}"
+            assert (ROOT / flags["config"].split(":")[0]).is_file(), f"{name}: no config file {flags['config']}"
+            overrides = [k[len("config."):] for k in flags if k.startswith("config.")]
+            unknown = _config_keys(flags["config"], overrides)
+            assert not unknown, f"{name}: train.py {shlex.join(argv)}: unknown config keys {unknown}"
+            checked += 1
+    assert checked >= 4
+
+
+def test_every_documented_make_target_exists():
+    targets = set(re.findall(r"^([A-Za-z][\w-]*):", (ROOT / "Makefile").read_text(), re.M))
+    used = {w[1] for name in DOC_FILES for w in shell_commands(name) if w[0] == "make" and len(w) > 1}
+    assert used and used <= targets, used - targets
+
+
+def test_every_documented_script_exists():
+    scripts = {w[1] for name in DOC_FILES for w in shell_commands(name)
+               if len(w) > 1 and Path(w[0]).name.startswith("python") and w[1].endswith(".py")}
+    assert scripts and all((ROOT / s).is_file() for s in scripts), [s for s in scripts if not (ROOT / s).is_file()]
+
+
+def test_readme_conversions_run(readme_models, tmp_path, monkeypatch, capsys):
+    work = _workdir(readme_models, tmp_path / "cwd")
+    monkeypatch.chdir(work)
+    cli = load_tool("convert_weights.py")
+    commands = tool_commands("README.md", "convert_weights.py")
+    assert len(commands) == 3
+    for argv in commands:
+        assert cli.main(argv) == 0, f"convert_weights.py {shlex.join(argv)}"
+        dest = work / argv[argv.index("--to") + 1]
+        assert any(dest.iterdir()), dest
+    import jaxcontrol
+
+    jaxcontrol.load_pipeline(work / "sd15-jax")
+    assert (work / "my-controlnet-torch" / "config.json").is_file()
