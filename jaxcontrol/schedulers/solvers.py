@@ -840,11 +840,12 @@ def _check_x0_recoverable(solver: str, cfg, ts, sa) -> None:
 
 def _check_finite(plan: "Plan") -> None:
     """The last host-side guard: a plan with a NaN or infinite coefficient never reaches the sampler."""
+    fields = ", ".join(f for f in _SNR_FIELDS if f in plan.config)
     scalars = {"init_noise_sigma": plan.init_noise_sigma, "start_a": plan.start_a, "start_b": plan.start_b}
     for name, value in scalars.items():
         if not np.isfinite(value):
             raise ConfigError(f"the {plan.solver} plan's {name} is {value}: this scheduler config cannot be "
-                              f"sampled by {plan.solver} (check {', '.join(_SNR_FIELDS)})")
+                              f"sampled by {plan.solver} (check {fields})")
     for name, values in plan.rows.items():
         values = np.asarray(values)
         bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1) if values.size else np.zeros(0, bool)
@@ -853,8 +854,7 @@ def _check_finite(plan: "Plan") -> None:
             raise ConfigError(
                 f"the {plan.solver} plan's coefficient {name!r} is not finite ({values[k].tolist()}) at model "
                 f"evaluation {k + 1} of {len(values)} (timestep {plan.timesteps[k]}): sampling would return "
-                f"NaN. This scheduler config cannot be sampled by {plan.solver} (check "
-                f"{', '.join(f for f in _SNR_FIELDS if f in plan.config)})")
+                f"NaN. This scheduler config cannot be sampled by {plan.solver} (check {fields})")
 
 
 def _finish(solver, cfg, n, ts, rows, sched, begin, *, init_noise_sigma, start, sigmas=None) -> Plan:
@@ -939,6 +939,7 @@ def make_plan(
             if begin >= num_inference_steps:
                 raise ConfigError(f"strength={strength} with {num_inference_steps} steps leaves no step to run")
     try:
-        return PLANNERS[name](cfg, num_inference_steps, begin=begin, **options)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # Plan refuses non-finite rows
+            return PLANNERS[name](cfg, num_inference_steps, begin=begin, **options)
     except TypeError as e:
         raise ConfigError(f"solver {name!r} does not take options {sorted(options)}: {e}") from e

@@ -150,14 +150,20 @@ def reference_is_finite(case: SolverCase, *, seed: int = 0, shape=(2, 4, 6, 6)) 
     try:
         with np.errstate(all="ignore"):
             _, _, ref = run_diffusers_loop(case.class_name, config, case.steps, x, noises, case.step_options)
-    except (ValueError, np.linalg.LinAlgError):
+    except (ValueError, RuntimeError, np.linalg.LinAlgError):  # torch.linalg errors are RuntimeErrors
         return False
     return bool(np.isfinite(ref).all())
 
 
 def run_diffusers_loop(class_name: str, config: dict, steps: int, x_nchw: np.ndarray, noises: np.ndarray,
-                       step_options: dict | None = None, strength: float | None = None, init_latents=None):
-    """diffusers' scheduler loop on the stand-in model; returns (timesteps, sigmas, final)."""
+                       step_options: dict | None = None, strength: float | None = None, init_latents=None,
+                       begin_at_zero: bool = False):
+    """diffusers' scheduler loop on the stand-in model; returns (timesteps, sigmas, final).
+
+    `begin_at_zero` calls `set_begin_index(0)` first: without it, a scheduler whose first two
+    timesteps are equal (Karras sigmas on a zero-SNR schedule: 999, 999, ...) starts at index 1 and
+    runs off its sigmas (IndexError).
+    """
     import diffusers
     import torch
 
@@ -170,6 +176,8 @@ def run_diffusers_loop(class_name: str, config: dict, steps: int, x_nchw: np.nda
         timesteps = timesteps[start * sched.order:]
         if hasattr(sched, "set_begin_index"):
             sched.set_begin_index(start * sched.order)
+    if begin_at_zero and strength is None:
+        sched.set_begin_index(0)
     counter = {"i": 0}
 
     def fake_randn(shape, generator=None, device=None, dtype=None, layout=None):
