@@ -40,35 +40,53 @@ values the weights do not record:
   are taken as epsilon, SD-2.x files as v_prediction unless global_step is 875000 (diffusers'
   rule for the 512 base model). Use --prediction-type when you know better.
 
-exit status: 0 on success, 1 on a bad or unsupported checkpoint, 2 on bad arguments."""
+exit status (the same in infer.py and train.py): 0 on success (and --help); 1 on a runtime error
+(a bad or unsupported checkpoint, an unwritable --to, an I/O failure); 2 on bad arguments;
+130 when interrupted (Ctrl-C). Errors print one line, never a traceback.
+
+interrupted runs:
+  Output is written in .NAME.tmp-* beside --to; the next conversion to the same --to deletes the
+  ones a killed run on this host left. --overwrite swaps the old and the new folder in one step
+  (Linux); elsewhere a kill between its two renames is repaired by the next run or load, which
+  puts the old folder back."""
+
+
+PROG = "convert_weights.py"
 
 
 def parse_set(values: list[str]) -> dict[str, dict]:
+    from jaxcontrol.errors import UsageError
+
     out: dict[str, dict] = {}
     for item in values:
         key, sep, raw = item.partition("=")
         component, dot, field = key.partition(".")
         if not sep or not dot or not component or not field:
-            raise SystemExit(f"convert_weights.py: error: --set expects COMPONENT.FIELD=VALUE, got {item!r}")
+            raise UsageError(f"--set expects COMPONENT.FIELD=VALUE, got {item!r}")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw  # a bare string such as full_adapter_xl
+        except RecursionError:
+            raise UsageError(f"--set {key}: the value is nested too deeply") from None
         out.setdefault(component, {})[field] = value
     return out
 
 
 def parse_configs(values: list[str]) -> dict[str, dict]:
+    from jaxcontrol.convert.paths import read_json
+    from jaxcontrol.errors import UsageError
+
     out = {}
     for item in values:
         component, sep, path = item.partition("=")
-        if not sep or not component:
-            raise SystemExit(f"convert_weights.py: error: --config expects COMPONENT=PATH, got {item!r}")
+        if not sep or not component or not path:
+            raise UsageError(f"--config expects COMPONENT=PATH, got {item!r}")
         file = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
         try:
-            out[component] = json.loads(file.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise SystemExit(f"convert_weights.py: error: --config {component}: cannot read {file}: {e}")
+            out[component] = read_json(file, "config.json")
+        except ValueError as e:
+            raise UsageError(f"--config {component}: {e}") from None
     return out
 
 
@@ -114,12 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """The command line; exit codes as in `jaxcontrol.cli` (0 ok, 1 runtime, 2 usage, 130 interrupted)."""
+    from jaxcontrol.cli import run_main
+
+    return run_main(PROG, lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)  # --help exits 0, a bad flag 2, as argparse does
     overrides = parse_set(args.set_)
     configs = parse_configs(args.configs)
 
     from jaxcontrol.convert import convert, format_summary
-    from jaxcontrol.errors import JaxControlError
 
     def progress(description: str, total: int):
         from tqdm.auto import tqdm
@@ -129,19 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     src = Path(args.src)
     if src.is_file():
         print(f"reading {src} ({src.stat().st_size / 2**30:.2f} GiB)", file=sys.stderr)
-    try:
-        report = convert(
-            src, args.dest, format=args.format, dtype=args.dtype, components=args.component,
-            unsafe_load_pickle=args.unsafe_load_pickle, ema=args.ema, prediction_type=args.prediction_type,
-            overrides=overrides, configs=configs, tokenizer=args.tokenizer, overwrite=args.overwrite,
-            progress=None if args.no_progress else progress,
-        )
-    except JaxControlError as e:
-        print(f"convert_weights.py: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("convert_weights.py: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    report = convert(
+        src, args.dest, format=args.format, dtype=args.dtype, components=args.component,
+        unsafe_load_pickle=args.unsafe_load_pickle, ema=args.ema, prediction_type=args.prediction_type,
+        overrides=overrides, configs=configs, tokenizer=args.tokenizer, overwrite=args.overwrite,
+        progress=None if args.no_progress else progress,
+    )
     print(format_summary(report))
     return 0
 

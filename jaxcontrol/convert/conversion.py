@@ -21,7 +21,7 @@ from typing import Any, Iterable, Mapping
 from ..errors import CheckpointError, ConfigError
 from .components import DTYPES, Progress
 from .export import DiffusersWriter
-from .jax_format import JaxcontrolWriter, atomic_directory, check_not_overlapping
+from .jax_format import JaxcontrolWriter, atomic_directory, check_not_overlapping, recover_destination
 from .single_file import read_checkpoint
 
 OUTPUT_FORMATS = ("jaxcontrol", "diffusers")
@@ -80,8 +80,14 @@ def convert(
         raise ConfigError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     dest = Path(os.path.abspath(dest))
     check_not_overlapping(src, dest)
-    if dest.exists() and not overwrite:  # before reading a multi-gigabyte input
+    recover_destination(dest)  # an earlier run killed half-way: put its old output back, drop its temporaries
+    # the cheap checks come before reading a multi-gigabyte input
+    if dest.exists() and not overwrite:
         raise CheckpointError(f"{dest}: already exists; pass overwrite=True (--overwrite) to replace it")
+    if not dest.parent.is_dir():
+        raise CheckpointError(f"{dest.parent}: the destination's parent folder does not exist")
+    if not os.access(dest.parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"{dest.parent}: not writable; cannot create {dest.name} there")
     ckpt = read_checkpoint(src, unsafe_load_pickle=unsafe_load_pickle, ema=ema, prediction_type=prediction_type,
                            overrides=overrides, configs=configs, components=components, tokenizer=tokenizer)
     param_dtype = DTYPES[dtype]
