@@ -264,13 +264,18 @@ class sega(Stateful):
         return jnp.zeros_like(x, jnp.float32)
 
     def __call__(self, x, t, cond, momentum):
-        concepts = list(cond["concepts"]) if self.concepts else []
+        concepts = list(cond.get("concepts", ()))
         if len(concepts) != len(self.concepts):
             raise ConfigError(f"sega: {len(self.concepts)} concept settings but {len(concepts)} concept branches")
+        step = cond["step"]
+        if self.sem_guidance is not None and (self.sem_guidance.shape[0] < step.count
+                                              or self.sem_guidance.shape[1:] != x.shape):
+            raise ConfigError(f"sega: sem_guidance must have shape ({step.count}, *{tuple(x.shape)}) (one edit per "
+                              f"model evaluation), got {tuple(self.sem_guidance.shape)}")
         preds = evaluate_branches(self.model, x, t, [cond["uncond"], cond["cond"], *concepts], _shared(cond))
         uncond, text = preds[0], preds[1]
         guidance = self.guidance_scale * (text - uncond)
-        i = cond["step"].index
+        i = step.index
         if self.concepts:
             guidance, momentum = self._edit(guidance, uncond, preds[2:], i, momentum)
         if self.sem_guidance is not None:

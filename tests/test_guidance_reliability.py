@@ -8,7 +8,7 @@ import pytest
 
 from jaxcontrol import guidance as G
 from jaxcontrol.errors import ConfigError
-from jaxcontrol.sampler import initial_latents, repaint, repaint_schedule, sample
+from jaxcontrol.sampler import StepInfo, initial_latents, repaint, repaint_schedule, sample
 from jaxcontrol.schedulers import NoiseSchedule, make_betas, make_plan
 
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -197,6 +197,14 @@ def test_sega_concept_settings_are_checked():
         G.SegaConcept(edit_cooldown_steps=-1)
     with pytest.raises(ConfigError, match="guidance_scale=1.0"):
         G.sega(lambda x, t, c: x, 1.0, [G.SegaConcept()])
+    # precomputed edits must cover every model evaluation (a short array would be indexed clamped)
+    x = jnp.zeros((1, 2, 2, 4))
+    cond = {"uncond": {}, "cond": {}, "step": StepInfo(jnp.int32(0), 5, 5)}
+    rule = G.sega(lambda x, t, c: x, 2.0, [], sem_guidance=np.zeros((4, 1, 2, 2, 4)))
+    with pytest.raises(ConfigError, match=r"sem_guidance must have shape \(5, \*\(1, 2, 2, 4\)\)"):
+        rule(x, 0.0, cond, rule.init(x))
+    with pytest.raises(ConfigError, match="0 concept settings but 1 concept branches"):
+        G.sega(lambda x, t, c: x, 2.0, [])(x, 0.0, {**cond, "concepts": [{}]}, jnp.zeros_like(x))
 
 
 SEGA_CALL = dict(guidance_scale=3.0, reverse_editing_direction=[False, True], edit_guidance_scale=[3.0, 4.0],
