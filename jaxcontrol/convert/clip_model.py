@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -18,16 +17,17 @@ from ..models.clip import (
     select_clip_tower,
 )
 from .diffusers_folder import find_weights, load_params
+from .paths import read_json, safe_join
 from .sources import open_weights
 
 
 def load_clip_towers(path: str | os.PathLike, *, dtype: Any = jnp.float32, unsafe_load_pickle: bool = False):
     """`((text_module, text_params), (vision_module, vision_params))` from a `CLIPModel` folder."""
     folder = Path(path)
-    config_path = folder / "config.json"
-    if not config_path.is_file():
+    config_path = safe_join(folder, "config.json", f"{folder}: config.json")
+    if not os.path.lexists(config_path):
         raise ConfigError(f"{folder}: no config.json (expected a transformers CLIPModel folder)")
-    raw = json.loads(config_path.read_text())
+    raw = read_json(config_path, "config.json", error=ConfigError)
     if "text_config" not in raw or "vision_config" not in raw:
         raise ConfigError(f"{config_path}: not a CLIPModel config (needs text_config and vision_config)")
     source = open_weights(find_weights(folder), unsafe_load_pickle=unsafe_load_pickle)

@@ -66,7 +66,8 @@ logger = logging.getLogger(__name__)
 # (`recover_destination`, called by `atomic_directory`, `read_checkpoint`, `load_model` and
 # `load_pipeline`) renames the old folder back. Temporaries are deleted by the next run only when
 # they are provably ours and stale: our naming pattern for this NAME, this host, and a process id
-# that is no longer running.
+# that is no longer running (processes in separate PID namespaces that share both the output folder
+# and the host name cannot be told apart; give such containers distinct host names).
 
 _TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<host>[0-9a-f]{8})\.(?P<pid>\d+)\.[0-9a-f]{8}$")
 _RENAME_NOREPLACE = 1
@@ -138,6 +139,8 @@ def _renameat2(src: Path, dst: Path, flags: int) -> bool:
     err = ctypes.get_errno()
     if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
         return False
+    if err == errno.EEXIST:
+        raise FileExistsError(err, os.strerror(err), str(src), None, str(dst))
     raise OSError(err, os.strerror(err), str(src), None, str(dst))
 
 
@@ -157,8 +160,13 @@ def _libc_renameat2():
 def _swap_in(tmp: Path, dest: Path) -> None:
     """Replace the folder `dest` by `tmp` so that `dest` is never missing (see above)."""
     if _renameat2(tmp, dest, _RENAME_EXCHANGE):
-        old = _temp_name(dest, "old")  # tmp now holds the old output
-        os.rename(tmp, old)
+        # dest holds the new output; tmp the old one, renamed so that a kill while deleting it leaves a
+        # folder the next run recognises as a stale "old" (dest exists, so it is deleted, not restored)
+        old = _temp_name(dest, "old")
+        try:
+            os.rename(tmp, old)
+        except OSError:
+            old = tmp
         shutil.rmtree(old, ignore_errors=True)
         return
     aside = _temp_name(dest, "old")
@@ -173,8 +181,11 @@ def _swap_in(tmp: Path, dest: Path) -> None:
 
 def _move_in(tmp: Path, dest: Path) -> None:
     """Rename `tmp` to a `dest` that does not exist, refusing to replace one created meanwhile."""
-    if _renameat2(tmp, dest, _RENAME_NOREPLACE):
-        return
+    try:
+        if _renameat2(tmp, dest, _RENAME_NOREPLACE):
+            return
+    except FileExistsError:
+        raise CheckpointError(f"{dest}: appeared while the output was being written; not replacing it") from None
     if os.path.lexists(dest):
         raise CheckpointError(f"{dest}: appeared while the output was being written; not replacing it")
     os.rename(tmp, dest)

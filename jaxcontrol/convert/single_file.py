@@ -40,7 +40,7 @@ from . import ldm
 from .components import Checkpoint, Component, check_class, normalized_config
 from .diffusers_folder import MODEL_TYPES, find_weights, read_config, vae_legacy_names
 from .jax_format import recover_destination
-from .paths import check_tree
+from .paths import check_tree, regular_file
 from .sources import PICKLE_SUFFIXES, TensorSource, open_safetensors, open_weights, source_from_state_dict
 
 FORMATS = {
@@ -135,8 +135,9 @@ def open_single_file(path: str | os.PathLike, *, unsafe_load_pickle: bool = Fals
     Nested `{"state_dict": {...}}` containers are unwrapped; non-tensor entries are skipped.
     """
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise CheckpointError(f"{path}: no such file")
+    regular_file(path)  # a FIFO would block open() forever
     facts: dict = {}
     if path.name.endswith(".safetensors"):
         source = open_safetensors(path)
