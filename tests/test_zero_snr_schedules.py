@@ -83,7 +83,8 @@ def test_heun_first_sigma_on_the_embedded_config_is_diffusers():
     """HeunDiscreteScheduler ignores rescale_betas_zero_snr: its first sigma is 14.6, not 4096."""
     config = SchedulerConfig.from_file(EMBEDDED_SCHEDULER)
     plan = make_plan(config, 10, "heun")
-    ref = diffusers.HeunDiscreteScheduler.from_config(json.loads((EMBEDDED_SCHEDULER / "scheduler_config.json").read_text()))
+    raw = json.loads((EMBEDDED_SCHEDULER / "scheduler_config.json").read_text())
+    ref = diffusers.HeunDiscreteScheduler.from_config(raw)
     ref.set_timesteps(10)
     np.testing.assert_array_max_ulp(plan.sigmas, ref.sigmas.numpy(), maxulp=1)
     assert 14.5 < plan.sigmas[0] < 14.7

@@ -1,6 +1,6 @@
 """Noise schedules, diffusers-compatible scheduler configs and solver plans."""
 
-from .config import ALIASES, CLASS_TO_SOLVER, SOLVER_DEFAULTS, SchedulerConfig
+from .config import ALIASES, CLASS_TO_SOLVER, SOLVER_DEFAULTS, SOLVER_TABLE, SchedulerConfig, SolverSpec
 from .noise import NoiseSchedule, make_betas
 from .solvers import PLANNERS, SOLVERS, Plan, make_plan, strength_start
 
@@ -12,7 +12,9 @@ __all__ = [
     "Plan",
     "SOLVERS",
     "SOLVER_DEFAULTS",
+    "SOLVER_TABLE",
     "SchedulerConfig",
+    "SolverSpec",
     "make_betas",
     "make_plan",
     "strength_start",
