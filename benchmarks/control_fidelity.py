@@ -3,6 +3,7 @@
 
     python benchmarks/control_fidelity.py                       # the embedded model, 64 held-out examples
     python benchmarks/control_fidelity.py --runs runs/embedded --out docs/results   # + the training-step plot
+    python benchmarks/control_fidelity.py --tiny                # 2 examples, 2 steps, short sweeps (seconds)
 
 Held-out set: fill50k examples of the "basic" palette drawn with a seed the training never used
 (`--data-seed`), so every circle (centre, radius) is new; the prompts are the same 90 colour
@@ -165,7 +166,12 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", help="runs/embedded: also plot fidelity against ControlNet training step")
     ap.add_argument("--snapshot-stride", type=int, default=1, help="use every k-th snapshot (default all)")
     ap.add_argument("--out", help="folder for results.md, the plots and a sample grid")
+    ap.add_argument("--tiny", action="store_true",
+                    help="2 examples, 2 steps, sweeps of 2 ControlNet and 3 CFG scales: checks the script runs")
     args = ap.parse_args(argv)
+    cn_scales, cfg_scales = ((0.0, 1.0), (0.0, 1.0, args.cfg)) if args.tiny else (CN_SCALES, CFG_SCALES)
+    if args.tiny:
+        args.num, args.batch, args.steps = 2, 2, 2
 
     import jax
 
@@ -198,7 +204,7 @@ def main(argv=None) -> int:
     md.append(f"\nControlNet edge IoU / no-control edge IoU = **{cn_iou / max(base_iou, 1e-9):.2f}x**.")
 
     rows = []
-    for s in CN_SCALES:
+    for s in cn_scales:
         m, _ = evaluate(s, 0.0, args.cfg)
         rows.append((f"{s:g}", m))
         print(f"CN scale {s}: {m}", flush=True)
@@ -206,7 +212,7 @@ def main(argv=None) -> int:
     cn_rows = rows
 
     rows = []
-    for g in CFG_SCALES:
+    for g in cfg_scales:
         m, _ = evaluate(1.0, 0.0, g)
         rows.append(("0 (empty prompt)" if g == 0 else f"{g:g}", m))
         print(f"CFG {g}: {m}", flush=True)
@@ -252,7 +258,7 @@ def main(argv=None) -> int:
         plot(out / "cn_scale.png", [float(r[0]) for r in cn_rows],
              {k2: [r[1][k2] for r in cn_rows] for k2 in ("edge_iou", "color_acc")},
              "ControlNet conditioning scale", f"ControlNet scale sweep (CFG {args.cfg:g})")
-        plot(out / "cfg_scale.png", list(CFG_SCALES),
+        plot(out / "cfg_scale.png", list(cfg_scales),
              {k2: [r[1][k2] for r in cfg_rows] for k2 in ("edge_iou", "color_acc")},
              "CFG scale", "CFG sweep (ControlNet at 1.0)")
         if snap_rows:

@@ -1,6 +1,7 @@
 """Peak host memory of loading a full-size SD-1.5 pipeline folder (random weights) with load_pipeline.
 
     python benchmarks/pipeline_memory.py [--folder DIR]   # builds a 4.3 GB folder in a temp dir if none given
+    python benchmarks/pipeline_memory.py --tiny           # a tiny random pipeline instead (seconds)
 """
 
 from __future__ import annotations
@@ -19,12 +20,20 @@ from jaxcontrol.testing.memory import build_sd15_folder, measure_load_memory  # 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--folder", type=Path, help="an existing diffusers SD-1.5 pipeline folder")
+    ap.add_argument("--tiny", action="store_true", help="build a tiny random pipeline instead of a full-size one")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        folder = args.folder or build_sd15_folder(Path(tmp) / "sd15")
+        if args.folder:
+            folder, what = args.folder, "the given folder"
+        elif args.tiny:
+            from _tiny import build_tiny_sd_folder
+
+            folder, what = build_tiny_sd_folder(Path(tmp) / "tiny"), "a tiny random SD-layout folder"
+        else:
+            folder, what = build_sd15_folder(Path(tmp) / "sd15"), "a random full-size SD-1.5 folder"
         r = measure_load_memory(folder)
     gib = 1024**3
-    print(f"\nload_pipeline on {'the given folder' if args.folder else 'a random full-size SD-1.5 folder'}\n")
+    print(f"\nload_pipeline on {what}\n")
     for name, n in r["param_counts"].items():
         print(f"  {name:<14} {n / 1e6:>9.1f} M params")
     print(f"  {'float32 bytes':<14} {r['param_bytes_f32'] / gib:>9.2f} GiB")

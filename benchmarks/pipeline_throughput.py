@@ -11,6 +11,7 @@ use the same weights, prompts, initial latents and settings. It reports:
 * the largest difference between the two outputs.
 
     python benchmarks/pipeline_throughput.py [--size 256] [--batch 2] [--steps 10] [--repeats 2]
+    python benchmarks/pipeline_throughput.py --tiny   # tiny random models, 64x64, batch 1, 2 steps (seconds)
 """
 
 from __future__ import annotations
@@ -93,7 +94,11 @@ def main() -> int:
     ap.add_argument("--attention", default="plain")
     ap.add_argument("--folder", help="reuse a folder built by an earlier run")
     ap.add_argument("--child", choices=("ours", "diffusers"), help=argparse.SUPPRESS)
+    ap.add_argument("--tiny", action="store_true",
+                    help="tiny random U-Net / VAE / CLIP / ControlNet, 64x64, batch 1, 2 steps, one repeat")
     args = ap.parse_args()
+    if args.tiny:
+        args.size, args.batch, args.steps, args.repeats = 64, 1, 2, 1
     if args.child:
         _child(args)
         return 0
@@ -109,7 +114,10 @@ def main() -> int:
         import torch
         from diffusers import ControlNetModel, UNet2DConditionModel
 
-        from jaxcontrol.testing.memory import build_sd15_folder
+        if args.tiny:
+            from _tiny import build_tiny_sd_folder as build_sd15_folder
+        else:
+            from jaxcontrol.testing.memory import build_sd15_folder
 
         build_sd15_folder(folder / "pipeline")
         torch.manual_seed(1)
@@ -132,7 +140,9 @@ def main() -> int:
     ours_img, ref_img = np.load(folder / "out_ours.npy"), np.load(folder / "out_diffusers.npy")
     diff = float(np.abs(ours_img - ref_img).max())
     gib = 1024**3
-    print(f"\nSD-1.5 (859.5M U-Net) + ControlNet (361M) + CLIP-L + VAE, random weights, {args.size}x{args.size}, "
+    what = "Tiny SD-layout U-Net + ControlNet + CLIP + VAE" if args.tiny else \
+        "SD-1.5 (859.5M U-Net) + ControlNet (361M) + CLIP-L + VAE"
+    print(f"\n{what}, random weights, {args.size}x{args.size}, "
           f"batch {args.batch}, {args.steps} DDIM steps, CFG 7.5, float32, {os.cpu_count()} CPU cores\n")
     header = f"{'implementation':<34} {'compile s':>10} {'s/call':>8} {'images/s':>9} {'peak GiB':>9} {'vs diffusers':>13}"
     print(header)

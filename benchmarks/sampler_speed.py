@@ -6,6 +6,7 @@ time is the median of --repeats calls after that. The scan body is the same for 
 so compile time should not grow with it.
 
     python benchmarks/sampler_speed.py [--solvers ddim dpmpp_2m ...] [--size 16] [--batch 2]
+    python benchmarks/sampler_speed.py --tiny   # DDIM at 2 and 4 steps, 8x8 latents, one repeat (seconds)
 """
 
 from __future__ import annotations
@@ -38,7 +39,10 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--controlnet", action="store_true")
+    ap.add_argument("--tiny", action="store_true", help="ddim, 2 and 4 steps, 8x8 latents, batch 1, one repeat")
     args = ap.parse_args()
+    if args.tiny:
+        args.solvers, args.steps, args.size, args.batch, args.repeats = ["ddim"], [2, 4], 8, 1, 1
 
     unet = jc.UNet2DConditionModel(jc.UNet2DConditionConfig(**TINY_CONTROLNET_TEST))
     params = jc.init_params(unet, jax.random.key(0))

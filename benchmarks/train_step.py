@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/train_step.py                 # 256x256 images (32x32 latents), batch 1
     .venv/bin/python benchmarks/train_step.py --size 512 --batch 2 --steps 5
+    .venv/bin/python benchmarks/train_step.py --tiny      # tiny U-Net / VAE, 32x32 images, one step (seconds)
 
 Both sides run the same step, with random weights: a frozen SD-1.5 U-Net (859.5M), a trainable
 ControlNet copied from it (361.3M), float32, precomputed latents (posterior moments, sampled in the
@@ -29,6 +30,16 @@ SD15_UNET = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, 
                  cross_attention_dim=768, sample_size=64)
 SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
                 up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, sample_size=512)
+# --tiny: a two-block U-Net with SD's 768-wide context and a four-level VAE (SD's 8x factor)
+TINY_UNET = dict(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=8, cross_attention_dim=768,
+                 sample_size=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+TINY_VAE = dict(block_out_channels=(32, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, sample_size=32)
+
+
+def _configs(tiny: bool) -> tuple[dict, dict]:
+    return (TINY_UNET, TINY_VAE) if tiny else (SD15_UNET, SD15_VAE)
 
 
 def _status(field: str) -> int:
@@ -60,7 +71,7 @@ def _inputs(size: int, batch: int, seed: int = 0):
     )
 
 
-def run_jax(size: int, batch: int, steps: int) -> dict:
+def run_jax(size: int, batch: int, steps: int, tiny: bool = False) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -75,13 +86,14 @@ def run_jax(size: int, batch: int, steps: int) -> dict:
 
     base = _status("VmRSS")
     t0 = time.perf_counter()
-    unet = UNet2DConditionModel(UNet2DConditionConfig(**SD15_UNET))
+    unet_config, vae_config = _configs(tiny)
+    unet = UNet2DConditionModel(UNet2DConditionConfig(**unet_config))
     unet_params = init_params(unet, 0)
     cn, cparams = controlnet_from_unet(unet, unet_params, jax.random.key(1))
     config = default_config()
     config.task, config.batch_size = "controlnet", batch
     config.optim.learning_rate, config.optim.weight_decay, config.optim.max_grad_norm = 1e-5, 1e-2, 1.0
-    nets = Networks(task="controlnet", unet=unet, vae=AutoencoderKL(AutoencoderKLConfig(**SD15_VAE)),
+    nets = Networks(task="controlnet", unet=unet, vae=AutoencoderKL(AutoencoderKLConfig(**vae_config)),
                     text_encoder=None, tokenizer=None, scheduler_config={}, prediction_type="epsilon",
                     schedule=NoiseSchedule(make_betas(1000, 0.00085, 0.012, "scaled_linear")), controlnet=cn)
     sched = learning_rate_schedule(config.optim, 1000)
@@ -123,7 +135,7 @@ def run_jax(size: int, batch: int, steps: int) -> dict:
             "frozen": int(sum(a.size for a in jax.tree_util.tree_leaves(frozen))), "np": np.__version__}
 
 
-def run_torch(size: int, batch: int, steps: int) -> dict:
+def run_torch(size: int, batch: int, steps: int, tiny: bool = False) -> dict:
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -133,7 +145,7 @@ def run_torch(size: int, batch: int, steps: int) -> dict:
     base = _status("VmRSS")
     t0 = time.perf_counter()
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD15_UNET)
+    unet = UNet2DConditionModel(**_configs(tiny)[0])
     controlnet = ControlNetModel.from_unet(unet)
     unet.requires_grad_(False)
     unet.eval()
@@ -180,7 +192,7 @@ def run_torch(size: int, batch: int, steps: int) -> dict:
 
 def child(which: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", which, "--size", str(args.size), "--batch", str(args.batch),
-           "--steps", str(args.steps)]
+           "--steps", str(args.steps)] + (["--tiny"] if args.tiny else [])
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     env.pop("XLA_FLAGS", None)  # one CPU device, as a user would have
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -200,12 +212,15 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     p.add_argument("--child", choices=("jax", "torch"), help=argparse.SUPPRESS)
     p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--tiny", action="store_true", help="tiny U-Net and VAE, 32x32 images, batch 1, one timed step")
     args = p.parse_args()
+    if args.tiny:
+        args.size, args.batch, args.steps = 32, 1, 1
     if args.child:
-        result = (run_jax if args.child == "jax" else run_torch)(args.size, args.batch, args.steps)
+        result = (run_jax if args.child == "jax" else run_torch)(args.size, args.batch, args.steps, args.tiny)
         print(json.dumps(result))
         return
-    print(f"ControlNet training step, SD-1.5 architecture, {args.size}x{args.size} images "
+    print(f"ControlNet training step, {'tiny' if args.tiny else 'SD-1.5'} architecture, {args.size}x{args.size} images "
           f"({args.size // 8}x{args.size // 8} latents), batch {args.batch}, float32, {os.cpu_count()} CPU cores",
           flush=True)
     ours, ref = child("jax", args), child("torch", args)

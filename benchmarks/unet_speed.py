@@ -5,6 +5,7 @@ meaningful on a shared, noisy machine; absolute seconds are not. JAX's first cal
 compile + run) is reported separately from the steady-state time.
 
     python benchmarks/unet_speed.py [--batch 2] [--size 64] [--repeats 3] [--attention plain dot_product]
+    python benchmarks/unet_speed.py --tiny   # a two-block U-Net, batch 1, 8x8 latents, one repeat (seconds)
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ import torch  # noqa: E402
 
 from jaxcontrol.convert.diffusers_folder import build_module, load_params  # noqa: E402
 from jaxcontrol.convert.sources import source_from_state_dict  # noqa: E402
-from jaxcontrol.testing.parity import SD15  # noqa: E402
+from jaxcontrol.testing.parity import SD15, TINY_ADAPTER_TEST  # noqa: E402
+
+# --tiny: diffusers' tiny adapter-test U-Net with SD's 768-wide context
+TINY = {**TINY_ADAPTER_TEST, "cross_attention_dim": 768}
 
 
 def _time(fn, repeats):
@@ -43,13 +47,17 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=64, help="latent height and width")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--attention", nargs="+", default=["plain", "dot_product"])
+    ap.add_argument("--tiny", action="store_true", help="a two-block U-Net, batch 1, 8x8 latents, one repeat")
     args = ap.parse_args()
+    config, what = (TINY, "tiny two-block") if args.tiny else (SD15, "SD-1.5")
+    if args.tiny:
+        args.batch, args.size, args.repeats = 1, 8, 1
 
     torch.set_num_threads(os.cpu_count() or 1)
     from diffusers import UNet2DConditionModel as TorchUNet
 
     torch.manual_seed(0)
-    t_unet = TorchUNet(**SD15).eval()
+    t_unet = TorchUNet(**config).eval()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 4, args.size, args.size, generator=g)
     ctx = torch.randn(args.batch, 77, 768, generator=g)
@@ -67,7 +75,7 @@ def main() -> int:
     jx = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
     jctx, jt = jnp.asarray(ctx.numpy()), jnp.asarray(t.numpy())
     for impl in args.attention:
-        unet = build_module({"_class_name": "UNet2DConditionModel", **SD15}, attention_impl=impl)
+        unet = build_module({"_class_name": "UNet2DConditionModel", **config}, attention_impl=impl)
         params = load_params(unet, source_from_state_dict(state, "torch"))
         fwd = jax.jit(lambda p, a, b, c: unet.apply({"params": p}, a, b, c))
         start = time.perf_counter()
@@ -80,7 +88,7 @@ def main() -> int:
 
     base = rows[0][2]
     ref_out = rows[0][3]
-    print(f"\nSD-1.5 U-Net forward, batch {args.batch}, {args.size}x{args.size} latents, 77x768 context, float32, "
+    print(f"\n{what} U-Net forward, batch {args.batch}, {args.size}x{args.size} latents, 77x768 context, float32, "
           f"{os.cpu_count()} CPU cores, median of {args.repeats}\n")
     header = f"{'implementation':<40} {'first call s':>13} {'steady s':>10} {'torch/this':>11} {'rel err':>10}"
     print(header)
