@@ -208,6 +208,23 @@ def run_diffusers_loop(class_name: str, config: dict, steps: int, x_nchw: np.nda
     return timesteps.numpy(), None if sigmas is None else np.asarray(sigmas), final.numpy()
 
 
+def run_diffusers_float64(class_name: str, config: dict, steps: int, x_nchw: np.ndarray) -> np.ndarray:
+    """diffusers' loop for a deterministic multistep scheduler (DPM-Solver, UniPC) in float64: its
+    sigmas, samples and model outputs all in double, as a reference for ill-conditioned configs."""
+    import diffusers
+    import torch
+
+    sched = getattr(diffusers, class_name).from_config(config)
+    sched.set_timesteps(steps)
+    sched.sigmas = sched.sigmas.to(torch.float64)
+    lat = torch.from_numpy(x_nchw).to(torch.float64) * sched.init_noise_sigma
+    for t in sched.timesteps:
+        inp = sched.scale_model_input(lat, t)
+        out = A * inp + B * (float(t) / 1000.0) * torch.cos(inp)
+        lat = sched.step(out, t, lat).prev_sample
+    return lat.numpy()
+
+
 def run_case(case: SolverCase, *, seed: int = 0, shape=(2, 4, 6, 6)) -> dict:
     """Our sampler and diffusers' loop on the same noise; the comparison figures."""
     config = {**SD_BETAS, **case.config, "_class_name": case.class_name}
