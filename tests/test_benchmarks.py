@@ -23,7 +23,7 @@ RUNS = {
     "pipeline_memory.py": (["--tiny"], "peak RSS", False),
     "pipeline_throughput.py": (["--tiny"], "images/s", True),
     "sampler_speed.py": (["--tiny"], "compile vs first", False),
-    "solver_parity.py": (["--tiny"], "worst error / bound", False),
+    "solver_parity.py": (["--quick"], "worst error / bound", False),
     "train_step.py": (["--tiny"], "samples/s", True),
     "unet_speed.py": (["--tiny"], "torch/this", False),
 }
