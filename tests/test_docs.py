@@ -74,6 +74,9 @@ def run_blocks(name: str, namespace: dict | None = None) -> dict:
 
 TEXT = dict(bos_token_id=0, eos_token_id=2, hidden_size=64, intermediate_size=37, layer_norm_eps=1e-5,
             num_attention_heads=1, num_hidden_layers=2, pad_token_id=1, vocab_size=1000)
+# diffusers' tiny adapter-test U-Net with one layer per block (compile time follows the layer count)
+UNET = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=8, cross_attention_dim=64,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
 # 4 VAE levels and the standard hint encoder: the 8x image / latent factor of SD
 VAE = dict(block_out_channels=[32, 32, 32, 32], in_channels=3, out_channels=3, layers_per_block=1,
            down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4)
@@ -101,13 +104,12 @@ def build_readme_models(root: Path) -> Path:
     from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from jaxcontrol.testing.parity import TINY_ADAPTER_TEST
     from jaxcontrol.testing.reference import randomize_, tiny_clip_tokenizer
 
     ldm = _ldm_mappings()
     torch.manual_seed(0)
     tok = tiny_clip_tokenizer(root / "sd15" / "tokenizer")
-    unet = randomize_(UNet2DConditionModel(**{**TINY_ADAPTER_TEST, "sample_size": 8, "cross_attention_dim": 64}), 1)
+    unet = randomize_(UNet2DConditionModel(**UNET), 1)
     vae = randomize_(AutoencoderKL(**VAE), 2)
     text = randomize_(CLIPTextModel(CLIPTextConfig(**TEXT)), 3)
     StableDiffusionPipeline(
@@ -116,14 +118,14 @@ def build_readme_models(root: Path) -> Path:
                                 skip_prk_steps=True, steps_offset=1),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     ).save_pretrained(root / "stable-diffusion-v1-5")
-    single = {"model.diffusion_model." + k: v for k, v in ldm.unet_to_ldm(unet.state_dict(), 2).items()}
+    single = {"model.diffusion_model." + k: v for k, v in ldm.unet_to_ldm(unet.state_dict(), 1).items()}
     single.update({"first_stage_model." + k: v for k, v in ldm.vae_to_ldm(vae.state_dict()).items()})
     single.update(ldm.clip_to_ldm(text.state_dict()))
     save_file(ldm.contiguous(single), root / "v1-5-pruned-emaonly.safetensors")
 
     controlnet = randomize_(ControlNetModel.from_unet(unet), 4)
     controlnet.save_pretrained(root / "control_v11p_sd15_canny")
-    original = {"control_model." + k: v for k, v in ldm.unet_to_ldm(controlnet.state_dict(), 2).items()}
+    original = {"control_model." + k: v for k, v in ldm.unet_to_ldm(controlnet.state_dict(), 1).items()}
     torch.save(ldm.contiguous(original), root / "control_v11p_sd15_canny.pth")
 
     import jaxcontrol
@@ -149,14 +151,38 @@ def _workdir(models: Path, dest: Path) -> Path:
 # --- ```python blocks -------------------------------------------------------------------------------
 
 
-def test_readme_python_blocks_run(readme_models, tmp_path, monkeypatch):
+def example_groups(name: str) -> list[list[int]]:
+    """A file's python blocks grouped into examples: a block that imports jaxcontrol starts a new one."""
+    groups: list[list[int]] = []
+    for i, code in enumerate(python_blocks(name)):
+        if not groups or re.search(r"^import jaxcontrol\b", code, re.M):
+            groups.append([])
+        groups[-1].append(i)
+    return groups
+
+
+README_GROUPS = example_groups("README.md")
+
+
+def test_readme_examples_cover_every_block():
+    assert len(README_GROUPS) >= 2 and sum(README_GROUPS, []) == list(range(len(python_blocks("README.md"))))
+
+
+@pytest.mark.parametrize("group", range(len(README_GROUPS)))
+def test_readme_python_blocks_run(group, readme_models, tmp_path, monkeypatch):
+    """Each README example (its blocks in order, one namespace) runs on the tiny models."""
     monkeypatch.chdir(_workdir(readme_models, tmp_path / "cwd"))
-    ns = run_blocks("README.md")
-    images = np.asarray(ns["images"])
-    assert images.dtype == np.uint8 and images.shape == (1, 64, 64, 3)
-    assert np.isfinite(np.asarray(ns["x"])).all() and ns["x"].shape == (1, 8, 8, 4)
-    assert len(ns["down"]) == 6 and ns["eps"].shape == (2, 8, 8, 4)
-    assert (tmp_path / "cwd" / "canny-torch" / "config.json").is_file()
+    blocks = python_blocks("README.md")
+    ns = {"__name__": "docs_example"}
+    for i in README_GROUPS[group]:
+        exec(compile(blocks[i], f"README.md[python block {i}]", "exec"), ns)
+    if "images" in ns:  # Pipeline, then the score-function API
+        images = np.asarray(ns["images"])
+        assert images.dtype == np.uint8 and images.shape == (1, 64, 64, 3)
+        assert np.isfinite(np.asarray(ns["x"])).all() and ns["x"].shape == (1, 8, 8, 4)
+    else:  # load_model and the raw calls, load_pipeline, controlnet_from_unet, the conversions
+        assert len(ns["down"]) == 4 and ns["eps"].shape == (2, 8, 8, 4)
+        assert (tmp_path / "cwd" / "canny-torch" / "config.json").is_file()
 
 
 GUIDANCE_BLOCKS = python_blocks("docs/GUIDANCE.md")
