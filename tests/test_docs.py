@@ -284,3 +284,18 @@ def test_readme_conversions_run(readme_models, tmp_path, monkeypatch, capsys):
 
     jaxcontrol.load_pipeline(work / "sd15-jax")
     assert (work / "my-controlnet-torch" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_readme_infer_commands_run(readme_models, tmp_path, monkeypatch):
+    """The README's infer.py commands, run as written (the SD-1.5 paths hold the tiny models) except
+    for the image size: 512x512 is 4096-token self-attention, gigabytes of scores even on a tiny U-Net."""
+    work = _workdir(readme_models, tmp_path / "cwd")
+    monkeypatch.chdir(work)
+    cli = load_tool("infer.py")
+    commands = tool_commands("README.md", "infer.py")
+    assert len(commands) >= 3
+    for argv in commands:
+        argv = [("64" if i and argv[i - 1] in ("--height", "--width") else a) for i, a in enumerate(argv)]
+        assert cli.main(argv) == 0, f"infer.py {shlex.join(argv)}"
+    assert len(list((work / "out").glob("image_*.png"))) >= 4
