@@ -12,22 +12,48 @@ Rerunning a command with the same `--workdir` resumes from its latest checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import os
 import re
 import runpy
+import signal
 import sys
 import tempfile
 from pathlib import Path
 
-from absl import flags
-from ml_collections import config_dict, config_flags
-
-from jaxcontrol.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNTIME, error, run_main
-from jaxcontrol.errors import UsageError
-
 PROG = "train.py"
+
+
+@contextlib.contextmanager
+def exit_on_interrupt():
+    """While importing libraries, Ctrl-C exits 130 at once: nothing has been written yet, and a
+    KeyboardInterrupt raised inside an extension module's initialisation or a garbage-collector
+    callback would otherwise become an ImportError traceback, or be swallowed."""
+    def handler(signum, frame):
+        os.write(2, f"{PROG}: interrupted\n".encode())
+        os._exit(130)
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler) if signal.getsignal(signal.SIGINT) is \
+            signal.default_int_handler else None
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+with exit_on_interrupt():
+    from absl import flags
+    from ml_collections import config_dict, config_flags
+
+    from jaxcontrol.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNTIME, error, run_main
+    from jaxcontrol.errors import UsageError
+
 HELP_FLAGS = ("-h", "-help", "--help", "--helpshort", "--helpfull", "-?")
 OPTIONS = """\
 options:
@@ -157,7 +183,8 @@ def main() -> int:
     if problem:
         return error(PROG, problem, EXIT_RUNTIME)
     logging.getLogger("absl").setLevel(logging.WARNING)
-    from jaxcontrol.training import train
+    with exit_on_interrupt():
+        from jaxcontrol.training import train
 
     try:
         summary = train(config, workdir)

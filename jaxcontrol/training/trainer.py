@@ -21,7 +21,10 @@ import logging
 import os
 import re
 import shutil
+import signal
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -278,11 +281,48 @@ def train(config, workdir: str | os.PathLike) -> dict:
         if removed:
             log.warning("removed %d unfinished export folder(s) of an interrupted run: %s", len(removed),
                         ", ".join(str(p) for p in removed))
-    with Run(config, workdir) as run:
-        return _train_loop(run)
+    with InterruptGuard() as interrupt, Run(config, workdir) as run:
+        return _train_loop(run, interrupt)
 
 
-def _train_loop(run: Run) -> dict:
+class InterruptGuard:
+    """Ctrl-C (SIGINT) during `train`, handled so that it is never lost and never cuts a step.
+
+    The first Ctrl-C is recorded and `check` raises KeyboardInterrupt at the next safe point (before
+    the first step, between steps, before the final validation and export), so in-flight checkpoint
+    saves complete and the state is whole. A second Ctrl-C raises at once. (Raising from the
+    handler itself is not reliable: JAX registers a garbage-collector callback, and a
+    KeyboardInterrupt raised while it runs is printed and swallowed.) Only installed from the main
+    thread over Python's default handler.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "InterruptGuard":
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("Ctrl-C: stopping before the next step (press it again to stop at once)", file=sys.stderr, flush=True)
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+
+def _train_loop(run: Run, interrupt: InterruptGuard) -> dict:
     cfg = run.config
     workdir = run.workdir
     if run.is_main:
@@ -317,6 +357,7 @@ def _train_loop(run: Run) -> dict:
     try:
         first = True
         while step < cfg.steps:
+            interrupt.check()
             batch = run.next_batch()
             run.state, metrics = run.step_fn(run.state, run.frozen, batch)
             step += 1
@@ -344,12 +385,14 @@ def _train_loop(run: Run) -> dict:
                 flush()
                 run.check_state_finite(step)
                 _export(run, writer, workdir / "export" / "steps" / str(step))
+        interrupt.check()
         flush()
         run.checkpointer.wait()
         if cfg.validation.at_end:
             _validate(run, writer, step)
         exported = {}
         if cfg.export.at_end:
+            interrupt.check()
             run.check_state_finite(step)
             exported = _export(run, writer, workdir / "export")
     finally:
