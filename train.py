@@ -198,5 +198,10 @@ def main() -> int:
     return EXIT_OK
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """The `jaxcontrol-train` entry point: exit with `main`'s code (0, 1, 2 or 130)."""
     sys.exit(run_main(PROG, main))
+
+
+if __name__ == "__main__":
+    console_main()

@@ -62,7 +62,12 @@ class Run:
 
     `Run(config, workdir)` builds the mesh, networks, optimizer, shardings, data and checkpointer;
     `run.state` is fresh or restored; `run.step_fn(run.state, run.frozen, batch)` is the compiled
-    step; `run.next_batch()` the next global batch.
+    step; `run.next_batch()` the next global batch. Use it as a context manager (or call
+    `close()`), so that an async checkpoint save still in flight completes:
+
+        with Run(config, workdir) as run:
+            ...
+            run.save(step)
     """
 
     def __init__(self, config, workdir: str | os.PathLike, *, restore: bool = True):
