@@ -92,6 +92,27 @@ def _expand_per_prompt(img: np.ndarray, batch: int, num_images_per_prompt: int, 
                       f"each; give 1, {prompts} (one per prompt) or {batch}")
 
 
+def _image01(image, what: str) -> np.ndarray:
+    """An image or batch as float32 in [0, 1]: PIL images and uint8 arrays are scaled from
+    0..255; float arrays must already be finite and in [0, 1] (never guessed)."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    elif isinstance(image, (list, tuple)) and image and isinstance(image[0], Image.Image):
+        image = np.stack([np.asarray(i.convert("RGB")) for i in image])
+    a = np.asarray(image)
+    if a.dtype == np.uint8:
+        return a.astype(np.float32) / 255.0
+    if not np.issubdtype(a.dtype, np.floating):
+        raise ConfigError(f"{what}: expected a PIL image, uint8 (0..255) or float [0, 1] array, got dtype {a.dtype}")
+    a = a.astype(np.float32)
+    if a.size and (not np.all(np.isfinite(a)) or a.min() < -1e-3 or a.max() > 1 + 1e-3):
+        raise ConfigError(f"{what}: float images must be finite and in [0, 1]; got values in "
+                          f"[{np.nanmin(a):.3g}, {np.nanmax(a):.3g}] (pass uint8 for 0..255 data)")
+    return a
+
+
 def _device_memory_bytes(device) -> int | None:
     """The memory a device can allocate: its allocator limit on accelerators, RAM on the CPU."""
     try:
@@ -498,7 +519,7 @@ class Pipeline:
             if init_latents is not None:
                 inputs["init_latents"] = self._batch(np.asarray(init_latents, np.float32), b, (h, w, c), "init_latents")
             else:
-                img = self._batch(np.asarray(init_image, np.float32), b, (height, width, 3), "init_image")
+                img = self._batch(_image01(init_image, "init_image"), b, (height, width, 3), "init_image")
                 inputs["init_images"] = img * 2.0 - 1.0
             if mask is not None:
                 from .preprocess import prepare_mask

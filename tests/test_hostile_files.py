@@ -579,3 +579,16 @@ def test_replacement_never_moves_the_destination_away(tmp_path, monkeypatch):
         with jax_format.atomic_directory(dest, overwrite=True) as tmp:
             (tmp / "version").write_text("newer")
     assert (dest / "version").read_text() == before and _listing(tmp_path) == ["out"]
+
+
+def test_an_output_appearing_meanwhile_is_not_replaced_without_overwrite(tmp_path):
+    from jaxcontrol.convert.jax_format import atomic_directory
+
+    dest = tmp_path / "out"
+    with pytest.raises(CheckpointError, match="appeared while the output was being written"):
+        with atomic_directory(dest) as tmp:
+            (tmp / "mine.txt").write_text("second")
+            dest.mkdir()  # another writer finished first
+            (dest / "theirs.txt").write_text("first")
+    assert sorted(p.name for p in dest.iterdir()) == ["theirs.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -157,3 +157,25 @@ def test_eta_applies_to_the_models_own_ddim_scheduler_and_sidecar_is_resolved(ti
     assert side["model"]["sha256"] == path_sha256(tiny_ddim)
     assert len(side["inputs"]["control_images"][0]["sha256"]) == 64
     assert side["jaxcontrol_version"] and side["guidance_scale"] == 7.5 and side["guess_mode"] is False
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--name", "../escape"], "--name"),
+    (["--name", "/tmp/abs"], "--name"),
+    (["--name", ""], "--name"),
+    (["--strength", "0.5"], "--strength only applies with --init-image"),
+    (["--repaint-jump-length", "3"], "--repaint-jump-length only applies"),
+    (["--num-images", "2", "--image-indices", "1,1"], "repeated"),
+    (["--init-image", "fifo"], "not a regular file"),
+])
+def test_escaping_names_ignored_flags_and_special_files_are_usage_errors(tiny, tmp_path, args, message):
+    import os
+
+    if "fifo" in args and not (tmp_path / "fifo").exists():
+        os.mkfifo(tmp_path / "fifo")
+    args = [str(tmp_path / "fifo") if a == "fifo" else a for a in args]
+    res = _infer("--model", tiny / "pipeline", "--prompt", "a", "--control-image", tiny / "control.png",
+                 "--output", tmp_path / "out", "--no-progress", *args, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert message in res.stderr and "Traceback" not in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["fifo"] if "fifo" in res.stderr else [])

@@ -216,3 +216,14 @@ def test_last_settings_are_the_resolved_ones(cn_pipe):
     assert s["prediction_type"] == "epsilon" and s["classifier_free_guidance"] is True
     assert s["controlnets"] == [{"scale": 0.7, "start": 0.1, "end": 0.9, "resize_mode": "default"}]
     assert len(s["timesteps"]) == s["model_evaluations"] == 2
+
+
+def test_init_images_are_scaled_like_other_images_and_floats_checked(cn_pipe):
+    rng = np.random.default_rng(4)
+    u8 = (rng.random((H, W, 3)) * 255).astype(np.uint8)
+    kw = dict(KW, controls=[ControlInput(_control(0))], strength=0.6)
+    as_float = cn_pipe("a", init_image=u8.astype(np.float32) / 255.0, **kw)
+    np.testing.assert_array_equal(cn_pipe("a", init_image=u8, **kw), as_float)
+    np.testing.assert_array_equal(cn_pipe("a", init_image=Image.fromarray(u8), **kw), as_float)
+    with pytest.raises(ConfigError, match="init_image: float images must be finite and in"):
+        cn_pipe("a", init_image=u8.astype(np.float32), **kw)

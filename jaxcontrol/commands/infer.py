@@ -186,6 +186,32 @@ def check_flags(args) -> None:
         except ValueError:
             raise UsageError(f"--image-indices {args.image_indices!r}: expected comma-separated integers "
                              "such as 0,3,5") from None
+        if len(set(args.image_indices)) != len(args.image_indices):
+            raise UsageError(f"--image-indices {','.join(map(str, args.image_indices))}: an index is repeated")
+    if not args.name or args.name in (".", "..") or any(ch in args.name for ch in "/\\\0"):
+        raise UsageError(f"--name {args.name!r}: must be a plain file-name prefix (no folders); files go "
+                         "into --output")
+    # settings that only apply with another flag: an error, never silently ignored
+    defaults = build_parser().parse_args([])
+    for flag, attr, needs, present in (
+            ("--strength", "strength", "--init-image", args.init_image),
+            ("--inpaint-method", "inpaint_method", "--mask", args.mask),
+            ("--repaint-jump-length", "repaint_jump_length", "--inpaint-method repaint",
+             args.inpaint_method == "repaint"),
+            ("--repaint-jump-n-sample", "repaint_jump_n_sample", "--inpaint-method repaint",
+             args.inpaint_method == "repaint"),
+            ("--clip-cutouts", "clip_cutouts", "--clip-model", args.clip_model),
+            ("--clip-prompt", "clip_prompt", "--clip-model", args.clip_model),
+            ("--canny-low", "canny_low", "--preprocess canny", args.preprocess == "canny"),
+            ("--canny-high", "canny_high", "--preprocess canny", args.preprocess == "canny")):
+        if getattr(args, attr) != getattr(defaults, attr) and not present:
+            raise UsageError(f"{flag} only applies with {needs}")
+    for flag, values in (("--control-scale", args.control_scale), ("--control-start", args.control_start),
+                         ("--control-end", args.control_end)):
+        if values and not args.control_image:
+            raise UsageError(f"{flag} only applies with --control-image")
+    if args.adapter_scale and not args.adapter_image:
+        raise UsageError("--adapter-scale only applies with --adapter-image")
 
 
 def per_unit(values, n, default, what):
@@ -211,10 +237,15 @@ def _load(flag, path, mode="RGB"):
     """An input image named by a flag; an unreadable one is a usage error naming the flag."""
     import numpy as np
 
+    import os
+    import stat
+
     from jaxcontrol.errors import UsageError
     from jaxcontrol.preprocess import ImageLoadError, load_image
 
     try:
+        if Path(path).exists() and not stat.S_ISREG(os.stat(path).st_mode) and not Path(path).is_dir():
+            raise UsageError(f"{flag} {path}: not a regular file")
         return np.asarray(load_image(path, mode=mode), np.float32) / 255.0
     except ImageLoadError as e:
         raise UsageError(f"{flag}: {e}") from None
@@ -227,8 +258,10 @@ def run(args) -> int:
     prompts = list(args.prompt)
     if args.prompt_file:
         path = Path(args.prompt_file)
-        if not path.is_file():
+        if not path.exists():
             raise UsageError(f"--prompt-file {path}: no such file")
+        if not path.is_file():
+            raise UsageError(f"--prompt-file {path}: not a regular file")
         prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
     from jaxcontrol import demo
 

@@ -218,9 +218,9 @@ def atomic_directory(dest: str | os.PathLike, *, overwrite: bool = False) -> Ite
     try:
         yield tmp
         _fsync_tree(tmp)
-        if os.path.lexists(dest):
+        if overwrite and os.path.lexists(dest):
             _swap_in(tmp, dest)
-        else:
+        else:  # without overwrite, an output that appeared meanwhile is an error, never replaced
             _move_in(tmp, dest)
         _fsync_dir(dest.parent)
     except BaseException:
