@@ -226,3 +226,10 @@ def test_noise_prediction_forms_from_sigma_4096_are_closer_to_float64_than_diffu
     scale = np.abs(exact).max()
     err_ours, err_theirs = np.abs(ours - exact).max() / scale, np.abs(theirs - exact).max() / scale
     assert err_ours <= err_theirs and err_ours < 5e-3, (err_ours, err_theirs)
+
+
+@pytest.mark.parametrize("field,value", [("num_train_timesteps", 0), ("num_train_timesteps", 1.5),
+                                         ("beta_end", float("nan")), ("beta_start", -0.1), ("steps_offset", -1)])
+def test_bad_numeric_scheduler_fields_are_config_errors_naming_them(field, value):
+    with pytest.raises(ConfigError, match=field):
+        make_plan({"_class_name": "DDIMScheduler", field: value}, 4)

@@ -194,7 +194,26 @@ class SchedulerConfig:
             raise ConfigError(f"prediction_type={settings['prediction_type']!r} is not supported")
         if settings["timestep_spacing"] not in ("leading", "trailing", "linspace"):
             raise ConfigError(f"timestep_spacing={settings['timestep_spacing']!r} is not one of leading, trailing, linspace")
+        _check_numbers(settings)
         return name, ResolvedConfig(settings)
+
+
+def _check_numbers(settings: Mapping[str, Any]) -> None:
+    """The numeric fields every schedule is built from: a `ConfigError` naming the field."""
+
+    def integer(key, lo):
+        v = settings.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
+            raise ConfigError(f"scheduler config field {key}={v!r} must be an integer >= {lo}")
+
+    integer("num_train_timesteps", 2)
+    integer("steps_offset", 0)
+    integer("solver_order", 1)
+    integer("original_inference_steps", 1)
+    for key in ("beta_start", "beta_end"):
+        v = settings.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v < 1:
+            raise ConfigError(f"scheduler config field {key}={v!r} must be a number in [0, 1)")
 
 
 def terminal_alpha_bar(solver: str, cfg: Mapping[str, Any]) -> float | None:
