@@ -228,31 +228,26 @@ def atomic_directory(dest: str | os.PathLike, *, overwrite: bool = False) -> Ite
         raise
 
 
-def _fsync_dir(folder: Path) -> None:
+def _fsync_path(path: str | os.PathLike) -> None:
+    """Flush one file or folder to disk (best effort: errors are ignored)."""
     with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
 
 
+def _fsync_dir(folder: Path) -> None:
+    _fsync_path(folder)
+
+
 def _fsync_tree(root: Path) -> None:
     """Flush every file and folder under `root` to disk before it is renamed into place."""
     for folder, _, files in os.walk(root):
         for name in files:
-            with contextlib.suppress(OSError):
-                fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        with contextlib.suppress(OSError):
-            fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync_path(os.path.join(folder, name))
+        _fsync_path(folder)
 
 
 def check_not_overlapping(src: str | os.PathLike, dest: str | os.PathLike) -> None:
