@@ -17,6 +17,7 @@ any batch size or device count (`image_indices=` picks the indices).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -29,8 +30,9 @@ from . import guidance as G
 from .errors import ConfigError, NonFiniteError
 from .mesh import named
 from .models.vae import sample_posterior, scale_latents, unscale_latents
-from .sampler import first_nonfinite, initial_latents, noised_latents, raise_if_nonfinite, repaint, sample
+from .sampler import Inpaint, first_nonfinite, initial_latents, noised_latents, raise_if_nonfinite, repaint, sample
 from .schedulers import SchedulerConfig, make_plan
+from .schedulers.solvers import Plan
 from .tokenizer import tokenize
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -77,6 +79,151 @@ def to_dtype(name: Any):
             raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
         return DTYPES[name]
     return name
+
+
+@dataclasses.dataclass(frozen=True)
+class CallSettings:
+    """The static part of one `Pipeline` call: everything its compiled program is specialised on,
+    and the key of the pipeline's compile cache. Calls with equal settings run the same compiled
+    program; what is not here is traced (guidance, control and adapter scales, the seed, images,
+    latents, prompts' token ids), so changing it never recompiles.
+
+    A new option of the pipeline is one field here (if it changes the program's structure) or one
+    traced input (if it is a value), plus the one stage that reads it.
+    """
+
+    num_inference_steps: int
+    latent_shape: tuple[int, int, int]  # (h, w, C) of the latents
+    solver: str | None = None  # None: the scheduler config's own class
+    scheduler_options: tuple[tuple[str, Any], ...] = ()  # planner options, e.g. (("eta", 0.5),)
+    mode: str = "txt2img"  # "txt2img", "img2img", "inpaint" (partial diffusion) or "repaint"
+    strength: float = 1.0  # the plan's strength: below 1 only for img2img and partial inpainting
+    do_cfg: bool = True  # guidance_scale > 1 (diffusers' rule); the scale itself is traced
+    guidance_rescale: float = 0.0
+    clip_skip: int | None = None
+    guess_mode: bool = False  # as run: also on for a global_pool_conditions ControlNet
+    control_windows: tuple[tuple[float, float], ...] = ()  # (start, end) per ControlNet
+    adapter_conditioning_factor: float = 1.0
+    repaint_jump_length: int = 10
+    repaint_jump_n_sample: int = 10
+    init_from: str | None = None  # "images" (VAE-encoded in the program) or "latents"
+    given_noise: bool = False  # initial noise passed as `latents=`, else drawn in the program
+    clip_guide: tuple | None = None  # (VAE module, CLIP vision module, image size, cutouts, min fraction)
+    output_type: str = "uint8"
+
+    def plan(self, scheduler_config: SchedulerConfig) -> Plan:
+        return make_plan(scheduler_config, self.num_inference_steps, self.solver, strength=self.strength,
+                         **dict(self.scheduler_options))
+
+
+# ---------------------------------------------------------------------------------------------
+# The compiled program, in diffusers' stages. Each is a plain function of modules, parameters
+# and arrays; `_program` chains them.
+# ---------------------------------------------------------------------------------------------
+
+
+def encode_prompt(text_encoder, params, ids, clip_skip: int | None):
+    """CLIP text embeddings (B, 77, D) of token ids; with `clip_skip`, the hidden state that many
+    layers from the end, through the final layer norm (diffusers' `encode_prompt`)."""
+    out = text_encoder.apply({"params": params}, ids)
+    if clip_skip:
+        hidden = out.hidden_states[-(clip_skip + 1)]
+        return text_encoder.apply({"params": params}, hidden, method=text_encoder.apply_final_layer_norm)
+    return out.last_hidden_state
+
+
+def image_keys(seed_key, index):
+    """Image i's key, `fold_in(key(seed), i)`: an image depends only on (seed, i)."""
+    return jax.vmap(lambda i: jax.random.fold_in(seed_key, i))(index)
+
+
+def prepare_latents(settings: CallSettings, plan: Plan, vae, vae_params, per_image: dict, keys):
+    """The initial noise (given, or normal draws from each image's key) and, for editing modes,
+    the clean latents to keep (`init_latents`, or the VAE posterior sample of `init_images`)."""
+    if settings.given_noise:
+        noise = per_image["noise"]
+    else:
+        noise = jax.vmap(lambda k: jax.random.normal(k, settings.latent_shape, jnp.float32))(keys)
+    known = None
+    if settings.init_from == "latents":
+        known = per_image["init_latents"]
+    elif settings.init_from == "images":
+        moments = vae.apply({"params": vae_params}, per_image["init_images"], method=vae.encode)
+        z = jax.vmap(lambda m, k: sample_posterior(m[None], jax.random.fold_in(k, 1 << 20))[0])(moments, keys)
+        known = scale_latents(z, vae.config)
+    return noise, known
+
+
+def score_function(settings: CallSettings, plan: Plan, modules: dict, params: dict, per_image: dict, shared: dict):
+    """The guidance stack and its `cond`: U-Net + ControlNets + adapter features, then CFG (with
+    guess mode), then CLIP guidance."""
+    text = encode_prompt(modules["text_encoder"], params["text_encoder"], per_image["ids"], settings.clip_skip)
+    branch = {"text": text}
+    units = [G.ControlNetUnit(m, p, shared["control_scales"][k], *settings.control_windows[k], settings.guess_mode)
+             for k, (m, p) in enumerate(zip(modules["controlnets"], params["controlnets"]))]
+    if units:
+        branch["control"] = tuple(per_image["controls"])
+    if modules["adapters"]:
+        feats = None
+        for k, (m, p) in enumerate(zip(modules["adapters"], params["adapters"])):
+            f = G.adapter_features(m, p, per_image["adapter_images"][k], 1.0)
+            f = tuple(x * shared["adapter_scales"][k] for x in f)
+            feats = f if feats is None else tuple(a + b for a, b in zip(feats, f))
+        branch["adapter"] = feats
+    model = G.unet_prediction(modules["unet"], params["unet"], controlnets=units,
+                              adapter_conditioning_factor=settings.adapter_conditioning_factor)
+    if settings.do_cfg:
+        uncond = dict(branch, text=encode_prompt(modules["text_encoder"], params["text_encoder"],
+                                                 per_image["neg_ids"], settings.clip_skip))
+        if settings.guess_mode and units:
+            b = text.shape[0]
+            branch["control_mask"], uncond["control_mask"] = jnp.ones((b,)), jnp.zeros((b,))
+        model = G.classifier_free(model, shared["guidance_scale"], guidance_rescale=settings.guidance_rescale)
+        cond = {"cond": branch, "uncond": uncond}
+    else:
+        cond = branch
+    if settings.clip_guide is not None:
+        vae, clip, size, cutouts, fraction = settings.clip_guide
+        guide = G.ClipGuide(vae, shared["clip_params"]["vae"], clip, shared["clip_params"]["clip"], size, cutouts,
+                            fraction)
+        key = jax.random.fold_in(jax.random.wrap_key_data(shared["seed"]), 1 << 30)
+        model = G.clip_guidance(model, guide, shared["clip_scale"], plan, key=key)
+        cond = {**cond, "clip_target": per_image["clip_target"]}
+    return model, cond
+
+
+def denoise(settings: CallSettings, plan: Plan, model, cond, noise, known, per_image: dict, keys):
+    """The denoising scan for the call's mode. Returns the final latents and each image's first
+    evaluation with non-finite latents (-1 if none)."""
+    checked = dict(key=keys, return_nonfinite=True)
+    if settings.mode == "txt2img":
+        return sample(model, plan, initial_latents(plan, noise), cond, **checked)
+    if settings.mode == "img2img":
+        return sample(model, plan, noised_latents(plan, known, noise), cond, **checked)
+    if settings.mode == "inpaint":
+        start = initial_latents(plan, noise) if plan.begin_index == 0 else noised_latents(plan, known, noise)
+        return sample(model, plan, start, cond, inpaint=Inpaint(known, per_image["mask"], noise), **checked)
+    latents = repaint(model, plan, known, per_image["mask"], keys, cond,
+                      num_inference_steps=settings.num_inference_steps, jump_length=settings.repaint_jump_length,
+                      jump_n_sample=settings.repaint_jump_n_sample)
+    bad = first_nonfinite(jnp.full(latents.shape[:1], -1, jnp.int32), latents, plan.num_evals - 1)
+    return latents, bad  # RePaint: only the final latents are checked
+
+
+def decode(vae, vae_params, latents):
+    """Latents to images in [0, 1] (NaN survives the clip, so the host check still sees it)."""
+    images = vae.apply({"params": vae_params}, unscale_latents(latents, vae.config), method=vae.decode)
+    return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
+
+
+def _program(settings: CallSettings, plan: Plan, modules: dict, params: dict, per_image: dict, shared: dict):
+    keys = image_keys(jax.random.wrap_key_data(shared["seed"]), per_image["index"])
+    noise, known = prepare_latents(settings, plan, modules["vae"], params["vae"], per_image, keys)
+    model, cond = score_function(settings, plan, modules, params, per_image, shared)
+    latents, bad = denoise(settings, plan, model, cond, noise, known, per_image, keys)
+    if settings.output_type == "latent":
+        return latents, bad
+    return decode(modules["vae"], params["vae"], latents), bad
 
 
 def _expand_per_prompt(img: np.ndarray, batch: int, num_images_per_prompt: int, what: str) -> np.ndarray:
@@ -222,9 +369,8 @@ class Pipeline:
             "controlnets": [place(p) for _, p in self.controlnets],
             "adapters": [place(p) for _, p in self.adapters],
         }
-        self._programs: dict[Any, Callable] = {}
+        self._programs: dict[CallSettings, tuple[Callable, Plan]] = {}  # the compile cache
         self.last_settings: dict | None = None  # the resolved settings of the latest call (JSON-able)
-        self._clip_guides: dict[int, G.ClipGuide] = {}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -312,94 +458,19 @@ class Pipeline:
                 f"the device has {have / 2**30:.1f} GiB. Use a smaller height/width or batch size")
 
     # ------------------------------------------------------------------ the program
-    def _program(self, static: tuple) -> Callable:
-        if static in self._programs:
-            return self._programs[static]
-        settings = dict(static)
-        plan = make_plan(self.scheduler_config, settings["steps"], settings["solver"],
-                         strength=settings["strength"], **dict(settings["plan_options"]))
-        unet, vae, text_encoder = self.unet, self.vae, self.text_encoder
-        cn_modules = [m for m, _ in self.controlnets]
-        ad_modules = [m for m, _ in self.adapters]
-        windows, guess = settings["windows"], settings["guess_mode"]
-        do_cfg, clip_skip = settings["do_cfg"], settings["clip_skip"]
-        mode = settings["mode"]
+    def compiled(self, settings: CallSettings) -> tuple[Callable, Plan]:
+        """The jitted program for `settings` and its plan, compiled on first use and cached by
+        `settings` (a frozen dataclass): calls that differ only in traced values reuse it."""
+        if settings not in self._programs:
+            plan = settings.plan(self.scheduler_config)
+            program = functools.partial(_program, settings, plan, self._modules())
+            out = named(self.mesh, P("data"))
+            self._programs[settings] = (jax.jit(program, out_shardings=(out, out)), plan)
+        return self._programs[settings]
 
-        def encode(params, ids):
-            out = text_encoder.apply({"params": params}, ids)
-            if clip_skip:
-                hidden = out.hidden_states[-(clip_skip + 1)]
-                return text_encoder.apply({"params": params}, hidden, method=text_encoder.apply_final_layer_norm)
-            return out.last_hidden_state
-
-        def program(params, inputs):
-            inputs = dict(inputs, keys=jax.random.wrap_key_data(inputs["keys"]))
-            text = encode(params["text_encoder"], inputs["ids"])
-            branch = {"text": text}
-            units = [G.ControlNetUnit(m, p, inputs["control_scales"][k], windows[k][0], windows[k][1], guess)
-                     for k, (m, p) in enumerate(zip(cn_modules, params["controlnets"]))]
-            if units:
-                branch["control"] = tuple(inputs["controls"])
-            if ad_modules:
-                feats = None
-                for k, (m, p) in enumerate(zip(ad_modules, params["adapters"])):
-                    f = G.adapter_features(m, p, inputs["adapter_images"][k], 1.0)
-                    f = tuple(x * inputs["adapter_scales"][k] for x in f)
-                    feats = f if feats is None else tuple(a + b for a, b in zip(feats, f))
-                branch["adapter"] = feats
-            model = G.unet_prediction(unet, params["unet"], controlnets=units,
-                                      adapter_conditioning_factor=settings["adapter_factor"])
-            if do_cfg:
-                uncond = dict(branch, text=encode(params["text_encoder"], inputs["neg_ids"]))
-                if guess and units:
-                    b = text.shape[0]
-                    branch["control_mask"], uncond["control_mask"] = jnp.ones((b,)), jnp.zeros((b,))
-                model = G.classifier_free(model, inputs["guidance_scale"], guidance_rescale=settings["rescale"])
-                cond = {"cond": branch, "uncond": uncond}
-            else:
-                cond = branch
-            if "clip_target" in inputs:
-                guide = self._clip_guides[settings["clip_guide"]]
-                model = G.clip_guidance(model, guide, inputs["clip_scale"], plan.schedule,
-                                        key=jax.random.wrap_key_data(inputs["clip_key"]),
-                                        prediction_type=plan.prediction_type)
-                cond = {**cond, "clip_target": inputs["clip_target"]}
-            noise = inputs["noise"]
-            checked = dict(key=inputs["keys"], return_nonfinite=True)
-            bad = None
-            if mode == "txt2img":
-                latents, bad = sample(model, plan, initial_latents(plan, noise), cond, **checked)
-            else:
-                known = inputs.get("init_latents")
-                if known is None:
-                    moments = vae.apply({"params": params["vae"]}, inputs["init_images"], method=vae.encode)
-                    z = jax.vmap(lambda m, k: sample_posterior(m[None], jax.random.fold_in(k, 1 << 20))[0])(
-                        moments, inputs["keys"])
-                    known = scale_latents(z, vae.config)
-                if mode == "img2img":
-                    latents, bad = sample(model, plan, noised_latents(plan, known, noise), cond, **checked)
-                elif mode == "inpaint":
-                    from .sampler import Inpaint
-
-                    start = initial_latents(plan, noise) if plan.begin_index == 0 else noised_latents(plan, known, noise)
-                    latents, bad = sample(model, plan, start, cond, inpaint=Inpaint(known, inputs["mask"], noise),
-                                          **checked)
-                else:  # repaint
-                    jl, jn = settings["repaint"]
-                    latents = repaint(model, plan, known, inputs["mask"], inputs["keys"], cond,  # per-image keys
-                                      num_inference_steps=settings["steps"], jump_length=jl, jump_n_sample=jn)
-            if bad is None:  # RePaint: only the final latents are checked
-                bad = jnp.full(latents.shape[:1], -1, jnp.int32)
-                bad = first_nonfinite(bad, latents, plan.num_evals - 1)
-            if settings["output"] == "latent":
-                return latents, bad
-            images = vae.apply({"params": params["vae"]}, unscale_latents(latents, vae.config), method=vae.decode)
-            # NaN survives the clip, so the host check below still sees a non-finite decode
-            return jnp.clip(images / 2 + 0.5, 0.0, 1.0), bad
-
-        batch_sharding = named(self.mesh, P("data"))
-        self._programs[static] = (jax.jit(program, out_shardings=batch_sharding), plan)
-        return self._programs[static]
+    def _modules(self) -> dict:
+        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder,
+                "controlnets": tuple(m for m, _ in self.controlnets), "adapters": tuple(m for m, _ in self.adapters)}
 
     # ------------------------------------------------------------------ the call
     def __call__(
@@ -440,7 +511,45 @@ class Pipeline:
         with `mask` (1 = regenerate; image- or latent-sized) inpainting by partial diffusion
         (`inpaint_method="partial"`) or RePaint (`"repaint"`). `latents` replaces the initial
         noise (B, h, w, C) for exact reproduction of another implementation's run.
+
+        Raises `ConfigError` for invalid arguments (naming the argument) and `NonFiniteError`
+        when sampling or decoding produced NaN or infinity (naming solver, step and images).
         """
+        settings, per_image, shared, indices = self.check_inputs(
+            prompt, negative_prompt, height=height, width=width, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, scheduler=scheduler,
+            scheduler_options=scheduler_options, seed=seed, num_images_per_prompt=num_images_per_prompt,
+            image_indices=image_indices, controls=controls, guess_mode=guess_mode, adapters=adapters,
+            adapter_conditioning_factor=adapter_conditioning_factor, init_image=init_image,
+            init_latents=init_latents, strength=strength, mask=mask, inpaint_method=inpaint_method,
+            repaint_jump_length=repaint_jump_length, repaint_jump_n_sample=repaint_jump_n_sample,
+            clip_guidance=clip_guidance, clip_skip=clip_skip, latents=latents, output_type=output_type)
+        b = len(indices)
+        program, plan = self.compiled(settings)
+        out, bad = program(self.params, self._shard(per_image, b), self._replicate(shared))
+        out, bad = self._gather(out)[:b], self._gather(bad)[:b]
+        raise_if_nonfinite(bad, solver=plan.solver, count=plan.num_evals, image_indices=indices)
+        if not np.all(np.isfinite(out)):
+            which = [indices[i] for i in np.flatnonzero(~np.isfinite(out.reshape(b, -1)).all(axis=1))]
+            raise NonFiniteError(
+                f"the VAE decode produced NaN or infinite pixels for image index(es) {which} from finite "
+                f"latents (VAE dtype {jnp.dtype(self.vae.dtype).name}; float16 VAEs overflow: use float32)")
+        self.last_settings = self._resolved(settings, plan, indices, guidance_scale=guidance_scale, seed=seed,
+                                            controls=controls, adapters=adapters, clip_guidance=clip_guidance,
+                                            inpaint_method=inpaint_method)
+        if output_type in ("latent", "float"):
+            return out
+        return np.round(out * 255.0).astype(np.uint8)
+
+    def check_inputs(self, prompt, negative_prompt=None, *, height=None, width=None, num_inference_steps=50,
+                     guidance_scale=7.5, guidance_rescale=0.0, scheduler=None, scheduler_options=None, seed=0,
+                     num_images_per_prompt=1, image_indices=None, controls=(), guess_mode=False, adapters=(),
+                     adapter_conditioning_factor=1.0, init_image=None, init_latents=None, strength=0.8, mask=None,
+                     inpaint_method="partial", repaint_jump_length=10, repaint_jump_n_sample=10,
+                     clip_guidance=None, clip_skip=None, latents=None, output_type="uint8"):
+        """Validate a call's arguments and split them into the `CallSettings` (static), the
+        per-image inputs (leading batch axis, sharded over the mesh) and the shared inputs
+        (replicated). Returns `(settings, per_image, shared, image_indices)`."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ConfigError("no prompt given")
@@ -471,111 +580,102 @@ class Pipeline:
         indices = list(range(b)) if image_indices is None else list(image_indices)
         if len(indices) != b:
             raise ConfigError(f"{len(indices)} image indices for {b} images")
-        if any(not isinstance(i, (int, np.integer)) or i < 0 for i in indices):
-            raise ConfigError(f"image_indices must be non-negative integers, got {indices}")
-
+        if any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < 2**31 for i in indices):
+            raise ConfigError(f"image_indices must be integers in [0, 2^31), got {indices}")
+        if inpaint_method not in ("partial", "repaint"):
+            raise ConfigError(f"inpaint_method must be 'partial' or 'repaint', got {inpaint_method!r}")
         mode = "txt2img"
         if init_image is not None or init_latents is not None:
             mode = "img2img" if mask is None else ("inpaint" if inpaint_method == "partial" else "repaint")
-            if inpaint_method not in ("partial", "repaint"):
-                raise ConfigError(f"inpaint_method must be 'partial' or 'repaint', got {inpaint_method!r}")
         elif mask is not None:
             raise ConfigError("a mask needs an init image to inpaint")
-        solver = scheduler
-        # diffusers' ControlNet pipelines: guess_mode = guess_mode or <first ControlNet>.global_pool_conditions
-        guess_used = bool(guess_mode) or bool(
-            self.controlnets and getattr(self.controlnets[0][0].config, "global_pool_conditions", False))
-        strength_used = strength if mode in ("img2img", "inpaint") and strength < 1.0 else 1.0
-        if mode == "repaint":
-            strength_used = 1.0
+        if self.controlnets and not controls:
+            raise ConfigError(f"{len(self.controlnets)} ControlNets are loaded: give a control image for each")
+        if self.adapters and not adapters:
+            raise ConfigError(f"{len(self.adapters)} adapters are loaded: give an adapter image for each")
 
-        root = jax.random.key(seed)
-        keys = jnp.stack([jax.random.fold_in(root, i) for i in indices]) if b else None
-        if latents is None:
-            noise = np.stack([np.asarray(jax.random.normal(k, (h, w, c))) for k in keys])
-        else:
+        per_image: dict[str, Any] = {
+            "ids": self.token_ids(prompts),
+            "neg_ids": self.token_ids(negatives),
+            "index": np.asarray(indices, np.int32),
+        }
+        if latents is not None:
             noise = np.asarray(latents, np.float32)
             if noise.shape != (b, h, w, c):
                 raise ConfigError(f"latents must have shape {(b, h, w, c)}, got {noise.shape}")
-
-        inputs: dict[str, Any] = {
-            "ids": self.token_ids(prompts),
-            "neg_ids": self.token_ids(negatives),
-            "noise": noise.astype(np.float32),
-            "keys": np.asarray(jax.random.key_data(keys)),
+            per_image["noise"] = noise
+        shared: dict[str, Any] = {
+            "seed": np.asarray(jax.random.key_data(jax.random.key(seed))),
             "guidance_scale": np.float32(guidance_scale),
         }
         if self.controlnets:
-            if not controls:
-                raise ConfigError(f"{len(self.controlnets)} ControlNets are loaded: give a control image for each")
-            inputs["controls"] = self.prepare_controls(controls, b, height, width, num_images_per_prompt)
-            inputs["control_scales"] = np.asarray([ctl.scale for ctl in controls], np.float32)
+            per_image["controls"] = self.prepare_controls(controls, b, height, width, num_images_per_prompt)
+            shared["control_scales"] = np.asarray([ctl.scale for ctl in controls], np.float32)
         if self.adapters:
-            if not adapters:
-                raise ConfigError(f"{len(self.adapters)} adapters are loaded: give an adapter image for each")
-            inputs["adapter_images"] = self.prepare_adapter_images(adapters, b, height, width, num_images_per_prompt)
-            inputs["adapter_scales"] = np.asarray([a.scale for a in adapters], np.float32)
+            per_image["adapter_images"] = self.prepare_adapter_images(adapters, b, height, width,
+                                                                      num_images_per_prompt)
+            shared["adapter_scales"] = np.asarray([a.scale for a in adapters], np.float32)
         if mode != "txt2img":
             if init_latents is not None:
-                inputs["init_latents"] = self._batch(np.asarray(init_latents, np.float32), b, (h, w, c), "init_latents")
+                per_image["init_latents"] = self._batch(np.asarray(init_latents, np.float32), b, (h, w, c),
+                                                        "init_latents")
             else:
                 img = self._batch(_image01(init_image, "init_image"), b, (height, width, 3), "init_image")
-                inputs["init_images"] = img * 2.0 - 1.0
+                per_image["init_images"] = img * 2.0 - 1.0
             if mask is not None:
                 from .preprocess import prepare_mask
 
-                inputs["mask"] = prepare_mask(mask, b, h, w, num_images_per_prompt=num_images_per_prompt)
+                per_image["mask"] = prepare_mask(mask, b, h, w, num_images_per_prompt=num_images_per_prompt)
+        clip_key = None
         if clip_guidance is not None:
+            guide = clip_guidance.guide
             target = np.asarray(clip_guidance.target, np.float32)
-            inputs["clip_target"] = np.broadcast_to(target, (b, target.shape[-1])).copy()
-            inputs["clip_scale"] = np.float32(clip_guidance.scale)
-            inputs["clip_key"] = np.asarray(jax.random.key_data(jax.random.fold_in(root, 1 << 30)))
-            self._clip_guides[id(clip_guidance.guide)] = clip_guidance.guide
+            per_image["clip_target"] = np.broadcast_to(target, (b, target.shape[-1])).copy()
+            shared["clip_scale"] = np.float32(clip_guidance.scale)
+            shared["clip_params"] = {"vae": guide.vae_params, "clip": guide.clip_params}
+            clip_key = (guide.vae, guide.clip, int(guide.image_size), int(guide.num_cutouts),
+                        float(guide.cutout_min_fraction))
 
-        static = (
-            ("steps", num_inference_steps), ("solver", solver), ("strength", strength_used),
-            ("plan_options", tuple(sorted((scheduler_options or {}).items()))),
-            ("windows", tuple((ctl.start, ctl.end) for ctl in controls)), ("guess_mode", guess_used),
-            ("do_cfg", guidance_scale > 1.0), ("rescale", float(guidance_rescale)), ("clip_skip", clip_skip),
-            ("adapter_factor", float(adapter_conditioning_factor)), ("mode", mode),
-            ("repaint", (repaint_jump_length, repaint_jump_n_sample)), ("output", output_type),
-            ("clip_guide", None if clip_guidance is None else id(clip_guidance.guide)),
-        )
-        program, plan = self._program(static)
-        out, bad = program(self.params, self._shard(inputs, b))
-        out, bad = self._gather(out)[:b], self._gather(bad)[:b]
-        raise_if_nonfinite(bad, solver=plan.solver, count=plan.num_evals, image_indices=indices)
-        if not np.all(np.isfinite(out)):
-            which = [indices[i] for i in np.flatnonzero(~np.isfinite(out.reshape(b, -1)).all(axis=1))]
-            raise NonFiniteError(
-                f"the VAE decode produced NaN or infinite pixels for image index(es) {which} from finite "
-                f"latents (VAE dtype {jnp.dtype(self.vae.dtype).name}; float16 VAEs overflow: use float32)")
-        self.last_settings = {
+        # diffusers' ControlNet pipelines: guess_mode = guess_mode or <first ControlNet>.global_pool_conditions
+        guess_used = bool(guess_mode) or bool(
+            self.controlnets and getattr(self.controlnets[0][0].config, "global_pool_conditions", False))
+        settings = CallSettings(
+            num_inference_steps=int(num_inference_steps), latent_shape=(h, w, c), solver=scheduler,
+            scheduler_options=tuple(sorted((scheduler_options or {}).items())), mode=mode,
+            strength=float(strength) if mode in ("img2img", "inpaint") and strength < 1.0 else 1.0,
+            do_cfg=guidance_scale > 1.0, guidance_rescale=float(guidance_rescale), clip_skip=clip_skip,
+            guess_mode=guess_used, control_windows=tuple((float(ctl.start), float(ctl.end)) for ctl in controls),
+            adapter_conditioning_factor=float(adapter_conditioning_factor),
+            repaint_jump_length=int(repaint_jump_length), repaint_jump_n_sample=int(repaint_jump_n_sample),
+            init_from=None if mode == "txt2img" else ("latents" if init_latents is not None else "images"),
+            given_noise=latents is not None, clip_guide=clip_key, output_type=output_type)
+        return settings, per_image, shared, indices
+
+    def _resolved(self, settings: CallSettings, plan: Plan, indices, *, guidance_scale, seed, controls, adapters,
+                  clip_guidance, inpaint_method) -> dict:
+        """The settings a call actually ran with, JSON-able (what `infer.py`'s sidecars record)."""
+        h, w, _ = settings.latent_shape
+        f = self.vae_scale_factor
+        return {
             "solver": plan.solver, "scheduler_config": _jsonable(dict(plan.config)),
-            "prediction_type": plan.prediction_type, "num_inference_steps": int(num_inference_steps),
+            "prediction_type": plan.prediction_type, "num_inference_steps": settings.num_inference_steps,
             "model_evaluations": int(plan.num_evals), "timesteps": np.asarray(plan.timesteps).tolist(),
-            "mode": mode, "strength": float(strength_used), "guidance_scale": float(guidance_scale),
-            "classifier_free_guidance": bool(guidance_scale > 1.0), "guidance_rescale": float(guidance_rescale),
-            "guess_mode": guess_used, "clip_skip": clip_skip, "height": int(height), "width": int(width),
+            "mode": settings.mode, "strength": settings.strength, "guidance_scale": float(guidance_scale),
+            "classifier_free_guidance": settings.do_cfg, "guidance_rescale": settings.guidance_rescale,
+            "guess_mode": settings.guess_mode, "clip_skip": settings.clip_skip, "height": h * f, "width": w * f,
             "seed": int(seed), "image_indices": [int(i) for i in indices],
             "controlnets": [{"scale": float(ctl.scale), "start": float(ctl.start), "end": float(ctl.end),
                              "resize_mode": ctl.resize_mode} for ctl in controls],
             "adapters": [{"scale": float(a.scale)} for a in adapters],
-            "adapter_conditioning_factor": float(adapter_conditioning_factor),
-            "scheduler_options": _jsonable(dict(scheduler_options or {})),
-            "inpaint_method": inpaint_method if mask is not None else None,
-            "repaint": {"jump_length": repaint_jump_length, "jump_n_sample": repaint_jump_n_sample}
-            if mode == "repaint" else None,
+            "adapter_conditioning_factor": settings.adapter_conditioning_factor,
+            "scheduler_options": _jsonable(dict(settings.scheduler_options)),
+            "inpaint_method": inpaint_method if settings.mode in ("inpaint", "repaint") else None,
+            "repaint": {"jump_length": settings.repaint_jump_length, "jump_n_sample": settings.repaint_jump_n_sample}
+            if settings.mode == "repaint" else None,
             "clip_guidance_scale": None if clip_guidance is None else float(clip_guidance.scale),
             "dtype": jnp.dtype(self.unet.dtype).name, "vae_dtype": jnp.dtype(self.vae.dtype).name,
             "devices": int(self.mesh.devices.size),
         }
-        if output_type in ("latent", "float"):
-            return out
-        return np.round(out * 255.0).astype(np.uint8)
-
-    def plan_for(self, num_inference_steps: int, scheduler: str | None = None, strength: float = 1.0, **options):
-        return make_plan(self.scheduler_config, num_inference_steps, scheduler, strength=strength, **options)
 
     # ------------------------------------------------------------------ sharding helpers
     @staticmethod
@@ -588,30 +688,30 @@ class Pipeline:
             raise ConfigError(f"{name} must have shape {(b,) + tuple(shape)} (or one for all), got {x.shape}")
         return x
 
-    def _shard(self, inputs: dict, b: int) -> dict:
-        """Per-image arrays onto the mesh's `data` axis (the batch padded to a multiple of its size),
-        the rest replicated. Every host passes the same values (they derive from the call's
-        arguments), and each device takes its slice, so this is multi-host safe."""
+    def _shard(self, per_image: dict, b: int) -> dict:
+        """Per-image arrays (leading axis = the batch) onto the mesh's `data` axis, the batch padded
+        to a multiple of its size with copies of the last image. Every host passes the same values
+        (they derive from the call's arguments), and each device takes its slice, so this is
+        multi-host safe."""
         n = self.mesh.devices.size
         pad = (-b) % n
-        batch_sharding = named(self.mesh, P("data"))
-        replicated = named(self.mesh, P())
+        sharding = named(self.mesh, P("data"))
 
         def put(x):
-            if isinstance(x, (list, tuple)):
-                return type(x)(put(v) for v in x)
             x = np.asarray(x)
-            if x.ndim >= 1 and x.shape[0] == b:
-                if pad:
-                    x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
-                sharding = batch_sharding
-            else:
-                sharding = replicated
+            if x.shape[:1] != (b,):
+                raise ConfigError(f"a per-image input of shape {x.shape} for a batch of {b}")
+            if pad:
+                x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
             return jax.make_array_from_callback(x.shape, sharding, lambda index, x=x: x[index])
 
-        scalars = ("control_scales", "adapter_scales", "guidance_scale", "clip_scale", "clip_key")
-        return {k: (jax.make_array_from_callback(np.shape(v), replicated, lambda i, v=np.asarray(v): v[i])
-                    if k in scalars else put(v)) for k, v in inputs.items()}
+        return jax.tree_util.tree_map(put, per_image)
+
+    def _replicate(self, shared: dict) -> dict:
+        """Inputs every device sees whole (scales, the seed's key, CLIP-guidance parameters)."""
+        replicated = named(self.mesh, P())
+        return jax.tree_util.tree_map(
+            lambda x: jax.make_array_from_callback(np.shape(x), replicated, lambda i, x=np.asarray(x): x[i]), shared)
 
     @staticmethod
     def _gather(x) -> np.ndarray:

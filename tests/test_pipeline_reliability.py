@@ -227,3 +227,19 @@ def test_init_images_are_scaled_like_other_images_and_floats_checked(cn_pipe):
     np.testing.assert_array_equal(cn_pipe("a", init_image=Image.fromarray(u8), **kw), as_float)
     with pytest.raises(ConfigError, match="init_image: float images must be finite and in"):
         cn_pipe("a", init_image=u8.astype(np.float32), **kw)
+
+
+def test_compile_cache_is_keyed_by_the_settings(folders):
+    from jaxcontrol.pipeline import CallSettings
+
+    pipe = Pipeline.from_pretrained(folders["controlnet"][0], mesh=ONE_DEVICE)
+    pipe("a", controls=[ControlInput(_control(0), 1.0)], **KW)
+    assert len(pipe._programs) == 1 and all(isinstance(k, CallSettings) for k in pipe._programs)
+    # traced values only: a scale, the seed, the guidance scale (same side of 1), the prompt
+    pipe("b", controls=[ControlInput(_control(1), 0.3)], **{**KW, "seed": 9, "guidance_scale": 6.0})
+    assert len(pipe._programs) == 1
+    # a static field: the control window, CFG on/off, the step count
+    pipe("a", controls=[ControlInput(_control(0), 1.0, 0.0, 0.5)], **KW)
+    pipe("a", controls=[ControlInput(_control(0))], **{**KW, "guidance_scale": 1.0})
+    pipe("a", controls=[ControlInput(_control(0))], **{**KW, "num_inference_steps": 3})
+    assert len(pipe._programs) == 4
