@@ -22,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .atomic import atomic_directory
 from .errors import ConfigError
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -129,21 +130,10 @@ def install(runs: str | os.PathLike, *, overwrite: bool = True) -> list[Path]:
     for src, dest in EXPORTS.items():
         if not (runs / src).is_dir():
             continue
-        tmp = dest.with_name(f".{dest.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        # Orbax's commit_success.txt records the absolute path it was written to; restoring from a
-        # local folder does not read it, and a shipped asset should not carry a build machine's paths
-        shutil.copytree(runs / src, tmp, ignore=shutil.ignore_patterns("commit_success.txt"))
-        if dest.exists():
-            if not overwrite:
-                raise ConfigError(f"{dest} exists")
-            old = dest.with_name(f".{dest.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, dest)
+        with atomic_directory(dest, overwrite=overwrite, error=ConfigError) as tmp:
+            # Orbax's commit_success.txt records the absolute path it was written to; restoring from a
+            # local folder does not read it, and a shipped asset should not carry a build machine's paths
+            shutil.copytree(runs / src, tmp, ignore=shutil.ignore_patterns("commit_success.txt"), dirs_exist_ok=True)
         written.append(dest)
     return written
 

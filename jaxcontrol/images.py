@@ -4,30 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
 
-
-def _atomic_write(path: Path, write) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would otherwise become the output's mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+from .atomic import atomic_file, write_bytes
 
 
 def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
@@ -42,12 +25,14 @@ def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
         arr = np.round(np.clip(arr, 0, 1) * 255).astype(np.uint8)
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
-    return _atomic_write(Path(path), lambda f: Image.fromarray(arr).save(f, format="PNG"))
+    with atomic_file(path, parents=True) as f:
+        Image.fromarray(arr).save(f, format="PNG")
+    return Path(path)
 
 
 def save_json(data: Any, path: str | os.PathLike) -> Path:
-    text = json.dumps(data, indent=2, sort_keys=True, default=str).encode()
-    return _atomic_write(Path(path), lambda f: f.write(text))
+    """Write `data` as indented, key-sorted JSON, atomically (values JSON cannot hold become strings)."""
+    return write_bytes(path, json.dumps(data, indent=2, sort_keys=True, default=str).encode(), parents=True)
 
 
 def make_grid(images: Sequence[np.ndarray], columns: int | None = None, pad: int = 2,

@@ -24,6 +24,7 @@ import pytest
 
 import jaxcontrol as jc
 from jaxcontrol.convert import SafetensorsFile, convert, export_diffusers, open_weights, save_checkpoint, save_safetensors
+from jaxcontrol import atomic
 from jaxcontrol.convert import jax_format
 from jaxcontrol.errors import CheckpointError, ConfigError
 from jaxcontrol.models.adapter import T2IAdapterConfig
@@ -496,6 +497,7 @@ def test_stale_temporaries_of_dead_writers_are_cleaned(vae, tmp_path):
 KILL_SCRIPT = """
 import os, sys
 from pathlib import Path
+from jaxcontrol import atomic
 from jaxcontrol.convert import jax_format
 
 dest, mode = Path(sys.argv[1]), sys.argv[2]
@@ -512,7 +514,7 @@ def rename(src, dst):
 
 os.rename = rename
 if mode == "between":
-    jax_format._renameat2 = lambda src, dst, flags: False  # a system without renameat2
+    atomic._renameat2 = lambda src, dst, flags: False  # a system without renameat2
 with jax_format.atomic_directory(dest, overwrite=True) as tmp:
     (tmp / "version").write_text("new")
     if mode == "inside":
@@ -564,7 +566,7 @@ def test_replacement_never_moves_the_destination_away(tmp_path, monkeypatch):
         assert (dest / "version").read_text() == "new"
         assert all(src != dest for src, _ in renames), renames  # exchanged in place, never renamed aside
     # the fallback's second rename failing: the old output is put back
-    monkeypatch.setattr(jax_format, "_renameat2", lambda src, dst, flags: False)
+    monkeypatch.setattr(atomic, "_renameat2", lambda src, dst, flags: False)
     calls = []
 
     def failing(src, dst):

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -30,6 +29,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from ..atomic import write_text
 from ..errors import ConfigError
 from .manifest import DataError, resize_center_crop
 
@@ -200,19 +200,7 @@ def make_dataset(
 def save_iterator_state(iterator, path: str | os.PathLike) -> None:
     """Write `iterator.get_state()` as JSON, atomically (temp file in the same folder, then rename)."""
     path = Path(path)
-    state = json.dumps(iterator.get_state(), indent=1, sort_keys=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(state)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text(path, json.dumps(iterator.get_state(), indent=1, sort_keys=True), parents=True)
 
 
 def load_iterator_state(iterator, path: str | os.PathLike) -> None:

@@ -21,14 +21,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
 
+from ..atomic import atomic_directory
 from ..errors import ConfigError
 from .loader import ControlTransform
 from .manifest import DataError, encode_png
@@ -80,9 +79,8 @@ def precompute_latents(
     transform = ControlTransform(resolution=resolution)
     num_shards = -(-n // records_per_shard)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     meta: dict[str, Any] = {}
-    try:
+    with atomic_directory(out_dir, overwrite=True, error=DataError) as tmp:
         writer = None
         shard = -1
         bar = None
@@ -138,16 +136,6 @@ def precompute_latents(
         if bar is not None:
             bar.close()
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        old = None
-        if out_dir.exists():  # move the previous result aside first, so a failure never leaves neither
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "data")
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return PrecomputedSource(out_dir)
 
 

@@ -10,7 +10,6 @@ also to WORKDIR/samples/step_NNNNNNN.png.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from pathlib import Path
@@ -18,19 +17,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
-log = logging.getLogger("jaxcontrol.train")
-
-
-def write_png(path: str | os.PathLike, image: np.ndarray) -> Path:
-    """Write an (H, W, 3) uint8 image atomically (temporary file in the same folder, then rename)."""
-    from ..images import save_png
-
-    return save_png(image, path)
-
+from ..images import make_grid, save_png
 
 def image_grid(rows: list[np.ndarray]) -> np.ndarray:
-    """Stack rows of images, each (N, H, W, 3) uint8 with the same N, H, W, into one (rows*H, N*W, 3) image."""
-    return np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
+    """Stack rows of images, each (N, H, W, 3) uint8 with the same N, H, W, into one (rows*H, N*W, 3)
+    image: `images.make_grid` without padding, one row per entry."""
+    return make_grid([img for row in rows for img in row], columns=len(rows[0]), pad=0)
 
 
 def to_uint8(images: np.ndarray, low: float = -1.0, high: float = 1.0) -> np.ndarray:
@@ -103,7 +95,7 @@ class MetricsWriter:
     def image(self, step: int, name: str, image: np.ndarray) -> Path | None:
         if not self.enabled:
             return None
-        path = write_png(self.workdir / "samples" / f"{name}_step_{step:07d}.png", image)
+        path = save_png(self.workdir / "samples" / f"{name}_step_{step:07d}.png", image)
         if self._tb is not None:
             self._tb.add_image(name, image, step, dataformats="HWC")
             self._tb.flush()

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
-from ..convert.jax_format import atomic_directory
+from ..atomic import atomic_directory
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 SUFFIX = "</w>"  # CLIP marks a word's last piece

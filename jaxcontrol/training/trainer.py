@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import json
 import logging
 import os
 import re
@@ -33,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..atomic import write_json
 from ..errors import ConfigError, NonFiniteError
 from ..models.vae import sample_posterior
 from ..schedulers import make_plan
@@ -515,9 +515,7 @@ def _validate(run: Run, writer: MetricsWriter, step: int) -> None:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    write_json(path, obj, indent=1, sort_keys=True, default=str)
 
 
 __all__ = ["Run", "TrainState", "check_finite_metrics", "prepare_workdir", "remove_stale_exports", "train"]
