@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .errors import ConfigError
+from .models.forward import ControlNetCall, model_forward
 from .sampler import Stateful, resolve_schedule
 
 ScoreFn = Callable[[jax.Array, jax.Array, dict], jax.Array]
@@ -467,31 +468,23 @@ def unet_prediction(unet, params, *, controlnets: Sequence[ControlNetUnit] = (),
     def predict(x, t, cond):
         b = x.shape[0]
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
-        text = cond["text"]
         step = cond.get("step")
-        kwargs: dict[str, Any] = {}
+        calls = []
         if controlnets:
             images = cond.get("control")
             if images is None or len(images) != len(controlnets):
                 raise ConfigError(f"{len(controlnets)} ControlNets need cond['control'] with as many images")
             mask = jnp.asarray(cond.get("control_mask", 1.0), jnp.float32)
-            down, mid = None, None
             for unit, image in zip(controlnets, images):
                 scale = jnp.broadcast_to(jnp.asarray(unit.scale, jnp.float32) * mask, (b,))
                 if step is not None and (unit.start > 0.0 or unit.end < 1.0):
                     scale = scale * window_keep(step, unit.start, unit.end)
-                d, m = unit.module.apply({"params": unit.params}, x, t, text, image,
-                                         conditioning_scale=scale, guess_mode=unit.guess_mode)
-                down = d if down is None else tuple(a + r for a, r in zip(down, d))
-                mid = m if mid is None else mid + m
-            kwargs.update(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+                calls.append(ControlNetCall(unit.module, unit.params, image, scale, unit.guess_mode))
         feats = cond.get("adapter")
-        if feats is not None:
-            if step is not None and adapter_conditioning_factor < 1.0:
-                active = (step.index < int(step.num_inference_steps * adapter_conditioning_factor)).astype(jnp.float32)
-                feats = tuple(f * active for f in feats)
-            kwargs["down_intrablock_additional_residuals"] = tuple(feats)
-        return unet.apply({"params": params}, x, t, text, **kwargs)
+        if feats is not None and step is not None and adapter_conditioning_factor < 1.0:
+            active = (step.index < int(step.num_inference_steps * adapter_conditioning_factor)).astype(jnp.float32)
+            feats = tuple(f * active for f in feats)
+        return model_forward(unet, params, x, t, cond["text"], controlnets=calls, adapter_features=feats)
 
     return predict
 

@@ -95,7 +95,7 @@ class MetricsWriter:
     def image(self, step: int, name: str, image: np.ndarray) -> Path | None:
         if not self.enabled:
             return None
-        path = save_png(self.workdir / "samples" / f"{name}_step_{step:07d}.png", image)
+        path = save_png(image, self.workdir / "samples" / f"{name}_step_{step:07d}.png")
         if self._tb is not None:
             self._tb.add_image(name, image, step, dataformats="HWC")
             self._tb.flush()

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from ..guidance import ControlNetUnit, adapter_features, classifier_free, unet_prediction
+from ..models.forward import ControlNetCall, model_forward
 from ..models.vae import sample_posterior, scale_latents, split_moments, unscale_latents
 from ..sampler import initial_latents, sample
 from . import losses
@@ -42,21 +43,23 @@ def encode_prompts(nets: Networks, frozen: dict, ids: jax.Array) -> jax.Array:
 
 def model_prediction(nets: Networks, config, trainable: dict, frozen: dict, noisy: jax.Array, t: jax.Array,
                      context: jax.Array, cond: jax.Array | None) -> jax.Array:
-    """The trained model's prediction for `noisy` latents: U-Net plus ControlNet / adapter, per the task."""
-    kwargs: dict[str, Any] = {}
-    if nets.controlnet is not None:
-        with remat_scope(config.remat.controlnet, config.remat.policy):
-            down, mid = nets.controlnet.apply({"params": trainable["controlnet"]}, noisy, t, context, cond,
-                                              conditioning_scale=float(config.controlnet.conditioning_scale))
-        if config.controlnet.small_scale:  # the paper's small-scale training: the mid block only
-            down = tuple(jnp.zeros_like(d) for d in down)
-        kwargs.update(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+    """The trained model's prediction for `noisy` latents: U-Net plus ControlNet / adapter, per the
+    task, through the one `model_forward` that sampling uses too. The blocks `config.remat` names
+    are rematerialised."""
+    calls = []
+    if nets.controlnet is not None:  # small_scale: the paper's small-scale training, the mid block only
+        calls.append(ControlNetCall(nets.controlnet, trainable["controlnet"], cond,
+                                    scale=float(config.controlnet.conditioning_scale),
+                                    mid_block_only=bool(config.controlnet.small_scale)))
+    feats = None
     if nets.adapter is not None:
-        feats = nets.adapter.apply({"params": trainable["adapter"]}, cond)
-        scale = float(config.adapter.conditioning_scale)
-        kwargs["down_intrablock_additional_residuals"] = [f * scale for f in feats]
-    with remat_scope(config.remat.unet, config.remat.policy):
-        return nets.unet.apply({"params": unet_params(trainable, frozen)}, noisy, t, context, **kwargs)
+        feats = adapter_features(nets.adapter, trainable["adapter"], cond, float(config.adapter.conditioning_scale))
+
+    def scope(name: str):
+        return remat_scope(getattr(config.remat, name), config.remat.policy)
+
+    return model_forward(nets.unet, unet_params(trainable, frozen), noisy, t, context, controlnets=calls,
+                         adapter_features=feats, scope=scope)
 
 
 def make_vae_loss_fn(nets: Networks, config) -> Callable:
