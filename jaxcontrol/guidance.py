@@ -98,6 +98,8 @@ def shift_epsilon(prediction, delta_eps, alpha_bar, prediction_type: str):
 
 
 def predicted_x0(eps, x, alpha_bar):
+    """The clean sample x0 = (x - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) (DDIM's eq. 12
+    "predicted x0"); `alpha_bar` a scalar or one per sample. Infinite at alpha_bar = 0."""
     ab = _per_sample(alpha_bar, x)
     return (x - jnp.sqrt(1 - ab) * eps) / jnp.sqrt(ab)
 
@@ -262,6 +264,7 @@ class sega(Stateful):
         self.sem_guidance = None if sem_guidance is None else jnp.asarray(sem_guidance, jnp.float32)
 
     def init(self, x):
+        """The initial edit momentum: zeros like the latents, float32."""
         return jnp.zeros_like(x, jnp.float32)
 
     def __call__(self, x, t, cond, momentum):

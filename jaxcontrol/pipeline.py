@@ -74,6 +74,8 @@ def default_mesh(devices: Sequence | None = None) -> Mesh:
 
 
 def to_dtype(name: Any):
+    """A dtype from its name ("float32", "bfloat16", "float16"); dtypes pass through. Raises
+    `ConfigError` for another name."""
     if isinstance(name, str):
         if name not in DTYPES:
             raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
@@ -112,6 +114,7 @@ class CallSettings:
     output_type: str = "uint8"
 
     def plan(self, scheduler_config: SchedulerConfig) -> Plan:
+        """The solver's plan for these settings (`schedulers.make_plan`; raises `ConfigError`)."""
         return make_plan(scheduler_config, self.num_inference_steps, self.solver, strength=self.strength,
                          **dict(self.scheduler_options))
 
@@ -288,6 +291,53 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _prompt_batch(prompt, negative_prompt, num_images_per_prompt: int) -> tuple[list[str], list[str]]:
+    """The call's prompts and negative prompts, each repeated `num_images_per_prompt` times in a row."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise ConfigError("no prompt given")
+    negatives = negative_prompt if negative_prompt is not None else ""
+    negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
+    if len(negatives) != len(prompts):
+        raise ConfigError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+    return ([p for p in prompts for _ in range(num_images_per_prompt)],
+            [n for n in negatives for _ in range(num_images_per_prompt)])
+
+
+def _image_indices(image_indices, b: int) -> list[int]:
+    """Each image's index (its noise and step keys derive from (seed, index)); 0..b-1 by default."""
+    indices = list(range(b)) if image_indices is None else list(image_indices)
+    if len(indices) != b:
+        raise ConfigError(f"{len(indices)} image indices for {b} images")
+    if any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < 2**31 for i in indices):
+        raise ConfigError(f"image_indices must be integers in [0, 2^31), got {indices}")
+    return indices
+
+
+def _mode(init_image, init_latents, mask, inpaint_method: str) -> str:
+    """"txt2img", "img2img", "inpaint" (partial diffusion) or "repaint", from the inputs given."""
+    if inpaint_method not in ("partial", "repaint"):
+        raise ConfigError(f"inpaint_method must be 'partial' or 'repaint', got {inpaint_method!r}")
+    if init_image is None and init_latents is None:
+        if mask is not None:
+            raise ConfigError("a mask needs an init image to inpaint")
+        return "txt2img"
+    if mask is None:
+        return "img2img"
+    return "inpaint" if inpaint_method == "partial" else "repaint"
+
+
+def _clip_inputs(per_image: dict, shared: dict, clip_guidance: ClipGuidanceInput, b: int) -> tuple:
+    """CLIP guidance's target (per image) and scale and parameters (shared); returns the static
+    part of the guide (its modules and sizes), which is part of `CallSettings`."""
+    guide = clip_guidance.guide
+    target = np.asarray(clip_guidance.target, np.float32)
+    per_image["clip_target"] = np.broadcast_to(target, (b, target.shape[-1])).copy()
+    shared["clip_scale"] = np.float32(clip_guidance.scale)
+    shared["clip_params"] = {"vae": guide.vae_params, "clip": guide.clip_params}
+    return (guide.vae, guide.clip, int(guide.image_size), int(guide.num_cutouts), float(guide.cutout_min_fraction))
+
+
 def check_call_arguments(*, num_inference_steps, guidance_scale, guidance_rescale, seed, num_images_per_prompt,
                          strength, adapter_conditioning_factor, clip_skip, repaint_jump_length,
                          repaint_jump_n_sample, output_type, controls, adapters, clip_layers) -> None:
@@ -394,14 +444,17 @@ class Pipeline:
 
     @property
     def vae_scale_factor(self) -> int:
+        """Pixels per latent pixel: 2^(VAE levels - 1), 8 for Stable Diffusion."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
     def latent_channels(self) -> int:
+        """Channels of the latents the U-Net denoises (its `in_channels`)."""
         return self.unet.config.in_channels
 
     # ------------------------------------------------------------------ inputs
     def token_ids(self, prompts: Sequence[str]) -> np.ndarray:
+        """CLIP token ids (B, 77) int32, padded and truncated as diffusers' `encode_prompt` does."""
         return tokenize(self.tokenizer, list(prompts)).astype(np.int32)
 
     def prepare_controls(self, controls: Sequence[ControlInput], batch: int, height: int, width: int,
@@ -549,10 +602,9 @@ class Pipeline:
                      clip_guidance=None, clip_skip=None, latents=None, output_type="uint8"):
         """Validate a call's arguments and split them into the `CallSettings` (static), the
         per-image inputs (leading batch axis, sharded over the mesh) and the shared inputs
-        (replicated). Returns `(settings, per_image, shared, image_indices)`."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise ConfigError("no prompt given")
+        (replicated). Returns `(settings, per_image, shared, image_indices)`.
+
+        Raises `ConfigError` naming the argument for anything invalid, before any compilation."""
         check_call_arguments(
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             guidance_rescale=guidance_rescale, seed=seed, num_images_per_prompt=num_images_per_prompt,
@@ -560,13 +612,51 @@ class Pipeline:
             repaint_jump_length=repaint_jump_length, repaint_jump_n_sample=repaint_jump_n_sample,
             output_type=output_type, controls=controls, adapters=adapters,
             clip_layers=self.text_encoder.config.num_hidden_layers)
-        negatives = negative_prompt if negative_prompt is not None else ""
-        negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
-        if len(negatives) != len(prompts):
-            raise ConfigError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
+        prompts, negatives = _prompt_batch(prompt, negative_prompt, num_images_per_prompt)
         b = len(prompts)
+        height, width = self._image_size(height, width)
+        f = self.vae_scale_factor
+        latent_shape = (height // f, width // f, self.latent_channels)
+        self.check_memory(b, height, width, do_cfg=guidance_scale > 1.0)
+        indices = _image_indices(image_indices, b)
+        mode = _mode(init_image, init_latents, mask, inpaint_method)
+        if self.controlnets and not controls:
+            raise ConfigError(f"{len(self.controlnets)} ControlNets are loaded: give a control image for each")
+        if self.adapters and not adapters:
+            raise ConfigError(f"{len(self.adapters)} adapters are loaded: give an adapter image for each")
+
+        per_image: dict[str, Any] = {"ids": self.token_ids(prompts), "neg_ids": self.token_ids(negatives),
+                                     "index": np.asarray(indices, np.int32)}
+        shared: dict[str, Any] = {"seed": np.asarray(jax.random.key_data(jax.random.key(seed))),
+                                  "guidance_scale": np.float32(guidance_scale)}
+        if latents is not None:
+            noise = np.asarray(latents, np.float32)
+            if noise.shape != (b,) + latent_shape:
+                raise ConfigError(f"latents must have shape {(b,) + latent_shape}, got {noise.shape}")
+            per_image["noise"] = noise
+        self._control_inputs(per_image, shared, controls, adapters, (b, height, width), num_images_per_prompt)
+        if mode != "txt2img":
+            per_image.update(self._edit_inputs(init_image, init_latents, mask, (b, height, width), latent_shape,
+                                               num_images_per_prompt))
+        clip_key = None
+        if clip_guidance is not None:
+            clip_key = _clip_inputs(per_image, shared, clip_guidance, b)
+
+        settings = CallSettings(
+            num_inference_steps=int(num_inference_steps), latent_shape=latent_shape, solver=scheduler,
+            scheduler_options=tuple(sorted((scheduler_options or {}).items())), mode=mode,
+            strength=float(strength) if mode in ("img2img", "inpaint") and strength < 1.0 else 1.0,
+            do_cfg=guidance_scale > 1.0, guidance_rescale=float(guidance_rescale), clip_skip=clip_skip,
+            guess_mode=self._guess_mode(guess_mode),
+            control_windows=tuple((float(ctl.start), float(ctl.end)) for ctl in controls),
+            adapter_conditioning_factor=float(adapter_conditioning_factor),
+            repaint_jump_length=int(repaint_jump_length), repaint_jump_n_sample=int(repaint_jump_n_sample),
+            init_from=None if mode == "txt2img" else ("latents" if init_latents is not None else "images"),
+            given_noise=latents is not None, clip_guide=clip_key, output_type=output_type)
+        return settings, per_image, shared, indices
+
+    def _image_size(self, height, width) -> tuple[int, int]:
+        """The call's pixel size: the U-Net's `sample_size` x the VAE factor unless given."""
         f = self.vae_scale_factor
         sample_size = getattr(self.unet.config, "sample_size", 64) or 64
         height = height or sample_size * f
@@ -575,39 +665,17 @@ class Pipeline:
             raise ConfigError(f"height and width must be multiples of {f}, got {height}x{width}")
         if height <= 0 or width <= 0:
             raise ConfigError(f"height and width must be positive, got {height}x{width}")
-        h, w, c = height // f, width // f, self.latent_channels
-        self.check_memory(b, height, width, do_cfg=guidance_scale > 1.0)
-        indices = list(range(b)) if image_indices is None else list(image_indices)
-        if len(indices) != b:
-            raise ConfigError(f"{len(indices)} image indices for {b} images")
-        if any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < 2**31 for i in indices):
-            raise ConfigError(f"image_indices must be integers in [0, 2^31), got {indices}")
-        if inpaint_method not in ("partial", "repaint"):
-            raise ConfigError(f"inpaint_method must be 'partial' or 'repaint', got {inpaint_method!r}")
-        mode = "txt2img"
-        if init_image is not None or init_latents is not None:
-            mode = "img2img" if mask is None else ("inpaint" if inpaint_method == "partial" else "repaint")
-        elif mask is not None:
-            raise ConfigError("a mask needs an init image to inpaint")
-        if self.controlnets and not controls:
-            raise ConfigError(f"{len(self.controlnets)} ControlNets are loaded: give a control image for each")
-        if self.adapters and not adapters:
-            raise ConfigError(f"{len(self.adapters)} adapters are loaded: give an adapter image for each")
+        return height, width
 
-        per_image: dict[str, Any] = {
-            "ids": self.token_ids(prompts),
-            "neg_ids": self.token_ids(negatives),
-            "index": np.asarray(indices, np.int32),
-        }
-        if latents is not None:
-            noise = np.asarray(latents, np.float32)
-            if noise.shape != (b, h, w, c):
-                raise ConfigError(f"latents must have shape {(b, h, w, c)}, got {noise.shape}")
-            per_image["noise"] = noise
-        shared: dict[str, Any] = {
-            "seed": np.asarray(jax.random.key_data(jax.random.key(seed))),
-            "guidance_scale": np.float32(guidance_scale),
-        }
+    def _guess_mode(self, guess_mode: bool) -> bool:
+        """diffusers' ControlNet pipelines: guess_mode or <first ControlNet>.global_pool_conditions."""
+        first = self.controlnets[0][0] if self.controlnets else None
+        return bool(guess_mode) or bool(first is not None and getattr(first.config, "global_pool_conditions", False))
+
+    def _control_inputs(self, per_image: dict, shared: dict, controls, adapters, size: tuple[int, int, int],
+                        num_images_per_prompt: int) -> None:
+        """ControlNet and adapter images (per image) and their scales (shared, traced)."""
+        b, height, width = size
         if self.controlnets:
             per_image["controls"] = self.prepare_controls(controls, b, height, width, num_images_per_prompt)
             shared["control_scales"] = np.asarray([ctl.scale for ctl in controls], np.float32)
@@ -615,41 +683,24 @@ class Pipeline:
             per_image["adapter_images"] = self.prepare_adapter_images(adapters, b, height, width,
                                                                       num_images_per_prompt)
             shared["adapter_scales"] = np.asarray([a.scale for a in adapters], np.float32)
-        if mode != "txt2img":
-            if init_latents is not None:
-                per_image["init_latents"] = self._batch(np.asarray(init_latents, np.float32), b, (h, w, c),
-                                                        "init_latents")
-            else:
-                img = self._batch(_image01(init_image, "init_image"), b, (height, width, 3), "init_image")
-                per_image["init_images"] = img * 2.0 - 1.0
-            if mask is not None:
-                from .preprocess import prepare_mask
 
-                per_image["mask"] = prepare_mask(mask, b, h, w, num_images_per_prompt=num_images_per_prompt)
-        clip_key = None
-        if clip_guidance is not None:
-            guide = clip_guidance.guide
-            target = np.asarray(clip_guidance.target, np.float32)
-            per_image["clip_target"] = np.broadcast_to(target, (b, target.shape[-1])).copy()
-            shared["clip_scale"] = np.float32(clip_guidance.scale)
-            shared["clip_params"] = {"vae": guide.vae_params, "clip": guide.clip_params}
-            clip_key = (guide.vae, guide.clip, int(guide.image_size), int(guide.num_cutouts),
-                        float(guide.cutout_min_fraction))
+    def _edit_inputs(self, init_image, init_latents, mask, size: tuple[int, int, int], latent_shape: tuple,
+                     num_images_per_prompt: int) -> dict:
+        """img2img and inpainting inputs: the clean latents or images to keep ([-1, 1] pixels) and
+        the mask at latent size."""
+        b, height, width = size
+        h, w, _ = latent_shape
+        out = {}
+        if init_latents is not None:
+            out["init_latents"] = self._batch(np.asarray(init_latents, np.float32), b, latent_shape, "init_latents")
+        else:
+            img = self._batch(_image01(init_image, "init_image"), b, (height, width, 3), "init_image")
+            out["init_images"] = img * 2.0 - 1.0
+        if mask is not None:
+            from .preprocess import prepare_mask
 
-        # diffusers' ControlNet pipelines: guess_mode = guess_mode or <first ControlNet>.global_pool_conditions
-        guess_used = bool(guess_mode) or bool(
-            self.controlnets and getattr(self.controlnets[0][0].config, "global_pool_conditions", False))
-        settings = CallSettings(
-            num_inference_steps=int(num_inference_steps), latent_shape=(h, w, c), solver=scheduler,
-            scheduler_options=tuple(sorted((scheduler_options or {}).items())), mode=mode,
-            strength=float(strength) if mode in ("img2img", "inpaint") and strength < 1.0 else 1.0,
-            do_cfg=guidance_scale > 1.0, guidance_rescale=float(guidance_rescale), clip_skip=clip_skip,
-            guess_mode=guess_used, control_windows=tuple((float(ctl.start), float(ctl.end)) for ctl in controls),
-            adapter_conditioning_factor=float(adapter_conditioning_factor),
-            repaint_jump_length=int(repaint_jump_length), repaint_jump_n_sample=int(repaint_jump_n_sample),
-            init_from=None if mode == "txt2img" else ("latents" if init_latents is not None else "images"),
-            given_noise=latents is not None, clip_guide=clip_key, output_type=output_type)
-        return settings, per_image, shared, indices
+            out["mask"] = prepare_mask(mask, b, h, w, num_images_per_prompt=num_images_per_prompt)
+        return out
 
     def _resolved(self, settings: CallSettings, plan: Plan, indices, *, guidance_scale, seed, controls, adapters,
                   clip_guidance, inpaint_method) -> dict:

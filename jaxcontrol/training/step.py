@@ -37,6 +37,7 @@ DEVICE_KEYS = ("pixel_values", "latents", "input_ids", "encoder_hidden_states", 
 
 
 def encode_prompts(nets: Networks, frozen: dict, ids: jax.Array) -> jax.Array:
+    """The frozen text encoder's last hidden state (B, 77, D) float32 for token ids (B, 77)."""
     out = nets.text_encoder.apply({"params": frozen["text_encoder"]}, ids)
     return out.last_hidden_state.astype(jnp.float32)
 
