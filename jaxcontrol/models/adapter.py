@@ -358,10 +358,6 @@ class MultiAdapter(nn.Module):
         super().__post_init__()
 
     @property
-    def num_adapters(self) -> int:
-        return len(self.configs)
-
-    @property
     def downscale_factor(self) -> int:
         return self.configs[0].downscale_factor
 
