@@ -137,8 +137,8 @@ def _complete_stable_diffusion(ckpt: Checkpoint, global_step: int | None, predic
     """SD-1 vs SD-2 (by cross-attention width), prediction type, 768-v sample sizes, pipeline and scheduler."""
     comps = ckpt.components
     sd2 = ckpt.format == "ldm-sd2" or comps["unet"].config.get("cross_attention_dim") == 1024
-    if sd2:
-        ckpt.format = "ldm-sd2" if ckpt.format == "ldm-sd1" else ckpt.format
+    if sd2 and ckpt.format == "ldm-sd1":
+        ckpt.format = "ldm-sd2"
     if prediction_type is None:
         prediction_type, notes = sd_prediction_type(sd2, global_step)
         ckpt.notes.extend(notes)
