@@ -2,7 +2,15 @@
 original single-file checkpoints in, the jaxcontrol (Orbax) format and diffusers folders out."""
 
 from .conversion import ConversionReport, convert, format_summary
-from .diffusers_folder import MODEL_TYPES, build_module, find_weights, load_model, load_params, read_config
+from .diffusers_folder import (
+    MODEL_TYPES,
+    build_module,
+    find_weights,
+    load_model,
+    load_multi_adapter,
+    load_params,
+    read_config,
+)
 from .export import export_diffusers
 from .jax_format import atomic_directory, load_checkpoint, save_checkpoint
 from .safetensors_file import SafetensorsFile, save_safetensors
@@ -27,6 +35,7 @@ __all__ = [
     "format_summary",
     "load_checkpoint",
     "load_model",
+    "load_multi_adapter",
     "load_params",
     "load_single_file",
     "open_weights",

@@ -16,7 +16,7 @@ from ..models.clip import (
     CLIPVisionModelWithProjection,
     select_clip_tower,
 )
-from .diffusers_folder import find_weights, load_params
+from .model_types import find_weights, load_params
 from .paths import read_json, safe_join
 from .sources import open_weights
 

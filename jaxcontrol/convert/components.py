@@ -18,7 +18,8 @@ from flax import linen as nn
 
 from ..errors import ConfigError
 from ..models.params import param_shapes
-from .diffusers_folder import MODEL_TYPES, build_module
+from .formats import FORMATS
+from .model_types import MODEL_TYPES, build_module
 from .sources import TensorSource
 from .state_dict import convert_to_flax
 
@@ -91,8 +92,6 @@ class Checkpoint:
 
     @property
     def description(self) -> str:
-        from .single_file import FORMATS
-
         return FORMATS.get(self.format, self.format)
 
 

@@ -5,156 +5,36 @@
 The folder's `config.json` names the class (`_class_name`); its fields become our config
 dataclass unchanged. Weights are `diffusion_pytorch_model[.variant].safetensors` (read without
 torch), a sharded `*.safetensors.index.json`, or the `.bin` equivalents (torch's safe unpickler).
+`load_model` also takes our own format and single files; the steps for one folder (class table,
+config, weights file, conversion) are in `model_types.py` and re-exported here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax.numpy as jnp
 from flax import linen as nn
 
 from ..errors import CheckpointError, ConfigError
-from ..models.adapter import T2IAdapter, T2IAdapterConfig
-from ..models.clip import (
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-    CLIPVisionConfig,
-    CLIPVisionModel,
-    CLIPVisionModelWithProjection,
-    normalize_clip_keys,
+from ..models.adapter import MultiAdapter, T2IAdapter
+from .jax_format import is_jaxcontrol_checkpoint, is_jaxcontrol_component, load_jaxcontrol_model, recover_destination
+from .model_types import (  # noqa: F401  (re-exported: this module's public names before model_types.py existed)
+    MODEL_TYPES,
+    WEIGHT_BASENAMES,
+    WEIGHT_SUFFIXES,
+    ModelType,
+    build_module,
+    find_weights,
+    load_params,
+    model_type_of,
+    read_config,
+    vae_legacy_names,
 )
-from ..models.configs import ControlNetConfig, ModelConfig, UNet2DConditionConfig
-from ..models.controlnet import ControlNetModel
-from ..models.params import param_shapes
-from ..models.unet import UNet2DConditionModel
-from ..models.vae import AutoencoderKL, AutoencoderKLConfig
-from .paths import check_inside, read_json, regular_file, safe_join
-from .sources import TensorSource, open_weights
-from .state_dict import convert_to_flax
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelType:
-    module: type[nn.Module]
-    config: type[ModelConfig]
-    # regexes of checkpoint keys that are not parameters (buffers) and may be ignored
-    ignore: tuple[str, ...] = ()
-    # renames a checkpoint's keys to the current diffusers/transformers names before conversion
-    normalize: Callable[[TensorSource], TensorSource] | None = None
-
-
-_LEGACY_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-
-
-def vae_legacy_names(source: TensorSource) -> TensorSource:
-    """Old diffusers VAEs name the mid-block attention `query/key/value/proj_attn` (diffusers renames on load)."""
-    mapping = {}
-    for key in source.keys():
-        parts = key.split(".")
-        if len(parts) >= 2 and "attentions" in parts and parts[-2] in _LEGACY_VAE_ATTENTION:
-            parts[-2] = _LEGACY_VAE_ATTENTION[parts[-2]]
-        mapping[key] = ".".join(parts)
-    return source.renamed(mapping)
-
-
-MODEL_TYPES: dict[str, ModelType] = {
-    "UNet2DConditionModel": ModelType(UNet2DConditionModel, UNet2DConditionConfig),
-    "ControlNetModel": ModelType(ControlNetModel, ControlNetConfig),
-    "AutoencoderKL": ModelType(AutoencoderKL, AutoencoderKLConfig, normalize=vae_legacy_names),
-    # diffusers' MultiAdapter saves each adapter as its own T2IAdapter folder (path, path_1, ...):
-    # see jaxcontrol.models.adapter.load_multi_adapter
-    "T2IAdapter": ModelType(T2IAdapter, T2IAdapterConfig),
-    # transformers folders (config.json "architectures"); CLIP keys may come with or without the
-    # text_model./vision_model. prefix (transformers 4.x vs 5.x); position_ids is a buffer
-    **{
-        cls.__name__: ModelType(cls, config, ignore=(r"position_ids$",), normalize=normalize_clip_keys)
-        for cls, config in (
-            (CLIPTextModel, CLIPTextConfig),
-            (CLIPTextModelWithProjection, CLIPTextConfig),
-            (CLIPVisionModel, CLIPVisionConfig),
-            (CLIPVisionModelWithProjection, CLIPVisionConfig),
-        )
-    },
-}
-
-WEIGHT_BASENAMES = ("diffusion_pytorch_model", "model", "pytorch_model")
-WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
-
-
-def read_config(folder: str | os.PathLike) -> dict:
-    path = safe_join(folder, "config.json", f"{folder}: config.json")
-    if not os.path.lexists(path):
-        raise ConfigError(f"{folder}: no config.json (is this a diffusers model folder?)")
-    return read_json(path, "config.json", error=ConfigError)
-
-
-def model_type_of(raw: dict, source: str) -> tuple[str, ModelType]:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: a config must be a JSON object, found a {type(raw).__name__}")
-    name = raw.get("_class_name")
-    if name is None and raw.get("architectures"):
-        archs = raw["architectures"]
-        if not isinstance(archs, list) or not isinstance(archs[0], str):
-            raise ConfigError(f"{source}: architectures must be a list of class names, found {archs!r}")
-        name = archs[0]
-    if not isinstance(name, str) or name not in MODEL_TYPES:
-        raise ConfigError(f"{source}: model class {name!r} is not supported (supported: {sorted(MODEL_TYPES)})")
-    return name, MODEL_TYPES[name]
-
-
-def find_weights(folder: str | os.PathLike, variant: str | None = None) -> Path:
-    folder = Path(folder)
-    for base in WEIGHT_BASENAMES:
-        for suffix in WEIGHT_SUFFIXES:
-            stem = f"{base}.{variant}" if variant else base
-            candidate = folder / f"{stem}{suffix}"
-            if os.path.lexists(candidate):
-                check_inside(candidate, folder, f"{folder}: {candidate.name}")
-                return regular_file(candidate, f"{folder}: {candidate.name}")
-    found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-    want = f" with variant {variant!r}" if variant else ""
-    raise CheckpointError(
-        f"{folder}: no weights file{want} (looked for {WEIGHT_BASENAMES[0]}{WEIGHT_SUFFIXES[0]} and the "
-        f".bin / sharded forms); the folder holds {found}"
-    )
-
-
-def build_module(
-    raw_config: dict,
-    *,
-    source: str = "config",
-    dtype: Any = jnp.float32,
-    param_dtype: Any = jnp.float32,
-    **module_kwargs: Any,
-) -> nn.Module:
-    """The module for a diffusers `config.json` dict."""
-    _, mtype = model_type_of(raw_config, source)
-    config = mtype.config.from_dict(raw_config, source=source)
-    return mtype.module(config, dtype=dtype, param_dtype=param_dtype, **module_kwargs)
-
-
-def load_params(
-    module: nn.Module,
-    source: TensorSource,
-    *,
-    param_dtype: Any = jnp.float32,
-    ignore: tuple[str, ...] = (),
-    progress: Callable[[int], None] | None = None,
-) -> dict:
-    """Convert a PyTorch-layout `source` into `module`'s parameter tree, checking every key and shape."""
-    return convert_to_flax(
-        source,
-        param_shapes(module),
-        dtype=param_dtype,
-        ignore=ignore,
-        what=type(module).__name__,
-        progress=progress,
-    )
+from .single_file import load_single_file
+from .sources import open_weights
 
 
 def load_model(
@@ -182,13 +62,9 @@ def load_model(
       unsafe_load_pickle: allow arbitrary objects in `.bin` pickles. Only for files you trust.
     """
     if not os.path.lexists(path):
-        from .jax_format import recover_destination
-
         recover_destination(path)  # a replacement of `path` killed half-way leaves the old output aside
     folder = Path(path) / subfolder if subfolder else Path(path)
     if Path(path).is_file():
-        from .single_file import load_single_file
-
         bundle = load_single_file(path, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
                                   unsafe_load_pickle=unsafe_load_pickle,
                                   components=None if subfolder is None else (subfolder,))
@@ -197,8 +73,6 @@ def load_model(
                 f"{path}: holds {sorted(bundle.modules)}; pick one with subfolder=... (or use load_pipeline)")
         (name,) = bundle.modules
         return bundle.modules[name], bundle.params[name]
-    from .jax_format import is_jaxcontrol_checkpoint, is_jaxcontrol_component, load_jaxcontrol_model
-
     if is_jaxcontrol_component(folder) or is_jaxcontrol_checkpoint(folder):
         return load_jaxcontrol_model(folder, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
     if not folder.is_dir():
@@ -214,3 +88,26 @@ def load_model(
         source = mtype.normalize(source)
     params = load_params(module, source, param_dtype=param_dtype, ignore=mtype.ignore)
     return module, params
+
+
+def load_multi_adapter(path: str | os.PathLike, **load_kwargs: Any) -> tuple[MultiAdapter, dict]:
+    """Load what diffusers' `MultiAdapter.save_pretrained(path)` wrote: `path`, `path_1`, `path_2`, ...
+
+    Every existing folder in that sequence is read with `load_model(folder, **load_kwargs)` (dtype,
+    param_dtype, variant, ...) and must hold a `T2IAdapter`; the pairs become one `MultiAdapter`
+    (`MultiAdapter.from_adapters`). Raises `ValueError` when `path` is no folder or a folder holds
+    another class.
+    """
+    base = str(path)
+    pairs = []
+    candidate, k = base, 0
+    while os.path.isdir(candidate):
+        module, params = load_model(candidate, **load_kwargs)
+        if not isinstance(module, T2IAdapter):
+            raise ValueError(f"{candidate}: expected a T2IAdapter folder, found a {type(module).__name__}")
+        pairs.append((module, params))
+        k += 1
+        candidate = f"{base}_{k}"
+    if not pairs:
+        raise ValueError(f"no T2IAdapter folders at {Path(base)} (expected {base}, {base}_1, ...)")
+    return MultiAdapter.from_adapters(pairs)

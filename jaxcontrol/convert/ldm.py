@@ -47,14 +47,6 @@ def derive(source: TensorSource, spec: Mapping[str, Spec], origin: str | None = 
     return TensorSource(entries, origin or source.origin)
 
 
-def renaming(mapping: Mapping[str, str]) -> dict[str, Spec]:
-    return {new: (old, None, None) for old, new in mapping.items()}
-
-
-def with_prefix(keys: Iterable[str], prefix: str) -> list[str]:
-    return [k[len(prefix):] for k in keys if k.startswith(prefix)]
-
-
 def _unrecognised(what: str, origin: str, keys: list[str]) -> CheckpointError:
     shown = "\n  ".join(keys[:20])
     more = f"\n  ... and {len(keys) - 20} more" if len(keys) > 20 else ""

@@ -51,11 +51,6 @@ class TensorSource:
         """A view with keys renamed by `mapping` (old -> new); keys not in `mapping` are dropped."""
         return TensorSource({new: self._entries[old] for old, new in mapping.items()}, origin or self.origin)
 
-    def transformed(self, key: str, shape: tuple[int, ...], fn: Callable[[np.ndarray], np.ndarray]) -> None:
-        """Replace `key`'s loader by `fn(original)` with the given resulting shape."""
-        _, loader = self._entries[key]
-        self._entries[key] = (tuple(shape), lambda: fn(loader()))
-
     @staticmethod
     def from_arrays(arrays: Mapping[str, np.ndarray], origin: str = "<arrays>") -> "TensorSource":
         return TensorSource({k: (tuple(v.shape), (lambda v=v: np.asarray(v))) for k, v in arrays.items()}, origin)

@@ -24,8 +24,6 @@ Parameter names mirror diffusers' state dict (`adapter.body.1.resnets.0.block1.w
 from __future__ import annotations
 
 import dataclasses
-import os
-from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import jax
@@ -332,8 +330,10 @@ class MultiAdapter(nn.Module):
 
     Each adapter gets its own image (so a 1-channel sketch adapter and an RGB depth adapter can be
     mixed); all must share `downscale_factor` and `total_downscale_factor`, as diffusers requires.
-    `adapter_weights` may be a traced array of shape (num_adapters,); None means 1/num_adapters each.
+    `adapter_weights` may be a traced array of shape (len(configs),); None means 1/len(configs) each.
     Params are `{"adapters_0": ..., "adapters_1": ...}`, diffusers' `adapters.0...` names.
+    Folders written by diffusers' `MultiAdapter.save_pretrained` load with
+    `jaxcontrol.convert.load_multi_adapter`.
     """
 
     configs: tuple[T2IAdapterConfig, ...]
@@ -356,10 +356,6 @@ class MultiAdapter(nn.Module):
                     f"total_downscale_factor={c.total_downscale_factor}"
                 )
         super().__post_init__()
-
-    @property
-    def num_adapters(self) -> int:
-        return len(self.configs)
 
     @property
     def downscale_factor(self) -> int:
@@ -413,25 +409,3 @@ class MultiAdapter(nn.Module):
             tuple(m.config for m, _ in adapters), dtype=first.dtype, param_dtype=first.param_dtype
         )
         return multi, {f"adapters_{k}": p for k, (_, p) in enumerate(adapters)}
-
-
-def load_multi_adapter(path: str | os.PathLike, **load_kwargs: Any) -> tuple[MultiAdapter, dict]:
-    """Load what diffusers' `MultiAdapter.save_pretrained(path)` wrote: `path`, `path_1`, `path_2`, ...
-
-    `load_kwargs` go to `jaxcontrol.load_model` (dtype, param_dtype, variant, ...).
-    """
-    from ..convert import load_model  # the loader imports this module
-
-    base = str(path)
-    pairs = []
-    candidate, k = base, 0
-    while os.path.isdir(candidate):
-        module, params = load_model(candidate, **load_kwargs)
-        if not isinstance(module, T2IAdapter):
-            raise ValueError(f"{candidate}: expected a T2IAdapter folder, found a {type(module).__name__}")
-        pairs.append((module, params))
-        k += 1
-        candidate = f"{base}_{k}"
-    if not pairs:
-        raise ValueError(f"no T2IAdapter folders at {Path(base)} (expected {base}, {base}_1, ...)")
-    return MultiAdapter.from_adapters(pairs)

@@ -24,7 +24,7 @@ written in JAX, so it is differentiable (CLIP guidance, aesthetic losses).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,11 +32,13 @@ import numpy as np
 from flax import linen as nn
 from flax import struct
 
-from ..convert.sources import TensorSource
 from ..errors import CheckpointError, ConfigError
 from .attention import attention
 from .configs import ModelConfig
 from .layers import LayerNorm, conv, get_activation
+
+if TYPE_CHECKING:  # a checkpoint view; the functions below only call keys(), renamed() and origin
+    from ..convert.sources import TensorSource
 
 Dtype = Any
 

@@ -22,8 +22,7 @@ import jax
 import jax.numpy as jnp
 import torch
 
-from ..convert import load_model
-from ..models.adapter import load_multi_adapter
+from ..convert import load_model, load_multi_adapter
 from .parity import TINY_ADAPTER_TEST, Row
 from .reference import nchw_to_nhwc, randomize_, rel_err
 
