@@ -27,7 +27,7 @@ from .models import (
     init_params,
 )
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402, F401
 
 __all__ = [
     "AutoencoderKL",

@@ -19,6 +19,7 @@ from flax import linen as nn
 from ..errors import ConfigError
 from ..models.params import param_shapes
 from .formats import FORMATS
+from .orbax_params import restore_params
 from .model_types import MODEL_TYPES, build_module
 from .sources import TensorSource
 from .state_dict import convert_to_flax
@@ -62,8 +63,6 @@ class Component:
         `param_dtype=None` keeps the stored dtype of floating-point tensors.
         """
         if self.params_dir is not None:
-            from .jax_format import restore_params
-
             return restore_params(self.params_dir, module, param_dtype=param_dtype, sharding=sharding)
         if self.source is None:  # pragma: no cover - every reader sets one of the two
             raise ConfigError(f"component {self.name!r} has no weights")

@@ -23,7 +23,6 @@ leaves no partial output and never replaces a good one.
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -35,10 +34,14 @@ from flax import linen as nn
 from ..atomic import (  # noqa: F401  (re-exported: the writers' home before jaxcontrol.atomic)
     _host_tag, _libc_renameat2, atomic_directory, recover_destination, stale_temporaries)
 from ..errors import CheckpointError, ConfigError
-from ..models.params import count_params, flatten, param_shapes
+from ..models.params import count_params
+from ..tokenizer import load_tokenizer
+from ..version import __version__
 from .components import Checkpoint, Component, dtype_name, normalized_config
+from .model_types import read_config
+from .orbax_params import restore_params, save_params  # noqa: F401  (save_params re-exported)
 from .paths import check_tree, copy_tree, read_json, safe_join
-from .state_dict import flax_path_to_torch_key
+from .pipeline_index import PipelineBundle
 
 MANIFEST = "jaxcontrol.json"
 FORMAT_NAME = "jaxcontrol"
@@ -51,94 +54,6 @@ def check_not_overlapping(src: str | os.PathLike, dest: str | os.PathLike) -> No
     s, d = Path(os.path.realpath(src)), Path(os.path.realpath(dest))
     if s == d or d in s.parents or s in d.parents:
         raise CheckpointError(f"{dest}: the output would overlap the input {src}; choose another destination")
-
-
-# --- Orbax ---------------------------------------------------------------------------------------
-
-
-def _checkpointer():
-    """Orbax's PyTree checkpointer, writing one plain (uncompressed zarr) array per parameter.
-
-    OCDBT and compression are off and at most 1 GB is in flight: with the defaults, Orbax holds a
-    second copy of the whole tree while it writes (a full-size SD-1.5 U-Net peaked at 1.9x its
-    size); this way saving adds about 5% to the parameters' memory and takes a third of the time.
-    """
-    import orbax.checkpoint as ocp
-
-    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_compression=False, save_concurrent_gb=1,
-                                          restore_concurrent_gb=1)
-    return ocp.Checkpointer(handler)
-
-
-class _NoOcdbtMergeNotice(logging.Filter):
-    """Orbax warns on every save without OCDBT that it has no OCDBT files to merge; that is intended here."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Skipping merge of OCDBT checkpoints" not in record.getMessage()
-
-
-def save_params(directory: Path, params: Any) -> None:
-    import orbax.checkpoint as ocp
-
-    log = logging.getLogger("absl")
-    notice = _NoOcdbtMergeNotice()
-    log.addFilter(notice)
-    try:
-        with _checkpointer() as checkpointer:
-            checkpointer.save(Path(os.path.abspath(directory)), args=ocp.args.PyTreeSave(params))
-    finally:
-        log.removeFilter(notice)
-
-
-def restore_params(directory: Path, module: nn.Module, *, param_dtype: Any = None, sharding: Any = None) -> dict:
-    """Restore `module`'s parameters from an Orbax directory, checking every name and shape first.
-
-    `param_dtype=None` keeps the stored dtypes. `sharding` is one `jax.sharding.Sharding` for every
-    leaf, a matching pytree of them, or None for the first local device.
-    """
-    import orbax.checkpoint as ocp
-
-    directory = Path(os.path.abspath(directory))
-    with _checkpointer() as checkpointer:
-        try:
-            stored = checkpointer.metadata(directory).item_metadata.tree
-        except Exception as e:
-            raise CheckpointError(f"{directory}: not a readable Orbax checkpoint: {e}") from e
-        expected = param_shapes(module)
-        stored_flat = flatten(stored)
-        expected_flat = flatten(expected)
-        missing = [f"{k} [{flax_path_to_torch_key(k)}] (expected shape {tuple(v.shape)})"
-                   for k, v in expected_flat.items() if k not in stored_flat]
-        unexpected = [f"{k} (shape {tuple(stored_flat[k].shape)})" for k in stored_flat if k not in expected_flat]
-        mismatched = [f"{k}: expected shape {tuple(v.shape)}, found {tuple(stored_flat[k].shape)}"
-                      for k, v in expected_flat.items()
-                      if k in stored_flat and tuple(stored_flat[k].shape) != tuple(v.shape)]
-        if missing or unexpected or mismatched:
-            parts = [f"{directory}: the parameters do not match the {type(module).__name__} its config.json describes"]
-            for title, items in (("missing", missing), ("unexpected", unexpected), ("wrongly shaped", mismatched)):
-                if items:
-                    parts.append(f"{title} ({len(items)}):\n  " + "\n  ".join(items[:25]))
-            raise CheckpointError("\n".join(parts))
-        shardings = sharding if sharding is not None else jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        if isinstance(shardings, jax.sharding.Sharding):
-            one = shardings
-            shardings = jax.tree_util.tree_map(lambda _: one, expected)
-        target = jax.tree_util.tree_map(
-            lambda e, m, s: jax.ShapeDtypeStruct(e.shape, param_dtype if param_dtype is not None and
-                                                 jnp.issubdtype(m.dtype, jnp.floating) else m.dtype, sharding=s),
-            expected, _unflatten_like(expected, stored_flat), shardings,
-        )
-        try:
-            return checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
-                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
-        except Exception as e:
-            raise CheckpointError(f"{directory}: cannot restore the parameters: {e}") from e
-
-
-def _unflatten_like(tree: Any, flat: Mapping[str, Any]) -> Any:
-    paths = list(flatten(tree))
-    leaves = [flat[p] for p in paths]
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(tree), leaves)
 
 
 # --- writing -------------------------------------------------------------------------------------
@@ -164,8 +79,6 @@ class JaxcontrolWriter:
     def finish(self, *, pipeline_class: str | None = None, tokenizers: Mapping[str, Path] | None = None,
                scheduler_config: Mapping[str, Any] | None = None, prediction_type: str | None = None,
                source: Mapping[str, Any] | None = None) -> None:
-        from .. import __version__
-
         manifest: dict[str, Any] = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -278,7 +191,6 @@ def read_manifest(path: Path) -> dict:
 
 
 def _component_from_folder(folder: Path, name: str) -> Component:
-    from .diffusers_folder import read_config
 
     config = read_config(folder)
     params = safe_join(folder, PARAMS_DIR, f"{folder}: {PARAMS_DIR}/")
@@ -331,8 +243,6 @@ def load_checkpoint(
       component_kwargs: per-component overrides of `dtype`, `param_dtype`, `attention_impl`, `sharding`.
       sharding: a `jax.sharding.Sharding` for every parameter (default: the first local device).
     """
-    from ..tokenizer import load_tokenizer
-    from .pipeline_folder import PipelineBundle
 
     ckpt = read_jaxcontrol(path)
     if components is not None:
