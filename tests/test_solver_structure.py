@@ -12,8 +12,16 @@ import pytest
 
 from jaxcontrol.errors import ConfigError
 from jaxcontrol.sampler import initial_latents, sample
-from jaxcontrol.schedulers import ALIASES, PLANNERS, SOLVER_TABLE, SOLVERS, SchedulerConfig, SolverSpec, make_plan
-from jaxcontrol.schedulers import solvers
+from jaxcontrol.schedulers import (
+    ALIASES,
+    PLANNERS,
+    SOLVER_TABLE,
+    SOLVERS,
+    SchedulerConfig,
+    SolverSpec,
+    make_plan,
+    solvers,
+)
 from jaxcontrol.schedulers.config import NOT_TAKEN
 from jaxcontrol.schedulers.solvers import REGISTRY, Solver, register, unregister
 from jaxcontrol.schedulers.solvers.common import noise_schedule, x0_eps
@@ -154,4 +162,6 @@ def test_registering_needs_a_table_row_and_a_free_name():
         register(REGISTRY["ddim"])
     with pytest.raises(ConfigError, match="built in"):
         unregister("ddim")
-    assert "untabled" not in REGISTRY
+    with pytest.raises(ConfigError, match="already aliases"):
+        register(Solver("plms", _toy_plan, _toy_update), SolverSpec("PlmsToy", TOY_FIELDS))
+    assert "untabled" not in REGISTRY and ALIASES["plms"][0] == "pndm" and "PlmsToy" not in str(SOLVER_TABLE)

@@ -144,10 +144,14 @@ def add_solver(name: str, spec: SolverSpec, aliases: Mapping[str, Mapping[str, A
     """Add a row to `SOLVER_TABLE` (and its derived views) for a solver defined outside this package.
 
     `aliases` maps extra short names to config overrides; `name` itself always becomes an alias.
-    Raises `ConfigError` when `name` or the spec's class is already in the table.
+    Raises `ConfigError` when `name` or the spec's class is already in the table, or a name is
+    already an alias.
     """
     if name in SOLVER_TABLE or spec.class_name in CLASS_TO_SOLVER:
         raise ConfigError(f"solver {name!r} ({spec.class_name}) is already in the scheduler table")
+    taken = sorted({name, *(aliases or {})} & set(ALIASES))
+    if taken:
+        raise ConfigError(f"solver names {taken} are already aliases of {[ALIASES[a][0] for a in taken]}")
     SOLVER_TABLE[name] = spec
     _derive(name, spec)
     ALIASES[name] = (name, {})
