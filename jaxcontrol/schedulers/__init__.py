@@ -2,7 +2,7 @@
 
 from .config import ALIASES, CLASS_TO_SOLVER, SOLVER_DEFAULTS, SOLVER_TABLE, SchedulerConfig, SolverSpec
 from .noise import NoiseSchedule, make_betas
-from .solvers import PLANNERS, SOLVERS, Plan, make_plan, strength_start
+from .solvers import PLANNERS, SOLVERS, Plan, Solver, make_plan, register, strength_start, unregister
 
 __all__ = [
     "ALIASES",
@@ -14,8 +14,11 @@ __all__ = [
     "SOLVER_DEFAULTS",
     "SOLVER_TABLE",
     "SchedulerConfig",
+    "Solver",
     "SolverSpec",
     "make_betas",
     "make_plan",
+    "register",
     "strength_start",
+    "unregister",
 ]

@@ -92,12 +92,33 @@ SOLVER_TABLE: dict[str, SolverSpec] = {
         "timestep_scaling": 10.0}),
 }
 
-# Derived views of the table.
-SOLVER_DEFAULTS: dict[str, dict[str, Any]] = {
-    name: {**spec.fields, **{k: None for k in spec.sigma_fields}} for name, spec in SOLVER_TABLE.items()
+# What a class does about a field its `__init__` does not take: the behaviour its code hardcodes.
+# Planners read every field as `cfg.<field>`; a field the running class does not take answers with
+# this value (see `ResolvedConfig`), so no planner decides for itself whether a field applies.
+NOT_TAKEN: dict[str, Any] = {
+    "rescale_betas_zero_snr": False,  # PNDM, Heun: the plain schedule
+    "clip_sample": False,  # Euler, Euler ancestral, PNDM, DPM-Solver, UniPC: x0 is never clipped
+    "use_karras_sigmas": False,  # Euler ancestral: the interpolated sigma ladder
+    "final_sigmas_type": "zero",  # Euler ancestral, Heun: the ladder ends at sigma 0
+    "lambda_min_clipped": -math.inf,  # UniPC: no log-SNR clipping
+    "sigma_min": None,  # classes without Karras sigmas
+    "sigma_max": None,
 }
-CLASS_TO_SOLVER = {spec.class_name: name for name, spec in SOLVER_TABLE.items()}
-SOLVER_TO_CLASS = {v: k for k, v in CLASS_TO_SOLVER.items()}
+
+# Derived views of the table (`add_solver` keeps them in step with it).
+SOLVER_DEFAULTS: dict[str, dict[str, Any]] = {}
+CLASS_TO_SOLVER: dict[str, str] = {}
+SOLVER_TO_CLASS: dict[str, str] = {}
+
+
+def _derive(name: str, spec: SolverSpec) -> None:
+    SOLVER_DEFAULTS[name] = {**spec.fields, **{k: None for k in spec.sigma_fields}}
+    CLASS_TO_SOLVER[spec.class_name] = name
+    SOLVER_TO_CLASS[name] = spec.class_name
+
+
+for _name, _spec in SOLVER_TABLE.items():
+    _derive(_name, _spec)
 
 # Short names users type (`infer.py --scheduler`), mapped to solvers and config overrides.
 ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -117,6 +138,35 @@ ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "lcm": ("lcm", {}),
     "ddim_inverse": ("ddim_inverse", {}),
 }
+
+
+def add_solver(name: str, spec: SolverSpec, aliases: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    """Add a row to `SOLVER_TABLE` (and its derived views) for a solver defined outside this package.
+
+    `aliases` maps extra short names to config overrides; `name` itself always becomes an alias.
+    Raises `ConfigError` when `name` or the spec's class is already in the table, or a name is
+    already an alias.
+    """
+    if name in SOLVER_TABLE or spec.class_name in CLASS_TO_SOLVER:
+        raise ConfigError(f"solver {name!r} ({spec.class_name}) is already in the scheduler table")
+    taken = sorted({name, *(aliases or {})} & set(ALIASES))
+    if taken:
+        raise ConfigError(f"solver names {taken} are already aliases of {[ALIASES[a][0] for a in taken]}")
+    SOLVER_TABLE[name] = spec
+    _derive(name, spec)
+    ALIASES[name] = (name, {})
+    for alias, overrides in (aliases or {}).items():
+        ALIASES[alias] = (name, dict(overrides))
+
+
+def remove_solver(name: str) -> None:
+    """Undo `add_solver`: the table row, its derived views and every alias that names it."""
+    spec = SOLVER_TABLE.pop(name)
+    SOLVER_DEFAULTS.pop(name)
+    CLASS_TO_SOLVER.pop(spec.class_name)
+    SOLVER_TO_CLASS.pop(name)
+    for alias in [a for a, (target, _) in ALIASES.items() if target == name]:
+        del ALIASES[alias]
 
 # Values we read but do not implement: anything but these raises a ConfigError naming the field.
 _SUPPORTED_ONLY = {
@@ -224,10 +274,18 @@ def terminal_alpha_bar(solver: str, cfg: Mapping[str, Any]) -> float | None:
 
 
 class ResolvedConfig(dict):
-    """Settings with attribute access (`cfg.beta_schedule`)."""
+    """The fields a solver's diffusers class takes, with attribute access (`cfg.beta_schedule`).
+
+    The dict holds exactly the fields the class honours (`SOLVER_TABLE`), which is what a plan
+    records. Attribute access also answers the fields of `NOT_TAKEN` the class does not take, with
+    the behaviour the class hardcodes (`cfg.clip_sample` is False for Euler); any other missing
+    field raises AttributeError.
+    """
 
     def __getattr__(self, name: str) -> Any:
         try:
             return self[name]
         except KeyError as e:
+            if name in NOT_TAKEN:
+                return NOT_TAKEN[name]
             raise AttributeError(name) from e
