@@ -43,7 +43,6 @@ Dtype = Any
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# transformers' ACT2FN entries for the activations CLIP checkpoints use
 # the `hidden_act` values CLIP checkpoints use (implemented in layers.get_activation)
 _ACTIVATIONS = ("quick_gelu", "gelu")
 

@@ -16,7 +16,6 @@ checkpoint saved on one mesh shape restores onto another.
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,6 @@ import orbax.checkpoint as ocp
 
 from ..errors import CheckpointError
 
-log = logging.getLogger(__name__)
 # meta keys that must match for the data iterator's saved position to mean the same batches
 DATA_GEOMETRY = ("batch_size", "grad_accum_steps", "process_count", "dataset", "seed")
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..images import make_grid, save_png
 
+
 def image_grid(rows: list[np.ndarray]) -> np.ndarray:
     """Stack rows of images, each (N, H, W, 3) uint8 with the same N, H, W, into one (rows*H, N*W, 3)
     image: `images.make_grid` without padding, one row per entry."""
