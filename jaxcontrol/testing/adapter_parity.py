@@ -58,6 +58,9 @@ XL_STYLE_ADAPTER = dict(
 
 @dataclasses.dataclass(frozen=True)
 class AdapterCase:
+    """A T2I-Adapter parity case: diffusers `T2IAdapter` kwargs per adapter, image size, and optionally
+    a U-Net (diffusers kwargs) to feed the features to."""
+
     name: str
     adapters: tuple[dict, ...]  # diffusers T2IAdapter kwargs; two or more make a MultiAdapter
     image_hw: tuple[int, int]

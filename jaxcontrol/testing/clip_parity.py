@@ -60,6 +60,8 @@ CLIP_L14_VISION = dict(
 
 @dataclasses.dataclass(frozen=True)
 class ClipCase:
+    """A CLIP parity case: transformers config kwargs of one tower, with or without its projection."""
+
     name: str
     tower: str  # "text" or "vision"
     config: dict
@@ -93,6 +95,8 @@ QUICK_CLIP_CASES = tuple(n for n, c in CLIP_CASES.items() if not c.slow)
 
 
 def torch_model(case: ClipCase, seed: int = 0) -> torch.nn.Module:
+    """The case's transformers model (`CLIPTextModel[WithProjection]` / `CLIPVisionModel[WithProjection]`),
+    seeded, with constant-initialised parameters perturbed by `randomize_`, in eval mode."""
     import transformers
 
     torch.manual_seed(seed)
