@@ -18,6 +18,8 @@ from flax import struct
 
 @struct.dataclass
 class TrainState:
+    """Everything a resumed run needs besides the data position (a pytree; see the module docstring)."""
+
     step: jax.Array  # int32 scalar: optimizer steps taken
     params: Any  # trainable parameters, {component: tree}
     opt_state: Any
@@ -26,6 +28,7 @@ class TrainState:
 
     @property
     def key(self) -> jax.Array:
+        """`rng` as a typed PRNG key."""
         return jax.random.wrap_key_data(self.rng)
 
 
