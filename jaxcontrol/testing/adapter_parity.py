@@ -118,7 +118,8 @@ def _worst(case: AdapterCase, component: str, ours: Sequence, refs: Sequence, at
 
 
 def run_adapter_case(case: AdapterCase, workdir: str | Path | None = None, seed: int = 0) -> list[Row]:
-    """Rows for one case: the adapter features (worst feature) and, for U-Net cases, the U-Net output."""
+    """Rows for one case: the adapter features (worst feature) and, for U-Net cases, the U-Net output.
+    Raises `AssertionError` when the two sides give different numbers of features."""
     from diffusers import MultiAdapter as TorchMultiAdapter
     from diffusers import T2IAdapter as TorchT2IAdapter
     from diffusers import UNet2DConditionModel as TorchUNet

@@ -157,7 +157,8 @@ def run_clip_case(
     workdir: str | Path | None = None,
     seed: int = 0,
 ) -> list[Row]:
-    """Rows for one case: save the random transformers model, `load_model` it, compare the outputs."""
+    """Rows for one case: save the random transformers model, `load_model` it, compare the outputs.
+    Raises `AssertionError` when an output's shape or the number of hidden states differs."""
     model = torch_model(case, seed)
     g = torch.Generator().manual_seed(seed + 1)
     refs: dict[str, Any] = {}

@@ -161,7 +161,7 @@ def save_tiny_pipeline(folder: str | Path, *, kind: str = "sd", scheduler: str =
     """A diffusers pipeline folder with tiny random components, saved by diffusers itself.
 
     kind: "sd" (StableDiffusionPipeline), "controlnet", "multi-controlnet", "adapter" or
-    "controlnet-img2img". Returns the in-memory diffusers pipeline.
+    "controlnet-img2img" (any other raises `ValueError`). Returns the in-memory diffusers pipeline.
     """
     import diffusers
     import torch
