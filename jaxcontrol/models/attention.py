@@ -167,7 +167,8 @@ class BasicTransformerBlock(nn.Module):
 
 
 class Transformer2DModel(nn.Module):
-    """The spatial transformer: GroupNorm (eps 1e-6), `proj_in`, transformer blocks, `proj_out`, residual.
+    """diffusers' `Transformer2DModel`, the spatial transformer: GroupNorm (eps 1e-6), `proj_in`,
+    transformer blocks, `proj_out`, residual.
 
     `proj_in`/`proj_out` are 1x1 convolutions (SD-1.x) or linear layers (`use_linear_projection`, SD-2.x).
     Call: x (B, H, W, C) NHWC, context (B, S, Dc) -> (B, H, W, C); the blocks work on H*W tokens

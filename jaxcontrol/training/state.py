@@ -33,7 +33,8 @@ class TrainState:
 
 
 def create_train_state(params: Any, tx: optax.GradientTransformation, seed: int, *, ema: bool) -> TrainState:
-    """A fresh state. Call it under `jax.jit` with out_shardings to create it already sharded."""
+    """A fresh state: step 0, `tx.init(params)`, the EMA a copy of `params` (or {}), the key data of
+    `jax.random.key(seed)`. Call it under `jax.jit` with out_shardings to create it already sharded."""
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -66,7 +67,8 @@ def make_optimizer(optim, schedule: optax.Schedule) -> optax.GradientTransformat
 
 
 def ema_decay(step: jax.Array, decay: float) -> jax.Array:
-    """diffusers' `EMAModel.get_decay` (no warmup): 0 at the first update, then min(decay, (1+s)/(10+s))."""
+    """diffusers' `EMAModel.get_decay` (no warmup): 0 at the first update, then min(decay, (1+s)/(10+s))
+    with s = step - 1; a float32 scalar."""
     s = jnp.maximum(step.astype(jnp.float32) - 1.0, 0.0)
     return jnp.where(s <= 0, 0.0, jnp.minimum(decay, (1.0 + s) / (10.0 + s)))
 
