@@ -36,7 +36,8 @@ def sample_timesteps(rng: jax.Array, batch: int, num_train_timesteps: int, metho
 
 def offset_noise(rng: jax.Array, noise: jax.Array, noise_offset: float) -> jax.Array:
     """diffusers' `noise += noise_offset * randn(B, C, 1, 1)`, NHWC: one offset per sample and channel.
-    `noise` (B, ..., C) is returned unchanged when `noise_offset` is 0, else a new array of its shape and dtype."""
+    `noise` (B, ..., C) is returned unchanged when `noise_offset` is 0, else a new array of its shape
+    and dtype."""
     if not noise_offset:
         return noise
     b, c = noise.shape[0], noise.shape[-1]

@@ -202,7 +202,8 @@ def build_networks(config, workdir: str | os.PathLike) -> tuple[Networks, dict, 
     Parameters come back as host (numpy) arrays: the trainer places them on the mesh; trainable
     ones in float32, frozen ones in `precision.frozen_param_dtype`. Raises `ConfigError` for a
     prediction type other than epsilon / v_prediction, a resolution the networks cannot take, a
-    ControlNet or adapter that does not fit the U-Net, or an incomplete pretrained pipeline; `CheckpointError` when a model folder cannot be loaded.
+    ControlNet or adapter that does not fit the U-Net, or an incomplete pretrained pipeline;
+    `CheckpointError` when a model folder cannot be loaded.
     """
     compute = _dtype(config.precision.compute_dtype)
     frozen_dtype = _dtype(config.precision.frozen_param_dtype)
