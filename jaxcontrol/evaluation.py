@@ -39,7 +39,8 @@ def outline_mask(conditions: np.ndarray, threshold: float = 0.5) -> np.ndarray:
 
 
 def edge_maps(images: np.ndarray, low: float = 100.0, high: float = 200.0) -> np.ndarray:
-    """(B, H, W) bool Canny edges of uint8 RGB images (OpenCV's conventions, L1 gradient, no blur)."""
+    """(B, H, W) bool Canny edges of uint8 (B, H, W, 3) RGB images (OpenCV's conventions, L1 gradient,
+    no blur; thresholds in 0..255 gradient units). Raises `ValueError` for other dtypes or ranks."""
     from .preprocess import canny
 
     images = np.asarray(images)
@@ -88,7 +89,8 @@ def nearest_color(rgb: np.ndarray, palette: Sequence[tuple[str, Sequence[int]]])
 
 
 def image_colors(images: np.ndarray, min_distance: float = 60.0) -> tuple[np.ndarray, np.ndarray]:
-    """((B, 3) background, (B, 3) circle) median colours; the circle is NaN where no pixel differs."""
+    """((B, 3) background, (B, 3) circle) float64 median sRGB colours of (B, H, W, 3) images (0..255);
+    the circle is NaN where no pixel is `min_distance` away from the background."""
     images = np.asarray(images, np.float64)
     b = images.shape[0]
     frame = np.concatenate([images[:, 0], images[:, -1], images[:, 1:-1, 0], images[:, 1:-1, -1]], axis=1)
@@ -103,7 +105,9 @@ def image_colors(images: np.ndarray, min_distance: float = 60.0) -> tuple[np.nda
 
 def color_accuracy(images: np.ndarray, circle_names: Sequence[str], background_names: Sequence[str],
                    palette: Sequence[tuple[str, Sequence[int]]], min_distance: float = 60.0) -> dict[str, np.ndarray]:
-    """Per-image booleans {"background", "circle", "both"}: do the named colours match the prompt's?"""
+    """Per-image (B,) bool arrays {"background", "circle", "both"}: do the colours read from
+    (B, H, W, 3) `images` in 0..255 (see `image_colors`), named by the nearest `palette` entry, match the
+    prompt's `circle_names` / `background_names`?"""
     background, circle = image_colors(images, min_distance)
     bg = np.asarray(nearest_color(background, palette)) == np.asarray(background_names)
     has = ~np.isnan(circle).any(axis=1)

@@ -14,7 +14,11 @@ from .atomic import atomic_file, write_bytes
 
 
 def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
-    """Write an (H, W, 3 or 1) uint8 image as PNG, atomically (temp file + rename)."""
+    """Write an (H, W), (H, W, 1) or (H, W, 3) image as PNG, atomically (temp file + rename); returns `path`.
+
+    uint8 is written as it is; any other dtype is taken as [0, 1] (clipped, x255, rounded).
+    Raises `NonFiniteError` for a non-uint8 image holding NaN or infinity.
+    """
     arr = np.asarray(image)
     if arr.dtype != np.uint8:
         if not np.all(np.isfinite(arr)):
@@ -37,7 +41,10 @@ def save_json(data: Any, path: str | os.PathLike) -> Path:
 
 def make_grid(images: Sequence[np.ndarray], columns: int | None = None, pad: int = 2,
               background: int = 255) -> np.ndarray:
-    """Tile equally sized (H, W, C) uint8 images into one contact sheet, row by row."""
+    """Tile uint8 images (H, W), (H, W, 1) or (H, W, 3) into one (rows*H + (rows+1)*pad,
+    cols*W + (cols+1)*pad, 3) uint8 contact sheet, row by row; H, W are the largest sizes and
+    smaller images sit top-left in their cell on `background`. `columns` defaults to
+    ceil(sqrt(n)). Raises `ValueError` for an empty list."""
     images = [np.asarray(i) for i in images]
     if not images:
         raise ValueError("no images to tile")

@@ -14,6 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 
 def named(mesh: Mesh, spec: PartitionSpec) -> jax.sharding.Sharding:
+    """`NamedSharding(mesh, spec)`, or the one device's `SingleDeviceSharding` when `mesh` has one device."""
     if mesh.devices.size == 1:
         return jax.sharding.SingleDeviceSharding(mesh.devices.reshape(-1)[0])
     return NamedSharding(mesh, spec)

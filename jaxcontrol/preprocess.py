@@ -96,7 +96,7 @@ def _to_8bit(im: Image.Image) -> Image.Image:
 
 
 def load_images(paths: Sequence[str | os.PathLike], mode: str | None = "RGB") -> list[Image.Image]:
-    """`load_image` for each path, in order."""
+    """`load_image` for each path, in order (raises `ImageLoadError` for the first bad one)."""
     return [load_image(p, mode) for p in paths]
 
 
@@ -305,6 +305,11 @@ def canny(
 
     Returns:
       float32 (B, H, W, channels), 1.0 on edges and 0.0 elsewhere.
+
+    Raises:
+      ValueError: images not NHWC with 1, 3 or 4 channels, a dtype other than uint8 or float,
+        an unknown `color`, `channels` not 1 or 3, negative `sigma` or `max_iterations`, or a blur
+        kernel larger than the image.
     """
     images = jnp.asarray(images)
     if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
@@ -337,7 +342,9 @@ def canny(
 
 def edge_agreement(pred, ref, tolerance: int = 0) -> dict[str, float]:
     """Precision, recall, F1 and IoU of two binary edge maps (H, W), a pixel counting as matched when
-    the other map has an edge within `tolerance` pixels (Chebyshev distance; 0 = the same pixel)."""
+    the other map has an edge within `tolerance` pixels (Chebyshev distance; 0 = the same pixel).
+    Precision (recall) is 1.0 when `pred` (`ref`) has no edges, IoU 1.0 when neither has; the edge
+    counts come along. Raises `ValueError` when the shapes differ."""
     a = np.asarray(pred).astype(bool)
     b = np.asarray(ref).astype(bool)
     if a.shape != b.shape:
@@ -412,6 +419,7 @@ def default_height_width(image: ImageInput, height: int | None, width: int | Non
 
     `round_given=True` also rounds sizes that were given (diffusers' `VaeImageProcessor`);
     `round_given=False` rounds only the sizes taken from the image (the T2I adapter pipeline).
+    Returns (height, width) in pixels; raises `ValueError` for an empty size or an unsupported image.
     """
     first = _as_list(image)[0]
     h, w = _image_hw(first)
@@ -539,6 +547,11 @@ def prepare_control_image(
 
     Differences from diffusers, where diffusers' result would be unusable: uint8 arrays are scaled
     by 1/255 (diffusers keeps 0..255), and 1- or 4-channel arrays become 3-channel.
+
+    Returns (batch_size, or 2 x batch_size with guidance, height, width, 3). Raises `ValueError` for
+    mixed or unsupported image types, float values outside [0, 1], an unknown `resize_mode` /
+    `resample` (or a non-"default" mode for arrays), arrays of different shapes, a bad channel
+    count, or a batch that is neither 1 nor the prompt count.
     """
     items = _as_list(image)
     if resize_mode not in ("default", "fill", "crop"):
@@ -600,6 +613,10 @@ def prepare_adapter_image(
     takes: "L" for 1-channel sketch / canny adapters, "RGB" for 3. Arrays (uint8 or float in [0, 1];
     (H, W), (H, W, C) or (B, H, W, C)) must already be `height` x `width`; with `in_channels`, their
     channels are converted the same way (luma with PIL's weights, or repetition).
+
+    Returns (B, height, width, C), C = `in_channels` or the images' own. Raises `ValueError` for
+    `in_channels` not 1 / 3 / None, mixed or unsupported image types, float values outside [0, 1],
+    arrays of another size, or channel counts that differ or cannot be converted.
     """
     items = _as_list(image)
     if in_channels not in (None, 1, 3):
@@ -705,6 +722,10 @@ def prepare_mask(mask, batch: int, height: int, width: int, *, num_images_per_pr
     uint16 0..65535, floats [0, 1]. Masks of any size are resized with PyTorch's nearest rule
     (diffusers' `F.interpolate` to the latent size) and binarised at 0.5 (>= 0.5 is 1). A single
     mask serves the whole batch; one per prompt is repeated `num_images_per_prompt` times each.
+
+    Raises `ValueError` naming `what` for an empty list, an unsupported dtype, float values outside
+    [0, 1] or not finite, a layout it cannot tell, masks of different sizes, or a mask count that is
+    not 1, the prompt count or `batch`.
     """
     items = list(mask) if isinstance(mask, (list, tuple)) else [mask]
     if not items:

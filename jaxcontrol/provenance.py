@@ -19,6 +19,7 @@ _CHUNK = 1 << 20
 
 
 def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, 64 hex digits, read in 1 MiB chunks. Raises `OSError` if unreadable."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
@@ -45,6 +46,8 @@ def path_sha256(path: str | os.PathLike) -> str:
 
 
 def array_sha256(a) -> str:
+    """SHA-256 (hex) of an array's dtype, shape and C-order bytes: equal values in another dtype or
+    shape hash differently."""
     a = np.ascontiguousarray(np.asarray(a))
     h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
     h.update(a.tobytes())

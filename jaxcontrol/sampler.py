@@ -48,6 +48,7 @@ class Stateful:
     """
 
     def init(self, x):  # pragma: no cover - interface
+        """The state before the first step, for the initial latents `x` (a pytree of arrays)."""
         raise NotImplementedError
 
     def __call__(self, x, t, cond, state):  # pragma: no cover - interface
@@ -55,6 +56,8 @@ class Stateful:
 
 
 def with_step(cond, step: StepInfo):
+    """A copy of the `cond` dict (None: an empty one) with `cond["step"] = step`. Raises
+    `ConfigError` when `cond` is not a dict."""
     if cond is None:
         return {"step": step}
     if not isinstance(cond, dict):
@@ -91,6 +94,11 @@ def sample(
 ):
     """Run `plan` from `x_init` (already at the first evaluation's level) and return the result.
 
+    `model(x, t, cond) -> prediction`: x float32 of `x_init`'s shape (NHWC latents, divided by the
+    plan's input scaling), t a float32 scalar timestep in [0, num_train_timesteps), `cond` with
+    "step" added; the prediction (epsilon, v or x0, as the plan's scheduler config says) has x's
+    shape. A `Stateful` model also takes and returns its state. Returns float32 latents of
+    `x_init`'s shape (then the solver state and the non-finite markers, if asked for).
     `noise`: optional array (num_evals, *x.shape) of the standard-normal noise each evaluation
     injects (stochastic solvers); otherwise drawn from `key` folded with the evaluation index.
     `key` may be one key, or one per sample (shape (B,)) so that each sample's noise depends only
@@ -101,6 +109,9 @@ def sample(
     `return_nonfinite`: also return, per sample (leading axis), the index of the first model
     evaluation after which that sample's latents held NaN or infinity (-1 if none), so the
     caller can fail loudly naming the step (`raise_if_nonfinite`). Returned last.
+
+    Raises `ConfigError` when a stochastic solver gets neither `key` nor `noise`, `noise` has
+    another shape, the number of per-sample keys differs from the batch, or `cond` is not a dict.
     """
     x_init = jnp.asarray(x_init, jnp.float32)
     rows = plan.rows if rows is None else rows
@@ -165,15 +176,16 @@ def sample(
 
 
 def first_nonfinite(bad, x, i):
-    """Update per-sample "first bad step" markers: samples of `x` (leading axis) holding NaN or
-    infinity that had no marker yet (-1) get step `i`."""
+    """Update per-sample "first bad step" markers: `bad` (B,) int32, -1 where none yet; samples of
+    `x` (leading axis B) holding NaN or infinity that had no marker get step `i`. Returns (B,) int32."""
     finite = jnp.all(jnp.isfinite(x).reshape(x.shape[0], -1), axis=1)
     return jnp.where((bad < 0) & ~finite, jnp.asarray(i, jnp.int32), bad)
 
 
 def raise_if_nonfinite(bad_steps, *, solver: str, count: int, image_indices=None) -> None:
     """Host side of `return_nonfinite`: raise `NonFiniteError` naming the solver, the first step
-    (1-based, of `count` model evaluations) and the images whose latents became non-finite."""
+    (1-based, of `count` model evaluations) and the images whose latents became non-finite
+    (positions in `bad_steps`, or their `image_indices`). Returns None when every marker is -1."""
     bad_steps = np.asarray(bad_steps)
     hit = np.flatnonzero(bad_steps >= 0)
     if hit.size == 0:
@@ -188,12 +200,14 @@ def raise_if_nonfinite(bad_steps, *, solver: str, count: int, image_indices=None
 
 
 def initial_latents(plan: Plan, noise):
-    """Text-to-image start: standard-normal `noise` scaled by the plan's `init_noise_sigma`."""
+    """Text-to-image start: standard-normal `noise` (NHWC latents' shape) times the plan's
+    `init_noise_sigma`, float32."""
     return jnp.asarray(noise, jnp.float32) * plan.init_noise_sigma
 
 
 def noised_latents(plan: Plan, latents, noise):
-    """img2img / SDEdit start: clean `latents` noised to the plan's first level (its `strength`)."""
+    """img2img / SDEdit start: clean (scaled) `latents` noised with standard-normal `noise` of their
+    shape to the plan's first level (its `strength`), as diffusers' `scheduler.add_noise`; float32."""
     return plan.start_a * jnp.asarray(latents, jnp.float32) + plan.start_b * jnp.asarray(noise, jnp.float32)
 
 
@@ -201,6 +215,8 @@ def img2img(model, plan: Plan, latents, noise, cond=None, **kwargs):
     """SDEdit (Meng et al. 2022): noise `latents` to the plan's start level, then denoise.
 
     Build the plan with `make_plan(..., strength=s)`; diffusers' img2img pipelines do the same.
+    `latents` are clean scaled latents (B, H, W, C), `noise` standard normals of that shape;
+    `kwargs` go to `sample`, whose result (float32 latents) is returned.
     """
     return sample(model, plan, noised_latents(plan, latents, noise), cond, **kwargs)
 
@@ -208,8 +224,10 @@ def img2img(model, plan: Plan, latents, noise, cond=None, **kwargs):
 def inpaint(model, plan: Plan, latents, mask, noise, cond=None, **kwargs):
     """Inpainting by partial diffusion with any noise-prediction model (no inpainting U-Net).
 
-    `mask` is 1 where to generate, 0 where to keep `latents`. With a full-strength plan the run
-    starts from pure noise; with `make_plan(..., strength=s)` from the noised latents.
+    `mask` is 1 where to generate, 0 where to keep `latents`, broadcastable to them (e.g.
+    (B, H, W, 1)). `noise` (the latents' shape) starts the run and re-noises the kept region. With
+    a full-strength plan the run starts from pure noise; with `make_plan(..., strength=s)` from
+    the noised latents. `kwargs` go to `sample`; returns float32 latents.
     """
     latents = jnp.asarray(latents, jnp.float32)
     mask = jnp.asarray(mask, jnp.float32)
@@ -218,7 +236,8 @@ def inpaint(model, plan: Plan, latents, mask, noise, cond=None, **kwargs):
 
 
 def ddim_invert(model, plan: Plan, latents, cond=None, **kwargs):
-    """DDIM inversion: deterministic x_0 -> x_T with a `ddim_inverse` plan."""
+    """DDIM inversion (diffusers' `DDIMInverseScheduler`): deterministic clean latents x_0 -> x_T with
+    a `ddim_inverse` plan; `kwargs` go to `sample`. Raises `ConfigError` for any other plan."""
     if plan.solver != "ddim_inverse":
         raise ConfigError(f"ddim_invert needs a plan for the 'ddim_inverse' solver, got {plan.solver!r}")
     return sample(model, plan, latents, cond, **kwargs)
@@ -231,7 +250,8 @@ def ddim_invert(model, plan: Plan, latents, cond=None, **kwargs):
 
 def repaint_schedule(num_inference_steps: int, num_train_timesteps: int = 1000, jump_length: int = 10,
                      jump_n_sample: int = 10) -> np.ndarray:
-    """The timestep walk of diffusers' RePaintScheduler: descending, with jumps back up."""
+    """The timestep walk of diffusers' `RePaintScheduler.set_timesteps`: descending, with jumps back up;
+    an int array of timesteps in [0, num_train_timesteps). Raises `ConfigError` for a count below 1."""
     if jump_length < 1 or jump_n_sample < 1 or num_inference_steps < 1:
         raise ConfigError(f"repaint: num_inference_steps, jump_length and jump_n_sample must be >= 1, got "
                           f"{num_inference_steps}, {jump_length}, {jump_n_sample}")
@@ -255,6 +275,7 @@ def resolve_schedule(schedule, prediction_type: str | None, where: str):
     A `Plan` knows both: its `prediction_type` (from the scheduler config) is used, and a
     different explicit `prediction_type` is an error. A bare `NoiseSchedule` does not know what
     the model predicts, so `prediction_type` must then be given: no parameterisation is assumed.
+    Returns (schedule, prediction_type); raises `ConfigError` naming `where` otherwise.
     """
     if isinstance(schedule, Plan):
         if prediction_type is not None and prediction_type != schedule.prediction_type:
@@ -272,7 +293,8 @@ def resolve_schedule(schedule, prediction_type: str | None, where: str):
 def per_image_keys(key, batch: int, where: str):
     """One PRNG key per image, shape (batch,): from a key array of length `batch` (typed keys or raw
     uint32 data of shape (batch, 2)), or from a single key split into `batch` keys (then an image's
-    randomness depends on the batch it runs in; pass one key per image for reproducible images)."""
+    randomness depends on the batch it runs in; pass one key per image for reproducible images).
+    Raises `ConfigError` naming `where` for any other shape or count."""
     key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
     if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         if key.ndim not in (1, 2) or key.shape[-1] != 2:
@@ -304,7 +326,11 @@ def repaint(model, schedule, latents, mask, key, cond=None, *, prediction_type: 
     `key`: one PRNG key per image (a key array of length B, or raw data (B, 2)): image i draws all
     its noise from its own key, so it is the same whatever batch it runs in. A single key is
     split into B keys. `noise`: optional (1 + events, *latents.shape) normal draws instead: the
-    starting noise, then one per event of the walk (`repaint_schedule`).
+    starting noise, then one per event of the walk (`repaint_schedule`). `latents` are clean
+    scaled latents (B, H, W, C); `mask` broadcasts against them.
+
+    Raises `ConfigError` for a missing or contradicting prediction type, a bad key or `noise`
+    shape, invalid jump settings, or an epsilon model on a step where alpha_bar is 0.
     """
     plan_steps = schedule.num_inference_steps if isinstance(schedule, Plan) else 50
     schedule, prediction_type = resolve_schedule(schedule, prediction_type, "repaint")

@@ -20,7 +20,12 @@ _UNSET = int(1e20)  # transformers' model_max_length when a tokenizer config doe
 
 
 def load_tokenizer(folder: str | os.PathLike):
-    """A tokenizer from a local folder (`tokenizer_config.json` with `vocab.json` + `merges.txt`, or `tokenizer.json`)."""
+    """A transformers tokenizer (`AutoTokenizer`, no network) from a local folder
+    (`tokenizer_config.json` with `vocab.json` + `merges.txt`, or `tokenizer.json`).
+
+    Raises `CheckpointError` when `folder` is not a directory, holds a link to a folder, a link
+    resolving outside it or a non-regular file (FIFO, device), or transformers cannot load it.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no tokenizer folder")
@@ -38,6 +43,7 @@ def load_tokenizer(folder: str | os.PathLike):
 
 
 def max_length_of(tokenizer) -> int:
+    """The tokenizer's `model_max_length`, or 77 (CLIP's) when its config leaves it unset."""
     n = getattr(tokenizer, "model_max_length", None)
     return CLIP_MAX_LENGTH if n is None or n >= _UNSET else int(n)
 
@@ -47,7 +53,7 @@ def tokenize(tokenizer, prompts: str | Sequence[str], max_length: int | None = N
 
     Matches diffusers' `encode_prompt`: `padding="max_length", truncation=True`, so a long prompt
     keeps its BOS and ends in EOS at the last position. Truncation is reported with a warning that
-    names the dropped text, as diffusers logs it.
+    names the dropped text, as diffusers logs it. Returns (len(prompts), max_length) int32.
     """
     if isinstance(prompts, str):
         prompts = [prompts]

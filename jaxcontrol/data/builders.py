@@ -43,6 +43,9 @@ def _check_data_dir(data_dir) -> str:
 
 @dataclasses.dataclass(eq=False)
 class Fill50kConfig(tfds.core.BuilderConfig):
+    """A `Fill50k` build: image side in pixels, split sizes, seed and colour vocabulary. Make it with
+    `fill50k_config`, which checks the values and names the config after them."""
+
     image_size: int = 512
     num_train: int = 50_000
     num_validation: int = 1_000
@@ -58,7 +61,11 @@ def fill50k_config(
     seed: int = 0,
     colors: Sequence[tuple[str, Sequence[int]]] | None = None,
 ) -> Fill50kConfig:
-    """A config whose name encodes every setting, so different settings never share a folder."""
+    """A config whose name encodes every setting, so different settings never share a folder.
+
+    Raises `ConfigError` for image_size < 8, num_train < 1, num_validation < 0, seed < 0 or an
+    invalid `colors` (see `fill50k.check_colors`).
+    """
     colors = f50k.check_colors(colors)
     if image_size < 8:
         raise ConfigError(f"fill50k: image_size must be at least 8, got {image_size}")
@@ -80,7 +87,12 @@ def fill50k_config(
 
 
 class Fill50k(tfds.core.GeneratorBasedBuilder):
-    """fill50k drawn on this machine: coloured circles, captions naming both colours, outline conditions."""
+    """fill50k drawn on this machine: coloured circles, captions naming both colours, outline conditions.
+
+    Splits "train" and (when num_validation > 0) "validation". Features: "image" and
+    "conditioning_image" (S, S, 3) uint8 PNG, "text", "circle_color", "background_color",
+    "center" (2,) float32 (x, y) pixels, "radius" float32 pixels, "index" int64.
+    """
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Procedural fill50k: anti-aliased circles, outline conditions."}
@@ -131,7 +143,8 @@ class Fill50k(tfds.core.GeneratorBasedBuilder):
 
 
 def fill50k_builder(data_dir, **config) -> Fill50k:
-    """The builder for `fill50k_config(**config)` under `data_dir` (not built yet; see `build_fill50k`)."""
+    """The builder for `fill50k_config(**config)` under `data_dir` (not built yet; see `build_fill50k`).
+    Raises `ConfigError` when `data_dir` is None or empty, or for an invalid config."""
     return Fill50k(config=fill50k_config(**config), data_dir=_check_data_dir(data_dir), file_format=FILE_FORMAT)
 
 
@@ -147,6 +160,9 @@ def build_fill50k(data_dir, **config) -> Fill50k:
 
 @dataclasses.dataclass(eq=False)
 class ControlFolderConfig(tfds.core.BuilderConfig):
+    """A `ControlFolder` build: ((split, absolute manifest path), ...) and the square image side
+    (None keeps each image's size). Make it with `folder_config`."""
+
     manifests: tuple = ()  # ((split, manifest path), ...)
     image_size: int | None = None
 
@@ -160,7 +176,11 @@ def folder_config(
     """`manifests`: one JSONL path (the "train" split) or {split: path}. `image_size` resizes the
     shorter side (bilinear) and centre-crops both images to a square at build time; None keeps each
     image's size (the loader's `resolution` can resize later). The default `name` hashes the
-    manifests' absolute paths and the size."""
+    manifests' absolute paths and the size.
+
+    Raises `ConfigError` for no manifests, a split name that is not an identifier or
+    image_size < 8, and `ManifestError` for a manifest file that does not exist.
+    """
     if isinstance(manifests, (str, os.PathLike)):
         manifests = {"train": manifests}
     if not manifests:
@@ -180,7 +200,13 @@ def folder_config(
 
 
 class ControlFolder(tfds.core.GeneratorBasedBuilder):
-    """(image, condition image, caption) triples listed in JSONL manifests."""
+    """(image, condition image, caption) triples listed in JSONL manifests, one split per manifest.
+
+    Features: "image" and "conditioning_image" uint8 RGB PNG ((S, S, 3), or (H, W, 3) without
+    `image_size`), "text", "index" (the manifest line, int64) and "image_path" (relative to the
+    manifest's folder when under it). Building raises `ManifestError` naming `manifest:line` for an
+    invalid manifest, an unreadable image, or an image and condition of different sizes.
+    """
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "JSONL manifests of image / condition / text."}
@@ -246,7 +272,8 @@ def folder_builder(data_dir, manifests, *, image_size: int | None = None, name: 
 
 
 def build_folder(data_dir, manifests, *, image_size: int | None = None, name: str | None = None) -> ControlFolder:
-    """Check the manifests, convert the folder into a TFDS dataset (once) and return the builder."""
+    """Check the manifests, convert the folder into a TFDS dataset (once) and return the builder.
+    Raises `ConfigError` / `ManifestError` as `folder_config` and `ControlFolder` do."""
     builder = folder_builder(data_dir, manifests, image_size=image_size, name=name)
     builder.download_and_prepare()
     return builder
@@ -254,7 +281,9 @@ def build_folder(data_dir, manifests, *, image_size: int | None = None, name: st
 
 def open_source(path: str | os.PathLike, split: str):
     """Random-access source of a built dataset folder (`<data_dir>/<name>/<config>/<version>`), without
-    the builder class: `tfds.builder_from_directory(path).as_data_source(split)`."""
+    the builder class: `tfds.builder_from_directory(path).as_data_source(split)`. Records are
+    dicts of numpy values (images uint8 (H, W, 3)). Raises `ConfigError` when `path` has no
+    `dataset_info.json` or the dataset has no such split."""
     path = Path(path)
     if not (path / "dataset_info.json").is_file():
         raise ConfigError(f"{path}: not a built TFDS dataset folder (no dataset_info.json)")

@@ -70,6 +70,8 @@ MIN_COLOR_DISTANCE = 60.0  # Euclidean sRGB distance between circle and backgrou
 
 @dataclasses.dataclass(frozen=True)
 class Fill50kExample:
+    """One fill50k example (see `fill50k_example`); S is the image size in pixels."""
+
     image: np.ndarray  # (S, S, 3) uint8: the filled circle on its background
     condition: np.ndarray  # (S, S, 3) uint8: the outline, white on black
     caption: str
@@ -82,8 +84,13 @@ class Fill50kExample:
 
 
 def check_colors(colors: Sequence[tuple[str, Sequence[int]]] | str | None) -> tuple[tuple[str, tuple[int, int, int]], ...]:
-    """Validate a colour vocabulary [(name, (r, g, b)), ...] (or a `PALETTES` name) and return it as a
-    tuple of tuples."""
+    """Validate a colour vocabulary [(name, (r, g, b)), ...] (or a `PALETTES` name; None is
+    `DEFAULT_COLORS`) and return it as a tuple of (str, (int, int, int)) with values in 0..255.
+
+    Raises `ConfigError` for an unknown palette name, an entry that is not (name, three ints in
+    0..255), an empty or repeated name, or a vocabulary with no two colours at least
+    `MIN_COLOR_DISTANCE` apart.
+    """
     if colors is None:
         return DEFAULT_COLORS
     if isinstance(colors, str):
@@ -138,7 +145,9 @@ def draw_circle(
     background_rgb: Sequence[int],
     outline_width: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(image, condition) uint8 arrays: an anti-aliased filled disc, and its outline white on black.
+    """(image, condition), each (S, S, 3) uint8 with S = `image_size`: an anti-aliased filled disc
+    of `circle_rgb` on `background_rgb` (sRGB 0..255), and its outline white on black. `center` is
+    (x, y) and `radius` in pixels, origin at the top-left corner.
 
     Coverage is clip(r - d + 1/2, 0, 1) with d the distance of the pixel centre from the circle's
     centre (a one-pixel linear ramp across the boundary); the outline's is the same for a ring of
@@ -168,8 +177,13 @@ def fill50k_example(
     min_radius: float = 0.08,
     max_radius: float = 0.35,
 ) -> Fill50kExample:
-    """Example `index` of `split`, a pure function of its arguments (numpy's PCG64 seeded by
-    (seed, split, index)). Radii are fractions of `image_size`; the circle lies inside the image."""
+    """Example `index` of `split` ("train" or "validation"), a pure function of its arguments
+    (numpy's PCG64 seeded by (seed, split, index)). Radii are fractions of `image_size`; the circle
+    lies inside the image. Images are (image_size, image_size, 3) uint8.
+
+    Raises `ConfigError` for an unknown split, image_size < 8, radii outside
+    0 < min_radius <= max_radius < 0.5, a negative index or seed, or an invalid `colors`.
+    """
     if split not in SPLITS:
         raise ConfigError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
     if image_size < 8:

@@ -59,6 +59,9 @@ class ControlTransform:
     Precomputed records: "latents" kept, "text_embeddings" -> "encoder_hidden_states".
     `resolution` resizes (shorter side, bilinear) and centre-crops images that are not already
     resolution x resolution, as torchvision's Resize + CenterCrop in diffusers' script.
+    1-channel images are repeated to RGB; a missing "text" gives "", a missing "index" -1.
+    Raises `DataError` when a record has no "conditioning_image" or an image that is not uint8
+    (H, W, 1 or 3).
     """
 
     resolution: int | None = None
@@ -97,7 +100,8 @@ class TokenizeBatch:
 
     With a transformers tokenizer: `TokenizeBatch(functools.partial(jaxcontrol.tokenizer.tokenize, tok))`.
     The callable must be picklable when `num_workers > 0` (module-level functions, partials and
-    transformers tokenizers are).
+    transformers tokenizers are). The ids are stored as int32; raises `DataError` when
+    `tokenize_fn` does not return (B, L).
     """
 
     tokenize_fn: Callable[[list[str]], Any]
@@ -122,7 +126,8 @@ def _allow_grain_workers() -> None:
 
 def shard_indices(num_examples: int, shard_index: int, shard_count: int) -> range:
     """Source indices of one shard: shard_index, shard_index + shard_count, ... of the first
-    shard_count * floor(num_examples / shard_count)."""
+    shard_count * floor(num_examples / shard_count). Raises `ConfigError` unless
+    0 <= shard_index < shard_count and every shard gets at least one example."""
     if shard_count < 1 or not 0 <= shard_index < shard_count:
         raise ConfigError(f"need 0 <= shard_index < shard_count, got shard_index={shard_index}, shard_count={shard_count}")
     per_shard = num_examples // shard_count
@@ -162,6 +167,17 @@ def make_dataset(
       num_workers: >0 runs the pipeline in that many spawned processes (`mp_prefetch`); batch order
         then depends on num_workers, and a saved state restores only into the same num_workers.
         Each worker imports `jaxcontrol` (and so JAX) when it starts: seconds, once per iterator.
+      worker_buffer_size: batches each worker prefetches.
+
+    Returns:
+      The dataset; its iterator yields dicts of numpy arrays with leading dimension `batch_size`
+      (the module docstring lists the keys `ControlTransform` gives), and has `get_state` /
+      `set_state`.
+
+    Raises:
+      ConfigError: batch_size < 1, seed outside [0, 2**32), num_epochs < 1, a negative worker,
+        thread or prefetch count, only one of shard_index / shard_count, an invalid shard, or
+        (with `drop_remainder` and finite epochs) fewer examples than one batch.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
@@ -204,7 +220,8 @@ def save_iterator_state(iterator, path: str | os.PathLike) -> None:
 
 
 def load_iterator_state(iterator, path: str | os.PathLike) -> None:
-    """Restore a state written by `save_iterator_state` into a fresh iterator of the same pipeline."""
+    """Restore a state written by `save_iterator_state` into a fresh iterator of the same pipeline.
+    Raises `DataError` naming `path` when the file is missing, not JSON, or does not fit the pipeline."""
     path = Path(path)
     try:
         state = json.loads(path.read_text())

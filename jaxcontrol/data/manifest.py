@@ -35,6 +35,8 @@ class ManifestError(DataError):
 
 @dataclasses.dataclass(frozen=True)
 class ManifestEntry:
+    """One manifest line: the image and condition paths (joined to the manifest's folder) and the caption."""
+
     line: int  # 1-based line number in the manifest
     image: Path
     condition: Path
@@ -42,7 +44,13 @@ class ManifestEntry:
 
 
 def read_manifest(path: str | os.PathLike, *, check_files: bool = True) -> list[ManifestEntry]:
-    """Parse and check a JSONL manifest. All problems (up to 20) are raised together in one `ManifestError`."""
+    """Parse and check a JSONL manifest; returns its entries in file order.
+
+    Raises one `ManifestError` listing every problem (the first 20, each as `path:line`): the file
+    missing or not UTF-8, a line that is not a JSON object, lacks "image" / "condition" / "text" or
+    has a non-string value among them, an image or condition file that does not exist (only when
+    `check_files`), or no example at all.
+    """
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: manifest file not found")
@@ -90,7 +98,8 @@ def read_manifest(path: str | os.PathLike, *, check_files: bool = True) -> list[
 
 def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     """Shortest side to `size` (bilinear) then a centre crop to size x size: torchvision's
-    `Resize(size)` + `CenterCrop(size)`, the transforms of diffusers' ControlNet training script."""
+    `Resize(size)` + `CenterCrop(size)`, the transforms of diffusers' ControlNet training script.
+    A PIL image in, a PIL image of `size` x `size` out (the same object when it already is)."""
     w, h = image.size
     if (w, h) != (size, size):
         short, long = (w, h) if w <= h else (h, w)
@@ -105,7 +114,7 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
 
 
 def encode_png(image: Image.Image | np.ndarray) -> bytes:
-    """PNG bytes of an image (PIL, or uint8 HxWx{1,3} array)."""
+    """PNG bytes of an image: PIL, or a uint8 array (H, W), (H, W, 1) or (H, W, 3)."""
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image)
     buf = io.BytesIO()

@@ -62,8 +62,14 @@ def precompute_latents(
 ) -> "PrecomputedSource":
     """Encode every example of `source` (in index order) and write a derived dataset to `out_dir`.
 
-    `encode_images` takes pixel values (B, H, W, 3) float32 in [-1, 1]; `encode_text` the captions
-    (a list of B strings). Returns a `PrecomputedSource` over the result.
+    `encode_images` takes pixel values (B, H, W, 3) float32 in [-1, 1] with B = `batch_size`;
+    `encode_text` the captions (a list of B strings). Each must return an array whose first axis
+    is B; what follows is stored per example as it is (any shape and dtype). `resolution` is
+    `ControlTransform`'s. Returns a `PrecomputedSource` over the result.
+
+    Raises `ConfigError` when batch_size or records_per_shard < 1, or `out_dir` is not empty and
+    not `overwrite`; `DataError` when the source is empty, a callback's first axis is not B, or
+    the folder cannot be written.
     """
     out_dir = Path(out_dir)
     if batch_size < 1 or records_per_shard < 1:
@@ -141,7 +147,10 @@ def precompute_latents(
 
 class PrecomputedSource:
     """Random access over a `precompute_latents` folder: records with "latents", "text_embeddings"
-    (if encoded), "conditioning_image" (uint8), "text" and "index". Picklable (reopens lazily)."""
+    (if encoded), "conditioning_image" (uint8 (H, W, 3)), "text" (str) and "index" (int).
+    Picklable (reopens lazily). Raises `DataError` when `meta.json` is missing, unreadable or of
+    another format version, a record file is missing, or the record count differs from
+    `meta.json`; `IndexError` for an index outside [-len, len)."""
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)

@@ -24,6 +24,7 @@ ATTENTION_IMPLS = ("plain", "dot_product")
 
 
 def check_attention_impl(impl: str) -> None:
+    """Raise `ValueError` unless `impl` is one of `ATTENTION_IMPLS` ("plain", "dot_product")."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
 
@@ -38,9 +39,13 @@ def attention(
     scale: float | None = None,
     mask: jax.Array | None = None,
 ) -> jax.Array:
-    """Scaled dot-product attention on (batch, length, heads, head_dim) tensors.
+    """Scaled dot-product attention: q (B, Lq, heads, D), k and v (B, Lk, heads, D) -> (B, Lq, heads, D).
 
-    `mask` is boolean, broadcastable to (batch, heads, q_len, k_len), True where attention is allowed.
+    softmax(q k^T * scale) v with `scale` default D**-0.5, as `torch.nn.functional.scaled_dot_product_attention`
+    in diffusers' `AttnProcessor2_0`. `mask` is boolean, broadcastable to (B, heads, Lq, Lk), True
+    where attention is allowed. Scores and softmax are float32 under "plain"; `upcast` (diffusers'
+    `upcast_attention`) also casts q and k to float32 first. The result has `v`'s dtype (q, k, v
+    share one). Raises `ValueError` for an `impl` not in `ATTENTION_IMPLS`.
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
@@ -62,7 +67,11 @@ def attention(
 
 
 class Attention(nn.Module):
-    """diffusers' `Attention`: `to_q`, `to_k`, `to_v` (no bias by default) and `to_out.0`."""
+    """diffusers' `Attention`: `to_q`, `to_k`, `to_v` (no bias by default) and `to_out.0`.
+
+    Call: x (B, L, query_dim) and optional context (B, S, Dc) (default: x, self-attention) ->
+    (B, L, query_dim) in `dtype`; `heads` x `dim_head` is the inner width.
+    """
 
     heads: int
     dim_head: int
@@ -90,7 +99,8 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """GEGLU feed-forward (`ff.net.0.proj`, `ff.net.2`), exact-erf GELU as in PyTorch."""
+    """diffusers' `FeedForward` with GEGLU (`ff.net.0.proj`, `ff.net.2`), exact-erf GELU as in PyTorch:
+    (..., dim) -> (..., dim) through an inner width of `dim * mult`."""
 
     dim: int
     mult: int = 4
@@ -105,6 +115,9 @@ class FeedForward(nn.Module):
 
 
 class GEGLU(nn.Module):
+    """diffusers' `GEGLU` (Shazeer 2020): `proj` to 2 x `features`, then hidden * gelu(gate) (exact erf);
+    (..., in) -> (..., features)."""
+
     features: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -117,7 +130,12 @@ class GEGLU(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Self-attention, cross-attention and GEGLU feed-forward, each pre-LayerNorm with a residual."""
+    """diffusers' `BasicTransformerBlock`: self-attention, cross-attention and GEGLU feed-forward,
+    each pre-LayerNorm (eps 1e-5) with a residual.
+
+    Call: x (B, L, dim), context (B, S, Dc) -> (B, L, dim). With `only_cross_attention` the first
+    attention also attends to `context`.
+    """
 
     dim: int
     heads: int
@@ -149,9 +167,12 @@ class BasicTransformerBlock(nn.Module):
 
 
 class Transformer2DModel(nn.Module):
-    """The spatial transformer: GroupNorm (eps 1e-6), `proj_in`, transformer blocks, `proj_out`, residual.
+    """diffusers' `Transformer2DModel`, the spatial transformer: GroupNorm (eps 1e-6), `proj_in`,
+    transformer blocks, `proj_out`, residual.
 
     `proj_in`/`proj_out` are 1x1 convolutions (SD-1.x) or linear layers (`use_linear_projection`, SD-2.x).
+    Call: x (B, H, W, C) NHWC, context (B, S, Dc) -> (B, H, W, C); the blocks work on H*W tokens
+    of width `heads * dim_head`. Raises `ValueError` when C is not divisible by `norm_num_groups`.
     """
 
     heads: int

@@ -45,7 +45,6 @@ Dtype = Any
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# transformers' ACT2FN entries for the activations CLIP checkpoints use
 # the `hidden_act` values CLIP checkpoints use (implemented in layers.get_activation)
 _ACTIVATIONS = ("quick_gelu", "gelu")
 
@@ -80,7 +79,9 @@ class _CLIPConfigBase(ModelConfig):
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], *, source: str = "config") -> "_CLIPConfigBase":
-        """A transformers `config.json` of this tower, or of a full `CLIPModel` (nested sub-config)."""
+        """A transformers `config.json` of this tower, or of a full `CLIPModel` (nested sub-config).
+        File bookkeeping keys (`architectures`, `model_type`, ...) are dropped; raises `ConfigError`
+        as `ModelConfig.from_dict`, or when the nested sub-config is not an object."""
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{source}: a {cls.__name__} must be a JSON object, found a {type(raw).__name__}")
         raw = dict(raw)
@@ -98,9 +99,12 @@ class _CLIPConfigBase(ModelConfig):
 
     @property
     def head_dim(self) -> int:
+        """Width of one attention head: hidden_size // num_attention_heads."""
         return self.hidden_size // self.num_attention_heads
 
     def validate(self, source: str = "config") -> None:
+        """`ModelConfig.validate`, then: `hidden_act` "quick_gelu" or "gelu", `hidden_size` divisible by
+        `num_attention_heads`, a `layer_norm_eps` (raises `ConfigError`)."""
         super().validate(source)
         if self.hidden_act not in _ACTIVATIONS:
             raise ConfigError(
@@ -130,6 +134,7 @@ class CLIPTextConfig(_CLIPConfigBase):
     eos_token_id: int = 49407
 
     def validate(self, source: str = "config") -> None:
+        """The shared checks, then an int `eos_token_id` (the pooled output needs it); raises `ConfigError`."""
         super().validate(source)
         if isinstance(self.eos_token_id, bool) or not isinstance(self.eos_token_id, int):
             raise ConfigError(
@@ -158,13 +163,16 @@ class CLIPVisionConfig(_CLIPConfigBase):
 
     @property
     def num_patches(self) -> int:
+        """(image_size // patch_size) ** 2."""
         return (self.image_size // self.patch_size) ** 2
 
     @property
     def num_positions(self) -> int:
+        """Tokens of the vision transformer: the patches and the class token."""
         return self.num_patches + 1
 
     def validate(self, source: str = "config") -> None:
+        """The shared checks, then int `image_size` >= `patch_size` > 0; raises `ConfigError`."""
         super().validate(source)
         for name in ("image_size", "patch_size"):
             value = getattr(self, name)
@@ -179,7 +187,13 @@ class CLIPVisionConfig(_CLIPConfigBase):
 
 @struct.dataclass
 class CLIPTextOutput:
-    """`hidden_states` holds the embeddings output and every layer's output (before `final_layer_norm`)."""
+    """transformers' `CLIPTextModelOutput` / `BaseModelOutputWithPooling`, for B sequences of length L.
+
+    `last_hidden_state` (B, L, hidden_size) after `final_layer_norm`; `pooler_output` (B, hidden_size),
+    its row at the EOS token; `hidden_states`: num_hidden_layers + 1 arrays (B, L, hidden_size),
+    the embeddings output and every layer's output (before `final_layer_norm`); `text_embeds`
+    (B, projection_dim) with a projection, else None. Arrays in the model's `dtype`.
+    """
 
     last_hidden_state: jax.Array
     pooler_output: jax.Array
@@ -189,7 +203,13 @@ class CLIPTextOutput:
 
 @struct.dataclass
 class CLIPVisionOutput:
-    """`hidden_states` holds the encoder input (after `pre_layrnorm`) and every layer's output."""
+    """transformers' `CLIPVisionModelOutput` / `BaseModelOutputWithPooling`, with T = 1 + num_patches tokens.
+
+    `last_hidden_state` (B, T, hidden_size), the class token first; `pooler_output` (B, hidden_size),
+    `post_layernorm` of the class token; `hidden_states`: num_hidden_layers + 1 arrays (B, T,
+    hidden_size), the encoder input (after `pre_layrnorm`) and every layer's output;
+    `image_embeds` (B, projection_dim) with a projection, else None.
+    """
 
     last_hidden_state: jax.Array
     pooler_output: jax.Array
@@ -201,7 +221,8 @@ class CLIPVisionOutput:
 
 
 class CLIPAttention(nn.Module):
-    """`q_proj`, `k_proj`, `v_proj`, `out_proj` (all with bias)."""
+    """transformers' `CLIPAttention`: `q_proj`, `k_proj`, `v_proj`, `out_proj` (all with bias).
+    Call: x (B, L, hidden_size), boolean `mask` broadcastable to (B, heads, L, L) -> (B, L, hidden_size)."""
 
     config: _CLIPConfigBase
     attention_impl: str = "plain"
@@ -220,6 +241,8 @@ class CLIPAttention(nn.Module):
 
 
 class CLIPMLP(nn.Module):
+    """transformers' `CLIPMLP`: `fc1` -> `hidden_act` -> `fc2`; (..., hidden_size) -> (..., hidden_size)."""
+
     config: _CLIPConfigBase
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -234,7 +257,8 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    """Pre-LayerNorm residual block: `layer_norm1`, `self_attn`, `layer_norm2`, `mlp`."""
+    """transformers' `CLIPEncoderLayer`, a pre-LayerNorm residual block: `layer_norm1`, `self_attn`,
+    `layer_norm2`, `mlp`; (B, L, hidden_size) -> (B, L, hidden_size)."""
 
     config: _CLIPConfigBase
     attention_impl: str = "plain"
@@ -252,7 +276,8 @@ class CLIPEncoderLayer(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    """`layers_0 ... layers_{n-1}`; returns every hidden state: the input, then each layer's output."""
+    """transformers' `CLIPEncoder`: `layers_0 ... layers_{n-1}`; returns every hidden state, the input
+    then each layer's output (num_hidden_layers + 1 arrays of the input's shape)."""
 
     config: _CLIPConfigBase
     attention_impl: str = "plain"
@@ -274,6 +299,12 @@ class CLIPEncoder(nn.Module):
 
 
 class CLIPTextEmbeddings(nn.Module):
+    """transformers' `CLIPTextEmbeddings`: `token_embedding` + `position_embedding`.
+
+    Call: int input_ids (B, L), optional position_ids (default 0..L-1) -> (B, L, hidden_size).
+    Raises `ValueError` when L > max_position_embeddings.
+    """
+
     config: CLIPTextConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -295,7 +326,13 @@ class CLIPTextEmbeddings(nn.Module):
 
 
 class CLIPTextTransformer(nn.Module):
-    """`embeddings`, `encoder` (causal), `final_layer_norm`; the pooled output is the EOS token's state."""
+    """transformers' `CLIPTextTransformer`: `embeddings`, `encoder` (causal), `final_layer_norm`.
+
+    Call: int input_ids (B, L), optional attention_mask (B, L) (nonzero = token) and position_ids
+    -> (last_hidden_state, pooler_output, hidden_states) as in `CLIPTextOutput`; the pooled row is
+    the first EOS token's (argmax of the ids for `legacy_pooling` configs). Raises `ValueError`
+    when input_ids is not 2-D.
+    """
 
     config: CLIPTextConfig
     attention_impl: str = "plain"
@@ -303,6 +340,7 @@ class CLIPTextTransformer(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def setup(self) -> None:
+        """Flax: build `embeddings`, `encoder` and `final_layer_norm`."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.embeddings = CLIPTextEmbeddings(self.config, **kw)
         self.encoder = CLIPEncoder(self.config, self.attention_impl, **kw)
@@ -334,6 +372,7 @@ class CLIPTextTransformer(nn.Module):
         return last, pooled, states
 
     def apply_final_layer_norm(self, hidden: jax.Array) -> jax.Array:
+        """`final_layer_norm` of (B, L, hidden_size) states."""
         return self.final_layer_norm(hidden)
 
 
@@ -341,7 +380,9 @@ class CLIPTextModel(nn.Module):
     """transformers' `CLIPTextModel`: params `text_model/{embeddings,encoder,final_layer_norm}`.
 
     Call with int `input_ids` (batch, length), optionally a padding `attention_mask` (1 = token,
-    combined with the causal mask) and `position_ids`. Returns a `CLIPTextOutput`.
+    combined with the causal mask) and `position_ids`. Returns a `CLIPTextOutput`. Raises
+    `ValueError` for input_ids that are not (batch, length) or longer than max_position_embeddings,
+    `ConfigError` for a `*WithProjection` model whose config has no `projection_dim`.
     """
 
     config: CLIPTextConfig
@@ -352,6 +393,7 @@ class CLIPTextModel(nn.Module):
     with_projection: ClassVar[bool] = False
 
     def setup(self) -> None:
+        """Flax: build `text_model` and, with a projection, `text_projection`."""
         if self.with_projection and not self.config.projection_dim:
             raise ConfigError(f"{type(self).__name__} needs projection_dim; the config has None")
         self.text_model = CLIPTextTransformer(
@@ -377,6 +419,7 @@ class CLIPTextModel(nn.Module):
         return self.text_model.apply_final_layer_norm(hidden)
 
     def dummy_inputs(self) -> tuple[jax.Array, ...]:
+        """Smallest valid inputs, for `init` and `jax.eval_shape`: one (1, 1) int32 token."""
         return (jnp.zeros((1, 1), jnp.int32),)
 
 
@@ -390,7 +433,12 @@ class CLIPTextModelWithProjection(CLIPTextModel):
 
 
 class CLIPVisionEmbeddings(nn.Module):
-    """`patch_embedding` (conv, stride = kernel = patch, no bias), `class_embedding`, `position_embedding`."""
+    """transformers' `CLIPVisionEmbeddings`: `patch_embedding` (conv, stride = kernel = patch, no bias),
+    `class_embedding`, `position_embedding`.
+
+    Call: pixel_values (B, image_size, image_size, num_channels) NHWC -> (B, 1 + num_patches,
+    hidden_size), the class token first. Raises `ValueError` for any other input shape.
+    """
 
     config: CLIPVisionConfig
     dtype: Dtype = jnp.float32
@@ -420,7 +468,9 @@ class CLIPVisionEmbeddings(nn.Module):
 
 
 class CLIPVisionTransformer(nn.Module):
-    """`embeddings`, `pre_layrnorm` (transformers' spelling), `encoder`, `post_layernorm` (on the CLS token)."""
+    """transformers' `CLIPVisionTransformer`: `embeddings`, `pre_layrnorm` (transformers' spelling),
+    `encoder`, `post_layernorm` (on the CLS token). Returns (last_hidden_state, pooler_output,
+    hidden_states) as in `CLIPVisionOutput`."""
 
     config: CLIPVisionConfig
     attention_impl: str = "plain"
@@ -440,7 +490,12 @@ class CLIPVisionTransformer(nn.Module):
 
 
 class CLIPVisionModel(nn.Module):
-    """transformers' `CLIPVisionModel` (ViT): params `vision_model/...`. Input NHWC, normalised pixels."""
+    """transformers' `CLIPVisionModel` (ViT): params `vision_model/...`.
+
+    Call with pixel_values (B, image_size, image_size, num_channels) NHWC, normalised as
+    `clip_preprocess` does. Returns a `CLIPVisionOutput`. Raises `ValueError` for another input
+    shape, `ConfigError` for a `*WithProjection` model whose config has no `projection_dim`.
+    """
 
     config: CLIPVisionConfig
     dtype: Dtype = jnp.float32
@@ -463,6 +518,7 @@ class CLIPVisionModel(nn.Module):
         return CLIPVisionOutput(last_hidden_state=last, pooler_output=pooled, hidden_states=states, image_embeds=embeds)
 
     def dummy_inputs(self) -> tuple[jax.Array, ...]:
+        """Smallest valid inputs, for `init` and `jax.eval_shape`: one zero image (1, S, S, C) float32."""
         c = self.config
         return (jnp.zeros((1, c.image_size, c.image_size, c.num_channels), jnp.float32),)
 
@@ -487,7 +543,8 @@ def normalize_clip_keys(source: TensorSource) -> TensorSource:
     transformers 5.x saves `CLIPTextModel` / `CLIPVisionModel` without the prefix
     (`embeddings.token_embedding.weight`); 4.x, every `*WithProjection` and `CLIPModel` with it
     (`text_model.embeddings.token_embedding.weight`). Keys already prefixed, and the projection
-    heads, are left alone; the tower of bare keys is told by vision-only names.
+    heads, are left alone; the tower of bare keys is told by vision-only names. Raises
+    `CheckpointError` when a key appears both with and without the prefix.
     """
     keys = source.keys()
     bare = [k for k in keys if not k.startswith(_TOWER_PREFIXES + _HEAD_KEYS)]
@@ -506,7 +563,8 @@ def normalize_clip_keys(source: TensorSource) -> TensorSource:
 
 
 def select_clip_tower(source: TensorSource, tower: str) -> TensorSource:
-    """The `text` or `vision` tower of a full `CLIPModel` checkpoint (its transformer and projection)."""
+    """The `text` or `vision` tower of a full `CLIPModel` checkpoint (its transformer and projection).
+    Raises `ValueError` for another `tower`, `CheckpointError` when the checkpoint has no such tower."""
     if tower not in ("text", "vision"):
         raise ValueError(f"tower must be 'text' or 'vision', got {tower!r}")
     prefix, head = ("text_model.", "text_projection.") if tower == "text" else ("vision_model.", "visual_projection.")
@@ -520,7 +578,8 @@ def select_clip_tower(source: TensorSource, tower: str) -> TensorSource:
 
 
 def clip_resize_shape(height: int, width: int, size: int) -> tuple[int, int]:
-    """transformers' `get_resize_output_image_size(default_to_square=False)`: shortest side to `size`."""
+    """transformers' `get_resize_output_image_size(default_to_square=False)`: (height, width) in
+    pixels with the shortest side `size` and the other `int(size * long / short)`."""
     if width <= height:
         return int(size * height / width), size
     return size, int(size * width / height)
@@ -535,7 +594,8 @@ def clip_preprocess(
     antialias: bool = True,
     clamp: bool = True,
 ) -> jax.Array:
-    """CLIP's image preprocessing in JAX, differentiable: NHWC images in [0, 1] -> normalised pixel values.
+    """CLIP's image preprocessing in JAX, differentiable: NHWC images (B, H, W, C) in [0, 1] ->
+    normalised pixel values (B, image_size, image_size, C) float32.
 
     Steps as `CLIPImageProcessor`: resize so the shortest side is `image_size` (the long side is
     `int(image_size * long / short)`), centre crop `image_size` x `image_size` (offsets floor((n - size) / 2)),
@@ -553,6 +613,7 @@ def clip_preprocess(
     as PIL's 8-bit output is (the gradient is zero where it clips). The torchvision backend of
     `CLIPImageProcessor` (not installed here, so not measured) resamples differently again.
     An image whose short side already is `image_size` is only cropped, not resampled.
+    Raises `ValueError` when `images` is not 4-D or `mean` / `std` do not have C entries.
     """
     images = jnp.asarray(images)
     if images.ndim != 4:

@@ -119,6 +119,12 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], *, source: str = "config") -> "ModelConfig":
+        """The config of a diffusers `config.json` object (`source` names it in messages).
+
+        Keys starting with "_" (`_class_name`, `_diffusers_version`) are skipped, unknown keys are
+        ignored with a warning naming them, JSON lists become tuples. Raises `ConfigError` when
+        `raw` is not a mapping or `validate` refuses a value.
+        """
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{source}: a {cls.__name__} must be a JSON object, found a {type(raw).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -140,6 +146,7 @@ class ModelConfig:
         return config
 
     def to_dict(self) -> dict[str, Any]:
+        """A `config.json` dict: `_class_name` and every field, tuples as lists (`from_dict` reads it back)."""
         out: dict[str, Any] = {"_class_name": self._class_name}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -147,11 +154,14 @@ class ModelConfig:
         return out
 
     def replace(self, **changes: Any) -> "ModelConfig":
+        """A copy with `changes` applied (lists as tuples), validated; raises `ConfigError` as `validate`."""
         new = dataclasses.replace(self, **{k: _freeze(v) for k, v in changes.items()})
         new.validate("config")
         return new
 
     def validate(self, source: str = "config") -> None:
+        """Raise `ConfigError`, naming `source` and the field, for a value of the wrong JSON type, out of
+        range (see the class's `_POSITIVE` ... lists), or that jaxcontrol does not implement."""
         self._check_types(source)
         self._check_ranges(source)
         for name, allowed in self._UNSUPPORTED.items():
@@ -235,35 +245,45 @@ class _UNetFields(ModelConfig):
     # --- derived, per down block -------------------------------------------------------------
     @property
     def num_blocks(self) -> int:
+        """Number of down blocks (and of up blocks)."""
         return len(self.down_block_types)
 
     @property
     def heads_per_block(self) -> tuple[int, ...]:
+        """Attention heads of each down block: `num_attention_heads`, else `attention_head_dim`.
+        Raises `ConfigError` for a list of the wrong length (as the other per-block properties do)."""
         # diffusers#2011: `attention_head_dim` historically means the *number of heads*.
         heads = self.num_attention_heads if self.num_attention_heads is not None else self.attention_head_dim
         return _per_block(heads, self.num_blocks, "num_attention_heads/attention_head_dim")
 
     @property
     def layers_per_block_list(self) -> tuple[int, ...]:
+        """Resnets per down block (up blocks have one more)."""
         return _per_block(self.layers_per_block, self.num_blocks, "layers_per_block")
 
     @property
     def transformer_layers_list(self) -> tuple[int, ...]:
+        """Transformer blocks inside each attention of each down block."""
         return _per_block(self.transformer_layers_per_block, self.num_blocks, "transformer_layers_per_block")
 
     @property
     def cross_attention_dims(self) -> tuple[int, ...]:
+        """Width D of the `encoder_hidden_states` (B, S, D) that each down block attends to."""
         return _per_block(self.cross_attention_dim, self.num_blocks, "cross_attention_dim")
 
     @property
     def only_cross_attention_list(self) -> tuple[bool, ...]:
+        """Per down block: whether its first attention attends to the context instead of itself."""
         return _per_block(self.only_cross_attention, self.num_blocks, "only_cross_attention")
 
     @property
     def time_embed_dim(self) -> int:
+        """Width of the time embedding: 4 x `block_out_channels[0]`, as diffusers."""
         return self.block_out_channels[0] * 4
 
     def validate(self, source: str = "config") -> None:
+        """`ModelConfig.validate`, then the block layout: supported block types, one entry per block in
+        every per-block list, channels divisible by `norm_num_groups` (raises `ConfigError`)."""
         super().validate(source)
         n = self.num_blocks
         if len(self.block_out_channels) != n:
@@ -344,6 +364,8 @@ class UNet2DConditionConfig(_UNetFields):
     cross_attention_norm: str | None = None
 
     def validate(self, source: str = "config") -> None:
+        """The shared checks, then the decoder: supported up block types, one per down block, odd
+        conv kernels, dropout in [0, 1) (warned about: not applied). Raises `ConfigError`."""
         super().validate(source)
         if len(self.up_block_types) != self.num_blocks:
             raise ConfigError(
@@ -384,6 +406,8 @@ class ControlNetConfig(_UNetFields):
     global_pool_conditions: bool = False
 
     def validate(self, source: str = "config") -> None:
+        """The shared checks, then: channel order "rgb" or "bgr", one int `layers_per_block` and
+        `cross_attention_dim` (raises `ConfigError`)."""
         super().validate(source)
         if self.controlnet_conditioning_channel_order not in ("rgb", "bgr"):
             raise ConfigError(
@@ -406,7 +430,11 @@ def controlnet_config_from_unet(
     controlnet_conditioning_channel_order: str = "rgb",
     global_pool_conditions: bool = False,
 ) -> ControlNetConfig:
-    """The ControlNet config whose encoder mirrors `unet` (diffusers' `ControlNetModel.from_unet`)."""
+    """The ControlNet config whose encoder mirrors `unet` (diffusers' `ControlNetModel.from_unet`).
+
+    Raises `ConfigError` when the U-Net has conv_in_kernel != 3, per-block `cross_attention_dim`
+    or `layers_per_block` values that differ, or the result does not validate.
+    """
     if unet.conv_in_kernel != 3:
         raise ConfigError(f"a ControlNet needs conv_in_kernel=3, the U-Net has {unet.conv_in_kernel}")
     shared = {f.name: getattr(unet, f.name) for f in dataclasses.fields(_UNetFields)}

@@ -35,7 +35,9 @@ ZERO_INITIALISED = ("controlnet_down_blocks_", "controlnet_mid_block", "controln
 
 
 class ControlNetConditioningEmbedding(nn.Module):
-    """A small conv encoder from the control image down to latent resolution (stride-2 convs)."""
+    """diffusers' `ControlNetConditioningEmbedding`: a small conv encoder (SiLU, stride-2 convs) from the
+    control image down to latent resolution; (B, H, W, C) -> (B, H / f, W / f,
+    conditioning_embedding_channels) with f = 2 ** (len(block_out_channels) - 1), sizes rounding up."""
 
     conditioning_embedding_channels: int
     block_out_channels: tuple[int, ...] = (16, 32, 96, 256)
@@ -54,7 +56,22 @@ class ControlNetConditioningEmbedding(nn.Module):
 
 
 class ControlNetModel(nn.Module):
-    """A trainable copy of the U-Net encoder fed with the control image, plus zero 1x1 convs."""
+    """diffusers' `ControlNetModel`: a trainable copy of the U-Net encoder fed with the control image,
+    plus zero 1x1 convs.
+
+    Call:
+      sample, timesteps, encoder_hidden_states: as for `UNet2DConditionModel`.
+      controlnet_cond: (B, h * f, w * f, conditioning_channels) in [0, 1] for latents h x w, with
+        f = 2 ** (len(conditioning_embedding_out_channels) - 1) (8 for SD); RGB (flipped for "bgr").
+      conditioning_scale: scalar or (B,), multiplies every residual.
+      guess_mode: scale the residuals by logspace(-1, 0) from the first skip (0.1) to mid (1.0)
+        (ignored with `global_pool_conditions`).
+    Returns (down, mid) in `dtype`: a tuple with one residual per U-Net skip connection (the skip's
+    shape) and the mid-block residual, for the U-Net's `down_block_additional_residuals` /
+    `mid_block_additional_residual`; with `global_pool_conditions`, spatial means (B, 1, 1, C).
+    Raises `ValueError` for sample or controlnet_cond that are not NHWC with the configured
+    channels, a control image of the wrong size, or an unknown `attention_impl`.
+    """
 
     config: ControlNetConfig
     dtype: Dtype = jnp.float32
@@ -157,6 +174,9 @@ def controlnet_from_unet(
     """A fresh ControlNet for `unet`: the U-Net's encoder weights, zero convolutions, random hint encoder.
 
     The result added to the U-Net leaves its output unchanged (all residuals are exactly zero).
+    `unet_params` is the U-Net's params tree, `rng` a JAX key or int seed. Returns (model, params).
+    Raises `ConfigError` when the U-Net's config cannot have a ControlNet (see
+    `controlnet_config_from_unet`).
     """
     config = controlnet_config_from_unet(
         unet.config,

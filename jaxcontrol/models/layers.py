@@ -18,7 +18,9 @@ Dtype = Any
 
 
 def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
-    """The activation named by a diffusers config (`act_fn`)."""
+    """The activation named by a diffusers config (`act_fn`) or transformers' `hidden_act`: "silu" /
+    "swish", "mish", "gelu" (exact erf), "relu", "quick_gelu" (x * sigmoid(1.702 x)). Raises
+    `ValueError` for any other name."""
     table = {
         "silu": nn.silu,
         "swish": nn.silu,
@@ -33,7 +35,11 @@ def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 
 class GroupNorm(nn.Module):
-    """GroupNorm over NHWC (or N...C) input, statistics in float32, PyTorch's biased variance."""
+    """`torch.nn.GroupNorm` over NHWC (or N...C) input, statistics in float32, PyTorch's biased variance.
+
+    Call: x (B, ..., C) -> same shape in `dtype`. Raises `ValueError` when C is not divisible by
+    `num_groups`.
+    """
 
     num_groups: int
     epsilon: float
@@ -58,7 +64,8 @@ class GroupNorm(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm over the last axis, statistics in float32 (two-pass variance, like PyTorch)."""
+    """`torch.nn.LayerNorm` over the last axis, statistics in float32 (two-pass variance, like PyTorch);
+    (..., C) -> same shape in `dtype`."""
 
     epsilon: float = 1e-5
     dtype: Dtype = jnp.float32
@@ -88,7 +95,8 @@ def conv(
     param_dtype: Dtype,
     use_bias: bool = True,
 ) -> nn.Conv:
-    """A PyTorch-style Conv2d in NHWC: symmetric integer padding, default `(kernel - 1) // 2`."""
+    """A PyTorch-style Conv2d in NHWC (an `nn.Conv`, kernel HWIO): `kernel` x `kernel`, `stride`,
+    symmetric integer padding (default `(kernel - 1) // 2`; a pair of pairs or a string passes through)."""
     if padding is None:
         padding = (kernel - 1) // 2
     if isinstance(padding, int):
@@ -106,7 +114,8 @@ def conv(
 
 
 def nearest_resize(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """Nearest-neighbour resize of NHWC `x` with PyTorch's `F.interpolate(mode="nearest")` index rule."""
+    """Nearest-neighbour resize of NHWC `x` (B, H, W, C) to (B, *size, C) with PyTorch's
+    `F.interpolate(mode="nearest")` index rule, src = min(floor(dst * in / out), in - 1)."""
     in_h, in_w = x.shape[1], x.shape[2]
     out_h, out_w = size
     for axis, n_in, n_out in ((1, in_h, out_h), (2, in_w, out_w)):
@@ -131,7 +140,9 @@ def timestep_embedding(
     scale: float = 1.0,
     max_period: float = 10000.0,
 ) -> jax.Array:
-    """Sinusoidal embedding of (batch,) timesteps, as diffusers' `get_timestep_embedding` (float32)."""
+    """Sinusoidal embedding of (B,) timesteps (any real values) -> (B, dim) float32, as diffusers'
+    `get_timestep_embedding`: [sin, cos] of scale * t * max_period**(-i / (dim // 2 - freq_shift)),
+    i < dim // 2; `flip_sin_to_cos` puts cos first; an odd `dim` is zero-padded."""
     half = dim // 2
     exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
     freqs = jnp.exp(exponent)
@@ -146,7 +157,12 @@ def timestep_embedding(
 
 
 class TimestepEmbedding(nn.Module):
-    """`linear_1 -> act -> linear_2`, with the optional `cond_proj` of LCM-distilled models."""
+    """diffusers' `TimestepEmbedding`: `linear_1 -> act -> linear_2` (then `post_act_fn`), with the
+    optional `cond_proj` of LCM-distilled models (added to the input before `linear_1`).
+
+    Call: sample (B, in) and, when `cond_proj_dim` is set, condition (B, cond_proj_dim) ->
+    (B, time_embed_dim). Raises `ValueError` when `cond_proj_dim` is set and `condition` is None.
+    """
 
     time_embed_dim: int
     act_fn: str = "silu"
@@ -175,7 +191,8 @@ class TimestepEmbedding(nn.Module):
 
 
 def broadcast_timesteps(timesteps: jax.Array | float | int, batch: int) -> jax.Array:
-    """A scalar, (1,) or (batch,) timestep argument as a (batch,) array."""
+    """A scalar, (1,) or (batch,) timestep argument as a (batch,) array (its dtype kept). Raises
+    `ValueError` for any other shape."""
     t = jnp.asarray(timesteps)
     if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, batch)):
         raise ValueError(f"timesteps must be a scalar or have shape ({batch},); got shape {t.shape}")

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from flax import traverse_util
 
 
 # std of a standard normal truncated to [-2, 2]; Flax's variance_scaling divides by it
@@ -21,7 +22,9 @@ def init_params(model: nn.Module, rng: jax.Array) -> dict:
     normal, variance 1/fan_in), biases 0, norm scales 1, embeddings normal with variance
     1/features. Shapes come from `jax.eval_shape`, so nothing is traced through XLA's random
     number generators, whose compilation takes tens of seconds for a U-Net on a CPU.
-    `rng` is a JAX key (or an int seed); the result is deterministic in it.
+    `rng` is a JAX key, raw key data (uint32) or an int seed; the result is deterministic in it.
+    Returns the `"params"` tree (nested dicts of `jax.Array`s in the module's `param_dtype`);
+    `model` must define `dummy_inputs()`.
     """
     if isinstance(rng, int):
         seed = np.array([rng], np.uint32)
@@ -54,28 +57,29 @@ def _draw(gen: np.random.Generator, leaf: str, shape: tuple[int, ...]) -> np.nda
 
 
 def param_shapes(model: nn.Module) -> dict:
-    """The parameter tree as `jax.ShapeDtypeStruct`s, without allocating or computing anything."""
+    """The `"params"` tree of `model.init(key, *model.dummy_inputs())` as `jax.ShapeDtypeStruct`s,
+    without allocating or computing anything."""
     return jax.eval_shape(lambda r: model.init(r, *model.dummy_inputs())["params"], jax.random.key(0))
 
 
 def flatten(tree: Any) -> dict[str, Any]:
-    """{'a/b/kernel': leaf, ...} for a nested dict of parameters."""
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        out["/".join(str(getattr(p, "key", p)) for p in path)] = leaf
-    return out
+    """A nested dict (or `FrozenDict`) of parameters as {"a/b/kernel": leaf}, keys sorted level by level.
+
+    `flax.traverse_util.flatten_dict` joined with "/" (keys through `str()`). The order is
+    `jax.tree_util.tree_leaves(tree)`'s, so the values line up with the leaves of a dict-only
+    tree. Empty dicts and None values give no entry, as in `jax.tree_util`; any other non-dict
+    value (arrays, ShapeDtypeStructs, Orbax metadata, but also lists) is one leaf. Raises
+    `AssertionError` when `tree` itself is not a dict.
+    """
+    flat = traverse_util.flatten_dict(tree)
+    return {"/".join(map(str, path)): flat[path] for path in sorted(flat) if flat[path] is not None}
 
 
 def unflatten(flat: dict[str, Any]) -> dict:
-    tree: dict = {}
-    for key, value in flat.items():
-        node = tree
-        *parents, leaf = key.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
+    """The inverse of `flatten`: {"a/b/kernel": leaf} -> {"a": {"b": {"kernel": leaf}}}, in `flat`'s order."""
+    return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def count_params(tree: Any) -> int:
+    """Total number of elements over the array leaves of `tree` (parameters, or their ShapeDtypeStructs)."""
     return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))

@@ -17,7 +17,11 @@ class ResnetBlock2D(nn.Module):
     """norm1 -> act -> conv1 (+ time embedding) -> norm2 -> act -> conv2, plus a (1x1-projected) skip.
 
     `time_embedding_norm="scale_shift"` applies the time embedding as a FiLM after norm2.
-    A block built with `temb=None` at call time (the VAE) has no `time_emb_proj`.
+    A block built with `temb=None` at call time (the VAE) has no `time_emb_proj`. diffusers' `ResnetBlock2D`.
+
+    Call: x (B, H, W, Cin), temb (B, T) or None -> (B, H, W, out_channels) in `dtype`, divided by
+    `output_scale_factor`. Raises `ValueError` for a `time_embedding_norm` other than "default" /
+    "scale_shift", or "scale_shift" without `temb`.
     """
 
     out_channels: int
@@ -68,7 +72,9 @@ class Downsample2D(nn.Module):
     """Stride-2 3x3 convolution (`downsamplers.0.conv`).
 
     `padding=1` is the U-Net's symmetric padding; `padding=0` is the VAE's asymmetric
-    (0, 1, 0, 1) pad followed by a VALID convolution.
+    (0, 1, 0, 1) pad followed by a VALID convolution. diffusers' `Downsample2D` (use_conv=True).
+    (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), out_channels) with padding 1, (B, floor(H/2),
+    floor(W/2), out_channels) with padding 0.
     """
 
     out_channels: int
@@ -87,7 +93,8 @@ class Downsample2D(nn.Module):
 
 
 class Upsample2D(nn.Module):
-    """Nearest-neighbour 2x upsampling (or to an explicit size) followed by a 3x3 convolution."""
+    """diffusers' `Upsample2D` (use_conv=True): nearest-neighbour 2x upsampling (or to an explicit
+    `size` (h, w)) followed by a 3x3 convolution; (B, H, W, C) -> (B, 2H, 2W, out_channels)."""
 
     out_channels: int
     dtype: Dtype = jnp.float32

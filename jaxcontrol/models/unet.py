@@ -46,7 +46,9 @@ def embed_time(
     timestep_cond: jax.Array | None,
     **embedding_kwargs: Any,
 ) -> jax.Array:
-    """Sinusoidal projection and `time_embedding` MLP (built inside `module`'s compact scope)."""
+    """Sinusoidal projection and `time_embedding` MLP (built inside `module`'s compact scope):
+    timesteps (scalar, (1,) or (batch,)) -> (batch, time_embed_dim) in `module.dtype`. Raises
+    `ValueError` for another timesteps shape, or a missing `timestep_cond` when `cond_proj_dim` is given."""
     t = broadcast_timesteps(timesteps, batch)
     t_emb = timestep_embedding(
         t, config.block_out_channels[0], flip_sin_to_cos=config.flip_sin_to_cos, freq_shift=config.freq_shift
@@ -62,7 +64,8 @@ def embed_time(
 
 
 def encoder_blocks(module: nn.Module, config: _UNetFields) -> tuple[list[DownBlock], MidBlock | None]:
-    """The down blocks and mid block that the U-Net and the ControlNet share (same names, same params)."""
+    """The down blocks and mid block (None when `mid_block_type` is None) that the U-Net and the
+    ControlNet share (same names, same params); call inside `module`'s compact scope."""
     kw = _block_kwargs(config, module)
     n = config.num_blocks
     downs = []
@@ -98,7 +101,23 @@ def encoder_blocks(module: nn.Module, config: _UNetFields) -> tuple[list[DownBlo
 
 
 class UNet2DConditionModel(nn.Module):
-    """Stable Diffusion's conditional U-Net. See the module docstring for the call pattern."""
+    """Stable Diffusion's conditional U-Net, diffusers' `UNet2DConditionModel` (Rombach et al. 2022).
+
+    Call:
+      sample: latents (B, H, W, in_channels); H and W need not be multiples of the downsampling.
+      timesteps: scalar, (1,) or (B,), in [0, num_train_timesteps) (fractions allowed).
+      encoder_hidden_states: (B, S, cross_attention_dim) text embeddings.
+      down_block_additional_residuals / mid_block_additional_residual: a ControlNet's outputs,
+        given together: one residual per skip connection (each of its skip's batch and channels)
+        and one of the mid block's output shape.
+      down_intrablock_additional_residuals: T2I-Adapter features, shapes from
+        `adapter_feature_shapes`; a feature of the mid block's output shape left over is added there.
+      timestep_cond: (B, time_cond_proj_dim), required when the config sets that (LCM).
+    Returns (B, H, W, out_channels) float32. Raises `ValueError` for a sample that is not NHWC with
+    `in_channels`, one ControlNet residual without the other, a wrong residual count or shape, an
+    adapter feature of the wrong shape, bad timesteps, a missing `timestep_cond`, or an unknown
+    `attention_impl`.
+    """
 
     config: UNet2DConditionConfig
     dtype: Dtype = jnp.float32
@@ -243,7 +262,8 @@ def _check_adapter_feature(k: int, block: int, got: tuple, expected: tuple) -> N
 
 def adapter_feature_shapes(config, height: int, width: int) -> list[tuple[int, int, int]]:
     """(h, w, channels) that each down block of a U-Net (`UNet2DConditionConfig`) expects of a
-    T2I-Adapter feature, for latents of `height` x `width`, in the order they are consumed."""
+    T2I-Adapter feature, for latents of `height` x `width`, in the order they are consumed: a
+    `CrossAttnDownBlock2D` before its downsampler, a `DownBlock2D` after it (sizes halve rounding up)."""
     out = []
     n = len(config.down_block_types)
     for i, kind in enumerate(config.down_block_types):

@@ -39,6 +39,7 @@ class _BlockOptions(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def resnet(self, i: int, *, output_scale_factor: float = 1.0) -> ResnetBlock2D:
+        """The block's `resnets_{i}`, with `out_channels` outputs."""
         return ResnetBlock2D(
             self.out_channels,
             groups=self.norm_num_groups,
@@ -52,6 +53,7 @@ class _BlockOptions(nn.Module):
         )
 
     def transformer(self, i: int) -> Transformer2DModel:
+        """The block's `attentions_{i}`: `heads` heads of width out_channels // heads."""
         return Transformer2DModel(
             heads=self.heads,
             dim_head=self.out_channels // self.heads,
@@ -70,7 +72,10 @@ class _BlockOptions(nn.Module):
 class DownBlock(_BlockOptions):
     """`num_layers` x (resnet [+ transformer]) then an optional stride-2 downsampler.
 
-    Returns `(hidden, skips)`: one skip per layer plus one after the downsampler.
+    Call: x (B, H, W, Cin), temb (B, T), context (B, S, D) (used with attention), optional
+    additional_residual (B, H, W, out_channels). Returns `(hidden, skips)`: hidden (B, H', W',
+    out_channels) with H' = ceil(H / 2) after a U-Net downsampler (floor(H / 2) with
+    `downsample_padding=0`, the VAE's), and one skip per layer plus one after the downsampler.
     `additional_residual` (a T2I-Adapter feature) is added after the last layer, before the
     downsampler, as diffusers' `CrossAttnDownBlock2D` does.
     """
@@ -104,7 +109,8 @@ class DownBlock(_BlockOptions):
 
 
 class MidBlock(_BlockOptions):
-    """resnet, then `num_layers` x (transformer, resnet); `num_layers=0` is `UNetMidBlock2D` without attention."""
+    """diffusers' `UNetMidBlock2DCrossAttn`: resnet, then `num_layers` x (transformer, resnet);
+    `num_layers=0` is `UNetMidBlock2D` without attention. (B, H, W, C) -> (B, H, W, out_channels)."""
 
     output_scale_factor: float = 1.0
 
@@ -119,7 +125,13 @@ class MidBlock(_BlockOptions):
 
 
 class UpBlock(_BlockOptions):
-    """`num_layers` x (concat skip, resnet [+ transformer]) then an optional nearest-2x upsampler."""
+    """`num_layers` x (concat skip, resnet [+ transformer]) then an optional nearest-2x upsampler
+    (diffusers' `UpBlock2D` / `CrossAttnUpBlock2D`).
+
+    Call: x (B, H, W, C), skips (the last `num_layers` down-path outputs, consumed from the end,
+    each (B, H, W, Ci)), temb (B, T), context (B, S, D) -> (B, H, W, out_channels), or
+    (B, 2H, 2W, out_channels) / `upsample_size` with the upsampler.
+    """
 
     add_upsample: bool = True
 

@@ -61,6 +61,9 @@ class AutoencoderKLConfig(ModelConfig):
     mid_block_add_attention: bool = True
 
     def validate(self, source: str = "config") -> None:
+        """`ModelConfig.validate`, then: one down and one up block per `block_out_channels` entry, only
+        `DownEncoderBlock2D` / `UpDecoderBlock2D`, channels divisible by `norm_num_groups`,
+        `latents_mean` / `latents_std` of `latent_channels` entries (std > 0). Raises `ConfigError`."""
         super().validate(source)
         n = len(self.block_out_channels)
         if len(self.down_block_types) != n or len(self.up_block_types) != n:
@@ -98,7 +101,8 @@ SD_VAE = AutoencoderKLConfig(
 
 
 class VAEAttentionBlock(nn.Module):
-    """Single-head spatial self-attention with a GroupNorm and a residual (`mid_block.attentions.0`)."""
+    """Single-head spatial self-attention with a GroupNorm and a residual (`mid_block.attentions.0`,
+    diffusers' `Attention` with `upcast_softmax`); (B, H, W, C) -> (B, H, W, C)."""
 
     norm_num_groups: int
     attention_impl: str = "plain"
@@ -119,7 +123,8 @@ class VAEAttentionBlock(nn.Module):
 
 
 class VAEMidBlock(nn.Module):
-    """resnet, [attention], resnet (diffusers' `UNetMidBlock2D` without a time embedding)."""
+    """resnet, [attention], resnet (diffusers' `UNetMidBlock2D` without a time embedding);
+    (B, H, W, channels) -> (B, H, W, channels)."""
 
     channels: int
     norm_num_groups: int
@@ -142,7 +147,8 @@ class VAEMidBlock(nn.Module):
 
 
 class UpDecoderBlock(nn.Module):
-    """resnets without time embedding, then an optional nearest-2x upsampler (`UpDecoderBlock2D`)."""
+    """resnets without time embedding, then an optional nearest-2x upsampler (`UpDecoderBlock2D`);
+    (B, H, W, C) -> (B, 2H, 2W, out_channels), or (B, H, W, out_channels) without the upsampler."""
 
     out_channels: int
     num_layers: int
@@ -164,6 +170,12 @@ class UpDecoderBlock(nn.Module):
 
 
 class Encoder(nn.Module):
+    """diffusers' VAE `Encoder`: `conv_in`, `DownEncoderBlock2D`s, mid block, norm, `conv_out`.
+
+    Call: images (B, H, W, in_channels) -> (B, H / f, W / f, 2 * latent_channels) moments (before
+    `quant_conv`), f = 2 ** (len(block_out_channels) - 1) (each downsampler floors odd sizes).
+    """
+
     config: AutoencoderKLConfig
     attention_impl: str = "plain"
     dtype: Dtype = jnp.float32
@@ -190,6 +202,11 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
+    """diffusers' VAE `Decoder`: `conv_in`, mid block, `UpDecoderBlock2D`s, norm, `conv_out`.
+
+    Call: z (B, h, w, latent_channels) (after `post_quant_conv`) -> (B, h * f, w * f, out_channels).
+    """
+
     config: AutoencoderKLConfig
     attention_impl: str = "plain"
     dtype: Dtype = jnp.float32
@@ -212,7 +229,9 @@ class Decoder(nn.Module):
 
 
 class AutoencoderKL(nn.Module):
-    """Encoder + `quant_conv` to posterior moments; `post_quant_conv` + decoder back to pixels."""
+    """diffusers' `AutoencoderKL` (Rombach et al. 2022): encoder + `quant_conv` to posterior moments;
+    `post_quant_conv` + decoder back to pixels. Spatial factor f = 2 ** (len(block_out_channels) - 1).
+    Raises `ValueError` at init / apply for an `attention_impl` not in `ATTENTION_IMPLS`."""
 
     config: AutoencoderKLConfig
     dtype: Dtype = jnp.float32
@@ -220,6 +239,7 @@ class AutoencoderKL(nn.Module):
     attention_impl: str = "plain"
 
     def setup(self) -> None:
+        """Flax: build `encoder`, `decoder` and the (post-)quant convolutions the config enables."""
         check_attention_impl(self.attention_impl)
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -231,7 +251,9 @@ class AutoencoderKL(nn.Module):
             self.post_quant_conv = nn.Conv(cfg.latent_channels, (1, 1), **kw)
 
     def encode(self, images: jax.Array) -> jax.Array:
-        """NHWC images in [-1, 1] -> posterior moments (mean and log-variance, concatenated on channels)."""
+        """Images (B, H, W, in_channels) in [-1, 1] -> posterior moments (B, H / f, W / f,
+        2 * latent_channels) float32: mean and log-variance concatenated on channels (`split_moments`).
+        Raises `ValueError` for input that is not NHWC with `in_channels` channels."""
         cfg = self.config
         if images.ndim != 4 or images.shape[-1] != cfg.in_channels:
             raise ValueError(f"images must be NHWC with {cfg.in_channels} channels, got shape {tuple(images.shape)}")
@@ -241,7 +263,9 @@ class AutoencoderKL(nn.Module):
         return moments.astype(jnp.float32)
 
     def decode(self, latents: jax.Array) -> jax.Array:
-        """Unscaled NHWC latents -> NHWC images (nominally in [-1, 1]), float32."""
+        """Unscaled latents (B, h, w, latent_channels) -> images (B, h * f, w * f, out_channels) float32,
+        nominally in [-1, 1] (not clipped). Raises `ValueError` for input that is not NHWC with
+        `latent_channels` channels."""
         cfg = self.config
         if latents.ndim != 4 or latents.shape[-1] != cfg.latent_channels:
             raise ValueError(
@@ -253,23 +277,29 @@ class AutoencoderKL(nn.Module):
         return self.decoder(z).astype(jnp.float32)
 
     def __call__(self, images: jax.Array, rng: jax.Array | None = None) -> jax.Array:
-        """Reconstruct: encode, take the posterior mode (or a sample with `rng`), decode."""
+        """Reconstruct (B, H, W, C) images in [-1, 1]: encode, take the posterior mode (or a sample
+        with `rng`), decode; (B, H, W, out_channels) float32 when H and W are multiples of f."""
         moments = self.encode(images)
         z = split_moments(moments)[0] if rng is None else sample_posterior(moments, rng)
         return self.decode(z)
 
     def dummy_inputs(self) -> tuple:
+        """Smallest valid inputs, for `init` and `jax.eval_shape`: one zero image (1, f, f, in_channels)."""
         down = 2 ** (len(self.config.block_out_channels) - 1)
         return (jnp.zeros((1, down, down, self.config.in_channels)),)
 
 
 def split_moments(moments: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(mean, logvar) of the diagonal Gaussian posterior; logvar clamped to [-30, 20] as in diffusers."""
+    """(mean, logvar), each (..., latent_channels), of the diagonal Gaussian posterior whose
+    (..., 2 * latent_channels) `moments` `encode` returns; logvar clamped to [-30, 20] as in
+    diffusers' `DiagonalGaussianDistribution`."""
     mean, logvar = jnp.split(moments, 2, axis=-1)
     return mean, jnp.clip(logvar, -30.0, 20.0)
 
 
 def sample_posterior(moments: jax.Array, rng: jax.Array) -> jax.Array:
+    """One draw mean + exp(logvar / 2) * N(0, 1) from the posterior of `moments` (see `split_moments`),
+    with `rng` a JAX key; unscaled latents in `moments`' dtype (diffusers' `latent_dist.sample()`)."""
     mean, logvar = split_moments(moments)
     return mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
 

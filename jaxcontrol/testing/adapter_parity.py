@@ -57,6 +57,9 @@ XL_STYLE_ADAPTER = dict(
 
 @dataclasses.dataclass(frozen=True)
 class AdapterCase:
+    """A T2I-Adapter parity case: diffusers `T2IAdapter` kwargs per adapter, image size, and optionally
+    a U-Net (diffusers kwargs) to feed the features to."""
+
     name: str
     adapters: tuple[dict, ...]  # diffusers T2IAdapter kwargs; two or more make a MultiAdapter
     image_hw: tuple[int, int]
@@ -114,7 +117,8 @@ def _worst(case: AdapterCase, component: str, ours: Sequence, refs: Sequence, at
 
 
 def run_adapter_case(case: AdapterCase, workdir: str | Path | None = None, seed: int = 0) -> list[Row]:
-    """Rows for one case: the adapter features (worst feature) and, for U-Net cases, the U-Net output."""
+    """Rows for one case: the adapter features (worst feature) and, for U-Net cases, the U-Net output.
+    Raises `AssertionError` when the two sides give different numbers of features."""
     from diffusers import MultiAdapter as TorchMultiAdapter
     from diffusers import T2IAdapter as TorchT2IAdapter
     from diffusers import UNet2DConditionModel as TorchUNet

@@ -60,6 +60,8 @@ CLIP_L14_VISION = dict(
 
 @dataclasses.dataclass(frozen=True)
 class ClipCase:
+    """A CLIP parity case: transformers config kwargs of one tower, with or without its projection."""
+
     name: str
     tower: str  # "text" or "vision"
     config: dict
@@ -93,6 +95,8 @@ QUICK_CLIP_CASES = tuple(n for n, c in CLIP_CASES.items() if not c.slow)
 
 
 def torch_model(case: ClipCase, seed: int = 0) -> torch.nn.Module:
+    """The case's transformers model (`CLIPTextModel[WithProjection]` / `CLIPVisionModel[WithProjection]`),
+    seeded, with constant-initialised parameters perturbed by `randomize_`, in eval mode."""
     import transformers
 
     torch.manual_seed(seed)
@@ -153,7 +157,8 @@ def run_clip_case(
     workdir: str | Path | None = None,
     seed: int = 0,
 ) -> list[Row]:
-    """Rows for one case: save the random transformers model, `load_model` it, compare the outputs."""
+    """Rows for one case: save the random transformers model, `load_model` it, compare the outputs.
+    Raises `AssertionError` when an output's shape or the number of hidden states differs."""
     model = torch_model(case, seed)
     g = torch.Generator().manual_seed(seed + 1)
     refs: dict[str, Any] = {}

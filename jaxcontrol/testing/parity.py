@@ -55,6 +55,8 @@ SD15 = dict(
 
 @dataclasses.dataclass(frozen=True)
 class Case:
+    """A U-Net (+ ControlNet) parity case: diffusers constructor kwargs, latent size, relative tolerance."""
+
     name: str
     unet: dict
     controlnet: dict | None  # ControlNet-only fields, or None for no ControlNet
@@ -87,6 +89,8 @@ QUICK_CASES = tuple(n for n, c in CASES.items() if not c.slow)
 
 @dataclasses.dataclass(frozen=True)
 class Row:
+    """One compared output: max|ours - torch|, max|torch| and their ratio against `tol`."""
+
     case: str
     component: str
     attention: str
@@ -97,10 +101,12 @@ class Row:
 
     @property
     def ok(self) -> bool:
+        """Whether `rel_err <= tol`."""
         return self.rel_err <= self.tol
 
 
 def controlnet_fields(unet_config: dict, extra: dict) -> dict:
+    """diffusers `ControlNetModel` kwargs: the encoder fields of a U-Net's kwargs, updated by `extra`."""
     shared = (
         "in_channels", "down_block_types", "block_out_channels", "layers_per_block", "norm_num_groups",
         "cross_attention_dim", "attention_head_dim", "use_linear_projection", "upcast_attention",
@@ -131,6 +137,9 @@ def run_case(
     workdir: str | Path | None = None,
     seed: int = 0,
 ) -> list[Row]:
+    """Rows for one case: the U-Net alone, with T2I-Adapter features and (with a ControlNet) the
+    ControlNet's residuals and the U-Net fed with them, for each attention kernel. The random
+    diffusers models are saved under a temporary folder in `workdir` (default: the system's)."""
     from diffusers import ControlNetModel as TorchControlNet
     from diffusers import UNet2DConditionModel as TorchUNet
 
@@ -201,6 +210,7 @@ def run_case(
 
 
 def format_table(rows: Sequence[Row]) -> str:
+    """`rows` as a fixed-width text table, one line per row, with a header."""
     header = f"{'case':<22} {'component':<30} {'attention':<12} {'max|err|':>10} {'max|ref|':>10} {'rel err':>10} {'tol':>8}  ok"
     lines = [header, "-" * len(header)]
     for r in rows:

@@ -31,6 +31,8 @@ ADAPTER_TINY = dict(in_channels=3, channels=(32, 64), num_res_blocks=1, downscal
 
 @dataclass
 class TinyModels:
+    """What `build_tiny_models` made: the folder, the torch models by name, the U-Net's kwargs."""
+
     folder: Path
     torch: dict[str, Any]
     unet_config: dict
@@ -64,6 +66,7 @@ def build_tiny_models(folder: str | Path, *, adapter: bool = False, num_controln
 
 
 def load_ours(tiny: TinyModels, name: str):
+    """`load_model` of the saved model `name` ("unet", "controlnet_0", "adapter", ...): (module, params)."""
     return load_model(tiny.folder / name)
 
 
@@ -146,6 +149,7 @@ def reference_loop(model_jit, plan, x, cond, noises=None) -> np.ndarray:
 
 
 def to_nhwc(t) -> jnp.ndarray:
+    """A (B, C, H, W) torch tensor or array as a (B, H, W, C) JAX array."""
     return jnp.asarray(nchw_to_nhwc(t.numpy() if hasattr(t, "numpy") else t))
 
 
@@ -157,7 +161,7 @@ def save_tiny_pipeline(folder: str | Path, *, kind: str = "sd", scheduler: str =
     """A diffusers pipeline folder with tiny random components, saved by diffusers itself.
 
     kind: "sd" (StableDiffusionPipeline), "controlnet", "multi-controlnet", "adapter" or
-    "controlnet-img2img". Returns the in-memory diffusers pipeline.
+    "controlnet-img2img" (any other raises `ValueError`). Returns the in-memory diffusers pipeline.
     """
     import diffusers
     import torch

@@ -63,6 +63,7 @@ def _rel(ours: np.ndarray, ref: np.ndarray) -> float:
 
 
 def format_bf16_table(rows: list[dict]) -> str:
+    """`bf16_error_rows` as a fixed-width text table with a header."""
     header = f"{'model':<26} {'params':<10} {'attention':<12} {'rel err vs f32':>15}"
     lines = [header, "-" * len(header)]
     for r in rows:

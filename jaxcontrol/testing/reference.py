@@ -24,16 +24,19 @@ def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> tor
 
 
 def nchw_to_nhwc(x) -> np.ndarray:
+    """A (B, C, H, W) torch tensor or array as a contiguous (B, H, W, C) numpy array (dtype kept)."""
     x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
 
 
 def nhwc_to_nchw(x) -> np.ndarray:
+    """A (B, H, W, C) array as a contiguous (B, C, H, W) float32 numpy array."""
     return np.ascontiguousarray(np.asarray(x, dtype=np.float32).transpose(0, 3, 1, 2))
 
 
 def rel_err(ours_nhwc, ref_nchw) -> tuple[float, float, float]:
-    """(max |ours - ref|, max |ref|, their ratio) with `ours` NHWC and `ref` NCHW."""
+    """(max |ours - ref|, max |ref|, their ratio) with `ours` NHWC and `ref` NCHW (compared in float32).
+    Raises `AssertionError` when the shapes differ."""
     ours = nhwc_to_nchw(ours_nhwc)
     ref = ref_nchw.detach().cpu().numpy() if isinstance(ref_nchw, torch.Tensor) else np.asarray(ref_nchw)
     if ours.shape != ref.shape:

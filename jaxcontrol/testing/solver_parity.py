@@ -23,15 +23,19 @@ A, B = 0.3, 0.4
 
 
 def stand_in_np(x: np.ndarray, t: float) -> np.ndarray:
+    """The stand-in model `A x + B (t / 1000) cos(x)` in numpy, float32 (diffusers' side)."""
     return (A * x + B * (np.float32(t) / 1000.0) * np.cos(x)).astype(np.float32)
 
 
 def stand_in(x, t, cond):
+    """The stand-in model as a score function for `sample` (our side); `cond` is ignored."""
     return A * x + B * (jnp.asarray(t, jnp.float32) / 1000.0) * jnp.cos(x)
 
 
 @dataclass(frozen=True)
 class SolverCase:
+    """A diffusers scheduler class and config against our solver, with options for `make_plan` and `step`."""
+
     class_name: str
     solver: str
     config: dict = field(default_factory=dict)
@@ -44,6 +48,7 @@ class SolverCase:
 
     @property
     def id(self) -> str:
+        """A test id: solver[steps](config and plan options)."""
         extra = ",".join(f"{k}={v}" for k, v in {**self.config, **self.plan_options}.items())
         return f"{self.solver}[{self.steps}]" + (f"({extra})" if extra else "")
 
@@ -118,6 +123,8 @@ _LOOSE = {("euler", "v_prediction", "zero_snr"): 5e-5}
 
 @dataclass(frozen=True)
 class MatrixCase:
+    """One cell of the zero-terminal-SNR matrix; `refused` where `make_plan` must raise `ConfigError`."""
+
     case: SolverCase
     prediction_type: str
     schedule: str
@@ -125,12 +132,14 @@ class MatrixCase:
 
     @property
     def id(self) -> str:
+        """A test id: solver(extra config)-prediction_type-schedule."""
         extra = ",".join(f"{k}={v}" for k, v in self.case.config.items()
                          if k not in SCHEDULES[self.schedule] and k != "prediction_type")
         return f"{self.case.solver}{f'({extra})' if extra else ''}-{self.prediction_type}-{self.schedule}"
 
 
 def matrix_cases() -> list[MatrixCase]:
+    """Every `MATRIX_SOLVERS` entry x {epsilon, v_prediction} x `SCHEDULES`."""
     cases = []
     for class_name, solver, extra, steps in MATRIX_SOLVERS:
         for prediction_type in ("epsilon", "v_prediction"):

@@ -27,6 +27,8 @@ QUICK_VAE_CASES = ("vae-tiny-controlnet-test", "vae-tiny-adapter-test")
 
 
 def run_vae_case(name: str, seed: int = 0) -> list[Row]:
+    """Rows for the `VAE_CASES` entry `name`: posterior mean and log-variance of random images in
+    [-1, 1], and the decoder's output for random latents."""
     from diffusers import AutoencoderKL as TorchVAE
 
     config, (h, w), tol = VAE_CASES[name]

@@ -16,7 +16,6 @@ checkpoint saved on one mesh shape restores onto another.
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -26,12 +25,14 @@ import orbax.checkpoint as ocp
 
 from ..errors import CheckpointError
 
-log = logging.getLogger(__name__)
 # meta keys that must match for the data iterator's saved position to mean the same batches
 DATA_GEOMETRY = ("batch_size", "grad_accum_steps", "process_count", "dataset", "seed")
 
 
 class Checkpointer:
+    """An Orbax `CheckpointManager` under `directory` keeping the last `keep` steps (see the module
+    docstring for what a step holds); `async_save` writes in the background."""
+
     def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
         self.directory = Path(os.path.abspath(directory))
         options = ocp.CheckpointManagerOptions(
@@ -39,13 +40,16 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
 
     def latest_step(self) -> int | None:
+        """The newest complete step, or None when there is none."""
         return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
+        """Every complete step kept, ascending."""
         return list(self.manager.all_steps())
 
     def save(self, step: int, state: Any, data_iterator: Any | None = None, meta: dict | None = None) -> bool:
-        """Start saving `step` (asynchronously unless disabled). The arrays are copied before it returns."""
+        """Start saving `step` (asynchronously unless disabled); returns whether Orbax started a save.
+        The arrays are copied before it returns."""
         import grain
 
         items: dict[str, Any] = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta or {})}
@@ -82,11 +86,14 @@ class Checkpointer:
         return restored["state"]
 
     def read_meta(self, step: int) -> dict:
+        """The `meta` dict saved with `step` ({} when none was)."""
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"] or {}
 
     def wait(self) -> None:
+        """Block until every background save has finished."""
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        """Wait for pending saves, then release the manager."""
         self.manager.wait_until_finished()
         self.manager.close()

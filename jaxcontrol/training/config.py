@@ -54,10 +54,6 @@ SD_SCHEDULER = dict(
 )
 
 
-def _placeholder(kind):
-    return ml_collections.config_dict.placeholder(kind)
-
-
 def default_config() -> ml_collections.ConfigDict:
     """Every key the trainer reads, with its default. Experiment files start from this."""
     c = ml_collections.ConfigDict()

@@ -21,11 +21,14 @@ from .step import DEVICE_KEYS
 
 
 def data_dir(config, workdir) -> Path:
+    """Where TFDS datasets are built: `config.data.data_dir`, else WORKDIR/tfds."""
     return Path(config.data.data_dir) if config.data.data_dir else Path(workdir) / "tfds"
 
 
 def open_sources(config, workdir) -> tuple[Sequence, Sequence | None]:
-    """(train source, validation source or None): random-access sources of raw records."""
+    """(train source, validation source or None): random-access sources of raw records, by
+    `config.data.dataset` ("fill50k" and "folder" are built under `data_dir` first, on process 0).
+    Raises `ConfigError` / `ManifestError` as the builders and `open_source` do."""
     from ..data import build_fill50k, build_folder, open_source
 
     d = config.data
@@ -91,7 +94,9 @@ def _precompute(source, out, nets, frozen, resolution):
 
 
 def make_train_dataset(config, source, tokenizer, *, tokenize_prompts: bool = True):
-    """The grain dataset of per-host batches (`batch_size / process_count` examples each)."""
+    """The grain dataset of per-host batches (`batch_size / process_count` examples each), shuffled
+    with `config.seed`; with `tokenize_prompts`, batches carry "input_ids" (B, L) int32. Raises
+    `ConfigError` when `config.batch_size` is not a multiple of the host count."""
     from ..data import ControlTransform, TokenizeBatch, make_dataset
     from ..tokenizer import tokenize
 
@@ -107,7 +112,8 @@ def make_train_dataset(config, source, tokenizer, *, tokenize_prompts: bool = Tr
 
 
 def device_batch(batch: dict, accum: int, sharding, keys: Sequence[str] = DEVICE_KEYS) -> dict:
-    """This host's batch as global arrays (accum, micro_batch, ...) with `sharding` (batch on dim 1)."""
+    """This host's batch as global arrays (accum, micro_batch, ...) with `sharding` (batch on dim 1),
+    for the `keys` present. Raises `ConfigError` when the host batch does not split into `accum`."""
     out = {}
     for key in keys:
         if key not in batch:

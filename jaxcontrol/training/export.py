@@ -60,7 +60,9 @@ def _components(nets: Networks, params: dict, frozen: dict) -> tuple[dict[str, t
 def export_trained(nets: Networks, params: dict, frozen: dict, out_dir: str | os.PathLike, *,
                    formats: tuple[str, ...] = FORMATS, dtype: str | None = "float32",
                    overwrite: bool = True) -> dict[str, Path]:
-    """Write the trained components; returns {"<format>/<name>": path}. Params may be device arrays."""
+    """Write the trained components; returns {"<format>/<name>": path}. Params may be device arrays.
+    Raises `CheckpointError` as `export_diffusers` / `save_checkpoint` do (e.g. an existing folder
+    without `overwrite`)."""
     out_dir = Path(out_dir)
     if jax.process_count() > 1 and "jaxcontrol" in formats:
         return _export_multihost(nets, params, frozen, out_dir, formats=formats, dtype=dtype, overwrite=overwrite)

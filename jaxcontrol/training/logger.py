@@ -19,6 +19,7 @@ import numpy as np
 
 from ..images import make_grid, save_png
 
+
 def image_grid(rows: list[np.ndarray]) -> np.ndarray:
     """Stack rows of images, each (N, H, W, 3) uint8 with the same N, H, W, into one (rows*H, N*W, 3)
     image: `images.make_grid` without padding, one row per entry."""
@@ -26,11 +27,15 @@ def image_grid(rows: list[np.ndarray]) -> np.ndarray:
 
 
 def to_uint8(images: np.ndarray, low: float = -1.0, high: float = 1.0) -> np.ndarray:
+    """Images with values in [low, high] (default [-1, 1]) as uint8 0..255 (rounded, clipped), same shape."""
     x = (np.asarray(images, np.float32) - low) / (high - low)
     return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
 
 
 class MetricsWriter:
+    """The trainer's outputs (see the module docstring) under `workdir`; with `enabled=False` (processes
+    other than 0) every method does nothing, but `summary` still returns the rates."""
+
     def __init__(self, workdir: str | os.PathLike, *, total_steps: int, initial_step: int, batch_size: int,
                  tensorboard: bool = True, progress_bar: bool = True, enabled: bool = True):
         self.workdir = Path(workdir)
@@ -93,6 +98,8 @@ class MetricsWriter:
         return out
 
     def image(self, step: int, name: str, image: np.ndarray) -> Path | None:
+        """Write an (H, W, 3) uint8 image to WORKDIR/samples/{name}_step_NNNNNNN.png and TensorBoard;
+        returns its path (None when disabled)."""
         if not self.enabled:
             return None
         path = save_png(image, self.workdir / "samples" / f"{name}_step_{step:07d}.png")
@@ -103,6 +110,7 @@ class MetricsWriter:
         return path
 
     def console(self, text: str) -> None:
+        """Print a line (above the progress bar, when there is one)."""
         if not self.enabled:
             return
         if self._bar is not None:
@@ -111,6 +119,7 @@ class MetricsWriter:
             print(text, flush=True)
 
     def close(self) -> None:
+        """Close the progress bar, TensorBoard writer and metrics.jsonl."""
         if self._bar is not None:
             self._bar.close()
         if self._tb is not None:

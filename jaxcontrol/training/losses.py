@@ -23,7 +23,8 @@ from ..schedulers.noise import NoiseSchedule
 
 
 def sample_timesteps(rng: jax.Array, batch: int, num_train_timesteps: int, method: str = "uniform") -> jax.Array:
-    """(batch,) int32 training timesteps."""
+    """(batch,) int32 training timesteps in [0, num_train_timesteps): "uniform" or "cubic" (see the
+    module docstring). Raises `ConfigError` for another `method`."""
     if method == "uniform":
         return jax.random.randint(rng, (batch,), 0, num_train_timesteps, dtype=jnp.int32)
     if method == "cubic":
@@ -34,7 +35,9 @@ def sample_timesteps(rng: jax.Array, batch: int, num_train_timesteps: int, metho
 
 
 def offset_noise(rng: jax.Array, noise: jax.Array, noise_offset: float) -> jax.Array:
-    """diffusers' `noise += noise_offset * randn(B, C, 1, 1)`, NHWC: one offset per sample and channel."""
+    """diffusers' `noise += noise_offset * randn(B, C, 1, 1)`, NHWC: one offset per sample and channel.
+    `noise` (B, ..., C) is returned unchanged when `noise_offset` is 0, else a new array of its shape
+    and dtype."""
     if not noise_offset:
         return noise
     b, c = noise.shape[0], noise.shape[-1]
@@ -43,7 +46,8 @@ def offset_noise(rng: jax.Array, noise: jax.Array, noise_offset: float) -> jax.A
 
 
 def drop_prompts(rng: jax.Array, prompts: jax.Array, empty: jax.Array, proportion: float) -> jax.Array:
-    """Each row of `prompts` (token ids or embeddings) replaced by `empty` with probability `proportion`."""
+    """Each row of `prompts` (B, ...), token ids or embeddings, replaced by `empty` (broadcastable to
+    `prompts`, e.g. (1, L)) with probability `proportion`; dtype of `prompts`."""
     if not proportion:
         return prompts
     drop = jax.random.uniform(rng, (prompts.shape[0],)) < proportion
@@ -53,6 +57,9 @@ def drop_prompts(rng: jax.Array, prompts: jax.Array, empty: jax.Array, proportio
 
 def prediction_target(schedule: NoiseSchedule, x0: jax.Array, noise: jax.Array, t: jax.Array,
                       prediction_type: str) -> jax.Array:
+    """What the model is trained to predict, of `x0`'s shape: `noise` for "epsilon", the velocity
+    sqrt(abar_t) noise - sqrt(1 - abar_t) x0 for "v_prediction" (t (B,) timesteps). Raises
+    `ConfigError` for another prediction type."""
     if prediction_type == "epsilon":
         return noise
     if prediction_type == "v_prediction":
@@ -61,7 +68,9 @@ def prediction_target(schedule: NoiseSchedule, x0: jax.Array, noise: jax.Array, 
 
 
 def min_snr_weights(schedule: NoiseSchedule, t: jax.Array, gamma: float, prediction_type: str) -> jax.Array:
-    """Per-sample loss weights of min-SNR-gamma, as diffusers' training scripts compute them."""
+    """(B,) loss weights of min-SNR-gamma (Hang et al. 2023) for timesteps `t` (B,), as diffusers'
+    training scripts compute them. Raises `ConfigError` for a prediction type other than
+    "epsilon" / "v_prediction"."""
     snr = schedule.snr(t)
     clipped = jnp.minimum(snr, gamma)
     if prediction_type == "epsilon":
@@ -72,7 +81,8 @@ def min_snr_weights(schedule: NoiseSchedule, t: jax.Array, gamma: float, predict
 
 
 def diffusion_loss(prediction: jax.Array, target: jax.Array, weights: jax.Array | None = None) -> jax.Array:
-    """mean over the batch of (weight x per-sample MSE), in float32."""
+    """Scalar float32: mean over the batch of (weight x per-sample MSE); `weights` (B,) or None.
+    Raises `ValueError` when `prediction` and `target` differ in shape."""
     if prediction.shape != target.shape:
         raise ValueError(f"prediction has shape {prediction.shape}, target {target.shape}")
     err = jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32))

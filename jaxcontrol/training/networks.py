@@ -71,6 +71,7 @@ class Networks:
 
     @property
     def vae_scale_factor(self) -> int:
+        """Pixels per latent along each side: 2 ** (len(vae block_out_channels) - 1), 8 for SD."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
@@ -140,7 +141,10 @@ def _scratch_words(config) -> list[str]:
 
 
 def scratch_tokenizer(config, workdir: str | os.PathLike):
-    """The tokenizer of a from-scratch run: `model.tokenizer_path`, or a word-level one in WORKDIR/tokenizer."""
+    """The tokenizer of a from-scratch run: `model.tokenizer_path`, or a word-level one in WORKDIR/tokenizer
+    (written by process 0 from the dataset's captions). Raises `ConfigError` when neither is possible
+    (a "tfds" dataset without `tokenizer_path`) or the tokenizer has more tokens than the text
+    encoder's `vocab_size`; `CheckpointError` when the folder cannot be loaded."""
     if config.model.tokenizer_path:
         return load_tokenizer(config.model.tokenizer_path)
     from .tokenizer import write_word_tokenizer
@@ -195,7 +199,11 @@ def _scratch(config, workdir, compute, attention_impl):
 def build_networks(config, workdir: str | os.PathLike) -> tuple[Networks, dict, dict]:
     """Load or build every network of the run; returns (networks, trainable params, frozen params).
 
-    Parameters come back as host (numpy) arrays: the trainer places them on the mesh.
+    Parameters come back as host (numpy) arrays: the trainer places them on the mesh; trainable
+    ones in float32, frozen ones in `precision.frozen_param_dtype`. Raises `ConfigError` for a
+    prediction type other than epsilon / v_prediction, a resolution the networks cannot take, a
+    ControlNet or adapter that does not fit the U-Net, or an incomplete pretrained pipeline;
+    `CheckpointError` when a model folder cannot be loaded.
     """
     compute = _dtype(config.precision.compute_dtype)
     frozen_dtype = _dtype(config.precision.frozen_param_dtype)

@@ -67,7 +67,8 @@ def _interceptor(targets: tuple[type, ...], policy):
 
 @contextlib.contextmanager
 def remat_scope(mode: str, policy: str = "nothing_saveable") -> Iterator[None]:
-    """Rematerialise the blocks `mode` names ("none", "blocks", "layers") of models applied inside."""
+    """Rematerialise the blocks `mode` names ("none", "blocks", "layers") of models applied inside,
+    with the `jax.checkpoint_policies` named `policy`. Raises `ConfigError` for an unknown mode or policy."""
     if mode == "none":
         yield
         return

@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 
 def mesh_shape(num_devices: int, data: int = -1, fsdp: int = 1) -> tuple[int, int]:
-    """(data, fsdp) sizes for `num_devices`; one of them may be -1 (the devices left over)."""
+    """(data, fsdp) sizes for `num_devices`; one of them may be -1 (the devices left over). Raises
+    `ConfigError` when both are -1 or the product is not `num_devices`."""
     if data == -1 and fsdp == -1:
         raise ConfigError("mesh: only one of data and fsdp may be -1")
     if data == -1:
@@ -48,7 +49,8 @@ def mesh_shape(num_devices: int, data: int = -1, fsdp: int = 1) -> tuple[int, in
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
-    """A 2-D `Mesh` with axes ("data", "fsdp") over `devices` (default: every device of every host)."""
+    """A 2-D `Mesh` with axes ("data", "fsdp") over `devices` (default: every device of every host).
+    Raises `ConfigError` as `mesh_shape`."""
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(len(devices), data, fsdp)
     try:
@@ -85,6 +87,7 @@ def param_shardings(tree: Any, mesh: Mesh, *, shard: bool = True, min_size: int 
 
 
 def replicated(mesh: Mesh) -> jax.sharding.Sharding:
+    """A sharding that puts a whole copy on every device of `mesh`."""
     return named(mesh, P())
 
 
@@ -135,4 +138,5 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = -
 
 
 def describe(mesh: Mesh) -> str:
+    """e.g. "data=4 x fsdp=2 (8 devices)"."""
     return " x ".join(f"{name}={size}" for name, size in mesh.shape.items()) + f" ({mesh.devices.size} devices)"

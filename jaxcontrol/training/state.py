@@ -18,6 +18,8 @@ from flax import struct
 
 @struct.dataclass
 class TrainState:
+    """Everything a resumed run needs besides the data position (a pytree; see the module docstring)."""
+
     step: jax.Array  # int32 scalar: optimizer steps taken
     params: Any  # trainable parameters, {component: tree}
     opt_state: Any
@@ -26,11 +28,13 @@ class TrainState:
 
     @property
     def key(self) -> jax.Array:
+        """`rng` as a typed PRNG key."""
         return jax.random.wrap_key_data(self.rng)
 
 
 def create_train_state(params: Any, tx: optax.GradientTransformation, seed: int, *, ema: bool) -> TrainState:
-    """A fresh state. Call it under `jax.jit` with out_shardings to create it already sharded."""
+    """A fresh state: step 0, `tx.init(params)`, the EMA a copy of `params` (or {}), the key data of
+    `jax.random.key(seed)`. Call it under `jax.jit` with out_shardings to create it already sharded."""
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -63,7 +67,8 @@ def make_optimizer(optim, schedule: optax.Schedule) -> optax.GradientTransformat
 
 
 def ema_decay(step: jax.Array, decay: float) -> jax.Array:
-    """diffusers' `EMAModel.get_decay` (no warmup): 0 at the first update, then min(decay, (1+s)/(10+s))."""
+    """diffusers' `EMAModel.get_decay` (no warmup): 0 at the first update, then min(decay, (1+s)/(10+s))
+    with s = step - 1; a float32 scalar."""
     s = jnp.maximum(step.astype(jnp.float32) - 1.0, 0.0)
     return jnp.where(s <= 0, 0.0, jnp.minimum(decay, (1.0 + s) / (10.0 + s)))
 

@@ -43,6 +43,7 @@ def word_vocabulary(words: Iterable[str]) -> tuple[dict[str, int], list[str]]:
     The trainer sees every printable ASCII character (alone and word-final, CLIP's `</w>` form) as
     its alphabet and merges with no frequency floor and no size limit, so it keeps merging until
     every training word is whole. BOS and EOS come last, as in CLIP's vocabulary (the highest ids).
+    Raises `AssertionError` if a word still splits (a guard against changes in `tokenizers`).
     """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
@@ -67,7 +68,8 @@ def word_vocabulary(words: Iterable[str]) -> tuple[dict[str, int], list[str]]:
 
 def write_word_tokenizer(folder: str | os.PathLike, words: Iterable[str], *, max_length: int = 77,
                          overwrite: bool = False) -> Path:
-    """Write the tokenizer folder atomically and return its path. `len(vocab.json)` is its vocabulary size."""
+    """Write the tokenizer folder atomically and return its absolute path. `len(vocab.json)` is its
+    vocabulary size. Raises `CheckpointError` when `folder` exists and not `overwrite`."""
     vocab, merges = word_vocabulary(list(words))
     with atomic_directory(folder, overwrite=overwrite) as tmp:
         (tmp / "vocab.json").write_text(json.dumps(vocab))
