@@ -74,6 +74,8 @@ def restore_params(directory: Path, module: nn.Module, *, param_dtype: Any = Non
             stored = checkpointer.metadata(directory).item_metadata.tree
         except Exception as e:
             raise CheckpointError(f"{directory}: not a readable Orbax checkpoint: {e}") from e
+        if not isinstance(stored, Mapping):
+            raise CheckpointError(f"{directory}: holds a {type(stored).__name__}, not a tree of named parameters")
         expected = param_shapes(module)
         stored_flat = flatten(stored)
         expected_flat = flatten(expected)
