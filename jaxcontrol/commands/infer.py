@@ -293,10 +293,11 @@ class InferSettings:
     the lines of --prompt-file), `controls` / `adapters` (one per condition image, the model
     folder's own networks first, with their scales and windows), `steps` and `guidance_scale`
     (30 and 7.5, or the demo's), `image_indices` (every index of len(prompts) * num_images
-    unless given), `output` and `progress`. `height`, `width` and `solver` are None until
+    unless given; empty with `demo`), `output` and `progress`. `height`, `width` and `solver` are None until
     `fit_to_model` decides them from the loaded model (a flag's height / width is kept).
     """
 
+    # the networks
     model: str
     controlnet_paths: tuple[str, ...]
     adapter_paths: tuple[str, ...]
@@ -304,29 +305,32 @@ class InferSettings:
     vae_dtype: str
     attention: str
     unsafe_load_pickle: bool
+    # prompts and conditions
     prompts: tuple[str, ...]
     negative_prompt: str
     controls: tuple[ControlSpec, ...]
     control_resize_mode: str
     guess_mode: bool
     adapters: tuple[AdapterSpec, ...]
-    adapter_factor: float
+    adapter_factor: float  # fraction of the steps
     preprocess: str
     canny_low: int
     canny_high: int
-    scheduler: str | None
-    solver: str | None
+    # sampling
+    scheduler: str | None  # --scheduler; None: the model's own scheduler class
+    solver: str | None  # the solver that runs (fit_to_model)
     steps: int
     guidance_scale: float
     guidance_rescale: float
     eta: float
     clip_skip: int | None
     seed: int
-    num_images: int
+    num_images: int  # per prompt
     image_indices: tuple[int, ...]
     batch_size: int
-    height: int | None
+    height: int | None  # pixels
     width: int | None
+    # editing and guidance
     init_image: str | None
     strength: float
     mask: str | None
@@ -337,6 +341,7 @@ class InferSettings:
     clip_guidance_scale: float
     clip_prompt: str | None
     clip_cutouts: int
+    # output
     demo: bool
     output: Path
     name: str
@@ -571,9 +576,9 @@ def load_inputs(settings: InferSettings) -> InputImages:
     """The condition, init and mask images, read as given (`UsageError` naming the flag for one
     that is missing or unreadable)."""
     return InputImages(control_images=tuple(_load("--control-image", c.image) for c in settings.controls),
-                  adapter_images=tuple(_load("--adapter-image", a.image) for a in settings.adapters),
-                  init_image=_load("--init-image", settings.init_image) if settings.init_image else None,
-                  mask=_load("--mask", settings.mask, mode="L") if settings.mask else None)
+                       adapter_images=tuple(_load("--adapter-image", a.image) for a in settings.adapters),
+                       init_image=_load("--init-image", settings.init_image) if settings.init_image else None,
+                       mask=_load("--mask", settings.mask, mode="L") if settings.mask else None)
 
 
 def open_pipeline(settings: InferSettings):
