@@ -30,11 +30,21 @@ unreadable input file); 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
+import os
+import stat
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from jaxcontrol.errors import UsageError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+PROG = "infer.py"
 SOLVER_CHOICES = ("ddim", "ddpm", "pndm", "plms", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras",
                   "unipc", "lcm")
 
@@ -127,71 +137,107 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-PROG = "infer.py"
 
 
-def check_flags(args) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line as argparse reads it (`argv`, default `sys.argv[1:]`): types and choices
+    checked, nothing resolved. `--help` exits 0 and a malformed flag exits 2, as argparse does."""
+    return build_parser().parse_args(argv)
+
+
+# --- flag values on their own --------------------------------------------------------------------
+
+
+def check_flags(args: argparse.Namespace) -> None:
     """Flag values that are out of range or malformed: a `UsageError` naming the flag, before any
-    file is read. Nothing is clamped or silently ignored."""
-    from jaxcontrol.errors import UsageError
+    file is read. Nothing is clamped or silently ignored; `args` is not changed."""
+    _check_integers(args)
+    _check_fractions(args)
+    _check_size(args)
+    _image_indices(args.image_indices)
+    _check_name(args.name)
+    _check_flags_apply(args)
 
-    def finite(flag, v):
-        if v is not None and not math.isfinite(v):
-            raise UsageError(f"{flag} {v}: must be a finite number")
 
-    def at_least(flag, v, lo):
-        if v is not None and v < lo:
-            raise UsageError(f"{flag} {v}: must be at least {lo}")
+def _finite(flag: str, v: float | None) -> None:
+    if v is not None and not math.isfinite(v):
+        raise UsageError(f"{flag} {v}: must be a finite number")
 
-    def within(flag, v, lo, hi, lo_open=False):
-        if v is None:
-            return
-        finite(flag, v)
-        if v < lo or v > hi or (lo_open and v == lo):
-            raise UsageError(f"{flag} {v}: must be in {'(' if lo_open else '['}{lo}, {hi}]")
 
+def _at_least(flag: str, v: float | None, lo: float) -> None:
+    if v is not None and v < lo:
+        raise UsageError(f"{flag} {v}: must be at least {lo}")
+
+
+def _within(flag: str, v: float | None, lo: float, hi: float, lo_open: bool = False) -> None:
+    if v is None:
+        return
+    _finite(flag, v)
+    if v < lo or v > hi or (lo_open and v == lo):
+        raise UsageError(f"{flag} {v}: must be in {'(' if lo_open else '['}{lo}, {hi}]")
+
+
+def _check_integers(args: argparse.Namespace) -> None:
+    """Counts, the Canny thresholds and the seed."""
     for flag, v in (("--steps", args.steps), ("--num-images", args.num_images), ("--batch-size", args.batch_size),
                     ("--repaint-jump-length", args.repaint_jump_length),
                     ("--repaint-jump-n-sample", args.repaint_jump_n_sample)):
-        at_least(flag, v, 1)
+        _at_least(flag, v, 1)
     for flag, v in (("--clip-skip", args.clip_skip), ("--clip-cutouts", args.clip_cutouts),
                     ("--canny-low", args.canny_low), ("--canny-high", args.canny_high)):
-        at_least(flag, v, 0)
+        _at_least(flag, v, 0)
     if args.canny_low > args.canny_high:
         raise UsageError(f"--canny-low {args.canny_low} is above --canny-high {args.canny_high}")
     if not 0 <= args.seed < 2**63:
         raise UsageError(f"--seed {args.seed}: must be in [0, 2^63 - 1]")
-    finite("--guidance-scale", args.guidance_scale)
-    at_least("--guidance-scale", args.guidance_scale, 0)
-    within("--guidance-rescale", args.guidance_rescale, 0.0, 1.0)
-    within("--eta", args.eta, 0.0, 1.0)
-    within("--strength", args.strength, 0.0, 1.0, lo_open=True)
-    within("--adapter-factor", args.adapter_factor, 0.0, 1.0)
-    finite("--clip-guidance-scale", args.clip_guidance_scale)
-    at_least("--clip-guidance-scale", args.clip_guidance_scale, 0)
+
+
+def _check_fractions(args: argparse.Namespace) -> None:
+    """Guidance weights, strengths and ControlNet windows."""
+    _finite("--guidance-scale", args.guidance_scale)
+    _at_least("--guidance-scale", args.guidance_scale, 0)
+    _within("--guidance-rescale", args.guidance_rescale, 0.0, 1.0)
+    _within("--eta", args.eta, 0.0, 1.0)
+    _within("--strength", args.strength, 0.0, 1.0, lo_open=True)
+    _within("--adapter-factor", args.adapter_factor, 0.0, 1.0)
+    _finite("--clip-guidance-scale", args.clip_guidance_scale)
+    _at_least("--clip-guidance-scale", args.clip_guidance_scale, 0)
     for v in args.control_scale:
-        finite("--control-scale", v)
+        _finite("--control-scale", v)
     for v in args.adapter_scale:
-        finite("--adapter-scale", v)
+        _finite("--adapter-scale", v)
     for flag, values in (("--control-start", args.control_start), ("--control-end", args.control_end)):
         for v in values:
-            within(flag, v, 0.0, 1.0)
+            _within(flag, v, 0.0, 1.0)
+
+
+def _check_size(args: argparse.Namespace) -> None:
     for name in ("height", "width"):
         v = getattr(args, name)
         if v is not None and (v <= 0 or v % 8):
             raise UsageError(f"--{name} {v}: must be a positive multiple of 8")
-    if args.image_indices is not None:
-        try:
-            args.image_indices = [int(i) for i in args.image_indices.split(",")]
-        except ValueError:
-            raise UsageError(f"--image-indices {args.image_indices!r}: expected comma-separated integers "
-                             "such as 0,3,5") from None
-        if len(set(args.image_indices)) != len(args.image_indices):
-            raise UsageError(f"--image-indices {','.join(map(str, args.image_indices))}: an index is repeated")
-    if not args.name or args.name in (".", "..") or any(ch in args.name for ch in "/\\\0"):
-        raise UsageError(f"--name {args.name!r}: must be a plain file-name prefix (no folders); files go "
-                         "into --output")
-    # settings that only apply with another flag: an error, never silently ignored
+
+
+def _image_indices(text: str | None) -> tuple[int, ...] | None:
+    """`--image-indices 0,3,5` as integers (None when not given); `UsageError` if malformed or repeated."""
+    if text is None:
+        return None
+    try:
+        indices = tuple(int(i) for i in text.split(","))
+    except ValueError:
+        raise UsageError(f"--image-indices {text!r}: expected comma-separated integers such as 0,3,5") from None
+    if len(set(indices)) != len(indices):
+        raise UsageError(f"--image-indices {','.join(map(str, indices))}: an index is repeated")
+    return indices
+
+
+def _check_name(name: str) -> None:
+    if not name or name in (".", "..") or any(ch in name for ch in "/\\\0"):
+        raise UsageError(f"--name {name!r}: must be a plain file-name prefix (no folders); files go into --output")
+
+
+def _check_flags_apply(args: argparse.Namespace) -> None:
+    """Settings that only apply with another flag: an error, never silently ignored."""
     defaults = build_parser().parse_args([])
     for flag, attr, needs, present in (
             ("--strength", "strength", "--init-image", args.init_image),
@@ -214,9 +260,205 @@ def check_flags(args) -> None:
         raise UsageError("--adapter-scale only applies with --adapter-image")
 
 
-def per_unit(values, n, default, what):
-    from jaxcontrol.errors import UsageError
+# --- the resolved request ------------------------------------------------------------------------
 
+
+@dataclasses.dataclass(frozen=True)
+class ControlSpec:
+    """One ControlNet's condition: its image file and diffusers' `controlnet_conditioning_scale`,
+    `control_guidance_start` and `control_guidance_end` (fractions of the steps)."""
+
+    image: str
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSpec:
+    """One T2I-Adapter's condition: its image file and diffusers' `adapter_conditioning_scale`."""
+
+    image: str
+    scale: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class InferSettings:
+    """What one run does, after defaults and flag checks (`resolve`); what its sidecars record.
+
+    Paths are kept as given (the sidecars record them so). Fields named as the flags are the
+    flags' values; the others are resolved: `model` (the embedded demo model without --model),
+    `controlnet_paths` / `adapter_paths` (the networks loaded from files, after the model folder's
+    own; the embedded model's own without --controlnet / --adapter), `prompts` (--prompt, then
+    the lines of --prompt-file), `controls` / `adapters` (one per condition image, the model
+    folder's own networks first, with their scales and windows), `steps` and `guidance_scale`
+    (30 and 7.5, or the demo's), `image_indices` (every index of len(prompts) * num_images
+    unless given; empty with `demo`), `output` and `progress`. `height`, `width` and `solver` are None until
+    `fit_to_model` decides them from the loaded model (a flag's height / width is kept).
+    """
+
+    # the networks
+    model: str
+    controlnet_paths: tuple[str, ...]
+    adapter_paths: tuple[str, ...]
+    dtype: str
+    vae_dtype: str
+    attention: str
+    unsafe_load_pickle: bool
+    # prompts and conditions
+    prompts: tuple[str, ...]
+    negative_prompt: str
+    controls: tuple[ControlSpec, ...]
+    control_resize_mode: str
+    guess_mode: bool
+    adapters: tuple[AdapterSpec, ...]
+    adapter_factor: float  # fraction of the steps
+    preprocess: str
+    canny_low: int
+    canny_high: int
+    # sampling
+    scheduler: str | None  # --scheduler; None: the model's own scheduler class
+    solver: str | None  # the solver that runs (fit_to_model)
+    steps: int
+    guidance_scale: float
+    guidance_rescale: float
+    eta: float
+    clip_skip: int | None
+    seed: int
+    num_images: int  # per prompt
+    image_indices: tuple[int, ...]
+    batch_size: int
+    height: int | None  # pixels
+    width: int | None
+    # editing and guidance
+    init_image: str | None
+    strength: float
+    mask: str | None
+    inpaint_method: str
+    repaint_jump_length: int
+    repaint_jump_n_sample: int
+    clip_model: str | None
+    clip_guidance_scale: float
+    clip_prompt: str | None
+    clip_cutouts: int
+    # output
+    demo: bool
+    output: Path
+    name: str
+    progress: bool
+
+    def jobs(self) -> list[tuple[int, str]]:
+        """(image index, prompt) of every image to generate, in the order given."""
+        return [(i, self.prompts[i // self.num_images]) for i in self.image_indices]
+
+
+_RESOLVED = ("model", "controlnet_paths", "adapter_paths", "prompts", "controls", "adapters", "solver", "steps",
+             "guidance_scale", "image_indices", "output", "progress")
+
+
+def resolve(args: argparse.Namespace) -> InferSettings:
+    """The settings a parsed command line asks for: every usage check that needs no model, then
+    the defaults. Reads only the prompt file and whether named paths exist; the condition images
+    are read by `load_inputs` and the weights by `open_pipeline`, both in `run`.
+
+    Raises `UsageError` naming the flag: out of range or malformed values (`check_flags`), no
+    prompt, a missing model / ControlNet / adapter / prompt file, condition images and networks
+    that do not pair up, an --image-indices index out of range, --control-start >= --control-end.
+    """
+    check_flags(args)
+    prompts = _prompts(args)
+    model = _model_path(args.model)
+    controlnets, adapters = _network_paths(args)
+    if args.demo:
+        return _demo_settings(args, model, prompts, controlnets, adapters)
+    _check_networks(args, controlnets, adapters)
+    n_images = len(prompts) * args.num_images
+    indices = _image_indices(args.image_indices)
+    if indices is not None and any(i < 0 or i >= n_images for i in indices):
+        raise UsageError(f"--image-indices {','.join(map(str, indices))}: must be in 0..{n_images - 1}")
+    return _settings(
+        args, model=model, controlnet_paths=controlnets, adapter_paths=adapters, prompts=prompts,
+        controls=_controls(args), adapters=_adapters(args), solver=None,
+        steps=30 if args.steps is None else args.steps,
+        guidance_scale=7.5 if args.guidance_scale is None else args.guidance_scale,
+        image_indices=tuple(range(n_images)) if indices is None else indices,
+        output=Path(args.output), progress=not args.no_progress)
+
+
+def _settings(args: argparse.Namespace, **resolved) -> InferSettings:
+    """`InferSettings` of the `resolved` fields, the others copied from the flags of the same name."""
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(InferSettings) if f.name not in _RESOLVED}
+    return InferSettings(**flags, **resolved)
+
+
+def _prompts(args: argparse.Namespace) -> tuple[str, ...]:
+    """--prompt, then the non-blank lines of --prompt-file (the demo prompt for a bare --demo)."""
+    from jaxcontrol import demo
+
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        if not path.exists():
+            raise UsageError(f"--prompt-file {path}: no such file")
+        if not path.is_file():
+            raise UsageError(f"--prompt-file {path}: not a regular file")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if args.demo and not prompts:
+        prompts = [demo.DEMO_PROMPT]
+    if not prompts:
+        raise UsageError("give at least one --prompt or a --prompt-file")
+    return tuple(prompts)
+
+
+def _model_path(flag: str | None) -> str:
+    """--model, or the embedded demo model; `UsageError` if it does not exist."""
+    from jaxcontrol import demo
+
+    model = flag or str(demo.DEFAULT_MODEL)
+    if not Path(model).exists():
+        if flag is None:
+            raise UsageError("no --model given and the embedded default model is not built "
+                             "(run `make embedded-model`)")
+        raise UsageError(f"--model {model}: no such file or folder")
+    return model
+
+
+def _network_paths(args: argparse.Namespace) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(--controlnet, --adapter) paths. With the embedded model (no --model), condition images
+    without a network of their own (and --demo) use its ControlNet and T2I-Adapter, first."""
+    from jaxcontrol import demo
+
+    controlnets, adapters = list(args.controlnet), list(args.adapter)
+    if args.model is None:
+        if len(args.control_image) > len(controlnets) or (args.demo and not controlnets):
+            controlnets = [str(demo.DEFAULT_CONTROLNET)] + controlnets
+        if len(args.adapter_image) > len(adapters) or (args.demo and not adapters and demo.DEFAULT_ADAPTER.is_dir()):
+            if not demo.DEFAULT_ADAPTER.is_dir():
+                raise UsageError("--adapter-image without --adapter: the embedded model has no T2I-Adapter installed")
+            adapters = [str(demo.DEFAULT_ADAPTER)] + adapters
+    return tuple(controlnets), tuple(adapters)
+
+
+def _check_networks(args: argparse.Namespace, controlnets: tuple[str, ...], adapters: tuple[str, ...]) -> None:
+    """The networks exist and pair up with the condition images; the editing flags' partners are given."""
+    for flag, paths in (("--controlnet", controlnets), ("--adapter", adapters)):
+        for p in paths:
+            if not Path(p).exists():
+                raise UsageError(f"{flag} {p}: no such file or folder")
+    # a pipeline folder may hold its own ControlNets / adapter: their images come first
+    if len(args.control_image) < len(controlnets):
+        raise UsageError(f"{len(controlnets)} --controlnet but {len(args.control_image)} --control-image")
+    if len(args.adapter_image) < len(adapters):
+        raise UsageError(f"{len(adapters)} --adapter but {len(args.adapter_image)} --adapter-image")
+    if args.mask and not args.init_image:
+        raise UsageError("--mask needs --init-image")
+    if args.clip_guidance_scale and not args.clip_model:
+        raise UsageError("--clip-guidance-scale needs --clip-model")
+
+
+def per_unit(values, n, default, what):
+    """A per-network flag's values for `n` networks: `default` for each when not given, one value
+    for all, or one per network; `UsageError` naming the flag `what` otherwise."""
     if not values:
         return [default] * n
     if len(values) == 1:
@@ -226,21 +468,100 @@ def per_unit(values, n, default, what):
     return values
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    from jaxcontrol.cli import run_main
+def _controls(args: argparse.Namespace) -> tuple[ControlSpec, ...]:
+    """One `ControlSpec` per --control-image; `UsageError` for a window with start >= end."""
+    n = len(args.control_image)
+    scales = per_unit(args.control_scale, n, 1.0, "--control-scale")
+    starts = per_unit(args.control_start, n, 0.0, "--control-start")
+    ends = per_unit(args.control_end, n, 1.0, "--control-end")
+    for k, (a, e) in enumerate(zip(starts, ends)):
+        if a >= e:
+            raise UsageError(f"--control-start {a} must be smaller than --control-end {e} (ControlNet {k})")
+    return tuple(ControlSpec(*c) for c in zip(args.control_image, scales, starts, ends))
 
-    return run_main(PROG, lambda: run(args))
+
+def _adapters(args: argparse.Namespace) -> tuple[AdapterSpec, ...]:
+    scales = per_unit(args.adapter_scale, len(args.adapter_image), 1.0, "--adapter-scale")
+    return tuple(AdapterSpec(*a) for a in zip(args.adapter_image, scales))
+
+
+def _demo_settings(args, model, prompts, controlnets, adapters) -> InferSettings:
+    """--demo: one ControlNet and at most one adapter; the demo's steps and guidance by default;
+    the first --control-image (if any) is the grid's condition."""
+    from jaxcontrol import demo
+
+    if len(controlnets) != 1 or len(adapters) > 1:
+        raise UsageError(f"--demo needs one --controlnet and at most one --adapter, got {len(controlnets)} "
+                         f"and {len(adapters)}")
+    for flag, paths in (("--controlnet", controlnets), ("--adapter", adapters)):
+        if paths and not Path(paths[0]).exists():
+            raise UsageError(f"{flag} {paths[0]}: no such file or folder")
+    return _settings(
+        args, model=model, controlnet_paths=controlnets, adapter_paths=adapters, prompts=prompts,
+        controls=tuple(ControlSpec(p) for p in args.control_image[:1]), adapters=(), solver=None,
+        steps=demo.DEMO_STEPS if args.steps is None else args.steps,
+        guidance_scale=demo.DEMO_GUIDANCE if args.guidance_scale is None else args.guidance_scale,
+        image_indices=(), output=Path(args.output), progress=not args.no_progress)
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class InputImages:
+    """The images a run reads: float32 in [0, 1], (H, W, 3); the mask (H, W)."""
+
+    control_images: tuple
+    adapter_images: tuple
+    init_image: np.ndarray | None
+    mask: np.ndarray | None
+
+
+def main(argv=None) -> int:
+    """`infer.py ARGS`: 0 on success, 1 on a runtime error, 2 on a usage error, 130 when
+    interrupted (errors are one line on stderr; see `jaxcontrol.cli`)."""
+    args = parse_args(argv)
+    from jaxcontrol.cli import EXIT_OK, run_main
+
+    def resolve_and_run() -> int:
+        run(resolve(args))
+        return EXIT_OK
+
+    return run_main(PROG, resolve_and_run)
+
+
+def run(settings: InferSettings) -> list[Path]:
+    """Read the condition images, load the networks, sample every image, write them.
+
+    Writes NAME_IIIII.png and its JSON sidecar per image and the grid NAME_grid.png under
+    `settings.output` (with `demo`: `run_demo`); returns the PNG paths, the grid last. Every
+    image is sampled and found finite before anything is written. Raises `UsageError` for an
+    unreadable image or a flag the loaded model rejects (`fit_to_model`), `NonFiniteError` for
+    NaN / infinity while sampling, `CheckpointError` / `OSError` for unreadable weights.
+    """
+    if settings.demo:
+        return run_demo(settings)
+    import jax
+
+    from jaxcontrol.provenance import hash_paths_in_background
+
+    inputs = load_inputs(settings)  # images are validated before the slow model load
+    t0 = time.perf_counter()
+    hashes = hash_paths_in_background([settings.model, *settings.controlnet_paths, *settings.adapter_paths])
+    pipe = open_pipeline(settings)
+    settings = fit_to_model(settings, pipe, inputs.init_image)
+    inputs = prepare_inputs(settings, inputs)
+    clip = load_clip_guidance(settings, pipe) if settings.clip_guidance_scale else None
+    written = write_outputs(settings, inputs, sample(settings, pipe, inputs, clip), hashes)
+    print(f"wrote {len(written) - 1} images and {written[-1]} in {time.perf_counter() - t0:.1f} s "
+          f"({jax.device_count()} device(s))")
+    return written
 
 
 def _load(flag, path, mode="RGB"):
     """An input image named by a flag; an unreadable one is a usage error naming the flag."""
     import numpy as np
 
-    import os
-    import stat
-
-    from jaxcontrol.errors import UsageError
     from jaxcontrol.preprocess import ImageLoadError, load_image
 
     try:
@@ -251,255 +572,75 @@ def _load(flag, path, mode="RGB"):
         raise UsageError(f"{flag}: {e}") from None
 
 
-def run(args) -> int:
-    from jaxcontrol.errors import UsageError
+def load_inputs(settings: InferSettings) -> InputImages:
+    """The condition, init and mask images, read as given (`UsageError` naming the flag for one
+    that is missing or unreadable)."""
+    return InputImages(control_images=tuple(_load("--control-image", c.image) for c in settings.controls),
+                       adapter_images=tuple(_load("--adapter-image", a.image) for a in settings.adapters),
+                       init_image=_load("--init-image", settings.init_image) if settings.init_image else None,
+                       mask=_load("--mask", settings.mask, mode="L") if settings.mask else None)
 
-    check_flags(args)
-    prompts = list(args.prompt)
-    if args.prompt_file:
-        path = Path(args.prompt_file)
-        if not path.exists():
-            raise UsageError(f"--prompt-file {path}: no such file")
-        if not path.is_file():
-            raise UsageError(f"--prompt-file {path}: not a regular file")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    from jaxcontrol import demo
 
-    if args.demo and not prompts:
-        prompts = [demo.DEMO_PROMPT]
-    if not prompts:
-        raise UsageError("give at least one --prompt or a --prompt-file")
-    model = args.model or str(demo.DEFAULT_MODEL)
-    if not Path(model).exists():
-        if args.model is None:
-            raise UsageError("no --model given and the embedded default model is not built "
-                             "(run `make embedded-model`)")
-        raise UsageError(f"--model {model}: no such file or folder")
-    if args.model is None:  # the embedded model: images without a network go to its own ControlNet / adapter
-        if len(args.control_image) > len(args.controlnet) or (args.demo and not args.controlnet):
-            args.controlnet = [str(demo.DEFAULT_CONTROLNET)] + args.controlnet
-        if len(args.adapter_image) > len(args.adapter) or (
-                args.demo and not args.adapter and demo.DEFAULT_ADAPTER.is_dir()):
-            if not demo.DEFAULT_ADAPTER.is_dir():
-                raise UsageError("--adapter-image without --adapter: the embedded model has no T2I-Adapter installed")
-            args.adapter = [str(demo.DEFAULT_ADAPTER)] + args.adapter
-    if args.demo:
-        return run_demo(args, prompts[0], model)
-    args.steps = 30 if args.steps is None else args.steps
-    args.guidance_scale = 7.5 if args.guidance_scale is None else args.guidance_scale
-    for flag, paths in (("--controlnet", args.controlnet), ("--adapter", args.adapter)):
-        for p in paths:
-            if not Path(p).exists():
-                raise UsageError(f"{flag} {p}: no such file or folder")
-    # a pipeline folder may hold its own ControlNets / adapter: their images come first
-    if len(args.control_image) < len(args.controlnet):
-        raise UsageError(f"{len(args.controlnet)} --controlnet but {len(args.control_image)} --control-image")
-    if len(args.adapter_image) < len(args.adapter):
-        raise UsageError(f"{len(args.adapter)} --adapter but {len(args.adapter_image)} --adapter-image")
-    if args.mask and not args.init_image:
-        raise UsageError("--mask needs --init-image")
-    if args.clip_guidance_scale and not args.clip_model:
-        raise UsageError("--clip-guidance-scale needs --clip-model")
-    n_images = len(prompts) * args.num_images
-    if args.image_indices is not None and any(i < 0 or i >= n_images for i in args.image_indices):
-        raise UsageError(f"--image-indices {','.join(map(str, args.image_indices))}: must be in 0..{n_images - 1}")
-    n_cn, n_ad = len(args.control_image), len(args.adapter_image)
-    cn_scales = per_unit(args.control_scale, n_cn, 1.0, "--control-scale")
-    cn_starts = per_unit(args.control_start, n_cn, 0.0, "--control-start")
-    cn_ends = per_unit(args.control_end, n_cn, 1.0, "--control-end")
-    for k, (a, e) in enumerate(zip(cn_starts, cn_ends)):
-        if a >= e:
-            raise UsageError(f"--control-start {a} must be smaller than --control-end {e} (ControlNet {k})")
-    ad_scales = per_unit(args.adapter_scale, n_ad, 1.0, "--adapter-scale")
+def open_pipeline(settings: InferSettings):
+    """The `Pipeline` of `settings.model` plus the ControlNets and adapters loaded from files."""
+    from jaxcontrol.pipeline import Pipeline
 
-    # images are validated before the slow model load
-    control_images = [_load("--control-image", p) for p in args.control_image]
-    adapter_images = [_load("--adapter-image", p) for p in args.adapter_image]
-    init_image = _load("--init-image", args.init_image) if args.init_image else None
-    mask = _load("--mask", args.mask, mode="L") if args.mask else None
+    return Pipeline.from_pretrained(settings.model, dtype=settings.dtype, vae_dtype=settings.vae_dtype,
+                                    controlnets=list(settings.controlnet_paths), adapters=list(settings.adapter_paths),
+                                    attention_impl=settings.attention, unsafe_load_pickle=settings.unsafe_load_pickle)
 
-    import numpy as np
-    from tqdm import tqdm
 
-    import jax
+def fit_to_model(settings: InferSettings, pipe, init_image) -> InferSettings:
+    """`settings` with the solver and the image size decided by the loaded model: --height /
+    --width, else the init image's size, else the U-Net's sample size times the VAE's factor.
 
-    from jaxcontrol.images import make_grid, save_json, save_png
-    from jaxcontrol.pipeline import AdapterInput, ControlInput
-    from jaxcontrol.provenance import array_sha256, hash_paths_in_background
-
-    t0 = time.perf_counter()
-    hashes = hash_paths_in_background([model, *args.controlnet, *args.adapter])
-    pipe = open_pipeline(args, model)
+    Raises `UsageError` for a --clip-skip deeper than the text encoder, --eta with a solver other
+    than DDIM, or a size the VAE's downscale factor does not divide."""
     layers = pipe.text_encoder.config.num_hidden_layers
-    if args.clip_skip is not None and args.clip_skip > layers:
-        raise UsageError(f"--clip-skip {args.clip_skip}: the text encoder has {layers} layers (at most {layers})")
-    solver = pipe.scheduler_config.resolve(args.scheduler)[0]
-    if args.eta and solver != "ddim":
-        raise UsageError(f"--eta {args.eta} applies to the DDIM solver only; this run uses {solver!r} "
+    if settings.clip_skip is not None and settings.clip_skip > layers:
+        raise UsageError(f"--clip-skip {settings.clip_skip}: the text encoder has {layers} layers (at most {layers})")
+    solver = pipe.scheduler_config.resolve(settings.scheduler)[0]
+    if settings.eta and solver != "ddim":
+        raise UsageError(f"--eta {settings.eta} applies to the DDIM solver only; this run uses {solver!r} "
                          "(add --scheduler ddim)")
     f = pipe.vae_scale_factor
-    height = args.height or (init_image.shape[0] if init_image is not None else None)
-    width = args.width or (init_image.shape[1] if init_image is not None else None)
+    height = settings.height or (init_image.shape[0] if init_image is not None else None)
+    width = settings.width or (init_image.shape[1] if init_image is not None else None)
     height = height or pipe.unet.config.sample_size * f
     width = width or pipe.unet.config.sample_size * f
     if height % f or width % f:
         raise UsageError(f"image size {height}x{width} is not a multiple of {f} (the VAE's downscale factor): "
                          "give --height and --width")
-    if init_image is not None and init_image.shape[:2] != (height, width):
+    return dataclasses.replace(settings, solver=solver, height=height, width=width)
+
+
+def prepare_inputs(settings: InferSettings, inputs: InputImages) -> InputImages:
+    """The init image resized (bicubic) to the output size; with --preprocess canny, the
+    condition images as Canny edge maps (`jaxcontrol.preprocess.canny`)."""
+    import numpy as np
+
+    init_image = inputs.init_image
+    if init_image is not None and init_image.shape[:2] != (settings.height, settings.width):
         from PIL import Image
 
         init_image = np.asarray(Image.fromarray(np.round(init_image * 255).astype(np.uint8)).resize(
-            (width, height), Image.BICUBIC), np.float32) / 255.0
-    if args.preprocess == "canny":
-        from jaxcontrol.preprocess import canny
+            (settings.width, settings.height), Image.BICUBIC), np.float32) / 255.0
+    inputs = dataclasses.replace(inputs, init_image=init_image)
+    if settings.preprocess != "canny":
+        return inputs
+    from jaxcontrol.preprocess import canny
 
-        def edges(img, channels):
-            u8 = np.round(img * 255).astype(np.uint8)[None]
-            return np.asarray(canny(u8, args.canny_low, args.canny_high, channels=channels))[0]
+    def edges(img):
+        u8 = np.round(img * 255).astype(np.uint8)[None]
+        return np.asarray(canny(u8, settings.canny_low, settings.canny_high, channels=3))[0]
 
-        control_images = [edges(i, 3) for i in control_images]
-        adapter_images = [edges(i, 3) for i in adapter_images]
-    clip = None
-    if args.clip_guidance_scale:
-        clip = load_clip_guidance(args, pipe, prompts)
-
-    indices = list(range(n_images)) if args.image_indices is None else args.image_indices
-    jobs = [(i, prompts[i // args.num_images]) for i in indices]
-    results = []  # everything is sampled (and checked) before anything is written
-    batches = math.ceil(len(jobs) / args.batch_size)
-    bar = tqdm(total=len(jobs), disable=args.no_progress, unit="img", desc="compiling + sampling")
-    for b in range(batches):
-        chunk = jobs[b * args.batch_size : (b + 1) * args.batch_size]
-        n_real = len(chunk)
-        if len(jobs) > args.batch_size:  # pad the last batch so that one compiled program serves all
-            chunk = chunk + [chunk[-1]] * (args.batch_size - n_real)
-        start = time.perf_counter()
-        out = pipe(
-            [p for _, p in chunk], args.negative_prompt, height=height, width=width,
-            num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-            guidance_rescale=args.guidance_rescale, scheduler=args.scheduler,
-            scheduler_options={"eta": args.eta} if solver == "ddim" else None,
-            seed=args.seed, image_indices=[i for i, _ in chunk],
-            controls=[ControlInput(img, s, a, e, args.control_resize_mode)
-                      for img, s, a, e in zip(control_images, cn_scales, cn_starts, cn_ends)],
-            guess_mode=args.guess_mode,
-            adapters=[AdapterInput(img, s) for img, s in zip(adapter_images, ad_scales)],
-            adapter_conditioning_factor=args.adapter_factor, init_image=init_image, strength=args.strength,
-            mask=mask, inpaint_method=args.inpaint_method, repaint_jump_length=args.repaint_jump_length,
-            repaint_jump_n_sample=args.repaint_jump_n_sample, clip_guidance=clip, clip_skip=args.clip_skip,
-        )
-        seconds = round(time.perf_counter() - start, 3)
-        resolved = {k: v for k, v in pipe.last_settings.items() if k != "image_indices"}
-        for (index, prompt), image in zip(chunk[:n_real], out[:n_real]):
-            results.append((index, prompt, image, resolved, seconds))
-        bar.set_description("sampling")
-        bar.update(n_real)
-    bar.close()
-
-    import jaxcontrol
-
-    common = {
-        "jaxcontrol_version": jaxcontrol.__version__,
-        "model": {"path": model, "sha256": hashes[model].result()},
-        "negative_prompt": args.negative_prompt,
-        "scheduler": args.scheduler or solver,
-        "steps": args.steps,
-        "attention": args.attention,
-        "inputs": {
-            "control_images": [{"path": p, "sha256": array_sha256(i)} for p, i in zip(args.control_image, control_images)],
-            "adapter_images": [{"path": p, "sha256": array_sha256(i)} for p, i in zip(args.adapter_image, adapter_images)],
-            "preprocess": args.preprocess if args.preprocess == "none" else
-            {"name": args.preprocess, "low": args.canny_low, "high": args.canny_high},
-            "init_image": None if init_image is None else {"path": args.init_image, "sha256": array_sha256(init_image)},
-            "mask": None if mask is None else {"path": args.mask, "sha256": array_sha256(mask)},
-        },
-    }
-    extra_cn = {p: hashes[p].result() for p in args.controlnet}
-    extra_ad = {p: hashes[p].result() for p in args.adapter}
-    out_dir = Path(args.output)
-    written, images = [], []
-    for index, prompt, image, resolved, seconds in results:
-        stem = f"{args.name}_{index:05d}"
-        sidecar = {**resolved, **common, "prompt": prompt, "image_index": index, "seconds_for_batch": seconds,
-                   "controlnets": [dict(c) for c in resolved["controlnets"]],
-                   "adapters": [dict(a) for a in resolved["adapters"]]}
-        # the ControlNets / adapters loaded from files (a pipeline folder's own come first and
-        # are fingerprinted with the model)
-        own_cn = len(resolved["controlnets"]) - len(args.controlnet)
-        for k, (p, digest) in enumerate(extra_cn.items()):
-            sidecar["controlnets"][own_cn + k] = {**sidecar["controlnets"][own_cn + k], "path": p, "sha256": digest}
-        own_ad = len(resolved["adapters"]) - len(args.adapter)
-        for k, (p, digest) in enumerate(extra_ad.items()):
-            sidecar["adapters"][own_ad + k] = {**sidecar["adapters"][own_ad + k], "path": p, "sha256": digest}
-        written.append(save_png(image, out_dir / f"{stem}.png"))
-        save_json(sidecar, out_dir / f"{stem}.json")
-        images.append(image)
-    grid = save_png(make_grid(images), out_dir / f"{args.name}_grid.png")
-    print(f"wrote {len(written)} images and {grid} in {time.perf_counter() - t0:.1f} s "
-          f"({jax.device_count()} device(s))")
-    return 0
+    return dataclasses.replace(inputs, control_images=tuple(edges(i) for i in inputs.control_images),
+                               adapter_images=tuple(edges(i) for i in inputs.adapter_images))
 
 
-def open_pipeline(args, model):
-    from jaxcontrol.pipeline import Pipeline
-
-    return Pipeline.from_pretrained(model, dtype=args.dtype, vae_dtype=args.vae_dtype, controlnets=args.controlnet,
-                                    adapters=args.adapter, attention_impl=args.attention,
-                                    unsafe_load_pickle=args.unsafe_load_pickle)
-
-
-def run_demo(args, prompt, model) -> int:
-    from jaxcontrol.errors import UsageError
-
-    if len(args.controlnet) != 1 or len(args.adapter) > 1:
-        raise UsageError(f"--demo needs one --controlnet and at most one --adapter, got {len(args.controlnet)} "
-                         f"and {len(args.adapter)}")
-    for flag, paths in (("--controlnet", args.controlnet), ("--adapter", args.adapter)):
-        if paths and not Path(paths[0]).exists():
-            raise UsageError(f"{flag} {paths[0]}: no such file or folder")
-    import numpy as np
-    from PIL import Image
-
-    import jaxcontrol
-    from jaxcontrol import demo
-    from jaxcontrol.images import save_json, save_png
-    from jaxcontrol.provenance import array_sha256, hash_paths_in_background
-
-    t0 = time.perf_counter()
-    hashes = hash_paths_in_background([model, *args.controlnet, *args.adapter])
-    pipe = open_pipeline(args, model)
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    height, width = args.height or size, args.width or size
-    if args.control_image:
-        condition = Image.fromarray(np.round(_load("--control-image", args.control_image[0]) * 255).astype(np.uint8))
-    else:
-        condition = Image.fromarray(demo.circle_outline(max(height, width)))
-    condition = np.asarray(condition.resize((width, height), Image.BILINEAR))
-    guidance = demo.DEMO_GUIDANCE if args.guidance_scale is None else args.guidance_scale
-    steps = demo.DEMO_STEPS if args.steps is None else args.steps
-    grid = demo.control_grid(pipe, prompt, condition, seed=args.seed, steps=steps, guidance_scale=guidance,
-                             scheduler=args.scheduler)
-    settings = pipe.last_settings
-    sidecar = {
-        "jaxcontrol_version": jaxcontrol.__version__, "prompt": prompt, "negative_prompt": "",
-        "seed": args.seed, "steps": steps, "guidance_scale": guidance, "cfg_sweep": list(demo.CFG_SWEEP),
-        "height": height, "width": width, "solver": settings["solver"],
-        "scheduler_config": settings["scheduler_config"], "prediction_type": settings["prediction_type"],
-        "timesteps": settings["timesteps"], "dtype": settings["dtype"], "vae_dtype": settings["vae_dtype"],
-        "model": {"path": model, "sha256": hashes[model].result()},
-        "controlnet": {"path": args.controlnet[0], "sha256": hashes[args.controlnet[0]].result()},
-        "adapter": {"path": args.adapter[0], "sha256": hashes[args.adapter[0]].result()} if args.adapter else None,
-        "condition": {"path": args.control_image[0] if args.control_image else None,
-                      "sha256": array_sha256(condition)},
-    }
-    path = save_png(grid, Path(args.output) / f"{args.name}_demo.png")
-    save_json(sidecar, Path(args.output) / f"{args.name}_demo.json")
-    print(f"wrote {path} ({prompt!r}, {steps} steps, CFG {guidance:g}, seed {args.seed}) in "
-          f"{time.perf_counter() - t0:.1f} s")
-    return 0
-
-
-def load_clip_guidance(args, pipe, prompts):
+def load_clip_guidance(settings: InferSettings, pipe):
+    """`ClipGuidanceInput` from --clip-model (its tokenizer if the folder has one, else the
+    pipeline's), steering toward --clip-prompt (default: the first prompt)."""
     import jax.numpy as jnp
     import numpy as np
 
@@ -508,14 +649,188 @@ def load_clip_guidance(args, pipe, prompts):
     from jaxcontrol.pipeline import ClipGuidanceInput
     from jaxcontrol.tokenizer import load_tokenizer, tokenize
 
-    (text, tparams), (vision, vparams) = load_clip_towers(args.clip_model, unsafe_load_pickle=args.unsafe_load_pickle)
-    tok_dir = Path(args.clip_model)
+    (text, tparams), (vision, vparams) = load_clip_towers(settings.clip_model,
+                                                          unsafe_load_pickle=settings.unsafe_load_pickle)
+    tok_dir = Path(settings.clip_model)
     tokenizer = load_tokenizer(tok_dir) if (tok_dir / "vocab.json").is_file() else pipe.tokenizer
-    ids = tokenize(tokenizer, [args.clip_prompt or prompts[0]])
+    ids = tokenize(tokenizer, [settings.clip_prompt or settings.prompts[0]])
     target = text.apply({"params": tparams}, jnp.asarray(ids)).text_embeds[0]
     guide = ClipGuide(pipe.vae, pipe.params["vae"], vision, vparams, image_size=vision.config.image_size,
-                      num_cutouts=args.clip_cutouts)
-    return ClipGuidanceInput(guide, np.asarray(target), args.clip_guidance_scale)
+                      num_cutouts=settings.clip_cutouts)
+    return ClipGuidanceInput(guide, np.asarray(target), settings.clip_guidance_scale)
+
+
+def sample(settings: InferSettings, pipe, inputs: InputImages, clip) -> list[tuple]:
+    """Every image of `settings.jobs()`, `batch_size` per call: (index, prompt, uint8 (H, W, 3)
+    image, the pipeline's resolved settings of its batch, seconds for the batch). Nothing is
+    written here: the pipeline raises `NonFiniteError` for a NaN before any file exists."""
+    from tqdm import tqdm
+
+    call = _call_arguments(settings, inputs, clip)
+    jobs = settings.jobs()
+    results = []
+    bar = tqdm(total=len(jobs), disable=not settings.progress, unit="img", desc="compiling + sampling")
+    for chunk, n_real in _batches(jobs, settings.batch_size):
+        start = time.perf_counter()
+        out = pipe([p for _, p in chunk], settings.negative_prompt, image_indices=[i for i, _ in chunk], **call)
+        seconds = round(time.perf_counter() - start, 3)
+        resolved = {k: v for k, v in pipe.last_settings.items() if k != "image_indices"}
+        for (index, prompt), image in zip(chunk[:n_real], out[:n_real]):
+            results.append((index, prompt, image, resolved, seconds))
+        bar.set_description("sampling")
+        bar.update(n_real)
+    bar.close()
+    return results
+
+
+def _batches(jobs: list, batch_size: int):
+    """(batch, number of real jobs in it): when there is more than one batch, the last is padded
+    with copies of its last job, so that one compiled program serves every call."""
+    for b in range(math.ceil(len(jobs) / batch_size)):
+        chunk = jobs[b * batch_size : (b + 1) * batch_size]
+        n_real = len(chunk)
+        if len(jobs) > batch_size:
+            chunk = chunk + [chunk[-1]] * (batch_size - n_real)
+        yield chunk, n_real
+
+
+def _call_arguments(settings: InferSettings, inputs: InputImages, clip) -> dict:
+    """The `Pipeline.__call__` keyword arguments every batch shares."""
+    from jaxcontrol.pipeline import AdapterInput, ControlInput
+
+    return dict(
+        height=settings.height, width=settings.width, num_inference_steps=settings.steps,
+        guidance_scale=settings.guidance_scale, guidance_rescale=settings.guidance_rescale,
+        scheduler=settings.scheduler, scheduler_options={"eta": settings.eta} if settings.solver == "ddim" else None,
+        seed=settings.seed,
+        controls=[ControlInput(img, c.scale, c.start, c.end, settings.control_resize_mode)
+                  for img, c in zip(inputs.control_images, settings.controls)],
+        guess_mode=settings.guess_mode,
+        adapters=[AdapterInput(img, a.scale) for img, a in zip(inputs.adapter_images, settings.adapters)],
+        adapter_conditioning_factor=settings.adapter_factor, init_image=inputs.init_image,
+        strength=settings.strength, mask=inputs.mask, inpaint_method=settings.inpaint_method,
+        repaint_jump_length=settings.repaint_jump_length, repaint_jump_n_sample=settings.repaint_jump_n_sample,
+        clip_guidance=clip, clip_skip=settings.clip_skip)
+
+
+def write_outputs(settings: InferSettings, inputs: InputImages, results: list[tuple], hashes: dict) -> list[Path]:
+    """Each image as NAME_IIIII.png with its sidecar NAME_IIIII.json, then the grid NAME_grid.png
+    (atomic writes); returns the PNG paths, the grid last. `hashes` maps each network path to a
+    future of its sha256 (`hash_paths_in_background`)."""
+    from jaxcontrol.images import make_grid, save_json, save_png
+
+    common = _common_sidecar(settings, inputs, hashes)
+    cn_digests = {p: hashes[p].result() for p in settings.controlnet_paths}
+    ad_digests = {p: hashes[p].result() for p in settings.adapter_paths}
+    written = []
+    for index, prompt, image, resolved, seconds in results:
+        stem = f"{settings.name}_{index:05d}"
+        sidecar = {**resolved, **common, "prompt": prompt, "image_index": index, "seconds_for_batch": seconds,
+                   "controlnets": _with_files(resolved["controlnets"], settings.controlnet_paths, cn_digests),
+                   "adapters": _with_files(resolved["adapters"], settings.adapter_paths, ad_digests)}
+        written.append(save_png(image, settings.output / f"{stem}.png"))
+        save_json(sidecar, settings.output / f"{stem}.json")
+    grid = make_grid([image for _, _, image, _, _ in results])
+    return written + [save_png(grid, settings.output / f"{settings.name}_grid.png")]
+
+
+def _with_files(entries: list[dict], paths: tuple[str, ...], digests: dict[str, str]) -> list[dict]:
+    """The resolved per-network entries, those of the networks loaded from `paths` (after the
+    model folder's own, which are fingerprinted with the model) with their path and sha256."""
+    entries = [dict(e) for e in entries]
+    own = len(entries) - len(paths)
+    for k, (path, digest) in enumerate(digests.items()):
+        entries[own + k] = {**entries[own + k], "path": path, "sha256": digest}
+    return entries
+
+
+def _common_sidecar(settings: InferSettings, inputs: InputImages, hashes: dict) -> dict:
+    """What every image's sidecar records besides the pipeline's resolved settings: the version,
+    the model's fingerprint, the request, and each input image's path and sha256 (as used)."""
+    import jaxcontrol
+    from jaxcontrol.provenance import array_sha256
+
+    def fingerprint(path, array):
+        return None if array is None else {"path": path, "sha256": array_sha256(array)}
+
+    return {
+        "jaxcontrol_version": jaxcontrol.__version__,
+        "model": {"path": settings.model, "sha256": hashes[settings.model].result()},
+        "negative_prompt": settings.negative_prompt,
+        "scheduler": settings.scheduler or settings.solver,
+        "steps": settings.steps,
+        "attention": settings.attention,
+        "inputs": {
+            "control_images": [fingerprint(c.image, i) for c, i in zip(settings.controls, inputs.control_images)],
+            "adapter_images": [fingerprint(a.image, i) for a, i in zip(settings.adapters, inputs.adapter_images)],
+            "preprocess": settings.preprocess if settings.preprocess == "none" else
+            {"name": settings.preprocess, "low": settings.canny_low, "high": settings.canny_high},
+            "init_image": fingerprint(settings.init_image, inputs.init_image),
+            "mask": fingerprint(settings.mask, inputs.mask),
+        },
+    }
+
+
+# --- the demo grid -------------------------------------------------------------------------------
+
+
+def run_demo(settings: InferSettings) -> list[Path]:
+    """--demo: the grid of `jaxcontrol.demo.control_grid` for the first prompt, written as
+    NAME_demo.png with its sidecar NAME_demo.json; returns [the PNG path]."""
+    from jaxcontrol import demo
+    from jaxcontrol.images import save_json, save_png
+    from jaxcontrol.provenance import hash_paths_in_background
+
+    t0 = time.perf_counter()
+    hashes = hash_paths_in_background([settings.model, *settings.controlnet_paths, *settings.adapter_paths])
+    pipe = open_pipeline(settings)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    settings = dataclasses.replace(settings, height=settings.height or size, width=settings.width or size)
+    condition = _demo_condition(settings)
+    grid = demo.control_grid(pipe, settings.prompts[0], condition, seed=settings.seed, steps=settings.steps,
+                             guidance_scale=settings.guidance_scale, scheduler=settings.scheduler)
+    sidecar = _demo_sidecar(settings, pipe.last_settings, hashes, condition)
+    path = save_png(grid, settings.output / f"{settings.name}_demo.png")
+    save_json(sidecar, settings.output / f"{settings.name}_demo.json")
+    print(f"wrote {path} ({settings.prompts[0]!r}, {settings.steps} steps, CFG {settings.guidance_scale:g}, "
+          f"seed {settings.seed}) in {time.perf_counter() - t0:.1f} s")
+    return [path]
+
+
+def _demo_condition(settings: InferSettings):
+    """The demo's condition, uint8 (height, width, 3): the first --control-image, else a drawn
+    circle outline, resized (bilinear)."""
+    import numpy as np
+    from PIL import Image
+
+    from jaxcontrol import demo
+
+    if settings.controls:
+        image = Image.fromarray(np.round(_load("--control-image", settings.controls[0].image) * 255).astype(np.uint8))
+    else:
+        image = Image.fromarray(demo.circle_outline(max(settings.height, settings.width)))
+    return np.asarray(image.resize((settings.width, settings.height), Image.BILINEAR))
+
+
+def _demo_sidecar(settings: InferSettings, resolved: dict, hashes: dict, condition) -> dict:
+    import jaxcontrol
+    from jaxcontrol import demo
+    from jaxcontrol.provenance import array_sha256
+
+    def network(paths):
+        return {"path": paths[0], "sha256": hashes[paths[0]].result()} if paths else None
+
+    return {
+        "jaxcontrol_version": jaxcontrol.__version__, "prompt": settings.prompts[0], "negative_prompt": "",
+        "seed": settings.seed, "steps": settings.steps, "guidance_scale": settings.guidance_scale,
+        "cfg_sweep": list(demo.CFG_SWEEP), "height": settings.height, "width": settings.width,
+        **{k: resolved[k] for k in ("solver", "scheduler_config", "prediction_type", "timesteps", "dtype",
+                                    "vae_dtype")},
+        "model": {"path": settings.model, "sha256": hashes[settings.model].result()},
+        "controlnet": network(settings.controlnet_paths), "adapter": network(settings.adapter_paths),
+        "condition": {"path": settings.controls[0].image if settings.controls else None,
+                      "sha256": array_sha256(condition)},
+    }
 
 
 def console_main():

@@ -60,7 +60,10 @@ log = logging.getLogger("jaxcontrol.train")
 class Run:
     """Everything `train` sets up, kept together so that tests and tools can drive steps themselves.
 
-    `Run(config, workdir)` builds the mesh, networks, optimizer, shardings, data and checkpointer;
+    `Run(config, workdir)` sets up, in this order: the checked config, then (a `_setup_*` method
+    each) the workdir, the mesh, the networks and optimizer, the data (after the networks: it
+    may be precomputed through them), the shardings, then the checkpointer, the state (fresh, or
+    restored from the latest checkpoint) and the train step.
     `run.state` is fresh or restored; `run.step_fn(run.state, run.frozen, batch)` is the compiled
     step; `run.next_batch()` the next global batch. Use it as a context manager (or call
     `close()`), so that an async checkpoint save still in flight completes:
@@ -71,34 +74,62 @@ class Run:
     """
 
     def __init__(self, config, workdir: str | os.PathLike, *, restore: bool = True):
-        config = check_config(config)
-        self.config = config
+        self.config = check_config(config)
+        self._setup_workdir(workdir)
+        self._setup_mesh()
+        trainable, frozen = self._setup_model()
+        self._setup_data(frozen)
+        self._setup_shardings(trainable, frozen)
+        self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=int(self.config.checkpoint.keep),
+                                         async_save=bool(self.config.checkpoint.async_save))
+        self._closed = False
+        try:
+            self._setup_state(trainable, restore)
+            self._setup_step()
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup_workdir(self, workdir: str | os.PathLike) -> None:
+        """`workdir` as an absolute path; the main process creates it and checks it is writable."""
         self.workdir = Path(os.path.abspath(workdir))
         self.is_main = jax.process_index() == 0
         if self.is_main:
             prepare_workdir(self.workdir)
-        self.mesh = make_mesh(int(config.mesh.data), int(config.mesh.fsdp), _devices(int(config.mesh.num_devices)))
-        self.batch_axes = tuple(config.mesh.batch_axes)
-        self.accum = int(config.grad_accum_steps)
-        micro = config.batch_size // self.accum
+
+    def _setup_mesh(self) -> None:
+        """The ("data", "fsdp") mesh over `mesh.num_devices` devices. `ConfigError` when a
+        micro-batch (batch_size / grad_accum_steps) does not split over its batch axes."""
+        mesh = self.config.mesh
+        self.mesh = make_mesh(int(mesh.data), int(mesh.fsdp), _devices(int(mesh.num_devices)))
+        self.batch_axes = tuple(mesh.batch_axes)
+        self.accum = int(self.config.grad_accum_steps)
+        micro = self.config.batch_size // self.accum
         div = batch_divisor(self.mesh, self.batch_axes)
         if micro % div:
             raise ConfigError(f"config.batch_size / grad_accum_steps = {micro} examples per micro-batch do not "
                               f"split over the mesh's batch axes {self.batch_axes} ({div} ways; {describe(self.mesh)})")
 
-        self.nets, trainable, frozen = build_networks(config, self.workdir)
-        self.lr_schedule = learning_rate_schedule(config.optim, int(config.steps))
-        self.tx = make_optimizer(config.optim, self.lr_schedule)
+    def _setup_model(self) -> tuple[dict, dict]:
+        """The networks, the learning-rate schedule and the optimizer; returns the (trainable,
+        frozen) parameters, host arrays."""
+        self.nets, trainable, frozen = build_networks(self.config, self.workdir)
+        self.lr_schedule = learning_rate_schedule(self.config.optim, int(self.config.steps))
+        self.tx = make_optimizer(self.config.optim, self.lr_schedule)
+        return trainable, frozen
 
-        # --- data
+    def _setup_data(self, frozen: dict) -> None:
+        """The training and validation sources (the training one precomputed through the frozen
+        encoders with `data.precompute`), the dataset, its iterator and the keys a device batch
+        holds. Precomputed text embeddings with prompt dropout add `frozen["empty_prompt"]`."""
+        config = self.config
         train_source, self.validation_source = open_sources(config, self.workdir)
+        has_text = False
         if config.data.precompute:
             train_source = precomputed_source(config, self.workdir, train_source, self.nets, frozen)
             has_text = train_source.meta.get("text_embeddings") is not None
             if has_text and config.loss.proportion_empty_prompts > 0:
                 frozen["empty_prompt"] = np.asarray(self._encode_text_host(frozen, self.nets.empty_ids))
-        else:
-            has_text = False
         self.dataset = make_train_dataset(config, train_source, self.nets.tokenizer, tokenize_prompts=not has_text)
         self.iterator = iter(self.dataset)
         self.train_source = train_source
@@ -108,42 +139,44 @@ class Run:
             self.batch_keys = tuple(k for k in DEVICE_KEYS
                                     if not (k == "conditioning_pixel_values" and config.task == "unet"))
 
-        # --- shardings and state
-        shard = bool(config.mesh.shard_trainable)
-        min_size = int(config.mesh.min_shard_size)
-        ema = config.optim.ema_decay > 0
-        seed = int(config.seed)
-        abstract = jax.eval_shape(lambda p: create_train_state(p, self.tx, seed, ema=ema), trainable)
-        self.state_sharding = param_shardings(abstract, self.mesh, shard=shard, min_size=min_size)
-        self.frozen_sharding = param_shardings(frozen, self.mesh, shard=bool(config.mesh.shard_frozen),
-                                               min_size=min_size)
+    def _new_state(self, params) -> TrainState:
+        """A fresh `TrainState` of `params` (step 0, optimizer state, the EMA if `optim.ema_decay`)."""
+        return create_train_state(params, self.tx, int(self.config.seed), ema=self.config.optim.ema_decay > 0)
+
+    def _setup_shardings(self, trainable: dict, frozen: dict) -> None:
+        """Shardings of the train state, the frozen parameters and the batches; the abstract
+        (sharded) state a checkpoint restores into; the frozen parameters placed on the mesh."""
+        mesh_cfg = self.config.mesh
+        min_size = int(mesh_cfg.min_shard_size)
+        abstract = jax.eval_shape(self._new_state, trainable)
+        self.state_sharding = param_shardings(abstract, self.mesh, shard=bool(mesh_cfg.shard_trainable),
+                                              min_size=min_size)
+        self.frozen_sharding = param_shardings(frozen, self.mesh, shard=bool(mesh_cfg.shard_frozen), min_size=min_size)
         self.batch_sharding = batch_sharding(self.mesh, self.batch_axes, leading=1)
         self.abstract_state = jax.tree_util.tree_map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, self.state_sharding)
         self.frozen = jax.device_put(frozen, self.frozen_sharding)
-        self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=int(config.checkpoint.keep),
-                                         async_save=bool(config.checkpoint.async_save))
-        self._closed = False
-        try:
-            self._finish_setup(config, trainable, restore, seed, ema)
-        except BaseException:
-            self.close()
-            raise
 
-    def _finish_setup(self, config, trainable, restore: bool, seed: int, ema: bool) -> None:
+    def _setup_state(self, trainable: dict, restore: bool) -> None:
+        """`state` restored from the latest checkpoint (with the data iterator's position) when
+        `restore` and there is one, else fresh from `trainable`; `restored_step` says which."""
+        config = self.config
         self.meta = {"batch_size": int(config.batch_size), "grad_accum_steps": self.accum,
-                     "process_count": jax.process_count(), "dataset": config.data.dataset, "seed": seed,
+                     "process_count": jax.process_count(), "dataset": config.data.dataset, "seed": int(config.seed),
                      "task": config.task, "mesh": dict(self.mesh.shape)}
         latest = self.checkpointer.latest_step() if restore else None
         if latest is not None:
             self.state = self.checkpointer.restore(latest, self.abstract_state, self.iterator, self.meta)
             self.restored_step = int(latest)
         else:
-            self.state = jax.jit(lambda p: create_train_state(p, self.tx, seed, ema=ema),
-                                 out_shardings=self.state_sharding)(jax.device_put(trainable, self.state_sharding.params))
+            self.state = jax.jit(self._new_state, out_shardings=self.state_sharding)(
+                jax.device_put(trainable, self.state_sharding.params))
             self.restored_step = None
-        self.compiler_options = to_plain(config.compiler_options) or None
-        self.step_fn = jit_train_step(make_train_step(self.nets, config, self.tx, self.lr_schedule),
+
+    def _setup_step(self) -> None:
+        """`step_fn`, the jitted train step (`make_train_step`); the validation programs are jitted on first use."""
+        self.compiler_options = to_plain(self.config.compiler_options) or None
+        self.step_fn = jit_train_step(make_train_step(self.nets, self.config, self.tx, self.lr_schedule),
                                       self.state_sharding, self.frozen_sharding, self.batch_sharding,
                                       replicated(self.mesh), self.compiler_options)
         self._sample_fn = None
@@ -328,81 +361,126 @@ class InterruptGuard:
 
 
 def _train_loop(run: Run, interrupt: InterruptGuard) -> dict:
+    """The steps from the state's step to `config.steps`, each followed by what is due at it
+    (`_after_step`), then `_finish`. Returns `train`'s summary."""
     cfg = run.config
-    workdir = run.workdir
     if run.is_main:
-        _write_json(workdir / "config.json", to_plain(cfg))
-    start = int(jax.device_get(run.state.step))
-    writer = MetricsWriter(workdir, total_steps=int(cfg.steps), initial_step=start, batch_size=int(cfg.batch_size),
-                           tensorboard=bool(cfg.log.tensorboard), progress_bar=bool(cfg.log.progress_bar),
-                           enabled=run.is_main)
-    writer.console(f"jaxcontrol train: task={cfg.task} mesh {describe(run.mesh)}, {jax.process_count()} host(s); "
-                   + (f"resumed from step {run.restored_step}" if run.restored_step is not None else "fresh start"))
-    log_every = int(cfg.log.every) or int(cfg.steps)
-    ckpt_every = int(cfg.checkpoint.every)
-    val_every = int(cfg.validation.every)
-    export_every = int(cfg.export.every)
-    pending: list[tuple[int, dict]] = []
-    interval: list[dict] = []
-    last: dict = {}
-    step = start
-
-    def flush() -> None:
-        nonlocal pending
-        if not pending:
-            return
-        host = jax.device_get([m for _, m in pending])
-        records = [(s, {k: float(v) for k, v in m.items()}) for (s, _), m in zip(pending, host)]
-        pending = []
-        writer.steps(records)  # logged first, so that metrics.jsonl shows the bad values too
-        check_finite_metrics(records, run)
-        interval.extend(r for _, r in records)
-        last.update(records[-1][1])
-
+        _write_json(run.workdir / "config.json", to_plain(cfg))
+    start = step = int(jax.device_get(run.state.step))
+    writer = _open_writer(run, start)
+    metric_log = _MetricLog(run, writer)
     try:
-        first = True
         while step < cfg.steps:
             interrupt.check()
             batch = run.next_batch()
             run.state, metrics = run.step_fn(run.state, run.frozen, batch)
             step += 1
-            pending.append((step, metrics))
-            if first:  # the first step includes compilation: time samples/s from after it
-                flush()
-                writer.reset_clock(step)
-                interval.clear()
-                first = False
-            if step % log_every == 0 or step == cfg.steps:
-                flush()
-                if interval:
-                    means = {k: float(np.mean([r[k] for r in interval])) for k in interval[0]}
-                    means["learning_rate"] = interval[-1]["learning_rate"]
-                    writer.summary(step, means)
-                    interval.clear()
-            if (ckpt_every and step % ckpt_every == 0) or step == cfg.steps:
-                flush()
-                run.save(step)
-                writer.console(f"step {step}: checkpoint saving (async) to {run.checkpointer.directory}")
-            if val_every and step % val_every == 0 and step != cfg.steps:
-                flush()
-                _validate(run, writer, step)
-            if export_every and step % export_every == 0 and step != cfg.steps:
-                flush()
-                run.check_state_finite(step)
-                _export(run, writer, workdir / "export" / "steps" / str(step))
-        interrupt.check()
-        flush()
-        run.checkpointer.wait()
-        if cfg.validation.at_end:
-            _validate(run, writer, step)
-        exported = {}
-        if cfg.export.at_end:
-            interrupt.check()
-            run.check_state_finite(step)
-            exported = _export(run, writer, workdir / "export")
+            metric_log.add(step, metrics)
+            if step == start + 1:  # the first step includes compilation: time samples/s from after it
+                metric_log.restart_clock(step)
+            _after_step(run, writer, metric_log, step)
+        exported = _finish(run, writer, metric_log, step, interrupt)
     finally:
         writer.close()
-    return {"step": step, "restored_from": run.restored_step, "exported": exported, "last_loss": last.get("loss")}
+    return {"step": step, "restored_from": run.restored_step, "exported": exported,
+            "last_loss": metric_log.last.get("loss")}
+
+
+def _open_writer(run: Run, start: int) -> MetricsWriter:
+    """The metrics writer (console, progress bar, metrics.jsonl, TensorBoard; quiet on other
+    hosts than the main one), after the run's one-line header."""
+    cfg = run.config
+    writer = MetricsWriter(run.workdir, total_steps=int(cfg.steps), initial_step=start, batch_size=int(cfg.batch_size),
+                           tensorboard=bool(cfg.log.tensorboard), progress_bar=bool(cfg.log.progress_bar),
+                           enabled=run.is_main)
+    writer.console(f"jaxcontrol train: task={cfg.task} mesh {describe(run.mesh)}, {jax.process_count()} host(s); "
+                   + (f"resumed from step {run.restored_step}" if run.restored_step is not None else "fresh start"))
+    return writer
+
+
+class _MetricLog:
+    """Step metrics on their way to the host: kept on the device until a flush fetches all of
+    them at once, logs them, then checks them finite (`NonFiniteError`). `interval` holds the
+    records since the last summary, `last` the latest value of each metric."""
+
+    def __init__(self, run: Run, writer: MetricsWriter):
+        self.run, self.writer = run, writer
+        self.pending: list[tuple[int, dict]] = []
+        self.interval: list[dict] = []
+        self.last: dict = {}
+
+    def add(self, step: int, metrics: dict) -> None:
+        self.pending.append((step, metrics))
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        host = jax.device_get([m for _, m in self.pending])
+        records = [(s, {k: float(v) for k, v in m.items()}) for (s, _), m in zip(self.pending, host)]
+        self.pending = []
+        self.writer.steps(records)  # logged first, so that metrics.jsonl shows the bad values too
+        check_finite_metrics(records, self.run)
+        self.interval.extend(r for _, r in records)
+        self.last.update(records[-1][1])
+
+    def restart_clock(self, step: int) -> None:
+        """Flush, and time samples/s (and the next summary's interval) from `step` on."""
+        self.flush()
+        self.writer.reset_clock(step)
+        self.interval.clear()
+
+    def summarize(self, step: int) -> None:
+        """Flush, and log the means over the interval (the learning rate: its latest value)."""
+        self.flush()
+        if self.interval:
+            means = {k: float(np.mean([r[k] for r in self.interval])) for k in self.interval[0]}
+            means["learning_rate"] = self.interval[-1]["learning_rate"]
+            self.writer.summary(step, means)
+            self.interval.clear()
+
+
+def _due(step: int, every) -> bool:
+    """Whether an `every`-steps task is due at `step` (never when `every` is 0)."""
+    every = int(every)
+    return bool(every) and step % every == 0
+
+
+def _after_step(run: Run, writer: MetricsWriter, metric_log: _MetricLog, step: int) -> None:
+    """What is due after `step`, in this order: the metrics summary (every `log.every` steps and
+    at the last), a checkpoint (every `checkpoint.every` and at the last), validation images and
+    an export to export/steps/STEP (every `validation.every` / `export.every`, before the last
+    step; at the last step `_finish` does them). Metrics are flushed, and so checked, first."""
+    cfg = run.config
+    last = step == cfg.steps
+    if step % (int(cfg.log.every) or int(cfg.steps)) == 0 or last:
+        metric_log.summarize(step)
+    if _due(step, cfg.checkpoint.every) or last:
+        metric_log.flush()
+        run.save(step)
+        writer.console(f"step {step}: checkpoint saving (async) to {run.checkpointer.directory}")
+    if _due(step, cfg.validation.every) and not last:
+        metric_log.flush()
+        _validate(run, writer, step)
+    if _due(step, cfg.export.every) and not last:
+        metric_log.flush()
+        run.check_state_finite(step)
+        _export(run, writer, run.workdir / "export" / "steps" / str(step))
+
+
+def _finish(run: Run, writer: MetricsWriter, metric_log: _MetricLog, step: int, interrupt: InterruptGuard) -> dict:
+    """After the loop: the last metrics, the checkpoint saves completed, then the final
+    validation and export (`validation.at_end`, `export.at_end`); returns the export's paths."""
+    interrupt.check()
+    metric_log.flush()
+    run.checkpointer.wait()
+    if run.config.validation.at_end:
+        _validate(run, writer, step)
+    exported = {}
+    if run.config.export.at_end:
+        interrupt.check()
+        run.check_state_finite(step)
+        exported = _export(run, writer, run.workdir / "export")
+    return exported
 
 
 def check_finite_metrics(records: list[tuple[int, dict]], run: Run | None = None) -> None:
