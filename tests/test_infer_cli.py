@@ -179,3 +179,49 @@ def test_escaping_names_ignored_flags_and_special_files_are_usage_errors(tiny, t
     assert res.returncode == 2, res.stderr[-2000:]
     assert message in res.stderr and "Traceback" not in res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == (["fifo"] if "fifo" in res.stderr else [])
+
+
+# ------------------------------------------------------------------------- inputs diffusers prepares on PIL images
+
+
+def test_crop_and_fill_resize_modes_work_from_files(tiny, tmp_path):
+    """--control-resize-mode crop / fill resize the file's image as diffusers does for PIL images."""
+    rng = np.random.default_rng(1)
+    Image.fromarray((rng.random((24, 16, 3)) * 255).astype(np.uint8)).save(tmp_path / "tall.png")
+    outputs = {}
+    for mode in ("default", "crop", "fill"):
+        out_dir = tmp_path / mode
+        res = _infer("--model", tiny / "pipeline", "--prompt", "a", "--steps", "1", "--height", "16", "--width", "16",
+                     "--control-image", tmp_path / "tall.png", "--control-resize-mode", mode, "--output", out_dir,
+                     "--no-progress")
+        assert res.returncode == 0, res.stderr[-2000:]
+        side = json.loads((out_dir / "image_00000.json").read_text())
+        assert side["controlnets"][0]["resize_mode"] == mode
+        outputs[mode] = np.asarray(Image.open(out_dir / "image_00000.png"))
+    assert not np.array_equal(outputs["crop"], outputs["fill"])  # the modes really differ
+
+
+def test_the_same_controlnet_file_twice_is_fingerprinted_in_both_entries(tiny, tmp_path):
+    cn = tiny / "_models" / "controlnet_0"
+    res = _infer("--model", tiny / "pipeline", "--prompt", "a", "--steps", "1", "--height", "16", "--width", "16",
+                 "--controlnet", cn, "--controlnet", cn, "--control-image", tiny / "control.png",
+                 "--control-image", tiny / "control.png", "--control-image", tiny / "control.png",
+                 "--output", tmp_path / "out", "--no-progress")
+    assert res.returncode == 0, res.stderr[-2000:]
+    entries = json.loads((tmp_path / "out" / "image_00000.json").read_text())["controlnets"]
+    assert len(entries) == 3
+    assert "path" not in entries[0]  # the pipeline's own ControlNet: fingerprinted with the model
+    assert entries[1]["path"] == entries[2]["path"] == str(cn)
+    assert entries[1]["sha256"] == entries[2]["sha256"] and len(entries[1]["sha256"]) == 64
+
+
+def test_an_adapter_image_of_another_size_is_resized_like_diffusers(tmp_path):
+    from jaxcontrol import demo
+
+    if not demo.DEFAULT_ADAPTER.is_dir():
+        pytest.skip("the embedded model has no T2I-Adapter")
+    Image.fromarray(demo.circle_outline(96)).save(tmp_path / "big.png")  # the model samples 64x64
+    res = _infer("--prompt", "a red circle", "--steps", "1", "--adapter-image", tmp_path / "big.png",
+                 "--output", tmp_path / "out", "--no-progress")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "out" / "image_00000.png").is_file()

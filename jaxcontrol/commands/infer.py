@@ -694,6 +694,17 @@ def _batches(jobs: list, batch_size: int):
         yield chunk, n_real
 
 
+def _as_file_image(img):
+    """An image read from a file (float [0, 1], from 8-bit data) as the PIL image it was, for the
+    steps diffusers does on PIL images only: the crop / fill resize modes and resizing adapter
+    images to the output size (Lanczos)."""
+    import numpy as np
+    from PIL import Image
+
+    u8 = np.round(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return Image.fromarray(u8[..., 0] if u8.shape[-1] == 1 else u8)
+
+
 def _call_arguments(settings: InferSettings, inputs: InputImages, clip) -> dict:
     """The `Pipeline.__call__` keyword arguments every batch shares."""
     from jaxcontrol.pipeline import AdapterInput, ControlInput
@@ -703,10 +714,12 @@ def _call_arguments(settings: InferSettings, inputs: InputImages, clip) -> dict:
         guidance_scale=settings.guidance_scale, guidance_rescale=settings.guidance_rescale,
         scheduler=settings.scheduler, scheduler_options={"eta": settings.eta} if settings.solver == "ddim" else None,
         seed=settings.seed,
-        controls=[ControlInput(img, c.scale, c.start, c.end, settings.control_resize_mode)
+        controls=[ControlInput(_as_file_image(img) if settings.control_resize_mode != "default" else img,
+                               c.scale, c.start, c.end, settings.control_resize_mode)
                   for img, c in zip(inputs.control_images, settings.controls)],
         guess_mode=settings.guess_mode,
-        adapters=[AdapterInput(img, a.scale) for img, a in zip(inputs.adapter_images, settings.adapters)],
+        adapters=[AdapterInput(img if img.shape[:2] == (settings.height, settings.width) else _as_file_image(img),
+                               a.scale) for img, a in zip(inputs.adapter_images, settings.adapters)],
         adapter_conditioning_factor=settings.adapter_factor, init_image=inputs.init_image,
         strength=settings.strength, mask=inputs.mask, inpaint_method=settings.inpaint_method,
         repaint_jump_length=settings.repaint_jump_length, repaint_jump_n_sample=settings.repaint_jump_n_sample,
@@ -739,8 +752,8 @@ def _with_files(entries: list[dict], paths: tuple[str, ...], digests: dict[str, 
     model folder's own, which are fingerprinted with the model) with their path and sha256."""
     entries = [dict(e) for e in entries]
     own = len(entries) - len(paths)
-    for k, (path, digest) in enumerate(digests.items()):
-        entries[own + k] = {**entries[own + k], "path": path, "sha256": digest}
+    for k, path in enumerate(paths):  # by position: the same file may be given twice
+        entries[own + k] = {**entries[own + k], "path": path, "sha256": digests[path]}
     return entries
 
 
