@@ -67,6 +67,48 @@ class ClipGuidanceInput:
     scale: float = 100.0
 
 
+@dataclasses.dataclass(frozen=True)
+class CallArguments:
+    """The keyword arguments of `Pipeline.__call__`, with the same names and defaults (a test keeps
+    the two equal). `check_inputs`, `check_call_arguments` and the sidecar's resolved settings all
+    read this one object, so a new option is one field here and one parameter of `__call__`."""
+
+    height: int | None = None
+    width: int | None = None
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    guidance_rescale: float = 0.0
+    scheduler: str | None = None
+    scheduler_options: dict | None = None
+    seed: int = 0
+    num_images_per_prompt: int = 1
+    image_indices: Sequence[int] | None = None
+    controls: Sequence[ControlInput] = ()
+    guess_mode: bool = False
+    adapters: Sequence[AdapterInput] = ()
+    adapter_conditioning_factor: float = 1.0
+    init_image: Any = None
+    init_latents: Any = None
+    strength: float = 0.8
+    mask: Any = None
+    inpaint_method: str = "partial"
+    repaint_jump_length: int = 10
+    repaint_jump_n_sample: int = 10
+    clip_guidance: ClipGuidanceInput | None = None
+    clip_skip: int | None = None
+    latents: Any = None
+    output_type: str = "uint8"
+
+    @classmethod
+    def of(cls, options: dict) -> "CallArguments":
+        """From keyword arguments; an unknown name is a `ConfigError` naming it."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise ConfigError(f"unknown pipeline argument(s) {unknown}; known: {sorted(names)}")
+        return cls(**options)
+
+
 def default_mesh(devices: Sequence | None = None) -> Mesh:
     """A one-axis (`data`) mesh over every device of every host."""
     devices = np.asarray(devices if devices is not None else jax.devices())
@@ -338,11 +380,9 @@ def _clip_inputs(per_image: dict, shared: dict, clip_guidance: ClipGuidanceInput
     return (guide.vae, guide.clip, int(guide.image_size), int(guide.num_cutouts), float(guide.cutout_min_fraction))
 
 
-def check_call_arguments(*, num_inference_steps, guidance_scale, guidance_rescale, seed, num_images_per_prompt,
-                         strength, adapter_conditioning_factor, clip_skip, repaint_jump_length,
-                         repaint_jump_n_sample, output_type, controls, adapters, clip_layers) -> None:
-    """Range checks of `Pipeline.__call__`'s arguments: out-of-range values are errors naming the
-    argument, never clamped or ignored."""
+def check_call_arguments(args: CallArguments, *, clip_layers: int) -> None:
+    """Range checks of `Pipeline.__call__`'s arguments: out-of-range values are `ConfigError`s
+    naming the argument, never clamped or ignored. `clip_layers`: the text encoder's depth."""
 
     def number(name, v, lo=None, hi=None, *, lo_open=False):
         if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v):
@@ -358,27 +398,27 @@ def check_call_arguments(*, num_inference_steps, guidance_scale, guidance_rescal
             raise ConfigError(f"{name} must be an integer, got {v!r}")
         number(name, v, lo, hi)
 
-    integer("num_inference_steps", num_inference_steps, 1)
-    number("guidance_scale", guidance_scale, 0.0)
-    number("guidance_rescale", guidance_rescale, 0.0, 1.0)
-    integer("seed", seed, 0, 2**63 - 1)
-    integer("num_images_per_prompt", num_images_per_prompt, 1)
-    number("strength", strength, 0.0, 1.0, lo_open=True)
-    number("adapter_conditioning_factor", adapter_conditioning_factor, 0.0, 1.0)
-    integer("repaint_jump_length", repaint_jump_length, 1)
-    integer("repaint_jump_n_sample", repaint_jump_n_sample, 1)
-    if clip_skip is not None:
-        integer("clip_skip", clip_skip, 0, clip_layers)
-    if output_type not in ("uint8", "float", "latent"):
-        raise ConfigError(f"output_type must be 'uint8', 'float' or 'latent', got {output_type!r}")
-    for k, c in enumerate(controls):
+    integer("num_inference_steps", args.num_inference_steps, 1)
+    number("guidance_scale", args.guidance_scale, 0.0)
+    number("guidance_rescale", args.guidance_rescale, 0.0, 1.0)
+    integer("seed", args.seed, 0, 2**63 - 1)
+    integer("num_images_per_prompt", args.num_images_per_prompt, 1)
+    number("strength", args.strength, 0.0, 1.0, lo_open=True)
+    number("adapter_conditioning_factor", args.adapter_conditioning_factor, 0.0, 1.0)
+    integer("repaint_jump_length", args.repaint_jump_length, 1)
+    integer("repaint_jump_n_sample", args.repaint_jump_n_sample, 1)
+    if args.clip_skip is not None:
+        integer("clip_skip", args.clip_skip, 0, clip_layers)
+    if args.output_type not in ("uint8", "float", "latent"):
+        raise ConfigError(f"output_type must be 'uint8', 'float' or 'latent', got {args.output_type!r}")
+    for k, c in enumerate(args.controls):
         number(f"controls[{k}].scale", c.scale)
         number(f"controls[{k}].start (control_guidance_start)", c.start, 0.0, 1.0)
         number(f"controls[{k}].end (control_guidance_end)", c.end, 0.0, 1.0)
         if c.start >= c.end:
             raise ConfigError(f"controls[{k}]: control_guidance_start={c.start} must be smaller than "
                               f"control_guidance_end={c.end}")
-    for k, a in enumerate(adapters):
+    for k, a in enumerate(args.adapters):
         number(f"adapters[{k}].scale", a.scale)
 
 
@@ -396,6 +436,7 @@ class Pipeline:
         self.bundle = bundle
         self.unet, self.vae, self.text_encoder = bundle.unet, bundle.vae, bundle.text_encoder
         self.tokenizer = bundle.tokenizer
+        self._programs: dict[CallSettings, tuple[Callable, Plan]] = {}  # the compile cache
         self.scheduler_config = SchedulerConfig.from_dict(bundle.scheduler_config or {"_class_name": "PNDMScheduler"})
         own_cn = bundle.modules.get("controlnet")
         own_ad = bundle.modules.get("adapter")
@@ -419,7 +460,6 @@ class Pipeline:
             "controlnets": [place(p) for _, p in self.controlnets],
             "adapters": [place(p) for _, p in self.adapters],
         }
-        self._programs: dict[CallSettings, tuple[Callable, Plan]] = {}  # the compile cache
         self.last_settings: dict | None = None  # the resolved settings of the latest call (JSON-able)
 
     # ------------------------------------------------------------------ construction
@@ -441,6 +481,19 @@ class Pipeline:
         cns = [load_model(p, **kw) for p in controlnets]
         ads = [load_model(p, dtype=dtype, unsafe_load_pickle=unsafe_load_pickle) for p in adapters]
         return cls(bundle, controlnets=cns, adapters=ads, mesh=mesh)
+
+    @property
+    def scheduler_config(self) -> SchedulerConfig:
+        """The scheduler config every call plans with (the model's `scheduler_config.json`).
+        Assigning another one empties the compile cache: its plans are part of each program."""
+        return self._scheduler_config
+
+    @scheduler_config.setter
+    def scheduler_config(self, config: SchedulerConfig) -> None:
+        if not isinstance(config, SchedulerConfig):
+            raise ConfigError(f"scheduler_config must be a SchedulerConfig, got {type(config).__name__}")
+        self._scheduler_config = config
+        self._programs.clear()
 
     @property
     def vae_scale_factor(self) -> int:
@@ -568,15 +621,9 @@ class Pipeline:
         Raises `ConfigError` for invalid arguments (naming the argument) and `NonFiniteError`
         when sampling or decoding produced NaN or infinity (naming solver, step and images).
         """
-        settings, per_image, shared, indices = self.check_inputs(
-            prompt, negative_prompt, height=height, width=width, num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, scheduler=scheduler,
-            scheduler_options=scheduler_options, seed=seed, num_images_per_prompt=num_images_per_prompt,
-            image_indices=image_indices, controls=controls, guess_mode=guess_mode, adapters=adapters,
-            adapter_conditioning_factor=adapter_conditioning_factor, init_image=init_image,
-            init_latents=init_latents, strength=strength, mask=mask, inpaint_method=inpaint_method,
-            repaint_jump_length=repaint_jump_length, repaint_jump_n_sample=repaint_jump_n_sample,
-            clip_guidance=clip_guidance, clip_skip=clip_skip, latents=latents, output_type=output_type)
+        options = locals()
+        args = CallArguments(**{f.name: options[f.name] for f in dataclasses.fields(CallArguments)})
+        settings, per_image, shared, indices = self.check_inputs(prompt, negative_prompt, args)
         b = len(indices)
         program, plan = self.compiled(settings)
         out, bad = program(self.params, self._shard(per_image, b), self._replicate(shared))
@@ -587,72 +634,67 @@ class Pipeline:
             raise NonFiniteError(
                 f"the VAE decode produced NaN or infinite pixels for image index(es) {which} from finite "
                 f"latents (VAE dtype {jnp.dtype(self.vae.dtype).name}; float16 VAEs overflow: use float32)")
-        self.last_settings = self._resolved(settings, plan, indices, guidance_scale=guidance_scale, seed=seed,
-                                            controls=controls, adapters=adapters, clip_guidance=clip_guidance,
-                                            inpaint_method=inpaint_method)
-        if output_type in ("latent", "float"):
+        self.last_settings = self._resolved(settings, plan, indices, args)
+        if args.output_type in ("latent", "float"):
             return out
         return np.round(out * 255.0).astype(np.uint8)
 
-    def check_inputs(self, prompt, negative_prompt=None, *, height=None, width=None, num_inference_steps=50,
-                     guidance_scale=7.5, guidance_rescale=0.0, scheduler=None, scheduler_options=None, seed=0,
-                     num_images_per_prompt=1, image_indices=None, controls=(), guess_mode=False, adapters=(),
-                     adapter_conditioning_factor=1.0, init_image=None, init_latents=None, strength=0.8, mask=None,
-                     inpaint_method="partial", repaint_jump_length=10, repaint_jump_n_sample=10,
-                     clip_guidance=None, clip_skip=None, latents=None, output_type="uint8"):
+    def check_inputs(self, prompt, negative_prompt=None, args: CallArguments | None = None, **options):
         """Validate a call's arguments and split them into the `CallSettings` (static), the
         per-image inputs (leading batch axis, sharded over the mesh) and the shared inputs
         (replicated). Returns `(settings, per_image, shared, image_indices)`.
 
-        Raises `ConfigError` naming the argument for anything invalid, before any compilation."""
-        check_call_arguments(
-            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-            guidance_rescale=guidance_rescale, seed=seed, num_images_per_prompt=num_images_per_prompt,
-            strength=strength, adapter_conditioning_factor=adapter_conditioning_factor, clip_skip=clip_skip,
-            repaint_jump_length=repaint_jump_length, repaint_jump_n_sample=repaint_jump_n_sample,
-            output_type=output_type, controls=controls, adapters=adapters,
-            clip_layers=self.text_encoder.config.num_hidden_layers)
-        prompts, negatives = _prompt_batch(prompt, negative_prompt, num_images_per_prompt)
+        The options come as `args` or as `__call__`'s keyword arguments. Raises `ConfigError`
+        naming the argument for anything invalid, before any compilation."""
+        if args is None:
+            args = CallArguments.of(options)
+        elif options:
+            raise ConfigError(f"pass the options as `args` or as keywords, not both (got {sorted(options)})")
+        check_call_arguments(args, clip_layers=self.text_encoder.config.num_hidden_layers)
+        prompts, negatives = _prompt_batch(prompt, negative_prompt, args.num_images_per_prompt)
         b = len(prompts)
-        height, width = self._image_size(height, width)
+        height, width = self._image_size(args.height, args.width)
         f = self.vae_scale_factor
         latent_shape = (height // f, width // f, self.latent_channels)
-        self.check_memory(b, height, width, do_cfg=guidance_scale > 1.0)
-        indices = _image_indices(image_indices, b)
-        mode = _mode(init_image, init_latents, mask, inpaint_method)
-        if self.controlnets and not controls:
+        self.check_memory(b, height, width, do_cfg=args.guidance_scale > 1.0)
+        indices = _image_indices(args.image_indices, b)
+        mode = _mode(args.init_image, args.init_latents, args.mask, args.inpaint_method)
+        if self.controlnets and not args.controls:
             raise ConfigError(f"{len(self.controlnets)} ControlNets are loaded: give a control image for each")
-        if self.adapters and not adapters:
+        if self.adapters and not args.adapters:
             raise ConfigError(f"{len(self.adapters)} adapters are loaded: give an adapter image for each")
 
         per_image: dict[str, Any] = {"ids": self.token_ids(prompts), "neg_ids": self.token_ids(negatives),
                                      "index": np.asarray(indices, np.int32)}
-        shared: dict[str, Any] = {"seed": np.asarray(jax.random.key_data(jax.random.key(seed))),
-                                  "guidance_scale": np.float32(guidance_scale)}
-        if latents is not None:
-            noise = np.asarray(latents, np.float32)
+        shared: dict[str, Any] = {"seed": np.asarray(jax.random.key_data(jax.random.key(args.seed))),
+                                  "guidance_scale": np.float32(args.guidance_scale)}
+        if args.latents is not None:
+            noise = np.asarray(args.latents, np.float32)
             if noise.shape != (b,) + latent_shape:
                 raise ConfigError(f"latents must have shape {(b,) + latent_shape}, got {noise.shape}")
             per_image["noise"] = noise
-        self._control_inputs(per_image, shared, controls, adapters, (b, height, width), num_images_per_prompt)
+        size = (b, height, width)
+        self._control_inputs(per_image, shared, args.controls, args.adapters, size, args.num_images_per_prompt)
         if mode != "txt2img":
-            per_image.update(self._edit_inputs(init_image, init_latents, mask, (b, height, width), latent_shape,
-                                               num_images_per_prompt))
+            per_image.update(self._edit_inputs(args.init_image, args.init_latents, args.mask, size, latent_shape,
+                                               args.num_images_per_prompt))
         clip_key = None
-        if clip_guidance is not None:
-            clip_key = _clip_inputs(per_image, shared, clip_guidance, b)
+        if args.clip_guidance is not None:
+            clip_key = _clip_inputs(per_image, shared, args.clip_guidance, b)
 
         settings = CallSettings(
-            num_inference_steps=int(num_inference_steps), latent_shape=latent_shape, solver=scheduler,
-            scheduler_options=tuple(sorted((scheduler_options or {}).items())), mode=mode,
-            strength=float(strength) if mode in ("img2img", "inpaint") and strength < 1.0 else 1.0,
-            do_cfg=guidance_scale > 1.0, guidance_rescale=float(guidance_rescale), clip_skip=clip_skip,
-            guess_mode=self._guess_mode(guess_mode),
-            control_windows=tuple((float(ctl.start), float(ctl.end)) for ctl in controls),
-            adapter_conditioning_factor=float(adapter_conditioning_factor),
-            repaint_jump_length=int(repaint_jump_length), repaint_jump_n_sample=int(repaint_jump_n_sample),
-            init_from=None if mode == "txt2img" else ("latents" if init_latents is not None else "images"),
-            given_noise=latents is not None, clip_guide=clip_key, output_type=output_type)
+            num_inference_steps=int(args.num_inference_steps), latent_shape=latent_shape, solver=args.scheduler,
+            scheduler_options=tuple(sorted((args.scheduler_options or {}).items())), mode=mode,
+            strength=float(args.strength) if mode in ("img2img", "inpaint") and args.strength < 1.0 else 1.0,
+            do_cfg=args.guidance_scale > 1.0, guidance_rescale=float(args.guidance_rescale),
+            clip_skip=args.clip_skip,
+            guess_mode=self._guess_mode(args.guess_mode),
+            control_windows=tuple((float(ctl.start), float(ctl.end)) for ctl in args.controls),
+            adapter_conditioning_factor=float(args.adapter_conditioning_factor),
+            repaint_jump_length=int(args.repaint_jump_length),
+            repaint_jump_n_sample=int(args.repaint_jump_n_sample),
+            init_from=None if mode == "txt2img" else ("latents" if args.init_latents is not None else "images"),
+            given_noise=args.latents is not None, clip_guide=clip_key, output_type=args.output_type)
         return settings, per_image, shared, indices
 
     def _image_size(self, height, width) -> tuple[int, int]:
@@ -702,8 +744,7 @@ class Pipeline:
             out["mask"] = prepare_mask(mask, b, h, w, num_images_per_prompt=num_images_per_prompt)
         return out
 
-    def _resolved(self, settings: CallSettings, plan: Plan, indices, *, guidance_scale, seed, controls, adapters,
-                  clip_guidance, inpaint_method) -> dict:
+    def _resolved(self, settings: CallSettings, plan: Plan, indices, args: CallArguments) -> dict:
         """The settings a call actually ran with, JSON-able (what `infer.py`'s sidecars record)."""
         h, w, _ = settings.latent_shape
         f = self.vae_scale_factor
@@ -711,19 +752,19 @@ class Pipeline:
             "solver": plan.solver, "scheduler_config": _jsonable(dict(plan.config)),
             "prediction_type": plan.prediction_type, "num_inference_steps": settings.num_inference_steps,
             "model_evaluations": int(plan.num_evals), "timesteps": np.asarray(plan.timesteps).tolist(),
-            "mode": settings.mode, "strength": settings.strength, "guidance_scale": float(guidance_scale),
+            "mode": settings.mode, "strength": settings.strength, "guidance_scale": float(args.guidance_scale),
             "classifier_free_guidance": settings.do_cfg, "guidance_rescale": settings.guidance_rescale,
             "guess_mode": settings.guess_mode, "clip_skip": settings.clip_skip, "height": h * f, "width": w * f,
-            "seed": int(seed), "image_indices": [int(i) for i in indices],
+            "seed": int(args.seed), "image_indices": [int(i) for i in indices],
             "controlnets": [{"scale": float(ctl.scale), "start": float(ctl.start), "end": float(ctl.end),
-                             "resize_mode": ctl.resize_mode} for ctl in controls],
-            "adapters": [{"scale": float(a.scale)} for a in adapters],
+                             "resize_mode": ctl.resize_mode} for ctl in args.controls],
+            "adapters": [{"scale": float(a.scale)} for a in args.adapters],
             "adapter_conditioning_factor": settings.adapter_conditioning_factor,
             "scheduler_options": _jsonable(dict(settings.scheduler_options)),
-            "inpaint_method": inpaint_method if settings.mode in ("inpaint", "repaint") else None,
+            "inpaint_method": args.inpaint_method if settings.mode in ("inpaint", "repaint") else None,
             "repaint": {"jump_length": settings.repaint_jump_length, "jump_n_sample": settings.repaint_jump_n_sample}
             if settings.mode == "repaint" else None,
-            "clip_guidance_scale": None if clip_guidance is None else float(clip_guidance.scale),
+            "clip_guidance_scale": None if args.clip_guidance is None else float(args.clip_guidance.scale),
             "dtype": jnp.dtype(self.unet.dtype).name, "vae_dtype": jnp.dtype(self.vae.dtype).name,
             "devices": int(self.mesh.devices.size),
         }

@@ -45,8 +45,14 @@ if TYPE_CHECKING:
     import numpy as np
 
 PROG = "infer.py"
-SOLVER_CHOICES = ("ddim", "ddpm", "pndm", "plms", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras",
-                  "unipc", "lcm")
+
+
+def solver_choices() -> tuple[str, ...]:
+    """The --scheduler names: every solver name and alias the schedulers know (`schedulers.ALIASES`,
+    which `schedulers.solvers.register` extends), except DDIM inversion, which does not generate."""
+    from jaxcontrol.schedulers import ALIASES
+
+    return tuple(name for name in ALIASES if name != "ddim_inverse")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--canny-low", type=int, default=100, help="Canny low threshold (default 100)")
     a.add_argument("--canny-high", type=int, default=200, help="Canny high threshold (default 200)")
     s = ap.add_argument_group("sampling")
-    s.add_argument("--scheduler", choices=SOLVER_CHOICES,
+    s.add_argument("--scheduler", choices=solver_choices(),
                    help="solver (default: the model's own scheduler class)")
     s.add_argument("--steps", type=int, help="number of inference steps (default 30; --demo: 20)")
     s.add_argument("--guidance-scale", type=float,
@@ -485,6 +491,26 @@ def _adapters(args: argparse.Namespace) -> tuple[AdapterSpec, ...]:
     return tuple(AdapterSpec(*a) for a in zip(args.adapter_image, scales))
 
 
+# What --demo honours: the model and how it runs, one prompt and condition, the solver, steps,
+# guidance, seed, size and where the grid goes. Any other flag set to a non-default value is an error.
+_DEMO_FLAGS = frozenset({"model", "dtype", "vae_dtype", "attention", "unsafe_load_pickle", "prompt", "prompt_file",
+                         "controlnet", "control_image", "adapter", "scheduler", "steps", "guidance_scale", "seed",
+                         "height", "width", "demo", "output", "name", "no_progress"})
+
+
+def _refuse_flags_the_demo_ignores(args, prompts) -> None:
+    """`UsageError` naming every flag --demo would silently ignore, and a second prompt or condition."""
+    defaults = build_parser().parse_args([])
+    ignored = sorted(f"--{k.replace('_', '-')}" for k, v in vars(args).items()
+                     if k not in _DEMO_FLAGS and v != getattr(defaults, k, None))
+    if ignored:
+        raise UsageError(f"--demo draws a fixed grid and does not use {', '.join(ignored)}; "
+                         "drop them or leave out --demo")
+    if len(prompts) > 1 or len(args.control_image) > 1:
+        raise UsageError(f"--demo takes one prompt and one --control-image, got {len(prompts)} and "
+                         f"{len(args.control_image)}")
+
+
 def _demo_settings(args, model, prompts, controlnets, adapters) -> InferSettings:
     """--demo: one ControlNet and at most one adapter; the demo's steps and guidance by default;
     the first --control-image (if any) is the grid's condition."""
@@ -493,6 +519,7 @@ def _demo_settings(args, model, prompts, controlnets, adapters) -> InferSettings
     if len(controlnets) != 1 or len(adapters) > 1:
         raise UsageError(f"--demo needs one --controlnet and at most one --adapter, got {len(controlnets)} "
                          f"and {len(adapters)}")
+    _refuse_flags_the_demo_ignores(args, prompts)
     for flag, paths in (("--controlnet", controlnets), ("--adapter", adapters)):
         if paths and not Path(paths[0]).exists():
             raise UsageError(f"{flag} {paths[0]}: no such file or folder")

@@ -103,6 +103,7 @@ class Plan:
     begin_index: int = 0
 
     def __post_init__(self):
+        _check_rows(self)
         _check_finite(self)
 
     @property
@@ -159,6 +160,22 @@ def refuse_epsilon_at_snr_zero(solver: str, cfg, timesteps, alpha_t) -> None:
         f"{SOLVER_TABLE[solver].class_name} returns NaN there). Use prediction_type='v_prediction' (a model "
         "trained for it), rescale_betas_zero_snr=False, or a solver that clamps the last alpha_bar to 2**-24 "
         "(euler, euler_a, dpmpp_2m, unipc)")
+
+
+# The rows `sampler.sample` reads at every evaluation, whatever the solver: the timestep, the input
+# scaling, and the noise level after the evaluation (for inpainting by partial diffusion).
+REQUIRED_ROWS = ("t", "in_div", "next_a", "next_b")
+
+
+def _check_rows(plan: Plan) -> None:
+    """A plan names every row the sampler reads, and its rows have one entry per evaluation."""
+    missing = [r for r in REQUIRED_ROWS if r not in plan.rows]
+    if missing:
+        raise ConfigError(f"the {plan.solver} plan has no rows {missing}: every plan needs {list(REQUIRED_ROWS)} "
+                          f"(see jaxcontrol.schedulers.solvers.plan.Plan)")
+    lengths = {name: len(np.asarray(v)) for name, v in plan.rows.items()}
+    if len(set(lengths.values())) > 1:
+        raise ConfigError(f"the {plan.solver} plan's rows differ in length (one entry per model evaluation): {lengths}")
 
 
 def _check_finite(plan: Plan) -> None:
