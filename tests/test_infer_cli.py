@@ -189,7 +189,7 @@ def test_crop_and_fill_resize_modes_work_from_files(tiny, tmp_path):
     rng = np.random.default_rng(1)
     Image.fromarray((rng.random((24, 16, 3)) * 255).astype(np.uint8)).save(tmp_path / "tall.png")
     outputs = {}
-    for mode in ("default", "crop", "fill"):
+    for mode in ("crop", "fill"):
         out_dir = tmp_path / mode
         res = _infer("--model", tiny / "pipeline", "--prompt", "a", "--steps", "1", "--height", "16", "--width", "16",
                      "--control-image", tmp_path / "tall.png", "--control-resize-mode", mode, "--output", out_dir,
