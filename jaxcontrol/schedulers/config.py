@@ -192,11 +192,20 @@ class SchedulerConfig:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "SchedulerConfig":
+        """A config from a parsed scheduler_config.json (a dict, as diffusers' `ConfigMixin` writes it).
+
+        `_class_name` becomes `class_name`, the other `_`-prefixed keys are dropped, lists become tuples.
+        Nothing is validated until `resolve`.
+        """
         values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items() if not k.startswith("_")}
         return cls(raw.get("_class_name"), values)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "SchedulerConfig":
+        """Read a diffusers scheduler_config.json, or the one in folder `path` or its `scheduler/` subfolder.
+
+        Raises `ConfigError` naming the path when no such file is found, or it cannot be read or parsed as JSON.
+        """
         path = Path(path)
         if path.is_dir():
             for candidate in (path / "scheduler_config.json", path / "scheduler" / "scheduler_config.json"):
@@ -212,10 +221,15 @@ class SchedulerConfig:
         return cls.from_dict(raw)
 
     def replace(self, **changes: Any) -> "SchedulerConfig":
+        """A copy with the fields in `changes` set (same class_name); not validated until `resolve`."""
         return SchedulerConfig(self.class_name, {**self.values, **changes})
 
     @property
     def default_solver(self) -> str:
+        """The solver for `class_name` (e.g. `EulerDiscreteScheduler` -> "euler"); "ddim" when none is named.
+
+        Raises `ConfigError` for a diffusers scheduler class that is not implemented.
+        """
         if self.class_name is None:
             return "ddim"
         if self.class_name not in CLASS_TO_SOLVER:

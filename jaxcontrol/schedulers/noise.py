@@ -49,6 +49,7 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
 
 
 def cumprod_f32(values: np.ndarray) -> np.ndarray:
+    """Cumulative product accumulated in float64 and returned as float32 (alpha_bar from alphas, as diffusers')."""
     return np.cumprod(values.astype(np.float64)).astype(np.float32)
 
 
@@ -60,6 +61,13 @@ def make_betas(
     trained_betas=None,
     rescale_betas_zero_snr: bool = False,
 ) -> np.ndarray:
+    """The beta_t of diffusers' schedulers: float32 array of length `num_train_timesteps`.
+
+    `beta_schedule` is "linear", "scaled_linear" (linear in sqrt(beta), Stable Diffusion),
+    "squaredcos_cap_v2" (Nichol & Dhariwal, arXiv:2102.09672) or "sigmoid"; `trained_betas`, when
+    given, is used as is. `rescale_betas_zero_snr` applies `rescale_zero_terminal_snr`. Raises
+    `ConfigError` for another beta_schedule.
+    """
     if trained_betas is not None:
         betas = np.asarray(trained_betas, np.float32)
     elif beta_schedule == "linear":
@@ -97,6 +105,10 @@ class NoiseSchedule:
 
     @classmethod
     def from_config(cls, config) -> "NoiseSchedule":
+        """The schedule a scheduler config's beta fields describe (see `make_betas`; raises its `ConfigError`).
+
+        Reads num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr.
+        """
         return cls(
             make_betas(
                 config.num_train_timesteps,
@@ -116,6 +128,11 @@ class NoiseSchedule:
 
     # ---- jnp helpers (traceable; t may be a traced integer or float array) ----
     def alpha_bar_at(self, t):
+        """alpha_bar at timesteps `t` (any shape, float or int, may be traced), clipped to [0, N - 1].
+
+        Exact `alphas_cumprod[t]` at integers; between them log-sigma is interpolated linearly
+        (the inverse of `sigma_to_t`). Returns float32 of t's shape.
+        """
         import jax.numpy as jnp
 
         log_sigmas = jnp.asarray(np.log(self.sigmas.astype(np.float64)), jnp.float32)
@@ -146,6 +163,7 @@ class NoiseSchedule:
         return jnp.sqrt(ab) * noise - jnp.sqrt(1 - ab) * x0
 
     def snr(self, t):
+        """Signal-to-noise ratio abar_t / (1 - abar_t) at integer timesteps `t` (jnp float32, t's shape)."""
         import jax.numpy as jnp
 
         ab = jnp.asarray(self.alphas_cumprod)[jnp.asarray(t, jnp.int32)]

@@ -78,4 +78,5 @@ def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
 
 
 def sigmas_to_timesteps(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """`sigma_to_t` for each of `sigmas` (1-D): the fractional timesteps, float64, as diffusers' `_sigma_to_t`."""
     return np.array([sigma_to_t(s, log_sigmas) for s in sigmas])

@@ -43,6 +43,12 @@ def plan(cfg, n: int, *, eta: float = 0.0, begin: int = 0) -> Plan:
 
 
 def update(cfg):
+    """The jittable step `(state, model_output, row, noise) -> state` of eq. 12 (module docstring).
+
+    Recovers x0 and eps from the model output (`cfg.prediction_type`), clips x0 as configured, and
+    returns {"x": alpha_prev x0 + direction eps + noise_std z}; `noise` is z (standard normal, NHWC,
+    the shape of `state["x"]`), used only when eta > 0.
+    """
     def step(state, out, row, noise):
         x0, eps = x0_eps(out, state["x"], row["alpha_t"], row["sigma_t"], cfg.prediction_type)
         x0 = clip_x0(x0, cfg)

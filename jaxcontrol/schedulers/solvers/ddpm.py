@@ -58,6 +58,11 @@ def plan(cfg, n: int, *, begin: int = 0) -> Plan:
 
 
 def update(cfg):
+    """The jittable step `(state, model_output, row, noise) -> state`: ancestral sampling of eqs. 6-7.
+
+    Recovers x0 from the model output (`cfg.prediction_type`), clips it as configured, and returns
+    {"x": mu_x0 x0 + mu_xt x_t + noise_std z} (module docstring); `noise` is z (standard normal, NHWC).
+    """
     def step(state, out, row, noise):
         x0, _ = x0_eps(out, state["x"], row["alpha_t"], row["sigma_t"], cfg.prediction_type)
         x0 = clip_x0(x0, cfg)

@@ -90,6 +90,11 @@ def step_order(cfg, i: int, L: int, warm: int) -> int:
 
 
 def check(cfg) -> None:
+    """Refuse a config this solver cannot run (as diffusers' `DPMSolverMultistepScheduler` does).
+
+    Raises `ConfigError` for an algorithm_type other than dpmsolver++, sde-dpmsolver++, dpmsolver,
+    for solver_order outside 1-3, and for `dpmsolver` with final_sigmas_type "zero".
+    """
     algorithm = cfg.algorithm_type
     if algorithm not in ALGORITHMS:
         raise ConfigError(
@@ -132,10 +137,17 @@ def plan(cfg, n: int, *, begin: int = 0) -> Plan:
 
 
 def init(cfg, x):
+    """The scan's initial state: `x` (NHWC float32) and the history m, zeros of shape (3, *x.shape), m_0 first."""
     return {"x": x, "m": jnp.zeros((HISTORY,) + x.shape, x.dtype)}
 
 
 def update(cfg):
+    """The jittable step `(state, model_output, row, noise) -> state`: x_next = A x + w . (m_0, m_1, m_2) + noise_std z.
+
+    Converts the model output to m_0 = p x + q out (x0 for DPM-Solver++, eps for DPM-Solver), shifts
+    it into the history, and applies the plan's weights of the order-1/2/3 update (module docstring);
+    `noise` is z (standard normal, NHWC), used only by `sde-dpmsolver++`.
+    """
     def step(state, out, row, noise):
         x = state["x"]
         m = jnp.concatenate([(row["p"] * x + row["q"] * out)[None], state["m"][:-1]])  # m_0 first

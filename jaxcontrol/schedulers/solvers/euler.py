@@ -33,6 +33,11 @@ def plan(cfg, n: int, *, begin: int = 0, s_churn: float = 0.0, s_tmin: float = 0
 
 
 def update(cfg):
+    """The jittable step `(state, model_output, row, noise) -> state` of Algorithm 2 without its correction.
+
+    Churns x to x_hat = x + noise_std z at sigma_hat, takes d = (x_hat - D(x_hat; sigma_hat)) / sigma_hat
+    and returns {"x": x_hat + (sigma_next - sigma_hat) d} (module docstring). x in sigma space (x0 + sigma eps).
+    """
     def step(state, out, row, noise):
         x_hat = state["x"] + row["noise_std"] * noise
         x0 = karras.denoised(out, x_hat, row["sigma"], row["sigma_hat"], cfg.prediction_type)

@@ -34,6 +34,11 @@ def plan(cfg, n: int, *, begin: int = 0) -> Plan:
 
 
 def update(cfg):
+    """The jittable step `(state, model_output, row, noise) -> state`: Euler to sigma_down, noise up to sigma_next.
+
+    Returns {"x": x + (sigma_down - sigma) d + sigma_up z} with d = (x - D(x; sigma)) / sigma (module
+    docstring); `noise` is z (standard normal, NHWC). x in sigma space (x0 + sigma eps).
+    """
     def step(state, out, row, noise):
         x = state["x"]
         d = (x - karras.denoised(out, x, row["sigma"], row["sigma"], cfg.prediction_type)) / row["sigma"]

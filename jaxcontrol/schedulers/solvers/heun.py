@@ -36,10 +36,17 @@ def plan(cfg, n: int, *, begin: int = 0) -> Plan:
 
 
 def init(cfg, x):
+    """The scan's initial state: the sample `x` (NHWC float32) and zero x_prev, d_prev (like x) and dt_prev (scalar)."""
     return {"x": x, "x_prev": jnp.zeros_like(x), "d_prev": jnp.zeros_like(x), "dt_prev": jnp.zeros((), x.dtype)}
 
 
 def update(cfg):
+    """The jittable step `(state, model_output, row, noise) -> state` of Algorithm 1, one evaluation per call.
+
+    On a first evaluation (`row["second"]` 0) it takes the Euler step x + (sigma_next - sigma) d and
+    stores x, d and dt; on the second it returns the corrected x_prev + dt_prev (d_prev + d') / 2
+    (module docstring). Deterministic: `noise` is unused.
+    """
     def step(state, out, row, noise):
         x = state["x"]
         x0 = clip_x0(karras.denoised(out, x, row["sigma"], row["sigma"], cfg.prediction_type), cfg)

@@ -62,14 +62,22 @@ def plan(cfg, n: int, *, begin: int = 0, strength: float = 1.0, original_inferen
 
 
 def init(cfg, x):
+    """The scan's initial state: the sample `x` (NHWC float32) and `denoised`, set to x until the first step."""
     return {"x": x, "denoised": x}
 
 
 def output(state):
+    """The run's sample: the last step's denoised sample c_skip x_t + c_out x0 (NHWC float32), not x."""
     return state["denoised"]
 
 
 def update(cfg):
+    """The jittable step `(state, model_output, row, noise) -> state` of Algorithm 3.
+
+    Computes denoised = c_skip x_t + c_out x0 (x0 clipped as configured) and re-noises it,
+    x_prev = alpha_prev denoised + sigma_prev z, except on the last step, which returns denoised
+    itself (module docstring). Returns {"x", "denoised"}; `noise` is z (standard normal, NHWC).
+    """
     def step(state, out, row, noise):
         x = state["x"]
         x0, _ = x0_eps(out, x, row["alpha_t"], row["sigma_t"], cfg.prediction_type)

@@ -43,6 +43,7 @@ def x_only(cfg, x) -> dict:
 
 
 def final_x(state):
+    """The sample a run returns by default: `state["x"]` (NHWC float32)."""
     return state["x"]
 
 
@@ -72,6 +73,7 @@ REGISTRY: dict[str, Solver] = {}
 
 
 def get_solver(name: str) -> Solver:
+    """The registered `Solver` called `name` (e.g. "ddim"); raises `ConfigError`, naming the registered ones, if none."""
     try:
         return REGISTRY[name]
     except KeyError:
@@ -108,27 +110,34 @@ class Plan:
 
     @property
     def num_evals(self) -> int:
+        """Model evaluations in the run: len(timesteps) (2 per step but the last for Heun, n for the others)."""
         return len(self.timesteps)
 
     @property
     def prediction_type(self) -> str:
+        """The model output the plan expects: "epsilon", "v_prediction" or "sample" (from the resolved config)."""
         return self.config.prediction_type
 
     @property
     def stochastic(self) -> bool:
+        """True when some evaluation injects noise (a nonzero `noise_std` row), so a run needs a PRNG key."""
         return bool(np.any(self.rows.get("noise_std", np.zeros(1)) != 0))
 
     def update_fn(self) -> Callable:
+        """The solver's jittable step `(state, model_output, row, noise) -> state` for this plan's config."""
         return get_solver(self.solver).update(self.config)
 
     def init_state(self, x):
+        """The scan's initial state dict for latents `x` (NHWC float32, at the first evaluation's noise level)."""
         return get_solver(self.solver).init(self.config, x)
 
     def output(self, state):
+        """The sample the run returns from the scan's final state (NHWC float32; LCM's denoised sample)."""
         return get_solver(self.solver).output(state)
 
 
 def as_f32(rows: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Each row as a float32 numpy array (the dtype the scan carries the plan in)."""
     return {k: np.asarray(v, F32) for k, v in rows.items()}
 
 

@@ -129,11 +129,19 @@ def plan(cfg, n: int, *, begin: int = 0) -> Plan:
 
 
 def init(cfg, x):
+    """The scan's initial state: `x` (NHWC float32), zero x_start and rk_sum like x, and e_hist (4, *x.shape) zeros."""
     z = jnp.zeros_like(x)
     return {"x": x, "x_start": z, "rk_sum": z, "e_hist": jnp.zeros((4,) + x.shape, x.dtype)}
 
 
 def update(cfg):
+    """The jittable step `(state, model_output, row, noise) -> state`: gradient part e', then transfer phi.
+
+    Pushes the model's noise estimate onto e_hist when the row says so, forms
+    e' = w_e_now e + w_e . e_hist + w_rk rk_sum, and returns x_{t-delta} = phi_x x_t - phi_e e'
+    (module docstring), x_t being the PRK step's start where `from_start` is set. A v_prediction
+    output becomes the noise as alpha_t v + sigma_t x_t. Deterministic: `noise` is unused.
+    """
     def step(state, e, row, noise):
         e_hist = jnp.where(row["push"] > 0, jnp.concatenate([e[None], state["e_hist"][:-1]]), state["e_hist"])
         e_prime = row["w_e_now"] * e + jnp.tensordot(row["w_e"], e_hist, axes=1) + row["w_rk"] * state["rk_sum"]

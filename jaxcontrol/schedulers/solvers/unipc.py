@@ -156,10 +156,17 @@ def plan(cfg, n: int, *, begin: int = 0) -> Plan:
 
 
 def init(cfg, x):
+    """The scan's initial state: `x` (NHWC float32), history `hist` zeros (solver_order, *x.shape), x_last zeros."""
     return {"x": x, "hist": jnp.zeros((cfg.solver_order,) + x.shape, x.dtype), "x_last": jnp.zeros_like(x)}
 
 
 def update(cfg):
+    """The jittable step `(state, model_output, row, noise) -> state`: UniC correction, then UniP prediction.
+
+    Converts the output to m_t = p x + q out, corrects the current sample
+    x_c = keep x + cx x_last + wc . m + wt m_t, pushes m_t into the history and returns
+    x_next = px x_c + wp . m (module docstring), keeping x_c as x_last. Deterministic: `noise` is unused.
+    """
     def step(state, out, row, noise):
         x, hist = state["x"], state["hist"]
         m_t = row["p"] * x + row["q"] * out
