@@ -73,7 +73,7 @@ REGISTRY: dict[str, Solver] = {}
 
 
 def get_solver(name: str) -> Solver:
-    """The registered `Solver` called `name` (e.g. "ddim"); raises `ConfigError`, naming the registered ones, if none."""
+    """The registered `Solver` called `name` (e.g. "ddim"); raises `ConfigError` if there is none."""
     try:
         return REGISTRY[name]
     except KeyError:
