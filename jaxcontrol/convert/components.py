@@ -30,6 +30,7 @@ Progress = Callable[[str, int], Any]
 
 
 def dtype_name(dtype: Any) -> str:
+    """The name of a parameter dtype ("float32", "bfloat16" or "float16"); raises `ConfigError` for any other."""
     name = jnp.dtype(dtype).name
     if name not in DTYPES:
         raise ConfigError(f"dtype {name!r} is not supported (supported: {list(DTYPES)})")
@@ -49,10 +50,16 @@ class Component:
 
     @property
     def class_name(self) -> str:
+        """The config's `_class_name`, e.g. "UNet2DConditionModel"."""
         return self.config["_class_name"]
 
     def build(self, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
               attention_impl: str = "plain") -> nn.Module:
+        """The Flax module for this component's config (see `model_types.build_module`), not yet initialised.
+
+        Raises `ConfigError` for an unsupported class or an invalid config. `dtype` is the compute
+        dtype, `param_dtype` the parameters' dtype, `attention_impl` the attention kernel ("plain").
+        """
         return build_module(self.config, source=f"{self.name} config", dtype=dtype, param_dtype=param_dtype,
                             attention_impl=attention_impl)
 
@@ -91,10 +98,12 @@ class Checkpoint:
 
     @property
     def description(self) -> str:
+        """A readable name of the detected `format` (e.g. "diffusers folder"), or the format itself if unknown."""
         return FORMATS.get(self.format, self.format)
 
 
 def check_class(config: dict, where: str) -> str:
+    """The config's `_class_name`; raises `ConfigError` naming `where` if it is not in `MODEL_TYPES`."""
     name = config.get("_class_name")
     if name not in MODEL_TYPES:
         raise ConfigError(f"{where}: model class {name!r} is not supported (supported: {sorted(MODEL_TYPES)})")

@@ -29,6 +29,12 @@ OUTPUT_FORMATS = ("jaxcontrol", "diffusers")
 
 @dataclasses.dataclass
 class ComponentReport:
+    """One row of a `ConversionReport`: a component written (or a tokenizer copied, `param_count` 0).
+
+    `class_name` is the diffusers/transformers class, `dtype` the parameters' dtype name, `path`
+    where it was written.
+    """
+
     name: str
     class_name: str
     param_count: int
@@ -38,6 +44,13 @@ class ComponentReport:
 
 @dataclasses.dataclass
 class ConversionReport:
+    """What `convert` did (`format_summary` prints it as the CLI's table).
+
+    The source and its detected format, the output and its format, the dtype, one `ComponentReport`
+    per component, the pipeline class and prediction type found (or None), the notes gathered while
+    reading, and the wall time in seconds.
+    """
+
     source: Path
     detected_format: str
     description: str

@@ -42,6 +42,12 @@ from .state_dict import convert_to_flax
 
 @dataclasses.dataclass(frozen=True)
 class ModelType:
+    """What a supported class name maps to (one entry of `MODEL_TYPES`).
+
+    Our Flax `module`, its `config` dataclass, the regexes of checkpoint keys that are buffers
+    (`ignore`), and an optional key renaming (`normalize`) applied to older checkpoints first.
+    """
+
     module: type[nn.Module]
     config: type[ModelConfig]
     # regexes of checkpoint keys that are not parameters (buffers) and may be ignored
@@ -89,6 +95,11 @@ WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.inde
 
 
 def read_config(folder: str | os.PathLike) -> dict:
+    """The parsed `config.json` of a diffusers/transformers model folder.
+
+    Raises `ConfigError` naming the folder when there is no config.json or it is not a JSON object,
+    and `CheckpointError` when the path escapes the folder.
+    """
     path = safe_join(folder, "config.json", f"{folder}: config.json")
     if not os.path.lexists(path):
         raise ConfigError(f"{folder}: no config.json (is this a diffusers model folder?)")
@@ -96,6 +107,10 @@ def read_config(folder: str | os.PathLike) -> dict:
 
 
 def model_type_of(raw: dict, source: str) -> tuple[str, ModelType]:
+    """(class name, `ModelType`) of a config dict, from `_class_name` or transformers' `architectures[0]`.
+
+    Raises `ConfigError` naming `source` when the config is not a dict or its class is not supported.
+    """
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: a config must be a JSON object, found a {type(raw).__name__}")
     name = raw.get("_class_name")
@@ -110,6 +125,13 @@ def model_type_of(raw: dict, source: str) -> tuple[str, ModelType]:
 
 
 def find_weights(folder: str | os.PathLike, variant: str | None = None) -> Path:
+    """The weights file in a model folder, as diffusers' `from_pretrained` looks for it.
+
+    Tries diffusion_pytorch_model, model, pytorch_model (with `.{variant}` when given), each as
+    .safetensors, sharded .safetensors.index.json, .bin, .bin.index.json, in that order. Raises
+    `CheckpointError` naming the folder and its contents when none is there, or when the file found
+    links outside the folder or is not a regular file.
+    """
     folder = Path(folder)
     for base in WEIGHT_BASENAMES:
         for suffix in WEIGHT_SUFFIXES:

@@ -124,18 +124,25 @@ class SafetensorsFile:
                 f"file must index its whole data section")
 
     def keys(self) -> list[str]:
+        """The tensor names, in header order."""
         return list(self._entries)
 
     def __contains__(self, key: str) -> bool:
         return key in self._entries
 
     def shape(self, key: str) -> tuple[int, ...]:
+        """The shape of tensor `key` (from the header, nothing is read); `KeyError` if absent."""
         return self._entries[key][1]
 
     def dtype(self, key: str) -> np.dtype:
+        """The numpy dtype of tensor `key` (bfloat16 and float8 as ml_dtypes types); `KeyError` if absent."""
         return self._entries[key][0]
 
     def load(self, key: str) -> np.ndarray:
+        """Read tensor `key` alone from disk: a numpy array of its shape and dtype (little-endian, as stored).
+
+        Raises `KeyError` if absent, `CheckpointError` if the file is truncated.
+        """
         dtype, shape, begin, end = self._entries[key]
         buf = bytearray(end - begin)
         with open(self.path, "rb") as f:

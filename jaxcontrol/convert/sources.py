@@ -33,6 +33,7 @@ class TensorSource:
         self.origin = origin
 
     def keys(self) -> list[str]:
+        """The PyTorch state-dict keys (diffusers/transformers names), in file order."""
         return list(self._entries)
 
     def __contains__(self, key: str) -> bool:
@@ -42,9 +43,14 @@ class TensorSource:
         return len(self._entries)
 
     def shape(self, key: str) -> tuple[int, ...]:
+        """The PyTorch shape of tensor `key` (nothing is loaded); `KeyError` if absent."""
         return self._entries[key][0]
 
     def load(self, key: str) -> np.ndarray:
+        """Load tensor `key` as a numpy array in PyTorch layout and its stored dtype; `KeyError` if absent.
+
+        Reading errors are `CheckpointError`.
+        """
         return self._entries[key][1]()
 
     def renamed(self, mapping: Mapping[str, str], origin: str | None = None) -> "TensorSource":
@@ -53,10 +59,12 @@ class TensorSource:
 
     @staticmethod
     def from_arrays(arrays: Mapping[str, np.ndarray], origin: str = "<arrays>") -> "TensorSource":
+        """A source over in-memory arrays (PyTorch layout); `origin` names it in error messages."""
         return TensorSource({k: (tuple(v.shape), (lambda v=v: np.asarray(v))) for k, v in arrays.items()}, origin)
 
     @staticmethod
     def merge(sources: Iterable["TensorSource"], origin: str) -> "TensorSource":
+        """One source over several (the shards of a checkpoint); raises `CheckpointError` for a key in two of them."""
         entries: dict = {}
         for s in sources:
             for k in s.keys():
@@ -67,6 +75,10 @@ class TensorSource:
 
 
 def open_safetensors(path: str | os.PathLike) -> TensorSource:
+    """A lazy source over a `.safetensors` file (header parsed now, tensors read on `load`).
+
+    Raises `CheckpointError` naming the file when it is missing, not a regular file or malformed.
+    """
     f = SafetensorsFile(path)
     return TensorSource({k: (f.shape(k), (lambda k=k: f.load(k))) for k in f.keys()}, str(path))
 
@@ -101,6 +113,10 @@ def load_pickle_state_dict(path: str | os.PathLike, *, unsafe_load_pickle: bool 
 
 
 def torch_tensor_to_numpy(t) -> np.ndarray:
+    """A CPU numpy copy (or view) of a torch tensor; bfloat16 becomes `ml_dtypes.bfloat16`.
+
+    Raises `CheckpointError` when torch is not installed.
+    """
     torch = _torch()
     t = t.detach().cpu()
     if t.dtype == torch.bfloat16:
@@ -176,6 +192,12 @@ def source_from_state_dict(state: Mapping, origin: str) -> TensorSource:
 
 
 def open_pickle(path: str | os.PathLike, *, unsafe_load_pickle: bool = False) -> TensorSource:
+    """A source over a PyTorch pickle (`.bin`, `.pt`, `.pth`, `.ckpt`) holding a state dict, loaded whole.
+
+    Uses torch's `weights_only` unpickler unless `unsafe_load_pickle`. Raises `CheckpointError` when
+    torch is missing, the file is refused or unreadable, it is not a state dict, or a tensor's layout
+    would materialise more than its storage holds (see `source_from_state_dict`).
+    """
     state = load_pickle_state_dict(path, unsafe_load_pickle=unsafe_load_pickle)
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{path}: expected a state dict, found a {type(state).__name__}")
