@@ -98,7 +98,7 @@ class Checkpoint:
 
     @property
     def description(self) -> str:
-        """A readable name of the detected `format` (e.g. "diffusers folder"), or the format itself if unknown."""
+        """A readable name of the detected `format` (e.g. "LDM single file, Stable Diffusion 1.x"), else `format`."""
         return FORMATS.get(self.format, self.format)
 
 

@@ -133,6 +133,12 @@ class DiffusersWriter:
         self.classes: dict[str, str] = {}
 
     def add(self, name: str, config: Mapping[str, Any], params: Any) -> int:
+        """Write component `name` (config with `_class_name`, Flax params) as a diffusers model folder.
+
+        The folder is `root` itself for a single component, else `root/name`; weights are written as
+        PyTorch-layout safetensors in the params' dtype. Returns the parameter count. Raises
+        `CheckpointError` for a name that is not a plain folder name, `ConfigError` for an invalid config.
+        """
         folder = self.root if self.single else safe_join(self.root, name, f"component name {name!r}", single=True)
         n = write_model_folder(folder, config, params)
         self.classes[name] = dict(config)["_class_name"]
@@ -140,6 +146,13 @@ class DiffusersWriter:
 
     def finish(self, *, pipeline_class: str | None, tokenizers: Mapping[str, Path] | None = None,
                scheduler_config: Mapping[str, Any] | None = None) -> None:
+        """Write the pipeline's `model_index.json`, the tokenizer folders and `scheduler/scheduler_config.json`.
+
+        Does nothing for a single component. `pipeline_class` defaults to "DiffusionPipeline"; a
+        StableDiffusion* pipeline gets empty safety_checker/feature_extractor slots. Raises
+        `CheckpointError` for a tokenizer name that is not a plain folder name, or a tokenizer folder
+        that cannot be copied.
+        """
         if self.single:
             return
         index: dict[str, Any] = {"_class_name": pipeline_class or "DiffusionPipeline"}

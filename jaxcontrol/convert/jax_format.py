@@ -67,6 +67,11 @@ class JaxcontrolWriter:
         self.components: dict[str, dict] = {}
 
     def add(self, name: str, config: Mapping[str, Any], params: Any, dtype: str) -> int:
+        """Write component `name`: `root/name/config.json` (diffusers names) and its Orbax `params/`.
+
+        `dtype` is recorded in the manifest (the params are saved as given). Returns the parameter count.
+        Raises `CheckpointError` for a name that is not a plain folder name, `ConfigError` for an invalid config.
+        """
         folder = safe_join(self.root, name, f"component name {name!r}", single=True)
         folder.mkdir()
         config = normalized_config(dict(config), f"{name} config")
@@ -79,6 +84,12 @@ class JaxcontrolWriter:
     def finish(self, *, pipeline_class: str | None = None, tokenizers: Mapping[str, Path] | None = None,
                scheduler_config: Mapping[str, Any] | None = None, prediction_type: str | None = None,
                source: Mapping[str, Any] | None = None) -> None:
+        """Write the manifest `jaxcontrol.json` listing the added components.
+
+        For a pipeline (`pipeline_class` set) also copy the tokenizer folders and write
+        `scheduler/scheduler_config.json`. `source` (e.g. the input file and its format) is recorded as
+        is. Raises `CheckpointError` when a tokenizer cannot be copied.
+        """
         manifest: dict[str, Any] = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -162,6 +173,7 @@ def _tree_dtype(params: Any) -> str:
 
 
 def is_jaxcontrol_checkpoint(path: str | os.PathLike) -> bool:
+    """True when `path` is a folder holding a `jaxcontrol.json` manifest (contents not checked)."""
     return (Path(path) / MANIFEST).is_file()
 
 
@@ -173,6 +185,11 @@ def is_jaxcontrol_component(path: str | os.PathLike) -> bool:
 
 
 def read_manifest(path: Path) -> dict:
+    """The parsed `jaxcontrol.json` of checkpoint folder `path`, its structure checked.
+
+    Raises `CheckpointError` naming the file when it is unreadable, not a jaxcontrol manifest, has a
+    component or `tokenizers` entry that is not a JSON object, or a format version newer than this reader's.
+    """
     file = path / MANIFEST
     manifest = read_json(file, "jaxcontrol manifest")
     if manifest.get("format") != FORMAT_NAME or not isinstance(manifest.get("components"), dict):

@@ -300,6 +300,12 @@ def ldm_vae_to_diffusers(source: TensorSource, keys: list[str], origin: str) -> 
 
 
 def infer_vae_config(source: TensorSource) -> tuple[dict, list[str]]:
+    """The diffusers `AutoencoderKL` config of a VAE state dict (diffusers names), read from its shapes.
+
+    Returns (config, notes); sample_size 512 and scaling_factor 0.18215 (SD 1.x) are assumed, the
+    rest (channels, blocks, layers_per_block, quant convs, mid-block attention) comes from the keys.
+    Raises `CheckpointError` naming the source when a key it needs is missing.
+    """
     keys = source.keys()
     shape = source.shape
     try:

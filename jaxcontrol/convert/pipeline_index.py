@@ -45,14 +45,21 @@ class PipelineBundle:
 
     @property
     def tokenizer(self):
+        """The main tokenizer (the "tokenizer" entry), or None if the pipeline has none."""
         return self.tokenizers.get("tokenizer")
 
     @property
     def scheduler_config(self) -> dict | None:
+        """The raw `scheduler_config.json` dict (diffusers field names, `_class_name` kept), or None."""
         return self.configs.get(SCHEDULER)
 
 
 def read_model_index(folder: Path) -> dict:
+    """The parsed `model_index.json` of a diffusers pipeline folder.
+
+    Raises `ConfigError` naming the folder when there is none or it is not a JSON object, and
+    `CheckpointError` when the path escapes the folder.
+    """
     path = safe_join(folder, "model_index.json", f"{folder}: model_index.json")
     if not os.path.lexists(path):
         raise ConfigError(f"{folder}: no model_index.json (is this a diffusers pipeline folder?)")
