@@ -71,15 +71,23 @@ class T2IAdapterConfig(ModelConfig):
 
     @property
     def num_features(self) -> int:
+        """How many feature maps the adapter returns: len(channels), plus one for `light_adapter`."""
         return len(self.channels) + (1 if self.adapter_type == "light_adapter" else 0)
 
     @property
     def feature_channels(self) -> tuple[int, ...]:
+        """The channel count of each returned feature map, shallowest first (light_adapter repeats the last)."""
         if self.adapter_type == "light_adapter":
             return tuple(self.channels) + (self.channels[-1],)
         return tuple(self.channels)
 
     def validate(self, source: str = "config") -> None:
+        """Check the fields beyond their types; raises `ConfigError` naming `source` and the field.
+
+        Refuses an unknown adapter_type, empty or non-positive channels, in_channels or downscale_factor
+        < 1, num_res_blocks < 0, light_adapter channels below 4, and full_adapter_xl channels[i] !=
+        channels[i - 1] for i >= 3 (a model diffusers could not run either).
+        """
         super().validate(source)
         if self.adapter_type not in ADAPTER_TYPES:
             raise ConfigError(
@@ -273,6 +281,7 @@ class T2IAdapter(nn.Module):
 
     @property
     def total_downscale_factor(self) -> int:
+        """Image size / size of the last feature map, as the config says (`T2IAdapterConfig.total_downscale_factor`)."""
         return self.config.total_downscale_factor
 
     @nn.compact
@@ -294,6 +303,7 @@ class T2IAdapter(nn.Module):
         return inner(x)
 
     def dummy_inputs(self) -> tuple:
+        """Arguments for `init`: one zero float32 image (1, r, r, in_channels), r = downscale_factor."""
         r = self.config.downscale_factor
         return (jnp.zeros((1, r, r, self.config.in_channels)),)
 
@@ -359,10 +369,12 @@ class MultiAdapter(nn.Module):
 
     @property
     def downscale_factor(self) -> int:
+        """The shared pixel-unshuffle factor; every image's height and width must be a multiple of it."""
         return self.configs[0].downscale_factor
 
     @property
     def total_downscale_factor(self) -> int:
+        """Image size / size of the last feature map, shared by all the adapters."""
         return self.configs[0].total_downscale_factor
 
     @nn.compact
@@ -393,6 +405,7 @@ class MultiAdapter(nn.Module):
         return acc
 
     def dummy_inputs(self) -> tuple:
+        """Arguments for `init`: a list of zero float32 images (1, r, r, in_channels), one per adapter."""
         r = self.configs[0].downscale_factor
         return ([jnp.zeros((1, r, r, c.in_channels)) for c in self.configs],)
 
