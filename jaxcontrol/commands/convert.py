@@ -54,6 +54,11 @@ PROG = "convert_weights.py"
 
 
 def parse_set(values: list[str]) -> dict[str, dict]:
+    """The `--set COMPONENT.FIELD=VALUE` flags as {component: {field: value}}.
+
+    VALUE is parsed as JSON, else kept as a plain string (e.g. full_adapter_xl). Raises `UsageError`
+    for an item not of that form or a value nested too deeply.
+    """
     from jaxcontrol.errors import UsageError
 
     out: dict[str, dict] = {}
@@ -73,6 +78,11 @@ def parse_set(values: list[str]) -> dict[str, dict]:
 
 
 def parse_configs(values: list[str]) -> dict[str, dict]:
+    """The `--config COMPONENT=PATH` flags as {component: parsed config.json}.
+
+    PATH is a config.json file or a folder holding one. Raises `UsageError` for an item not of that
+    form, and naming the component for a file that is missing, unreadable or not a JSON object.
+    """
     from jaxcontrol.convert.paths import read_json
     from jaxcontrol.errors import UsageError
 
@@ -90,6 +100,7 @@ def parse_configs(values: list[str]) -> dict[str, dict]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `convert_weights.py` argument parser (its options and help text; parsing is the caller's)."""
     p = argparse.ArgumentParser(prog="convert_weights.py", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--from", dest="src", required=True, metavar="PATH",

@@ -56,6 +56,7 @@ def solver_choices() -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `infer.py` argument parser: model, prompts, ControlNet, T2I-Adapter, sampling, editing, demo, output."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     m = ap.add_argument_group("model")
     m.add_argument("--model", help="a diffusers pipeline folder, an LDM single file, or a jaxcontrol checkpoint "

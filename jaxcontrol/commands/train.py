@@ -72,6 +72,7 @@ flags.DEFINE_string("workdir", None, "run directory: checkpoints, logs, samples,
 
 
 def help_text() -> str:
+    """The text `train.py --help` prints: usage line, the module docstring and the options."""
     return f"usage: {PROG} --config FILE[:ARG] --workdir DIR [--config.KEY=VALUE ...]\n\n{__doc__.strip()}\n\n{OPTIONS}"
 
 
@@ -174,6 +175,12 @@ def _latest_checkpoint(workdir: str) -> int | None:
 
 
 def main() -> int:
+    """Run `train.py` from `sys.argv`: parse --config/--workdir, train, and return the exit code.
+
+    0 when done or for --help, 1 when the workdir cannot be used, 130 on Ctrl-C (after printing
+    the latest checkpoint's step). Raises `UsageError` for bad flags and lets training errors
+    propagate (`console_main` turns them into exit codes 1 or 2).
+    """
     argv = list(sys.argv)
     if any(a in HELP_FLAGS or a.startswith("--help") for a in argv[1:]):
         print(help_text())

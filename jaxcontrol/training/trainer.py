@@ -205,6 +205,11 @@ class Run:
         return te.apply({"params": frozen["text_encoder"]}, jnp.asarray(ids)).last_hidden_state
 
     def next_batch(self) -> dict:
+        """The next training batch as global device arrays (grad_accum_steps, micro_batch, ...), batch on dim 1.
+
+        Only `batch_keys` are kept (images NHWC). Raises `StopIteration` when the dataset ends and
+        `ConfigError` when the host batch does not split into grad_accum_steps (see `data.device_batch`).
+        """
         return device_batch(next(self.iterator), self.accum, self.batch_sharding, self.batch_keys)
 
     def save(self, step: int) -> None:
@@ -356,6 +361,7 @@ class InterruptGuard:
         print("Ctrl-C: stopping before the next step (press it again to stop at once)", file=sys.stderr, flush=True)
 
     def check(self) -> None:
+        """Raise `KeyboardInterrupt` if Ctrl-C was pressed since the guard was entered; else do nothing."""
         if self.requested:
             raise KeyboardInterrupt
 
