@@ -207,8 +207,8 @@ class Run:
     def next_batch(self) -> dict:
         """The next training batch as global device arrays (grad_accum_steps, micro_batch, ...), batch on dim 1.
 
-        Only `batch_keys` are kept (images NHWC). Raises `StopIteration` when the dataset ends and
-        `ConfigError` when the host batch does not split into grad_accum_steps (see `data.device_batch`).
+        Only `batch_keys` are kept (images NHWC). Raises `ConfigError` when the host batch does not
+        split into grad_accum_steps (see `data.device_batch`).
         """
         return device_batch(next(self.iterator), self.accum, self.batch_sharding, self.batch_keys)
 
