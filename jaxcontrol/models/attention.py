@@ -1,12 +1,17 @@
 """Multi-head attention and the spatial transformer of latent diffusion (diffusers' `Transformer2DModel`).
 
-Two interchangeable attention kernels, chosen per model by `attention_impl`:
+Three interchangeable attention kernels, chosen per model by `attention_impl`:
 
-* ``"plain"``: scores and softmax written out with einsum; softmax always in float32.
+* ``"plain"``: scores and softmax written out with einsum over the whole (B, heads, Lq, Lk)
+  score tensor; softmax always in float32.
+* ``"chunked"``: the same arithmetic one head and one block of `CHUNK` queries at a time
+  (`lax.map`), so no score tensor larger than (CHUNK, Lk) exists. On a 2-core CPU, self-attention
+  over a 64x64 latent (4096 tokens, 8 heads of 40) ran 2.9x (batch 2) to 4.3x (batch 4) faster
+  than "plain", which spends its time writing and reading the 512 MiB-per-image score tensor.
 * ``"dot_product"``: `jax.nn.dot_product_attention` without `implementation=`, which in jax 0.10
   is XLA's attention on every backend (cuDNN's fused kernel is only used when asked for by name).
 
-Both are tested for parity against PyTorch.
+All are tested for parity against PyTorch and against each other.
 """
 
 from __future__ import annotations
@@ -20,11 +25,12 @@ from flax import linen as nn
 from .layers import GroupNorm, LayerNorm, conv
 
 Dtype = Any
-ATTENTION_IMPLS = ("plain", "dot_product")
+ATTENTION_IMPLS = ("plain", "chunked", "dot_product")
+CHUNK = 1024  # queries per block of the "chunked" kernel
 
 
 def check_attention_impl(impl: str) -> None:
-    """Raise `ValueError` unless `impl` is one of `ATTENTION_IMPLS` ("plain", "dot_product")."""
+    """Raise `ValueError` unless `impl` is one of `ATTENTION_IMPLS` ("plain", "chunked", "dot_product")."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
 
@@ -59,12 +65,49 @@ def attention(
     check_attention_impl(impl)
     if upcast:
         q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+    if impl == "chunked":
+        return _chunked_attention(q, k, v, scale, mask)
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
+
+def _chunked_attention(q, k, v, scale: float, mask, chunk: int = CHUNK):
+    """"plain"'s arithmetic per (batch, head) and per block of `chunk` queries: each block's
+    scores (chunk, Lk) are float32, soft-maxed and applied before the next block is computed."""
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
+    chunk = min(chunk, lq)
+    blocks = -(-lq // chunk)
+    pad = blocks * chunk - lq
+    heads = lambda t: t.transpose(0, 2, 1, 3).reshape(b * h, t.shape[1], t.shape[3])  # noqa: E731
+    qh = jnp.pad(heads(q), ((0, 0), (0, pad), (0, 0))).reshape(b * h, blocks, chunk, d)
+    xs = (qh, heads(k), heads(v))
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (b, h, mask.shape[2], lk))
+        if mask.shape[2] == 1:  # one mask row for every query
+            mask = jnp.broadcast_to(mask.reshape(b * h, 1, 1, lk), (b * h, blocks, 1, lk))
+        else:  # a mask row per query, cut into the same blocks as the queries
+            mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad), (0, 0)), constant_values=True)
+            mask = mask.reshape(b * h, blocks, chunk, lk)
+        xs = xs + (mask,)
+
+    def one_head(args):
+        qi, ki, vi = args[:3]
+
+        def one_block(block):
+            scores = jnp.einsum("qd,kd->qk", block[0], ki, preferred_element_type=jnp.float32) * scale
+            if len(block) > 1:
+                scores = jnp.where(block[1], scores, jnp.finfo(jnp.float32).min)
+            return jnp.einsum("qk,kd->qd", jax.nn.softmax(scores, axis=-1).astype(vi.dtype), vi)
+
+        return jax.lax.map(one_block, (qi,) + tuple(args[3:]))
+
+    out = jax.lax.map(one_head, xs)  # (b*h, blocks, chunk, dv)
+    out = out.reshape(b, h, blocks * chunk, v.shape[-1])[:, :, :lq]
+    return out.transpose(0, 2, 1, 3)
 
 class Attention(nn.Module):
     """diffusers' `Attention`: `to_q`, `to_k`, `to_v` (no bias by default) and `to_out.0`.

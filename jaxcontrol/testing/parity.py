@@ -72,12 +72,12 @@ CASES: dict[str, Case] = {
     c.name: c
     for c in (
         Case("tiny-controlnet-test", TINY_CONTROLNET_TEST, dict(conditioning_embedding_out_channels=(16, 32)),
-             (32, 32), 1e-4),
+             (32, 32), 1e-4, attention_impls=("plain", "chunked", "dot_product")),
         Case("tiny-unet-test", TINY_UNET_TEST, dict(conditioning_embedding_out_channels=(16, 32)), (16, 16), 1e-4,
              attention_impls=("plain",)),
         Case("tiny-adapter-test", TINY_ADAPTER_TEST, dict(conditioning_embedding_out_channels=(16, 32)),
              (32, 32), 1e-4, slow=True, attention_impls=("plain",)),
-        # the dot_product kernel is checked on tiny-controlnet-test (the same attention code paths)
+        # the chunked and dot_product kernels are checked on tiny-controlnet-test (the same code paths)
         Case("sd2-style", SD2_STYLE, dict(conditioning_embedding_out_channels=(16, 32, 32)), (16, 16), 1e-4,
              attention_impls=("plain",)),
         Case("sd2-style-odd-size", SD2_STYLE, None, (13, 10), 1e-4, attention_impls=("plain",)),

@@ -74,7 +74,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.text_encoder_path = ""  # scratch: load the text encoder from this folder
     c.model.tokenizer_path = ""  # scratch: tokenizer folder; "" writes a word-level CLIP tokenizer
     c.model.scheduler = ml_collections.ConfigDict({k: v for k, v in SD_SCHEDULER.items() if k != "_class_name"})
-    c.model.attention_impl = "plain"  # or "dot_product" (jax.nn.dot_product_attention: XLA's attention)
+    c.model.attention_impl = "plain"  # or "chunked" (no full score tensor) or "dot_product" (XLA's attention)
 
     # --- what is trained ----------------------------------------------------------------------
     c.controlnet = ml_collections.ConfigDict()
