@@ -224,11 +224,14 @@ class InterruptAtLine:
     """Runs train.py in the background and sends SIGINT (Ctrl-C) once it prints a line containing `trigger`."""
 
     def __init__(self, cmd, env, trigger):
-        self.trigger, self.lines = trigger, []
+        self.trigger, self.lines, self.errors = trigger, [], []
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True)
-        self.thread = threading.Thread(target=self._watch, daemon=True)
-        self.thread.start()
+        # one reader per pipe: stdout only by the watcher (a second reader could take the trigger line)
+        self.threads = [threading.Thread(target=self._watch, daemon=True),
+                        threading.Thread(target=lambda: self.errors.extend(self.proc.stderr), daemon=True)]
+        for t in self.threads:
+            t.start()
 
     def _watch(self):
         for line in self.proc.stdout:
@@ -238,12 +241,13 @@ class InterruptAtLine:
 
     def finish(self, timeout=300):
         try:
-            stderr = self.proc.communicate(timeout=timeout)[1]
+            self.proc.wait(timeout=timeout)
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
-        self.thread.join(10)
-        return self.proc.returncode, stderr
+        for t in self.threads:
+            t.join(10)
+        return self.proc.returncode, "".join(self.errors)
 
 
 def test_ctrl_c_exits_130_and_the_rerun_resumes_and_cleans_stale_exports(data_dir, tmp_path, xla_cache):
