@@ -56,6 +56,8 @@ def solver_choices() -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from jaxcontrol.models.attention import ATTENTION_IMPLS
+
     """The `infer.py` argument parser: model, prompts, ControlNet, T2I-Adapter, sampling, editing, demo, output."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     m = ap.add_argument_group("model")
@@ -67,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype of the U-Net, ControlNets, adapters and text encoder (default float32)")
     m.add_argument("--vae-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="compute dtype of the VAE (default float32, also in bf16 mode)")
-    m.add_argument("--attention", default="plain", choices=("plain", "chunked", "dot_product"),
+    m.add_argument("--attention", default="plain", choices=ATTENTION_IMPLS,
                    help="attention kernel: plain (einsum), chunked (one head and 1024 queries at a time: far "
                         "less memory, faster on the CPU at 64x64 latents) or dot_product (XLA's attention)")
     m.add_argument("--unsafe-load-pickle", action="store_true",
