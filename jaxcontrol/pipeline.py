@@ -29,13 +29,13 @@ from jax.sharding import Mesh, PartitionSpec as P
 from . import guidance as G
 from .errors import ConfigError, NonFiniteError
 from .mesh import named
+from .platform import to_dtype
 from .models.vae import sample_posterior, scale_latents, unscale_latents
 from .sampler import Inpaint, first_nonfinite, initial_latents, noised_latents, raise_if_nonfinite, repaint, sample
 from .schedulers import SchedulerConfig, make_plan
 from .schedulers.solvers import Plan
 from .tokenizer import tokenize
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,16 +113,6 @@ def default_mesh(devices: Sequence | None = None) -> Mesh:
     """A one-axis (`data`) mesh over every device of every host."""
     devices = np.asarray(devices if devices is not None else jax.devices())
     return Mesh(devices.reshape(-1), ("data",))
-
-
-def to_dtype(name: Any):
-    """A dtype from its name ("float32", "bfloat16", "float16"); dtypes pass through. Raises
-    `ConfigError` for another name."""
-    if isinstance(name, str):
-        if name not in DTYPES:
-            raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
-        return DTYPES[name]
-    return name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -464,22 +454,30 @@ class Pipeline:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_pretrained(cls, path, *, dtype: Any = "float32", vae_dtype: Any = "float32",
+    def from_pretrained(cls, path, *, dtype: Any = "auto", vae_dtype: Any = "float32", param_dtype: Any = "float32",
                         controlnets: Sequence[str] = (), adapters: Sequence[str] = (),
-                        attention_impl: str = "plain", mesh: Mesh | None = None,
+                        attention_impl: str = "auto", mesh: Mesh | None = None,
                         unsafe_load_pickle: bool = False) -> "Pipeline":
         """Load a pipeline folder, single file or jaxcontrol checkpoint, plus extra ControlNets /
-        adapters by path. `dtype` is the U-Net's (and ControlNets', adapters', text encoder's)
-        compute dtype; `vae_dtype` the VAE's (float32 by default even in bf16 mode)."""
+        adapters by path.
+
+        `dtype` is the compute dtype of the U-Net, ControlNets, adapters and text encoder: "auto"
+        (default) is bfloat16 on a GPU or TPU and float32 on the CPU (`jaxcontrol.platform`);
+        `vae_dtype` the VAE's (float32 by default, also in bf16 mode); `param_dtype` the dtype the
+        weights are held in (float32 by default; "bfloat16" halves their memory). Names or dtypes;
+        a name not in `platform.DTYPE_CHOICES` raises `ConfigError`. `attention_impl`: see
+        `models.attention.ATTENTION_IMPLS` ("auto" picks per platform)."""
         from .convert import load_model
         from .convert.pipeline_folder import load_pipeline
 
-        dtype, vae_dtype = to_dtype(dtype), to_dtype(vae_dtype)
-        bundle = load_pipeline(path, dtype=dtype, attention_impl=attention_impl,
+        dtype, vae_dtype, param_dtype = to_dtype(dtype), to_dtype(vae_dtype), to_dtype(param_dtype)
+        bundle = load_pipeline(path, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
                                component_kwargs={"vae": {"dtype": vae_dtype}}, unsafe_load_pickle=unsafe_load_pickle)
-        kw = dict(dtype=dtype, attention_impl=attention_impl, unsafe_load_pickle=unsafe_load_pickle)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
+                  unsafe_load_pickle=unsafe_load_pickle)
         cns = [load_model(p, **kw) for p in controlnets]
-        ads = [load_model(p, dtype=dtype, unsafe_load_pickle=unsafe_load_pickle) for p in adapters]
+        ads = [load_model(p, dtype=dtype, param_dtype=param_dtype, unsafe_load_pickle=unsafe_load_pickle)
+               for p in adapters]
         return cls(bundle, controlnets=cns, adapters=ads, mesh=mesh)
 
     @property

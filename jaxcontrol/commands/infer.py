@@ -65,13 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(default: the embedded demo model, jaxcontrol/assets/; then --control-image "
                                    "and --adapter-image without --controlnet / --adapter use its ControlNet and "
                                    "T2I-Adapter)")
-    m.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="compute dtype of the U-Net, ControlNets, adapters and text encoder (default float32)")
-    m.add_argument("--vae-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="compute dtype of the VAE (default float32, also in bf16 mode)")
-    m.add_argument("--attention", default="plain", choices=ATTENTION_IMPLS,
-                   help="attention kernel: plain (einsum), chunked (one head and 1024 queries at a time: far "
-                        "less memory, faster on the CPU at 64x64 latents) or dot_product (XLA's attention)")
+    m.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="compute dtype of the U-Net, ControlNets, adapters and text encoder; weights stay "
+                        "float32 and normalisation/softmax statistics are float32 in every mode. Default auto: "
+                        "bfloat16 on a GPU or TPU, float32 on the CPU (the sidecar records which)")
+    m.add_argument("--vae-dtype", default="float32", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="compute dtype of the VAE (default float32, also when --dtype is bfloat16)")
+    m.add_argument("--attention", default="auto", choices=ATTENTION_IMPLS,
+                   help="attention kernel (default auto: cuDNN on a GPU, Pallas flash on a TPU, chunked on the "
+                        "CPU for long sequences, plain for short ones); plain (einsum), chunked (one head and 1024 "
+                        "queries at a time), dot_product (XLA's attention), cudnn (GPU), tpu_flash (TPU)")
     m.add_argument("--unsafe-load-pickle", action="store_true",
                    help="allow arbitrary Python objects in .ckpt/.pth/.bin files: this runs code from the file; "
                         "only for files you trust")
@@ -398,7 +401,10 @@ def resolve(args: argparse.Namespace) -> InferSettings:
 
 def _settings(args: argparse.Namespace, **resolved) -> InferSettings:
     """`InferSettings` of the `resolved` fields, the others copied from the flags of the same name."""
+    from jaxcontrol.platform import dtype_name
+
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(InferSettings) if f.name not in _RESOLVED}
+    flags["dtype"], flags["vae_dtype"] = dtype_name(flags["dtype"]), dtype_name(flags["vae_dtype"])  # "auto" resolved
     return InferSettings(**flags, **resolved)
 
 

@@ -18,13 +18,13 @@ from flax import linen as nn
 
 from ..errors import ConfigError
 from ..models.params import param_shapes
+from ..platform import DTYPES
 from .formats import FORMATS
 from .orbax_params import restore_params
 from .model_types import MODEL_TYPES, build_module
 from .sources import TensorSource
 from .state_dict import convert_to_flax
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # a progress factory: (description, total) -> an object with update(n) and close() (tqdm fits)
 Progress = Callable[[str, int], Any]
 
@@ -54,11 +54,11 @@ class Component:
         return self.config["_class_name"]
 
     def build(self, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-              attention_impl: str = "plain") -> nn.Module:
+              attention_impl: str = "auto") -> nn.Module:
         """The Flax module for this component's config (see `model_types.build_module`), not yet initialised.
 
         Raises `ConfigError` for an unsupported class or an invalid config. `dtype` is the compute
-        dtype, `param_dtype` the parameters' dtype, `attention_impl` the attention kernel ("plain").
+        dtype, `param_dtype` the parameters' dtype, `attention_impl` the attention kernel ("auto": chosen per platform).
         """
         return build_module(self.config, source=f"{self.name} config", dtype=dtype, param_dtype=param_dtype,
                             attention_impl=attention_impl)

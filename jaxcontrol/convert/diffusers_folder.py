@@ -18,6 +18,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import linen as nn
 
+from ..platform import to_dtype
 from ..errors import CheckpointError, ConfigError
 from ..models.adapter import MultiAdapter, T2IAdapter
 from .jax_format import is_jaxcontrol_checkpoint, is_jaxcontrol_component, load_jaxcontrol_model, recover_destination
@@ -42,7 +43,7 @@ def load_model(
     *,
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
-    attention_impl: str = "plain",
+    attention_impl: str = "auto",
     variant: str | None = None,
     subfolder: str | None = None,
     unsafe_load_pickle: bool = False,
@@ -55,12 +56,14 @@ def load_model(
 
     Args:
       path: the folder holding `config.json` and the weights (or a pipeline folder with `subfolder`).
-      dtype: compute dtype of activations (`jnp.bfloat16` for mixed precision).
-      param_dtype: dtype the parameters are stored in after loading.
-      attention_impl: `"plain"` or `"dot_product"` (`jax.nn.dot_product_attention`).
+      dtype: compute dtype of activations (`jnp.bfloat16` for mixed precision; a name, "auto"
+        included, is resolved by `jaxcontrol.platform.to_dtype`).
+      param_dtype: dtype the parameters are stored in after loading (a dtype or a name).
+      attention_impl: one of `models.attention.ATTENTION_IMPLS`; "auto" (default) picks per platform.
       variant: weights variant, e.g. `"fp16"` for `diffusion_pytorch_model.fp16.safetensors`.
       unsafe_load_pickle: allow arbitrary objects in `.bin` pickles. Only for files you trust.
     """
+    dtype, param_dtype = to_dtype(dtype), to_dtype(param_dtype)
     if not os.path.lexists(path):
         recover_destination(path)  # a replacement of `path` killed half-way leaves the old output aside
     folder = Path(path) / subfolder if subfolder else Path(path)

@@ -246,7 +246,7 @@ def load_checkpoint(
     *,
     dtype: Any = jnp.float32,
     param_dtype: Any = None,
-    attention_impl: str = "plain",
+    attention_impl: str = "auto",
     components: tuple[str, ...] | None = None,
     component_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
     sharding: Any = None,
@@ -286,7 +286,7 @@ def load_checkpoint(
 
 
 def load_jaxcontrol_model(path: str | os.PathLike, *, subfolder: str | None = None, dtype: Any = jnp.float32,
-                          param_dtype: Any = jnp.float32, attention_impl: str = "plain") -> tuple[nn.Module, dict]:
+                          param_dtype: Any = jnp.float32, attention_impl: str = "auto") -> tuple[nn.Module, dict]:
     """`(module, params)` of a one-component jaxcontrol checkpoint, of a component folder, or of `subfolder`."""
     path = Path(path)
     if subfolder is None and is_jaxcontrol_component(path):

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from ..errors import CheckpointError, ConfigError
+from ..platform import to_dtype
 from ..models.adapter import T2IAdapter, T2IAdapterConfig
 from ..models.clip import (
     CLIPTextConfig,
@@ -156,7 +157,9 @@ def build_module(
     param_dtype: Any = jnp.float32,
     **module_kwargs: Any,
 ) -> nn.Module:
-    """The module for a diffusers `config.json` dict."""
+    """The module for a diffusers `config.json` dict; `dtype` / `param_dtype` are dtypes or names
+    ("auto": see `jaxcontrol.platform`)."""
+    dtype, param_dtype = to_dtype(dtype), to_dtype(param_dtype)
     _, mtype = model_type_of(raw_config, source)
     config = mtype.config.from_dict(raw_config, source=source)
     return mtype.module(config, dtype=dtype, param_dtype=param_dtype, **module_kwargs)

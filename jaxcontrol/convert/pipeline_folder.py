@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from ..platform import to_dtype
 from ..errors import CheckpointError, ConfigError
 from ..tokenizer import load_tokenizer
 from .diffusers_folder import load_model
@@ -41,7 +42,7 @@ def load_pipeline(
     *,
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
-    attention_impl: str = "plain",
+    attention_impl: str = "auto",
     component_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
     components: tuple[str, ...] | None = None,
     variant: str | None = None,
@@ -50,7 +51,7 @@ def load_pipeline(
     """Read a diffusers pipeline folder.
 
     Args:
-      dtype, param_dtype, attention_impl: defaults for every network.
+      dtype, param_dtype, attention_impl: defaults for every network (dtypes or names, "auto" included).
       component_kwargs: per-component overrides of those, e.g. `{"vae": {"dtype": jnp.float32}}`
         to keep the VAE in float32 while the U-Net runs in bf16.
       components: load only these components (default: all that the folder lists).
@@ -58,6 +59,7 @@ def load_pipeline(
     A jaxcontrol checkpoint folder (`jaxcontrol.json`) and a single-file checkpoint (LDM Stable
     Diffusion, ControlNet, T2I-Adapter) load into the same bundle.
     """
+    dtype, param_dtype = to_dtype(dtype), to_dtype(param_dtype)
     folder = Path(path)
     if not os.path.lexists(folder):
         recover_destination(folder)

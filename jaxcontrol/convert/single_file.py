@@ -344,7 +344,7 @@ def load_single_file(
     *,
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
-    attention_impl: str = "plain",
+    attention_impl: str = "auto",
     component_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
     **read_options: Any,
 ) -> PipelineBundle:

@@ -272,7 +272,7 @@ class T2IAdapter(nn.Module):
     config: T2IAdapterConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str = "plain"
+    attention_impl: str = "auto"
 
     @property
     def downscale_factor(self) -> int:

@@ -1,17 +1,26 @@
 """Multi-head attention and the spatial transformer of latent diffusion (diffusers' `Transformer2DModel`).
 
-Three interchangeable attention kernels, chosen per model by `attention_impl`:
+Interchangeable attention kernels, chosen per model by `attention_impl`:
 
+* ``"auto"`` (the default everywhere): per call, from the platform, dtype and shape (`select_impl`):
+  cuDNN's fused kernel on a GPU where it takes the call, Pallas flash attention on a TPU for long
+  self-attention, the query-chunked kernel on the CPU for sequences of `CHUNKED_MIN_QUERIES` or more
+  queries, and "plain" elsewhere (short sequences, the 77-token cross-attention).
 * ``"plain"``: scores and softmax written out with einsum over the whole (B, heads, Lq, Lk)
   score tensor; softmax always in float32.
 * ``"chunked"``: the same arithmetic one head and one block of `CHUNK` queries at a time
   (`lax.map`), so no score tensor larger than (CHUNK, Lk) exists. On a 2-core CPU, self-attention
   over a 64x64 latent (4096 tokens, 8 heads of 40) ran 2.9x (batch 2) to 4.3x (batch 4) faster
   than "plain", which spends its time writing and reading the 512 MiB-per-image score tensor.
-* ``"dot_product"``: `jax.nn.dot_product_attention` without `implementation=`, which in jax 0.10
-  is XLA's attention on every backend (cuDNN's fused kernel is only used when asked for by name).
+* ``"dot_product"``: `jax.nn.dot_product_attention` with XLA's implementation (the score tensor is
+  materialised, as in "plain").
+* ``"cudnn"``: `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN's fused flash
+  attention. GPU only, bf16/fp16 q/k/v, head dim a multiple of 8 and at most 256 (`cudnn_accepts`).
+* ``"tpu_flash"``: the Pallas TPU flash-attention kernel (`jaxcontrol.models.tpu_attention`). TPU only.
 
-All are tested for parity against PyTorch and against each other.
+The portable kernels are tested for parity against PyTorch and against each other on the CPU; the
+cuDNN and TPU kernels can only run on their hardware (the TPU kernel's numerics are tested on the
+CPU in Pallas' interpret mode). What "auto" picks, and the precision of each, is in docs/PRECISION.md.
 """
 
 from __future__ import annotations
@@ -22,17 +31,52 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from ..platform import backend as _platform
 from .layers import GroupNorm, LayerNorm, conv
 
 Dtype = Any
-ATTENTION_IMPLS = ("plain", "chunked", "dot_product")
+ATTENTION_IMPLS = ("auto", "plain", "chunked", "dot_product", "cudnn", "tpu_flash")
 CHUNK = 1024  # queries per block of the "chunked" kernel
+CHUNKED_MIN_QUERIES = 256  # "auto" on the CPU: "chunked" from this many queries on, "plain" below
+_PLATFORM_ONLY = {"cudnn": "gpu", "tpu_flash": "tpu"}
 
 
 def check_attention_impl(impl: str) -> None:
-    """Raise `ValueError` unless `impl` is one of `ATTENTION_IMPLS` ("plain", "chunked", "dot_product")."""
+    """Raise `ValueError` unless `impl` is one of `ATTENTION_IMPLS`."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+
+
+def cudnn_accepts(q_shape, k_shape, dtype, mask) -> bool:
+    """Whether cuDNN's fused attention takes this call: bf16/fp16 q/k/v, a head dim that is a
+    multiple of 8 and at most 256 (Hopper's limit), q and k with the same head dim. Masks are
+    accepted (boolean, broadcast to (B, heads, Lq, Lk))."""
+    d = q_shape[-1]
+    return jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and d % 8 == 0 and d <= 256 and k_shape[-1] == d
+
+
+def select_impl(q_shape, k_shape, dtype, *, upcast: bool = False, mask=None, platform: str | None = None) -> str:
+    """The kernel "auto" runs for q (B, Lq, heads, D) and k (B, Lk, heads, D) of `dtype` on `platform`
+    (default: the default backend's):
+
+    * GPU: "cudnn" where `cudnn_accepts` and the layer is not `upcast` (an upcast layer asks for
+      float32 scores, which it keeps on XLA); otherwise "plain".
+    * TPU: "tpu_flash" where `tpu_attention.tpu_flash_supported` (long self-attention, no mask);
+      otherwise "plain" (the 77-token cross-attention, short sequences).
+    * CPU: "chunked" for Lq >= `CHUNKED_MIN_QUERIES`, else "plain".
+    """
+    platform = platform or _platform()
+    if platform == "gpu" and not upcast and cudnn_accepts(q_shape, k_shape, dtype, mask):
+        return "cudnn"
+    if platform == "tpu":
+        from .tpu_attention import tpu_flash_supported
+
+        if tpu_flash_supported(q_shape, k_shape, dtype, mask):
+            return "tpu_flash"
+        return "plain"
+    if platform == "cpu" and q_shape[1] >= CHUNKED_MIN_QUERIES:
+        return "chunked"
+    return "plain"
 
 
 def attention(
@@ -40,7 +84,7 @@ def attention(
     k: jax.Array,
     v: jax.Array,
     *,
-    impl: str = "plain",
+    impl: str = "auto",
     upcast: bool = False,
     scale: float | None = None,
     mask: jax.Array | None = None,
@@ -49,20 +93,37 @@ def attention(
 
     softmax(q k^T * scale) v with `scale` default D**-0.5, as `torch.nn.functional.scaled_dot_product_attention`
     in diffusers' `AttnProcessor2_0`. `mask` is boolean, broadcastable to (B, heads, Lq, Lk), True
-    where attention is allowed. Scores and softmax are float32 under "plain"; `upcast` (diffusers'
-    `upcast_attention`) also casts q and k to float32 first. The result has `v`'s dtype (q, k, v
-    share one). Raises `ValueError` for an `impl` not in `ATTENTION_IMPLS`.
+    where attention is allowed. Scores and softmax are float32 in "plain" and "chunked" (cuDNN and
+    the TPU kernel accumulate in float32); `upcast` (diffusers' `upcast_attention`) also casts q and
+    k to float32 first. The result has `v`'s dtype (q, k, v share one). Raises `ValueError` for an
+    `impl` not in `ATTENTION_IMPLS`, or for "cudnn" / "tpu_flash" off their platform or on a call
+    their kernel does not take.
     """
+    check_attention_impl(impl)
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    if impl == "auto":
+        impl = select_impl(q.shape, k.shape, q.dtype, upcast=upcast, mask=mask)
+    if impl in _PLATFORM_ONLY and _platform() != _PLATFORM_ONLY[impl]:
+        raise ValueError(f"attention_impl={impl!r} runs on {_PLATFORM_ONLY[impl]} only, this is {_platform()}; "
+                         "use 'auto'")
+    if impl == "cudnn":
+        if not cudnn_accepts(q.shape, k.shape, q.dtype, mask):
+            raise ValueError(f"attention_impl='cudnn' takes bf16/fp16 q/k/v with a head dim that is a multiple of 8 "
+                             f"and <= 256; got {q.dtype} with head dim {q.shape[-1]}")
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, mask=mask, implementation="cudnn")
+    if impl == "tpu_flash":
+        from .tpu_attention import tpu_flash_attention
+
+        return tpu_flash_attention(q, k, v, scale=scale, mask=mask)
     if impl == "dot_product":
         if upcast:
             out = jax.nn.dot_product_attention(
-                q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), scale=scale, mask=mask
+                q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), scale=scale, mask=mask,
+                implementation="xla",
             )
             return out.astype(v.dtype)
-        return jax.nn.dot_product_attention(q, k, v, scale=scale, mask=mask)
-    check_attention_impl(impl)
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, mask=mask, implementation="xla")
     if upcast:
         q, k = q.astype(jnp.float32), k.astype(jnp.float32)
     if impl == "chunked":
@@ -121,7 +182,7 @@ class Attention(nn.Module):
     query_dim: int
     bias: bool = False
     upcast_attention: bool = False
-    attention_impl: str = "plain"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -185,7 +246,7 @@ class BasicTransformerBlock(nn.Module):
     dim_head: int
     only_cross_attention: bool = False
     upcast_attention: bool = False
-    attention_impl: str = "plain"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -225,7 +286,7 @@ class Transformer2DModel(nn.Module):
     use_linear_projection: bool = False
     only_cross_attention: bool = False
     upcast_attention: bool = False
-    attention_impl: str = "plain"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 

@@ -225,7 +225,7 @@ class CLIPAttention(nn.Module):
     Call: x (B, L, hidden_size), boolean `mask` broadcastable to (B, heads, L, L) -> (B, L, hidden_size)."""
 
     config: _CLIPConfigBase
-    attention_impl: str = "plain"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -261,7 +261,7 @@ class CLIPEncoderLayer(nn.Module):
     `layer_norm2`, `mlp`; (B, L, hidden_size) -> (B, L, hidden_size)."""
 
     config: _CLIPConfigBase
-    attention_impl: str = "plain"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -280,7 +280,7 @@ class CLIPEncoder(nn.Module):
     then each layer's output (num_hidden_layers + 1 arrays of the input's shape)."""
 
     config: _CLIPConfigBase
-    attention_impl: str = "plain"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -335,7 +335,7 @@ class CLIPTextTransformer(nn.Module):
     """
 
     config: CLIPTextConfig
-    attention_impl: str = "plain"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -388,7 +388,7 @@ class CLIPTextModel(nn.Module):
     config: CLIPTextConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str = "plain"
+    attention_impl: str = "auto"
 
     with_projection: ClassVar[bool] = False
 
@@ -473,7 +473,7 @@ class CLIPVisionTransformer(nn.Module):
     hidden_states) as in `CLIPVisionOutput`."""
 
     config: CLIPVisionConfig
-    attention_impl: str = "plain"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -500,7 +500,7 @@ class CLIPVisionModel(nn.Module):
     config: CLIPVisionConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str = "plain"
+    attention_impl: str = "auto"
 
     with_projection: ClassVar[bool] = False
 

@@ -76,7 +76,7 @@ class ControlNetModel(nn.Module):
     config: ControlNetConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str = "plain"
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(

@@ -122,7 +122,7 @@ class UNet2DConditionModel(nn.Module):
     config: UNet2DConditionConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str = "plain"
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(

@@ -34,7 +34,7 @@ class _BlockOptions(nn.Module):
     use_linear_projection: bool = False
     only_cross_attention: bool = False
     upcast_attention: bool = False
-    attention_impl: str = "plain"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 

@@ -105,7 +105,7 @@ class VAEAttentionBlock(nn.Module):
     diffusers' `Attention` with `upcast_softmax`); (B, H, W, C) -> (B, H, W, C)."""
 
     norm_num_groups: int
-    attention_impl: str = "plain"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -130,7 +130,7 @@ class VAEMidBlock(nn.Module):
     norm_num_groups: int
     act_fn: str
     add_attention: bool = True
-    attention_impl: str = "plain"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -177,7 +177,7 @@ class Encoder(nn.Module):
     """
 
     config: AutoencoderKLConfig
-    attention_impl: str = "plain"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -208,7 +208,7 @@ class Decoder(nn.Module):
     """
 
     config: AutoencoderKLConfig
-    attention_impl: str = "plain"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -236,7 +236,7 @@ class AutoencoderKL(nn.Module):
     config: AutoencoderKLConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str = "plain"
+    attention_impl: str = "auto"
 
     def setup(self) -> None:
         """Flax: build `encoder`, `decoder` and the (post-)quant convolutions the config enables."""

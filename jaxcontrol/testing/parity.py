@@ -72,16 +72,17 @@ CASES: dict[str, Case] = {
     c.name: c
     for c in (
         Case("tiny-controlnet-test", TINY_CONTROLNET_TEST, dict(conditioning_embedding_out_channels=(16, 32)),
-             (32, 32), 1e-4, attention_impls=("plain", "chunked", "dot_product")),
+             (32, 32), 1e-4, attention_impls=("auto", "plain", "chunked", "dot_product")),
         Case("tiny-unet-test", TINY_UNET_TEST, dict(conditioning_embedding_out_channels=(16, 32)), (16, 16), 1e-4,
              attention_impls=("plain",)),
         Case("tiny-adapter-test", TINY_ADAPTER_TEST, dict(conditioning_embedding_out_channels=(16, 32)),
              (32, 32), 1e-4, slow=True, attention_impls=("plain",)),
-        # the chunked and dot_product kernels are checked on tiny-controlnet-test (the same code paths)
+        # every portable kernel is checked on tiny-controlnet-test; "auto" (the default) on every case
+        # that upcasts or is full size too
         Case("sd2-style", SD2_STYLE, dict(conditioning_embedding_out_channels=(16, 32, 32)), (16, 16), 1e-4,
-             attention_impls=("plain",)),
+             attention_impls=("auto", "plain")),
         Case("sd2-style-odd-size", SD2_STYLE, None, (13, 10), 1e-4, attention_impls=("plain",)),
-        Case("sd15-full", SD15, dict(), (16, 16), 1e-3, batch=2, seq=77, slow=True, attention_impls=("plain",)),
+        Case("sd15-full", SD15, dict(), (16, 16), 1e-3, batch=2, seq=77, slow=True, attention_impls=("auto", "plain")),
     )
 }
 QUICK_CASES = tuple(n for n, c in CASES.items() if not c.slow)

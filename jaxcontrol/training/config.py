@@ -74,7 +74,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.text_encoder_path = ""  # scratch: load the text encoder from this folder
     c.model.tokenizer_path = ""  # scratch: tokenizer folder; "" writes a word-level CLIP tokenizer
     c.model.scheduler = ml_collections.ConfigDict({k: v for k, v in SD_SCHEDULER.items() if k != "_class_name"})
-    c.model.attention_impl = "plain"  # or "chunked" (no full score tensor) or "dot_product" (XLA's attention)
+    c.model.attention_impl = "auto"  # per platform (models.attention.select_impl); or plain/chunked/dot_product/cudnn/tpu_flash
 
     # --- what is trained ----------------------------------------------------------------------
     c.controlnet = ml_collections.ConfigDict()
@@ -122,7 +122,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.optim.ema_decay = 0.0  # > 0 keeps an EMA of the trainable params (diffusers' EMAModel decay rule)
 
     c.precision = ml_collections.ConfigDict()
-    c.precision.compute_dtype = "float32"  # "bfloat16": bf16 activations, float32 master weights
+    # "auto": bfloat16 on GPU/TPU, float32 on the CPU (jaxcontrol.platform); "bfloat16": bf16
+    # activations with float32 master weights and optimizer state; "float32"
+    c.precision.compute_dtype = "auto"
     c.precision.frozen_param_dtype = "float32"  # "bfloat16" halves the frozen networks' memory
 
     # XLA options for the compiled step and sampler (jax.jit(compiler_options=...)), e.g.
@@ -237,8 +239,11 @@ def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     _choice(config, "optim.schedule", SCHEDULES)
     _choice(config, "loss.prediction_type", PREDICTION_TYPES)
     _choice(config, "loss.timestep_sampling", ("",) + TIMESTEP_SAMPLING)
-    _choice(config, "precision.compute_dtype", DTYPES)
+    _choice(config, "precision.compute_dtype", ("auto",) + DTYPES)
     _choice(config, "precision.frozen_param_dtype", DTYPES)
+    from ..models.attention import ATTENTION_IMPLS
+
+    _choice(config, "model.attention_impl", ATTENTION_IMPLS)
     _choice(config, "remat.unet", REMAT_MODES)
     _choice(config, "remat.controlnet", REMAT_MODES)
     _choice(config, "remat.policy", REMAT_POLICIES)

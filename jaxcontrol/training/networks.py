@@ -30,6 +30,7 @@ import numpy as np
 
 from ..convert import load_model
 from ..convert.pipeline_folder import load_pipeline
+from ..platform import to_dtype
 from ..errors import ConfigError
 from ..models import (
     AutoencoderKL,
@@ -50,7 +51,6 @@ from .config import SD_SCHEDULER, to_plain
 
 # the U-Net's decoder, in the ControlNet paper's "unlocked" mode
 UNET_DECODER = ("up_blocks_", "conv_norm_out", "conv_out")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass
@@ -91,7 +91,7 @@ def unet_params(trainable: dict, frozen: dict) -> dict:
 
 
 def _dtype(name: str):
-    return DTYPES[name]
+    return to_dtype(name)
 
 
 def _cast(tree: Any, dtype) -> Any:
