@@ -218,6 +218,7 @@ def test_predicate():
     assert "77" in tpu_flash_unsupported_reason((2, 4096, 8, d), (2, 77, 8, d), jnp.float32, None)
     assert "mask" in tpu_flash_unsupported_reason((2, 4096, 8, d), (2, 4096, 8, d), jnp.float32, True)
     assert "float16" in tpu_flash_unsupported_reason((2, 4096, 8, d), (2, 4096, 8, d), jnp.float16, None)
+    assert "nonsense" in tpu_flash_unsupported_reason((2, 4096, 8, d), (2, 4096, 8, d), "nonsense", None)
     assert "head dim" in tpu_flash_unsupported_reason((2, 4096, 8, d), (2, 4096, 4, d), jnp.float32, None)
     assert tpu_flash_unsupported_reason((2, 4096, 8, d), (2, 4096, 8, d), jnp.float32, None) is None
 

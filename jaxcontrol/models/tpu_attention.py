@@ -90,8 +90,12 @@ def tpu_flash_unsupported_reason(
         return f"sequence lengths Lq={lq}, Lk={lk}: the fused TPU kernel needs both >= TPU_MIN_SEQ={TPU_MIN_SEQ}"
     if _round_up(d, HEAD_DIM_ALIGN) > MAX_HEAD_DIM:
         return f"head dim {d} pads to {_round_up(d, HEAD_DIM_ALIGN)} > MAX_HEAD_DIM={MAX_HEAD_DIM}"
-    if jnp.dtype(dtype) not in [jnp.dtype(t) for t in SUPPORTED_DTYPES]:
-        return f"dtype {jnp.dtype(dtype).name}: the fused TPU kernel takes float32 or bfloat16"
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        name = repr(dtype)
+    if name not in [jnp.dtype(t).name for t in SUPPORTED_DTYPES]:
+        return f"dtype {name}: the fused TPU kernel takes float32 or bfloat16"
     return None
 
 
