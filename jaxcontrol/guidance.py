@@ -109,28 +109,60 @@ def predicted_x0(eps, x, alpha_bar):
 # ------------------------------------------------------------------------------------------------
 
 
-def _tile_t(t, n: int):
-    t = jnp.asarray(t)
-    return t if t.ndim == 0 else jnp.concatenate([t] * n)
+def _interleave(leaves: Sequence, n: int):
+    """(B, ...) arrays, one per branch, as one (B * n, ...) array in sample-major order: row
+    b * n + k is branch k of sample b, so each sample's rows stay next to each other."""
+    stacked = jnp.stack(leaves, axis=1)  # (B, n, ...)
+    return stacked.reshape((stacked.shape[0] * n,) + stacked.shape[2:])
+
+
+def _branch_leaves(branches: Sequence[dict], batch: int) -> dict:
+    """The branches' arrays merged leaf by leaf into sample-major (B * n, ...) arrays.
+
+    Raises `ConfigError` naming the entry when the branches differ in structure, or when an entry
+    is not an array with the batch (`batch` rows) on its leading axis and the same shape in every
+    branch."""
+    structures = [jax.tree_util.tree_structure(b) for b in branches]
+    if any(s != structures[0] for s in structures[1:]):
+        raise ConfigError(f"guidance branches must have the same structure and shapes: got {structures}")
+    flat = [jax.tree_util.tree_flatten_with_path(b)[0] for b in branches]
+    merged = []
+    for entries in zip(*flat):
+        path = jax.tree_util.keystr(entries[0][0])
+        shapes = [jnp.shape(v) for _, v in entries]
+        if any(s != shapes[0] for s in shapes[1:]) or not shapes[0] or shapes[0][0] != batch:
+            raise ConfigError(f"guidance branches must have the same structure and shapes: entry {path} has "
+                              f"shapes {shapes} across the branches; each must be ({batch}, ...), one row per "
+                              "sample of x")
+        merged.append(_interleave([jnp.asarray(v) for _, v in entries], len(entries)))
+    return jax.tree_util.tree_unflatten(structures[0], merged)
 
 
 def evaluate_branches(model: ScoreFn, x, t, branches: Sequence[dict], shared: dict | None = None) -> list:
     """Evaluate `model` on several conditionings in one batched call; one prediction per branch.
 
-    Each branch is a dict with the same structure; their arrays are concatenated on the batch
-    axis, `x` (and a per-sample `t`) repeated. `shared` entries (such as `step`) go to the call
-    unchanged.
+    `x` is (B, ...); each branch is a dict with the same structure whose arrays have the batch on
+    their leading axis ((B, ...), the same shape in every branch). The call sees B * n rows in
+    sample-major order: row b * n + k is sample b under branch k, for `x`, a per-sample `t` (B,)
+    and every branch array alike (a scalar `t` and the `shared` entries, such as `step`, go to
+    the call unchanged). Sample b's rows are thus contiguous, so with the batch sharded over a
+    mesh axis each device evaluates both (all) branches of its own samples and the batching
+    moves no data between devices (`tests/test_cfg_layout.py`). Returns n predictions of the
+    model output's shape divided by n on the leading axis ((B, ...) each), in branch order.
+
+    Raises `ConfigError` when the branches differ in structure or shapes, or an array's leading
+    axis is not the batch.
     """
     n = len(branches)
     if n == 1:
         out = model(x, t, {**(shared or {}), **branches[0]})
         return [out]
-    try:
-        merged = jax.tree_util.tree_map(lambda *leaves: jnp.concatenate(leaves, axis=0), *branches)
-    except ValueError as e:
-        raise ConfigError(f"guidance branches must have the same structure and shapes: {e}") from e
-    out = model(jnp.concatenate([x] * n), _tile_t(t, n), {**(shared or {}), **merged})
-    return jnp.split(out, n, axis=0)
+    b = x.shape[0]
+    merged = _branch_leaves(branches, b)
+    t = jnp.asarray(t)
+    out = model(_interleave([x] * n, n), t if t.ndim == 0 else _interleave([t] * n, n), {**(shared or {}), **merged})
+    out = out.reshape((b, n) + out.shape[1:])
+    return [out[:, k] for k in range(n)]
 
 
 def _shared(cond: dict) -> dict:

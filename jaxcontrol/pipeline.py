@@ -572,6 +572,18 @@ class Pipeline:
             self._programs[settings] = (jax.jit(program, out_shardings=(out, out)), plan)
         return self._programs[settings]
 
+    def lower(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
+              **options) -> jax.stages.Lowered:
+        """The program a call with these arguments would run, lowered for its sharded inputs;
+        nothing runs. Takes `__call__`'s arguments; the batch is padded to the mesh as a call pads
+        it. `.as_text()` is the StableHLO, `.compile().as_text()` the optimised per-device HLO
+        (where the mesh's collectives show), `.compile().cost_analysis()` XLA's estimates.
+
+        Raises `ConfigError` for invalid arguments, as `check_inputs` does."""
+        settings, per_image, shared, indices = self.check_inputs(prompt, negative_prompt, **options)
+        program, _ = self.compiled(settings)
+        return program.lower(self.params, self._shard(per_image, len(indices)), self._replicate(shared))
+
     def _modules(self) -> dict:
         return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder,
                 "controlnets": tuple(m for m, _ in self.controlnets), "adapters": tuple(m for m, _ in self.adapters)}
