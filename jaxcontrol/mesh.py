@@ -9,6 +9,8 @@ optimised HLO. Multi-device meshes keep `NamedSharding`.
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -18,3 +20,12 @@ def named(mesh: Mesh, spec: PartitionSpec) -> jax.sharding.Sharding:
     if mesh.devices.size == 1:
         return jax.sharding.SingleDeviceSharding(mesh.devices.reshape(-1)[0])
     return NamedSharding(mesh, spec)
+
+
+def tracing_mesh(mesh: Mesh):
+    """A context in which programs are traced on `mesh` (`jax.set_mesh`), so that kernels GSPMD
+    cannot partition (the Pallas TPU attention) find the mesh and run per shard under `shard_map`.
+    A no-op for a one-device mesh. Shardings of the traced program are unchanged (tested)."""
+    if mesh.devices.size == 1:
+        return contextlib.nullcontext()
+    return jax.set_mesh(mesh)

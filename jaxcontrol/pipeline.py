@@ -28,7 +28,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from . import guidance as G
 from .errors import ConfigError, NonFiniteError
-from .mesh import named
+from .mesh import named, tracing_mesh
 from .platform import to_dtype
 from .models.vae import sample_posterior, scale_latents, unscale_latents
 from .sampler import Inpaint, first_nonfinite, initial_latents, noised_latents, raise_if_nonfinite, repaint, sample
@@ -582,7 +582,8 @@ class Pipeline:
         Raises `ConfigError` for invalid arguments, as `check_inputs` does."""
         settings, per_image, shared, indices = self.check_inputs(prompt, negative_prompt, **options)
         program, _ = self.compiled(settings)
-        return program.lower(self.params, self._shard(per_image, len(indices)), self._replicate(shared))
+        with tracing_mesh(self.mesh):
+            return program.lower(self.params, self._shard(per_image, len(indices)), self._replicate(shared))
 
     def _modules(self) -> dict:
         return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder,
@@ -636,7 +637,8 @@ class Pipeline:
         settings, per_image, shared, indices = self.check_inputs(prompt, negative_prompt, args)
         b = len(indices)
         program, plan = self.compiled(settings)
-        out, bad = program(self.params, self._shard(per_image, b), self._replicate(shared))
+        with tracing_mesh(self.mesh):
+            out, bad = program(self.params, self._shard(per_image, b), self._replicate(shared))
         out, bad = self._gather(out)[:b], self._gather(bad)[:b]
         raise_if_nonfinite(bad, solver=plan.solver, count=plan.num_evals, image_indices=indices)
         if not np.all(np.isfinite(out)):

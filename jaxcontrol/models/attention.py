@@ -71,7 +71,7 @@ def select_impl(q_shape, k_shape, dtype, *, upcast: bool = False, mask=None, pla
     if platform == "tpu":
         from .tpu_attention import tpu_flash_supported
 
-        if tpu_flash_supported(q_shape, k_shape, dtype, mask):
+        if tpu_flash_supported(q_shape, k_shape, jnp.float32 if upcast else dtype, mask):
             return "tpu_flash"
         return "plain"
     if platform == "cpu" and q_shape[1] >= CHUNKED_MIN_QUERIES:
@@ -115,6 +115,8 @@ def attention(
     if impl == "tpu_flash":
         from .tpu_attention import tpu_flash_attention
 
+        if upcast:
+            q, k = q.astype(jnp.float32), k.astype(jnp.float32)
         return tpu_flash_attention(q, k, v, scale=scale, mask=mask)
     if impl == "dot_product":
         if upcast:
@@ -136,39 +138,59 @@ def attention(
 
 
 def _chunked_attention(q, k, v, scale: float, mask, chunk: int = CHUNK):
-    """"plain"'s arithmetic per (batch, head) and per block of `chunk` queries: each block's
-    scores (chunk, Lk) are float32, soft-maxed and applied before the next block is computed."""
+    """"plain"'s arithmetic one block of `chunk` queries at a time: each block's scores are float32,
+    soft-maxed and applied before the next block is computed.
+
+    Outside a multi-device mesh the loop runs over every (sample, head) pair, scores (chunk, Lk)
+    per block: the fastest form on a CPU. Traced under a multi-device mesh (`jax.set_mesh`, as
+    `Pipeline` and the trainer do) it loops over heads only, the whole batch per block (scores
+    (B, chunk, Lk)), so a batch sharded over the mesh stays sharded: looping over samples would
+    make GSPMD gather the batch onto every device. Both forms give identical numbers.
+    """
     b, lq, h, d = q.shape
     lk = k.shape[1]
     chunk = min(chunk, lq)
     blocks = -(-lq // chunk)
     pad = blocks * chunk - lq
-    heads = lambda t: t.transpose(0, 2, 1, 3).reshape(b * h, t.shape[1], t.shape[3])  # noqa: E731
-    qh = jnp.pad(heads(q), ((0, 0), (0, pad), (0, 0))).reshape(b * h, blocks, chunk, d)
-    xs = (qh, heads(k), heads(v))
+    mesh = jax.sharding.get_abstract_mesh()
+    n = 1 if mesh.empty or mesh.size == 1 else b  # samples per loop iteration: 1, or the whole batch
+    groups = b * h // n
+    if n == 1:  # (b, L, h, d) -> (b*h, 1, L, d): one (sample, head) pair per iteration
+        split = lambda t: t.transpose(0, 2, 1, 3).reshape(groups, 1, t.shape[1], t.shape[3])  # noqa: E731
+    else:  # (b, L, h, d) -> (h, b, L, d): one head of the whole batch per iteration
+        split = lambda t: t.transpose(2, 0, 1, 3)  # noqa: E731
+    qh = jnp.pad(split(q), ((0, 0), (0, 0), (0, pad), (0, 0)))
+    qh = qh.reshape(groups, n, blocks, chunk, d).transpose(0, 2, 1, 3, 4)  # (groups, blocks, n, chunk, d)
+    xs = (qh, split(k), split(v))
     if mask is not None:
-        mask = jnp.broadcast_to(mask, (b, h, mask.shape[2], lk))
+        mask = jnp.broadcast_to(mask, (b, h, mask.shape[2], lk)).transpose(0, 2, 1, 3)  # (b, mq, h, lk)
+        mask = split(mask)  # (groups, n, mq, lk)
         if mask.shape[2] == 1:  # one mask row for every query
-            mask = jnp.broadcast_to(mask.reshape(b * h, 1, 1, lk), (b * h, blocks, 1, lk))
+            mask = jnp.broadcast_to(mask[:, None], (groups, blocks, n, 1, lk))
         else:  # a mask row per query, cut into the same blocks as the queries
             mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad), (0, 0)), constant_values=True)
-            mask = mask.reshape(b * h, blocks, chunk, lk)
+            mask = mask.reshape(groups, n, blocks, chunk, lk).transpose(0, 2, 1, 3, 4)
         xs = xs + (mask,)
 
-    def one_head(args):
+    def one_group(args):
         qi, ki, vi = args[:3]
 
         def one_block(block):
-            scores = jnp.einsum("qd,kd->qk", block[0], ki, preferred_element_type=jnp.float32) * scale
+            scores = jnp.einsum("nqd,nkd->nqk", block[0], ki, preferred_element_type=jnp.float32) * scale
             if len(block) > 1:
                 scores = jnp.where(block[1], scores, jnp.finfo(jnp.float32).min)
-            return jnp.einsum("qk,kd->qd", jax.nn.softmax(scores, axis=-1).astype(vi.dtype), vi)
+            return jnp.einsum("nqk,nkd->nqd", jax.nn.softmax(scores, axis=-1).astype(vi.dtype), vi)
 
         return jax.lax.map(one_block, (qi,) + tuple(args[3:]))
 
-    out = jax.lax.map(one_head, xs)  # (b*h, blocks, chunk, dv)
-    out = out.reshape(b, h, blocks * chunk, v.shape[-1])[:, :, :lq]
-    return out.transpose(0, 2, 1, 3)
+    out = jax.lax.map(one_group, xs)  # (groups, blocks, n, chunk, dv)
+    dv = v.shape[-1]
+    if n == b:  # groups are heads
+        out = out.transpose(2, 1, 3, 0, 4)  # (b, blocks, chunk, h, dv)
+    else:  # groups are (sample, head) pairs, n == 1
+        out = out.reshape(b, h, blocks, chunk, dv).transpose(0, 2, 3, 1, 4)
+    return out.reshape(b, blocks * chunk, h, dv)[:, :lq]
+
 
 class Attention(nn.Module):
     """diffusers' `Attention`: `to_q`, `to_k`, `to_v` (no bias by default) and `to_out.0`.

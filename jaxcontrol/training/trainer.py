@@ -34,6 +34,7 @@ import numpy as np
 
 from ..atomic import write_json
 from ..errors import ConfigError, NonFiniteError
+from ..mesh import tracing_mesh
 from ..models.vae import sample_posterior
 from ..schedulers import make_plan
 from .checkpoint import Checkpointer
@@ -266,7 +267,8 @@ class Run:
         res = cond.shape[1] // nets.vae_scale_factor
         key = jax.random.key(int(cfg.seed))
         noise = jax.random.normal(key, (n, res, res, nets.unet.config.in_channels), jnp.float32)
-        images = np.asarray(self._sample_fn(params, self.frozen, ids, neg, cond, noise, jax.random.fold_in(key, 1)))
+        with tracing_mesh(self.mesh):
+            images = np.asarray(self._sample_fn(params, self.frozen, ids, neg, cond, noise, jax.random.fold_in(key, 1)))
         rows = []
         if nets.controlnet is not None or nets.adapter is not None:
             rows.append(to_uint8(cond, 0.0, 1.0))
@@ -379,7 +381,8 @@ def _train_loop(run: Run, interrupt: InterruptGuard) -> dict:
         while step < cfg.steps:
             interrupt.check()
             batch = run.next_batch()
-            run.state, metrics = run.step_fn(run.state, run.frozen, batch)
+            with tracing_mesh(run.mesh):
+                run.state, metrics = run.step_fn(run.state, run.frozen, batch)
             step += 1
             metric_log.add(step, metrics)
             if step == start + 1:  # the first step includes compilation: time samples/s from after it
