@@ -11,6 +11,9 @@ Exit codes (the same in `infer.py`, `train.py` and `convert_weights.py`):
 
 User errors print one line, `PROG: error: MESSAGE`, on stderr, never a traceback. Anything
 else is a bug and keeps its traceback.
+
+Every tool runs with JAX's persistent compilation cache on (`jaxcontrol.compile_cache`: the
+directory is `$JAXCONTROL_COMPILE_CACHE`, default `~/.cache/jaxcontrol/xla`; "off" disables it).
 """
 
 from __future__ import annotations
@@ -31,8 +34,12 @@ def error(prog: str, message: str, code: int = EXIT_RUNTIME) -> int:
 
 
 def run_main(prog: str, main: Callable[[], int]) -> int:
-    """Call `main()` and turn the errors a user can cause into one line and an exit code."""
+    """Turn on the compilation cache, call `main()` and turn the errors a user can cause into one
+    line and an exit code."""
+    from .compile_cache import enable
     from .errors import JaxControlError, UsageError
+
+    enable()
 
     try:
         return main()
