@@ -4,7 +4,7 @@ Both run in this one process on the same random weights, one after the other, so
 meaningful on a shared, noisy machine; absolute seconds are not. JAX's first call (trace + XLA
 compile + run) is reported separately from the steady-state time.
 
-    python benchmarks/unet_speed.py [--batch 2] [--size 64] [--repeats 3] [--attention plain dot_product]
+    python benchmarks/unet_speed.py [--batch 2] [--size 64] [--repeats 3] [--attention auto plain]
     python benchmarks/unet_speed.py --tiny   # a two-block U-Net, batch 1, 8x8 latents, one repeat (seconds)
 """
 
@@ -46,7 +46,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--size", type=int, default=64, help="latent height and width")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--attention", nargs="+", default=["plain", "dot_product"])
+    ap.add_argument("--attention", nargs="+", default=["auto", "plain"])
     ap.add_argument("--tiny", action="store_true", help="a two-block U-Net, batch 1, 8x8 latents, one repeat")
     args = ap.parse_args()
     config, what = (TINY, "tiny two-block") if args.tiny else (SD15, "SD-1.5")

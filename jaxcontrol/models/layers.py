@@ -84,6 +84,37 @@ class LayerNorm(nn.Module):
         return out.astype(self.dtype)
 
 
+# On the CPU, stride-1 convolutions over at most this many pixels run as one matrix product of
+# their 3x3 patches (`_cpu_conv`): measured on 2 cores at batch 2, 8x8x1280 -> 1280 went from 74 to
+# 20 ms and 16x16x1280 from 165 to 141 ms, while at 32x32x640 XLA's own convolution was faster.
+IM2COL_MAX_PIXELS = 256
+
+
+def _cpu_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+              feature_group_count=1, precision=None, preferred_element_type=None):
+    """`lax.conv_general_dilated` for `nn.Conv`, which on the CPU computes a small NHWC, stride-1,
+    undilated, ungrouped convolution as patches (B*H*W, kh*kw*Cin) @ kernel (kh*kw*Cin, Cout)."""
+    from ..platform import backend
+
+    b, h, w, c = lhs.shape if lhs.ndim == 4 else (0, 0, 0, 0)
+    kh, kw = rhs.shape[:2] if rhs.ndim == 4 else (0, 0)
+    nhwc = dimension_numbers is not None and tuple(dimension_numbers.lhs_spec) == (0, 3, 1, 2) and \
+        tuple(dimension_numbers.rhs_spec) == (3, 2, 0, 1) and tuple(dimension_numbers.out_spec) == (0, 3, 1, 2)
+    plain = all(s == 1 for s in window_strides) and all(d == 1 for d in (lhs_dilation or (1, 1))) and \
+        all(d == 1 for d in (rhs_dilation or (1, 1))) and feature_group_count == 1 and not isinstance(padding, str)
+    if not (nhwc and plain and 0 < h * w <= IM2COL_MAX_PIXELS and kh * kw > 1 and backend() == "cpu"):
+        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                            dimension_numbers, feature_group_count, precision=precision,
+                                            preferred_element_type=preferred_element_type)
+    (top, bottom), (left, right) = padding
+    padded = jnp.pad(lhs, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    oh, ow = h + top + bottom - kh + 1, w + left + right - kw + 1
+    patches = jnp.concatenate([padded[:, i:i + oh, j:j + ow, :] for i in range(kh) for j in range(kw)], axis=-1)
+    out = jnp.dot(patches.reshape(b * oh * ow, kh * kw * c), rhs.reshape(kh * kw * c, rhs.shape[-1]),
+                  precision=precision, preferred_element_type=preferred_element_type)
+    return out.reshape(b, oh, ow, rhs.shape[-1])
+
+
 def conv(
     features: int,
     kernel: int,
@@ -96,7 +127,8 @@ def conv(
     use_bias: bool = True,
 ) -> nn.Conv:
     """A PyTorch-style Conv2d in NHWC (an `nn.Conv`, kernel HWIO): `kernel` x `kernel`, `stride`,
-    symmetric integer padding (default `(kernel - 1) // 2`; a pair of pairs or a string passes through)."""
+    symmetric integer padding (default `(kernel - 1) // 2`; a pair of pairs or a string passes through).
+    On the CPU, small stride-1 convolutions run as one patch matrix product (`IM2COL_MAX_PIXELS`)."""
     if padding is None:
         padding = (kernel - 1) // 2
     if isinstance(padding, int):
@@ -110,6 +142,7 @@ def conv(
         dtype=dtype,
         param_dtype=param_dtype,
         name=name,
+        conv_general_dilated=_cpu_conv,
     )
 
 
