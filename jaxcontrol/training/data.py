@@ -139,8 +139,9 @@ def local_encoders(nets, frozen, batch_per_device: int = 0) -> tuple[Callable, C
                      in_shardings=(whole, split), out_shardings=split)
     ids = jax.jit(lambda p, i: text.apply({"params": p}, i).last_hidden_state.astype(jnp.float32),
                   in_shardings=(whole, split), out_shardings=split)
-    return (lambda x: np.asarray(images(vp, np.asarray(x, np.float32))),
-            lambda caps: np.asarray(ids(tp, np.asarray(tokenize(nets.tokenizer, caps)))),
+    # placed explicitly: with several processes jit refuses numpy inputs for a sharding that splits them
+    return (lambda x: np.asarray(images(vp, jax.device_put(np.asarray(x, np.float32), split))),
+            lambda caps: np.asarray(ids(tp, jax.device_put(np.asarray(tokenize(nets.tokenizer, caps)), split))),
             batch_size)
 
 

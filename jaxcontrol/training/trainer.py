@@ -373,11 +373,11 @@ class InterruptGuard:
 
     SIGTERM (what TPU VMs, SLURM and Kubernetes send before they pre-empt) sets `terminate`; the
     training loop then saves a checkpoint at the next step boundary and raises `Preempted`
-    (`preempted` is the test). With several processes the signal may reach only some of them, so
-    there `preempted(step)` also asks JAX's preemption sync point
-    (`multihost_utils.reached_preemption_sync_point`), which makes every process stop at the same
-    step; the handler is then JAX's own (installed by `jax.distributed.initialize`), and this guard
-    leaves it alone: it installs its handlers only from the main thread and only over the default
+    (`preempted` is the test). With `jax.distributed` initialised the signal may reach only some of
+    the processes, so there the handler is JAX's own preemption notifier (installed by
+    `jax.distributed.initialize`, and left alone here) and `preempted(step)` asks JAX's preemption
+    sync point (`multihost_utils.reached_preemption_sync_point`), which makes every process stop
+    at the same step. Handlers are installed only from the main thread and only over the default
     ones.
     """
 
@@ -391,7 +391,9 @@ class InterruptGuard:
         if threading.current_thread() is threading.main_thread():
             if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
                 self._previous = signal.signal(signal.SIGINT, self._handle)
-            if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            # with jax.distributed, JAX's preemption notifier owns SIGTERM (a C++ handler, which
+            # signal.getsignal does not see): replacing it would hide the notice from the other processes
+            if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and not jax.distributed.is_initialized():
                 self._previous_term = signal.signal(signal.SIGTERM, self._handle_term)
         return self
 
@@ -421,11 +423,11 @@ class InterruptGuard:
             raise KeyboardInterrupt
 
     def preempted(self, step: int) -> bool:
-        """Whether to save and stop at `step`: SIGTERM was received here, or (several processes) JAX's
-        preemption sync point is `step`. Call it once per step, at the same steps on every process."""
+        """Whether to save and stop at `step`: SIGTERM was received here, or (with `jax.distributed`)
+        JAX's preemption sync point is `step`. Call it once per step, at the same steps on every process."""
         if self.terminate:
             return True
-        if jax.process_count() > 1:
+        if jax.distributed.is_initialized():
             from jax.experimental import multihost_utils
 
             try:
