@@ -137,8 +137,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.remat = ml_collections.ConfigDict()
     c.remat.unet = "none"  # "none", "blocks" (down/mid/up blocks) or "layers" (resnets and transformer blocks)
     c.remat.controlnet = "none"  # the same, for the ControlNet's encoder blocks
-    c.remat.policy = "nothing_saveable"  # a jax.checkpoint_policies name, or convs_and_dense_saveable
-    c.remat.attention = False  # each attention layer under jax.checkpoint: its scores are never kept for the backward
+    # what a rematerialised block keeps: convolution and dense-layer outputs (a jax.checkpoint_policies name also works)
+    c.remat.policy = "convs_and_dense_saveable"
+    # every attention layer under jax.checkpoint: its (heads, Lq, Lk) scores are recomputed, never kept for the backward
+    c.remat.attention = True
 
     # --- devices ------------------------------------------------------------------------------
     c.mesh = ml_collections.ConfigDict()
