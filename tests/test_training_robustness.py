@@ -169,7 +169,12 @@ def test_default_config_step_keeps_no_score_tensor():
 FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
 
 
-def test_cpu_memory_scheduler_flag_is_set_only_for_a_cpu_only_jax():
+def test_cpu_memory_scheduler_flag_is_set_only_for_a_cpu_only_jax(monkeypatch):
+    jax.devices()  # JAX has started in this process: too late for the flag, and the line says so
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    assert "JAX had started before train()" in use_cpu_memory_scheduler(True, plugins=[])
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
     env = {}
     assert use_cpu_memory_scheduler(True, env, plugins=[]).startswith("XLA:CPU: memory-minimising scheduler")
     assert env == {"XLA_FLAGS": f"{FLAG}=false"}

@@ -51,7 +51,14 @@ with exit_on_interrupt():
     from absl import flags
     from ml_collections import config_dict, config_flags
 
-    from jaxcontrol.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNTIME, EXIT_TERMINATED, error, run_main
+    from jaxcontrol.cli import (
+        EXIT_INTERRUPTED,
+        EXIT_OK,
+        EXIT_RUNTIME,
+        EXIT_TERMINATED,
+        error,
+        run_main,
+    )
     from jaxcontrol.errors import UsageError
 
 HELP_FLAGS = ("-h", "-help", "--help", "--helpshort", "--helpfull", "-?")

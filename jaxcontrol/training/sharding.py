@@ -275,8 +275,9 @@ def use_cpu_memory_scheduler(enabled: bool = True, environ: dict | None = None,
     when nothing was changed.
 
     XLA reads the flag when JAX starts its CPU backend (the per-program `compiler_options` do not
-    reach it), so call this before anything touches a device; later it changes nothing. Nothing is
-    changed when `enabled` is false, when XLA_FLAGS names the flag already (the user's choice wins),
+    reach it), so call this before anything touches a device; if JAX has started already (and
+    `environ` is the process's), nothing is changed and the line says so. Nothing is changed either
+    when `enabled` is false, when XLA_FLAGS names the flag already (the user's choice wins),
     or when JAX may run on an accelerator: `JAX_PLATFORMS` is set to something else than "cpu", or
     an accelerator plugin is installed (`plugins`, default `accelerator_plugins()`).
 
@@ -290,8 +291,21 @@ def use_cpu_memory_scheduler(enabled: bool = True, environ: dict | None = None,
     platforms = env.get("JAX_PLATFORMS", "").strip().lower()
     if platforms not in ("", "cpu") or (not platforms and (accelerator_plugins() if plugins is None else plugins)):
         return ""
+    if environ is None and _jax_started():
+        return (f"XLA:CPU: JAX had started before train(), so {CPU_SCHEDULER_FLAG}=false was not applied "
+                "(put it in XLA_FLAGS to use less memory)")
     env["XLA_FLAGS"] = f"{flags} {CPU_SCHEDULER_FLAG}=false".strip()
     return f"XLA:CPU: memory-minimising scheduler ({CPU_SCHEDULER_FLAG}=false)"
+
+
+def _jax_started() -> bool:
+    """Whether a JAX backend exists in this process already (then XLA has read its flags)."""
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):  # a JAX without this internal: assume not
+        return False
 
 
 def release_free_memory() -> bool:
