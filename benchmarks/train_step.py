@@ -3,6 +3,11 @@
     .venv/bin/python benchmarks/train_step.py                 # 256x256 images (32x32 latents), batch 1
     .venv/bin/python benchmarks/train_step.py --size 512 --batch 2 --steps 5
     .venv/bin/python benchmarks/train_step.py --tiny      # tiny U-Net / VAE, 32x32 images, one step (seconds)
+    .venv/bin/python benchmarks/train_step.py --side jax --set remat.unet=none --set model.attention_impl=chunked
+
+`--set KEY=VALUE` overrides a key of `jaxcontrol.training.default_config()` for jaxcontrol's side
+(`remat.*`, `model.attention_impl`, `precision.*`, `compiler_options.*`); without it the step runs
+with the defaults, as `train.py` would. `--side` runs one side only (to compare settings of one).
 
 Both sides run the same step, with random weights: a frozen SD-1.5 U-Net (859.5M), a trainable
 ControlNet copied from it (361.3M), float32, precomputed latents (posterior moments, sampled in the
@@ -71,27 +76,57 @@ def _inputs(size: int, batch: int, seed: int = 0):
     )
 
 
-def run_jax(size: int, batch: int, steps: int, tiny: bool = False) -> dict:
+def _override(config, assignments) -> None:
+    """Apply "KEY=VALUE" strings to `config` (VALUE parsed as a Python literal when it is one)."""
+    import ast
+
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+
+
+def run_jax(size: int, batch: int, steps: int, tiny: bool = False, overrides: tuple = (),
+            compile_only: bool = False) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from jaxcontrol.models import AutoencoderKL, AutoencoderKLConfig, UNet2DConditionConfig, UNet2DConditionModel
-    from jaxcontrol.models import controlnet_from_unet, init_params
+    from jaxcontrol.models import ControlNetModel, controlnet_config_from_unet, controlnet_from_unet, init_params
+    from jaxcontrol.models.params import param_shapes
     from jaxcontrol.schedulers import NoiseSchedule, make_betas
     from jaxcontrol.training import default_config, jit_train_step, make_mesh, make_train_step
+    from jaxcontrol.training.config import to_plain
     from jaxcontrol.training.networks import Networks
-    from jaxcontrol.training.sharding import batch_sharding, param_shardings, replicated
+    from jaxcontrol.training.sharding import (batch_sharding, param_shardings, release_free_memory, replicated,
+                                              use_cpu_memory_scheduler)
     from jaxcontrol.training.state import create_train_state, learning_rate_schedule, make_optimizer
 
     base = _status("VmRSS")
     t0 = time.perf_counter()
-    unet_config, vae_config = _configs(tiny)
-    unet = UNet2DConditionModel(UNet2DConditionConfig(**unet_config))
-    unet_params = init_params(unet, 0)
-    cn, cparams = controlnet_from_unet(unet, unet_params, jax.random.key(1))
     config = default_config()
+    _override(config, overrides)
     config.task, config.batch_size = "controlnet", batch
+    xla_note = use_cpu_memory_scheduler(bool(config.xla_cpu_memory_scheduler))  # as train.py, before JAX starts
+    unet_config, vae_config = _configs(tiny)
+    unet = UNet2DConditionModel(UNet2DConditionConfig(**unet_config), attention_impl=config.model.attention_impl)
+    if compile_only:  # shapes only: nothing is allocated or run
+        unet_params = param_shapes(unet)
+        cn = ControlNetModel(controlnet_config_from_unet(unet.config), attention_impl=unet.attention_impl)
+        cparams = param_shapes(cn)
+    else:
+        unet_params = init_params(unet, 0)
+        cn, cparams = controlnet_from_unet(unet, unet_params, jax.random.key(1))
     config.optim.learning_rate, config.optim.weight_decay, config.optim.max_grad_norm = 1e-5, 1e-2, 1.0
     nets = Networks(task="controlnet", unet=unet, vae=AutoencoderKL(AutoencoderKLConfig(**vae_config)),
                     text_encoder=None, tokenizer=None, scheduler_config={}, prediction_type="epsilon",
@@ -104,21 +139,38 @@ def run_jax(size: int, batch: int, steps: int, tiny: bool = False) -> dict:
     frozen = {"unet": unet_params}
     frozen_sh = param_shardings(frozen, mesh, shard=False)
     bsh = batch_sharding(mesh, ("data", "fsdp"), leading=1)
-    state = jax.jit(lambda p: create_train_state(p, tx, 0, ema=False), out_shardings=state_sh)(
-        {"controlnet": cparams})
-    frozen = jax.device_put(frozen, frozen_sh)
-    del cparams, unet_params
     x = _inputs(size, batch)
     b = {"latents": x["moments"][None], "encoder_hidden_states": x["context"][None],
          "conditioning_pixel_values": x["cond"][None]}
-    b = jax.device_put(b, bsh)
-    step = jit_train_step(make_train_step(nets, config, tx, sched), state_sh, frozen_sh, bsh, replicated(mesh))
+    if compile_only:
+        state = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                                       state_sh)
+        frozen = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), frozen,
+                                        frozen_sh)
+        b = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=bsh), b)
+    else:
+        state = jax.jit(lambda p: create_train_state(p, tx, 0, ema=False), out_shardings=state_sh)(
+            {"controlnet": cparams})
+        frozen = jax.device_put(frozen, frozen_sh)
+        b = jax.device_put(b, bsh)
+    del cparams, unet_params
+    options = to_plain(config.compiler_options) or None  # as train.py compiles it
+    step = jit_train_step(make_train_step(nets, config, tx, sched), state_sh, frozen_sh, bsh, replicated(mesh),
+                          options)
     setup_s = time.perf_counter() - t0
     whole_peak = _status("VmHWM")
+    setup_rss = _status("VmRSS")
     reset = _reset_peak()
     t0 = time.perf_counter()
     compiled = step.lower(state, frozen, b).compile()
     compile_s = time.perf_counter() - t0
+    release_free_memory()  # as train.py does between compiling and running the step
+    if compile_only:
+        return {"side": "jaxcontrol (JAX/XLA), compiled only", "compile_s": compile_s, "setup_s": setup_s,
+                "setup_rss_bytes": setup_rss, "peak_compile_bytes": _status("VmHWM") if reset else None,
+                "settings": {"remat": config.remat.to_dict(), "attention_impl": config.model.attention_impl,
+                             "compiler_options": options, "xla": xla_note},
+                "temp_bytes": _temp_bytes(compiled)}
     state, m = compiled(state, frozen, b)  # warm-up
     jax.block_until_ready(m)
     t0 = time.perf_counter()
@@ -127,12 +179,23 @@ def run_jax(size: int, batch: int, steps: int, tiny: bool = False) -> dict:
     jax.block_until_ready((state, m))
     dt = time.perf_counter() - t0
     return {"side": "jaxcontrol (JAX/XLA)", "samples_per_s": steps * batch / dt, "step_s": dt / steps,
-            "compile_s": compile_s, "setup_s": setup_s, "baseline_bytes": base,
+            "compile_s": compile_s, "setup_s": setup_s, "baseline_bytes": base, "setup_rss_bytes": setup_rss,
             "peak_step_bytes": _status("VmHWM") if reset else None,
             "peak_process_bytes": max(whole_peak, _status("VmHWM")), "loss": float(m["loss"]),
             "devices": str(jax.devices()[0].platform), "dtype": str(jnp.float32.dtype),
             "trainable": int(sum(a.size for a in jax.tree_util.tree_leaves(state.params))),
-            "frozen": int(sum(a.size for a in jax.tree_util.tree_leaves(frozen))), "np": np.__version__}
+            "frozen": int(sum(a.size for a in jax.tree_util.tree_leaves(frozen))), "np": np.__version__,
+            "settings": {"remat": config.remat.to_dict(), "attention_impl": config.model.attention_impl,
+                         "compiler_options": options, "xla": xla_note},
+            "temp_bytes": _temp_bytes(compiled)}
+
+
+def _temp_bytes(compiled) -> int | None:
+    """XLA's buffer assignment for the step: the temporary (activation) bytes, or None if not reported."""
+    try:
+        return int(compiled.memory_analysis().temp_size_in_bytes)
+    except (AttributeError, NotImplementedError, RuntimeError):  # not every backend reports it
+        return None
 
 
 def run_torch(size: int, batch: int, steps: int, tiny: bool = False) -> dict:
@@ -193,6 +256,7 @@ def run_torch(size: int, batch: int, steps: int, tiny: bool = False) -> dict:
 def child(which: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", which, "--size", str(args.size), "--batch", str(args.batch),
            "--steps", str(args.steps)] + (["--tiny"] if args.tiny else [])
+    cmd += [f"--set={item}" for item in args.set] + (["--compile-only"] if args.compile_only else [])
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     env.pop("XLA_FLAGS", None)  # one CPU device, as a user would have
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -213,38 +277,62 @@ def main() -> None:
     p.add_argument("--child", choices=("jax", "torch"), help=argparse.SUPPRESS)
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--tiny", action="store_true", help="tiny U-Net and VAE, 32x32 images, batch 1, one timed step")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of jaxcontrol's default training config (repeatable)")
+    p.add_argument("--side", choices=("both", "jax", "torch"), default="both", help="run one side only")
+    p.add_argument("--compile-only", action="store_true",
+                   help="jaxcontrol only: compile the step from shapes (nothing allocated) and report XLA's buffer "
+                        "assignment and the compiler's peak memory")
     args = p.parse_args()
     if args.tiny:
         args.size, args.batch, args.steps = 32, 1, 1
     if args.child:
-        result = (run_jax if args.child == "jax" else run_torch)(args.size, args.batch, args.steps, args.tiny)
+        if args.child == "jax":
+            result = run_jax(args.size, args.batch, args.steps, args.tiny, tuple(args.set), args.compile_only)
+        else:
+            result = run_torch(args.size, args.batch, args.steps, args.tiny)
         print(json.dumps(result))
         return
     print(f"ControlNet training step, {'tiny' if args.tiny else 'SD-1.5'} architecture, {args.size}x{args.size} images "
           f"({args.size // 8}x{args.size // 8} latents), batch {args.batch}, float32, {os.cpu_count()} CPU cores",
           flush=True)
-    ours, ref = child("jax", args), child("torch", args)
+    if args.compile_only:
+        ours = child("jax", args)
+        print(json.dumps(ours, indent=1))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"jax": ours, "args": vars(args)}, indent=1))
+        return
+    ours = child("jax", args) if args.side in ("both", "jax") else None
+    ref = child("torch", args) if args.side in ("both", "torch") else None
+    if ours is not None:
+        print("jaxcontrol settings: " + ", ".join(
+            [f"remat.{k}={v}" for k, v in ours["settings"]["remat"].items()]
+            + [f"model.attention_impl={ours['settings']['attention_impl']}",
+               f"compiler_options={ours['settings']['compiler_options']}"])
+              + (f"; {ours['settings']['xla']}" if ours["settings"]["xla"] else ""))
     rows = [
-        ("samples/s", f"{ours['samples_per_s']:.4f}", f"{ref['samples_per_s']:.4f}",
-         f"{ours['samples_per_s'] / ref['samples_per_s']:.2f}x"),
-        ("seconds/step", f"{ours['step_s']:.2f}", f"{ref['step_s']:.2f}", f"{ours['step_s'] / ref['step_s']:.2f}x"),
-        ("peak memory, compile + steps", gib(ours["peak_step_bytes"]), gib(ref["peak_step_bytes"]),
-         "n/a" if ours["peak_step_bytes"] is None else f"{ours['peak_step_bytes'] / ref['peak_step_bytes']:.2f}x"),
-        ("peak memory, whole process", gib(ours["peak_process_bytes"]), gib(ref["peak_process_bytes"]),
-         f"{ours['peak_process_bytes'] / ref['peak_process_bytes']:.2f}x"),
-        ("compile (one-off)", f"{ours['compile_s']:.0f} s", "-", ""),
-        ("trainable / frozen params", f"{ours['trainable'] / 1e6:.1f}M / {ours['frozen'] / 1e6:.1f}M",
-         f"{ref['trainable'] / 1e6:.1f}M / {ref['frozen'] / 1e6:.1f}M", ""),
+        ("samples/s", lambda r: f"{r['samples_per_s']:.4f}", "samples_per_s"),
+        ("seconds/step", lambda r: f"{r['step_s']:.2f}", "step_s"),
+        ("peak memory, compile + steps", lambda r: gib(r["peak_step_bytes"]), "peak_step_bytes"),
+        ("peak memory, whole process", lambda r: gib(r["peak_process_bytes"]), "peak_process_bytes"),
+        ("XLA temporaries (buffer assignment)", lambda r: gib(r.get("temp_bytes")), None),
+        ("compile (one-off)", lambda r: f"{r['compile_s']:.0f} s" if r["compile_s"] else "-", None),
+        ("trainable / frozen params", lambda r: f"{r['trainable'] / 1e6:.1f}M / {r['frozen'] / 1e6:.1f}M", None),
     ]
+    table = []
+    for name, fmt, key in rows:
+        ratio = ""
+        if ours is not None and ref is not None and key is not None and ours[key] is not None and ref[key]:
+            ratio = f"{ours[key] / ref[key]:.2f}x"
+        table.append((name, fmt(ours) if ours is not None else "-", fmt(ref) if ref is not None else "-", ratio))
     header = ("", "jaxcontrol", "diffusers", "ours/theirs")
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
+    widths = [max(len(r[i]) for r in table + [header]) for i in range(4)]
     print(" | ".join(h.ljust(w) for h, w in zip(header, widths)))
     print("-|-".join("-" * w for w in widths))
-    for r in rows:
+    for r in table:
         print(" | ".join(c.ljust(w) for c, w in zip(r, widths)))
     if args.json:
         Path(args.json).write_text(json.dumps({"jax": ours, "torch": ref, "args": vars(args)}, indent=1))
-
 
 if __name__ == "__main__":
     main()

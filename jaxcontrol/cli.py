@@ -8,6 +8,7 @@ Exit codes (the same in `infer.py`, `train.py` and `convert_weights.py`):
 | 1 | runtime error: a bad file, a config that cannot run, non-finite values, an I/O failure |
 | 2 | usage error: a flag is missing, malformed or out of range (the message names it) |
 | 130 | interrupted (Ctrl-C); nothing half-written is left at the output path |
+| 143 | terminated by SIGTERM (`train.py`: after saving a checkpoint at the step boundary; rerun to resume) |
 
 User errors print one line, `PROG: error: MESSAGE`, on stderr, never a traceback. Anything
 else is a bug and keeps its traceback.
@@ -25,6 +26,7 @@ EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process that SIGTERM ended
 
 
 def error(prog: str, message: str, code: int = EXIT_RUNTIME) -> int:

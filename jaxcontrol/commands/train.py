@@ -51,7 +51,14 @@ with exit_on_interrupt():
     from absl import flags
     from ml_collections import config_dict, config_flags
 
-    from jaxcontrol.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNTIME, error, run_main
+    from jaxcontrol.cli import (
+        EXIT_INTERRUPTED,
+        EXIT_OK,
+        EXIT_RUNTIME,
+        EXIT_TERMINATED,
+        error,
+        run_main,
+    )
     from jaxcontrol.errors import UsageError
 
 HELP_FLAGS = ("-h", "-help", "--help", "--helpshort", "--helpfull", "-?")
@@ -64,7 +71,8 @@ options:
 
 exit codes: 0 success, 1 runtime error (a bad file or config, non-finite loss, an unwritable workdir),
 2 usage error (a missing or malformed flag, a missing config file, an unknown config key),
-130 interrupted (Ctrl-C; in-flight checkpoints are completed, rerun the command to resume)."""
+130 interrupted (Ctrl-C; in-flight checkpoints are completed, rerun the command to resume),
+143 terminated (SIGTERM, e.g. a pre-emption: a checkpoint of the current step is saved first; rerun to resume)."""
 
 config_flags.DEFINE_config_file("config", None, "experiment config file (get_config() -> ConfigDict)",
                                 lock_config=True)
@@ -178,8 +186,9 @@ def main() -> int:
     """Run `train.py` from `sys.argv`: parse --config/--workdir, train, and return the exit code.
 
     0 when done or for --help, 1 when the workdir cannot be used, 130 on Ctrl-C (after printing
-    the latest checkpoint's step). Raises `UsageError` for bad flags and lets training errors
-    propagate (`console_main` turns them into exit codes 1 or 2).
+    the latest checkpoint's step), 143 on SIGTERM (after saving a checkpoint of the step reached).
+    Raises `UsageError` for bad flags and lets training errors propagate (`console_main` turns
+    them into exit codes 1 or 2).
     """
     argv = list(sys.argv)
     if any(a in HELP_FLAGS or a.startswith("--help") for a in argv[1:]):
@@ -192,9 +201,13 @@ def main() -> int:
     logging.getLogger("absl").setLevel(logging.WARNING)
     with exit_on_interrupt():
         from jaxcontrol.training import train
+        from jaxcontrol.training.trainer import Preempted
 
     try:
         summary = train(config, workdir)
+    except Preempted as e:
+        print(f"{PROG}: {e}; rerun the same command to resume", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         latest = _latest_checkpoint(workdir)
         where = f"the latest checkpoint is step {latest}" if latest is not None else "no checkpoint was saved yet"

@@ -26,8 +26,10 @@ TIMESTEP_SAMPLING = ("uniform", "cubic")
 PREDICTION_TYPES = ("", "epsilon", "v_prediction")
 DTYPES = ("float32", "bfloat16")
 REMAT_MODES = ("none", "blocks", "layers")
-REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "convs_and_dense_saveable")
 DATASETS = ("fill50k", "folder", "tfds")
+DISTRIBUTED_INITIALIZE = ("auto", "true", "false")
 RECONSTRUCTION_LOSSES = ("mse", "l1")
 
 # --- tiny architectures, for from-scratch runs and tests on a CPU ---------------------------------
@@ -130,11 +132,17 @@ def default_config() -> ml_collections.ConfigDict:
     # XLA options for the compiled step and sampler (jax.jit(compiler_options=...)), e.g.
     # {"xla_backend_optimization_level": 0} to compile faster on a CPU
     c.compiler_options = ml_collections.ConfigDict()
+    # CPU-only JAX: train() adds --xla_cpu_enable_concurrency_optimized_scheduler=false to XLA_FLAGS before
+    # JAX starts, so that XLA:CPU keeps few buffers alive (sharding.use_cpu_memory_scheduler)
+    c.xla_cpu_memory_scheduler = True
 
     c.remat = ml_collections.ConfigDict()
     c.remat.unet = "none"  # "none", "blocks" (down/mid/up blocks) or "layers" (resnets and transformer blocks)
     c.remat.controlnet = "none"  # the same, for the ControlNet's encoder blocks
-    c.remat.policy = "nothing_saveable"  # a jax.checkpoint_policies name
+    # what a rematerialised block keeps: convolution and dense-layer outputs (a jax.checkpoint_policies name also works)
+    c.remat.policy = "convs_and_dense_saveable"
+    # every attention layer under jax.checkpoint: its (heads, Lq, Lk) scores are recomputed, never kept for the backward
+    c.remat.attention = True
 
     # --- devices ------------------------------------------------------------------------------
     c.mesh = ml_collections.ConfigDict()
@@ -147,7 +155,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh.min_shard_size = 2**12  # parameters with fewer elements stay replicated
 
     c.distributed = ml_collections.ConfigDict()
-    c.distributed.initialize = False  # call jax.distributed.initialize() (multi-host)
+    # "auto": call jax.distributed.initialize() when the environment is a multi-process launch (TPU pod,
+    # SLURM srun, Open MPI, JAX_COORDINATOR_ADDRESS; sharding.detect_cluster); "true": always; "false": never
+    c.distributed.initialize = "auto"
     c.distributed.coordinator_address = ""  # "" lets JAX discover it (TPU pods, SLURM, ...)
     c.distributed.num_processes = -1  # -1: discovered
     c.distributed.process_id = -1  # -1: discovered
@@ -248,6 +258,9 @@ def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     _choice(config, "remat.controlnet", REMAT_MODES)
     _choice(config, "remat.policy", REMAT_POLICIES)
     _choice(config, "data.dataset", DATASETS)
+    init = config.distributed.initialize
+    if not isinstance(init, bool) and str(init).strip().lower() not in DISTRIBUTED_INITIALIZE:
+        _fail("distributed.initialize", f"{init!r} is not one of {list(DISTRIBUTED_INITIALIZE)}")
     _choice(config, "vae.reconstruction_loss", RECONSTRUCTION_LOSSES)
     from ..data.fill50k import PALETTES
 

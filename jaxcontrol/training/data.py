@@ -3,16 +3,20 @@
 Each host reads its own shard of the examples (`jaxcontrol.data.make_dataset` shards by
 `jax.process_index()`), batches `batch_size / process_count` of them per optimizer step, and
 `device_batch` turns that into global `jax.Array`s of shape (grad_accum_steps, micro_batch, ...)
-split over the mesh's batch axes with `jax.make_array_from_process_local_data`.
+split over the mesh's batch axes with `jax.make_array_from_process_local_data`. With
+`data.precompute`, every host encodes its own share of the dataset on its own devices
+(`precomputed_source`).
 """
 
 from __future__ import annotations
 
 import functools
+import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ..errors import ConfigError
@@ -67,30 +71,78 @@ def _once(build):
 
 
 def precomputed_source(config, workdir, source, nets, frozen) -> Any:
-    """Encode `source` once with the frozen VAE and text encoder (or reuse an earlier encoding)."""
+    """Encode `source` once with the frozen VAE and text encoder (or reuse an earlier encoding).
+
+    Every process encodes its own contiguous share of the examples (`data.precompute.process_share`)
+    with its local devices (each batch split over them), into a folder beside the output that all
+    processes see (`data.precomputed_dir` on shared storage for several hosts); process 0 then
+    checks the parts and publishes the folder. The records are the same, index for index, whatever
+    the process and device counts. Raises `DataError` when a process's share is missing.
+    """
     from ..data import PrecomputedSource
+    from ..data.precompute import finish_precompute, precompute_share
 
     out = Path(config.data.precomputed_dir) if config.data.precomputed_dir else Path(workdir) / "precomputed"
-    if jax.process_index() == 0 and not (out / "meta.json").is_file():
-        _precompute(source, out, nets, frozen, int(config.data.resolution))
-    if jax.process_count() > 1:  # every host, so that none waits alone
+    index, count = jax.process_index(), jax.process_count()
+    exists = (out / "meta.json").is_file()
+    if count > 1:  # process 0 decides for all, so that every process takes the same path below
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices("jaxcontrol_precompute")
+        exists = bool(multihost_utils.broadcast_one_to_all(np.int32(exists)))
+    if not exists:
+        shared = out.parent / f".{out.name}.precompute-parts"
+        if index == 0:
+            shutil.rmtree(shared, ignore_errors=True)
+            shared.mkdir(parents=True)
+        _sync("jaxcontrol_precompute_start")
+        encode_images, encode_text, batch_size = local_encoders(nets, frozen)
+        precompute_share(source, shared, encode_images=encode_images, encode_text=encode_text,
+                         batch_size=batch_size, resolution=int(config.data.resolution), process_index=index,
+                         process_count=count, progress=index == 0)
+        _sync("jaxcontrol_precompute_written")
+        if index == 0:
+            finish_precompute(shared, out, count, int(config.data.resolution))
+    _sync("jaxcontrol_precompute_done")  # every host, so that none waits alone
     return PrecomputedSource(out)
 
 
-def _precompute(source, out, nets, frozen, resolution):
-    from ..data import precompute_latents
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def local_encoders(nets, frozen, batch_per_device: int = 0) -> tuple[Callable, Callable, int]:
+    """(encode_images, encode_text, batch_size) for precomputation on this process's devices.
+
+    `encode_images`: pixels (B, H, W, 3) float32 in [-1, 1] -> VAE posterior moments (B, h, w, 2C)
+    float32; `encode_text`: B captions -> last hidden states (B, 77, D) float32; both numpy in and
+    out. Both are jitted once over a one-axis mesh of `jax.local_devices()` with the batch split
+    over it and the encoders' parameters replicated; B = `batch_size` is the smallest multiple of
+    the local device count that is at least 8 (or `batch_per_device` per device when given).
+    """
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
     from ..tokenizer import tokenize
 
+    devices = jax.local_devices()
+    mesh = Mesh(np.asarray(devices), ("batch",))
+    split, whole = NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())
+    per_device = batch_per_device or -(-8 // len(devices))
+    batch_size = per_device * len(devices)
     vae, text = nets.vae, nets.text_encoder
-    vp, tp = frozen["vae"], frozen["text_encoder"]
-    encode_images = jax.jit(lambda x: vae.apply({"params": vp}, x, method=vae.encode))
-    encode_ids = jax.jit(lambda ids: text.apply({"params": tp}, ids).last_hidden_state)
-    precompute_latents(source, out, encode_images=lambda x: np.asarray(encode_images(x)),
-                       encode_text=lambda caps: np.asarray(encode_ids(tokenize(nets.tokenizer, caps))),
-                       batch_size=8, resolution=resolution, progress=True)
+    vp = jax.device_put(frozen["vae"], whole)
+    tp = jax.device_put(frozen["text_encoder"], whole)
+    images = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode).astype(jnp.float32),
+                     in_shardings=(whole, split), out_shardings=split)
+    ids = jax.jit(lambda p, i: text.apply({"params": p}, i).last_hidden_state.astype(jnp.float32),
+                  in_shardings=(whole, split), out_shardings=split)
+    # placed explicitly: with several processes jit refuses numpy inputs for a sharding that splits them
+    return (lambda x: np.asarray(images(vp, jax.device_put(np.asarray(x, np.float32), split))),
+            lambda caps: np.asarray(ids(tp, jax.device_put(np.asarray(tokenize(nets.tokenizer, caps)), split))),
+            batch_size)
 
 
 def make_train_dataset(config, source, tokenizer, *, tokenize_prompts: bool = True):

@@ -46,7 +46,7 @@ def model_prediction(nets: Networks, config, trainable: dict, frozen: dict, nois
                      context: jax.Array, cond: jax.Array | None) -> jax.Array:
     """The trained model's prediction for `noisy` latents: U-Net plus ControlNet / adapter, per the
     task, through the one `model_forward` that sampling uses too. The blocks `config.remat` names
-    are rematerialised."""
+    are rematerialised, and with `config.remat.attention` every attention layer."""
     calls = []
     if nets.controlnet is not None:  # small_scale: the paper's small-scale training, the mid block only
         calls.append(ControlNetCall(nets.controlnet, trainable["controlnet"], cond,
@@ -57,7 +57,7 @@ def model_prediction(nets: Networks, config, trainable: dict, frozen: dict, nois
         feats = adapter_features(nets.adapter, trainable["adapter"], cond, float(config.adapter.conditioning_scale))
 
     def scope(name: str):
-        return remat_scope(getattr(config.remat, name), config.remat.policy)
+        return remat_scope(getattr(config.remat, name), config.remat.policy, attention=bool(config.remat.attention))
 
     return model_forward(nets.unet, unet_params(trainable, frozen), noisy, t, context, controlnets=calls,
                          adapter_features=feats, scope=scope)

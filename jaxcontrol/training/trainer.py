@@ -47,10 +47,12 @@ from .sharding import (
     batch_divisor,
     batch_sharding,
     describe,
-    initialize_distributed,
     make_mesh,
     param_shardings,
+    release_free_memory,
     replicated,
+    setup_distributed,
+    use_cpu_memory_scheduler,
 )
 from .state import TrainState, create_train_state, learning_rate_schedule, make_optimizer
 from .step import DEVICE_KEYS, jit_train_step, make_sample_fn, make_train_step
@@ -205,6 +207,14 @@ class Run:
         te = self.nets.text_encoder
         return te.apply({"params": frozen["text_encoder"]}, jnp.asarray(ids)).last_hidden_state
 
+    def compile_step(self, batch: dict):
+        """`step_fn` compiled ahead of time for `batch`'s shapes (a `jax.stages.Compiled`, called like
+        `step_fn`), after which the compiler's freed working memory is handed back to the operating
+        system (`sharding.release_free_memory`), so that it does not add to the step's own."""
+        compiled = self.step_fn.lower(self.state, self.frozen, batch).compile()
+        release_free_memory()
+        return compiled
+
     def next_batch(self) -> dict:
         """The next training batch as global device arrays (grad_accum_steps, micro_batch, ...), batch on dim 1.
 
@@ -309,17 +319,24 @@ def train(config, workdir: str | os.PathLike) -> dict:
 
     Returns a summary: {"step", "restored_from", "exported": {...}, "last_loss"}.
 
-    Non-finite values stop the run with `NonFiniteError` naming the training step and the metric:
+    First of all, on a CPU-only JAX, XLA:CPU's memory-minimising scheduler is chosen
+    (`config.xla_cpu_memory_scheduler`; `sharding.use_cpu_memory_scheduler`: only effective when
+    nothing in the process has used JAX yet), then `jax.distributed` is initialised as
+    `config.distributed.initialize` says ("auto": when the environment is a multi-process launch;
+    `sharding.setup_distributed`), each outcome logged in one line. Non-finite values stop the run with `NonFiniteError` naming the training
+    step and the metric:
     the step's metrics (loss, grad_norm) are fetched to the host at every log flush (every
     `log.every` steps, and before every checkpoint, validation and export), and the whole train
     state is checked before each checkpoint is saved, so a NaN is caught within `log.every` steps
     and never saved or exported: the latest checkpoint stays the last good one. A
-    `KeyboardInterrupt` stops the loop; in-flight checkpoint saves are completed first.
+    `KeyboardInterrupt` stops the loop; in-flight checkpoint saves are completed first. A SIGTERM
+    (a pre-emption notice; with several processes, JAX's preemption sync point) saves a checkpoint
+    at the next step boundary, waits for it, and raises `Preempted`. Raises `ConfigError` for a bad
+    config and `RuntimeError` when the environment says multi-process but `jax.distributed` fails.
     """
-    if config.distributed.initialize:
-        initialize_distributed(config.distributed.coordinator_address, int(config.distributed.num_processes),
-                               int(config.distributed.process_id))
     check_config(config)
+    # before anything touches a device: XLA reads its flags, and jax.distributed must come first
+    notes = [use_cpu_memory_scheduler(bool(config.xla_cpu_memory_scheduler)), setup_distributed(config.distributed)]
     if jax.process_index() == 0:
         prepare_workdir(Path(workdir))
         removed = remove_stale_exports(Path(workdir) / "export")
@@ -327,34 +344,68 @@ def train(config, workdir: str | os.PathLike) -> dict:
             log.warning("removed %d unfinished export folder(s) of an interrupted run: %s", len(removed),
                         ", ".join(str(p) for p in removed))
     with InterruptGuard() as interrupt, Run(config, workdir) as run:
+        run.notes = [note for note in notes if note]
         return _train_loop(run, interrupt)
 
 
+class Preempted(BaseException):
+    """`train` stopped on SIGTERM (a pre-emption notice) after saving the state of `step`.
+
+    `checkpoint_step` is the latest complete checkpoint (`step`, or None when the run stopped before
+    its first step, with nothing to save), `directory` the checkpoints folder. Rerunning the same
+    command resumes from it. A `BaseException`, like `KeyboardInterrupt`, so that no
+    `except Exception` on the way swallows it; `train.py` exits with `cli.EXIT_TERMINATED` (143).
+    """
+
+    def __init__(self, step: int, checkpoint_step: int | None, directory: Path):
+        self.step, self.checkpoint_step, self.directory = step, checkpoint_step, directory
+        where = (f"saved a checkpoint of step {checkpoint_step}" if checkpoint_step is not None
+                 else "no checkpoint was saved yet")
+        super().__init__(f"terminated (SIGTERM) at step {step}; {where} in {directory}")
+
+
 class InterruptGuard:
-    """Ctrl-C (SIGINT) during `train`, handled so that it is never lost and never cuts a step.
+    """Ctrl-C (SIGINT) and SIGTERM during `train`, handled so that neither is lost or cuts a step.
 
     The first Ctrl-C is recorded and `check` raises KeyboardInterrupt at the next safe point (before
     the first step, between steps, before the final validation and export), so in-flight checkpoint
     saves complete and the state is whole. A second Ctrl-C raises at once. (Raising from the
     handler itself is not reliable: JAX registers a garbage-collector callback, and a
-    KeyboardInterrupt raised while it runs is printed and swallowed.) Only installed from the main
-    thread over Python's default handler.
+    KeyboardInterrupt raised while it runs is printed and swallowed.)
+
+    SIGTERM (what TPU VMs, SLURM and Kubernetes send before they pre-empt) sets `terminate`; the
+    training loop then saves a checkpoint at the next step boundary and raises `Preempted`
+    (`preempted` is the test). With `jax.distributed` initialised the signal may reach only some of
+    the processes, so there the handler is JAX's own preemption notifier (installed by
+    `jax.distributed.initialize`, and left alone here) and `preempted(step)` asks JAX's preemption
+    sync point (`multihost_utils.reached_preemption_sync_point`), which makes every process stop
+    at the same step. Handlers are installed only from the main thread and only over the default
+    ones.
     """
 
     def __init__(self):
         self.requested = False
+        self.terminate = False
         self._previous = None
+        self._previous_term = None
 
     def __enter__(self) -> "InterruptGuard":
-        if threading.current_thread() is threading.main_thread() and \
-                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+        if threading.current_thread() is threading.main_thread():
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                self._previous = signal.signal(signal.SIGINT, self._handle)
+            # with jax.distributed, JAX's preemption notifier owns SIGTERM (a C++ handler, which
+            # signal.getsignal does not see): replacing it would hide the notice from the other processes
+            if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and not jax.distributed.is_initialized():
+                self._previous_term = signal.signal(signal.SIGTERM, self._handle_term)
         return self
 
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
+        if self._previous_term is not None:
+            signal.signal(signal.SIGTERM, self._previous_term)
+            self._previous_term = None
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
@@ -362,10 +413,44 @@ class InterruptGuard:
         self.requested = True
         print("Ctrl-C: stopping before the next step (press it again to stop at once)", file=sys.stderr, flush=True)
 
+    def _handle_term(self, signum, frame) -> None:
+        if not self.terminate:
+            self.terminate = True
+            print("SIGTERM: saving a checkpoint at the next step boundary, then exiting", file=sys.stderr,
+                  flush=True)
+
     def check(self) -> None:
         """Raise `KeyboardInterrupt` if Ctrl-C was pressed since the guard was entered; else do nothing."""
         if self.requested:
             raise KeyboardInterrupt
+
+    def preempted(self, step: int) -> bool:
+        """Whether to save and stop at `step`: SIGTERM was received here, or (with `jax.distributed`)
+        JAX's preemption sync point is `step`. Call it once per step, at the same steps on every process."""
+        if self.terminate:
+            return True
+        if jax.distributed.is_initialized():
+            from jax.experimental import multihost_utils
+
+            try:
+                return bool(multihost_utils.reached_preemption_sync_point(step))
+            except RuntimeError:  # the preemption service is off (jax_enable_preemption_service=False)
+                return False
+        return False
+
+
+def _stop_if_asked(run: Run, metric_log: _MetricLog, step: int, interrupt: InterruptGuard) -> None:
+    """At a step boundary: on SIGTERM, checkpoint `step` (unless it is saved already, or is a fresh
+    run's step 0), wait until every save is complete and raise `Preempted`; on Ctrl-C raise
+    `KeyboardInterrupt`. The metrics are flushed (and so checked finite) before the save."""
+    if interrupt.preempted(step):
+        metric_log.flush()
+        run.checkpointer.wait()
+        if step > 0 and run.checkpointer.latest_step() != step:
+            run.save(step)
+            run.checkpointer.wait()
+        raise Preempted(step, run.checkpointer.latest_step(), run.checkpointer.directory)
+    interrupt.check()
 
 
 def _train_loop(run: Run, interrupt: InterruptGuard) -> dict:
@@ -377,12 +462,15 @@ def _train_loop(run: Run, interrupt: InterruptGuard) -> dict:
     start = step = int(jax.device_get(run.state.step))
     writer = _open_writer(run, start)
     metric_log = _MetricLog(run, writer)
+    step_fn = None
     try:
         while step < cfg.steps:
-            interrupt.check()
+            _stop_if_asked(run, metric_log, step, interrupt)
             batch = run.next_batch()
             with tracing_mesh(run.mesh):
-                run.state, metrics = run.step_fn(run.state, run.frozen, batch)
+                if step_fn is None:
+                    step_fn = run.compile_step(batch)
+                run.state, metrics = step_fn(run.state, run.frozen, batch)
             step += 1
             metric_log.add(step, metrics)
             if step == start + 1:  # the first step includes compilation: time samples/s from after it
@@ -404,6 +492,8 @@ def _open_writer(run: Run, start: int) -> MetricsWriter:
                            enabled=run.is_main)
     writer.console(f"jaxcontrol train: task={cfg.task} mesh {describe(run.mesh)}, {jax.process_count()} host(s); "
                    + (f"resumed from step {run.restored_step}" if run.restored_step is not None else "fresh start"))
+    for note in getattr(run, "notes", ()):
+        writer.console(note)
     return writer
 
 
@@ -478,14 +568,17 @@ def _after_step(run: Run, writer: MetricsWriter, metric_log: _MetricLog, step: i
 
 def _finish(run: Run, writer: MetricsWriter, metric_log: _MetricLog, step: int, interrupt: InterruptGuard) -> dict:
     """After the loop: the last metrics, the checkpoint saves completed, then the final
-    validation and export (`validation.at_end`, `export.at_end`); returns the export's paths."""
-    interrupt.check()
+    validation and export (`validation.at_end`, `export.at_end`); returns the export's paths.
+    A SIGTERM before either stops here (`Preempted`): the last step's checkpoint is saved already."""
+    _stop_if_asked(run, metric_log, step, interrupt)
     metric_log.flush()
     run.checkpointer.wait()
     if run.config.validation.at_end:
         _validate(run, writer, step)
     exported = {}
     if run.config.export.at_end:
+        if interrupt.terminate:
+            _stop_if_asked(run, metric_log, step, interrupt)
         interrupt.check()
         run.check_state_finite(step)
         exported = _export(run, writer, run.workdir / "export")
@@ -605,4 +698,4 @@ def _write_json(path: Path, obj: Any) -> None:
     write_json(path, obj, indent=1, sort_keys=True, default=str)
 
 
-__all__ = ["Run", "TrainState", "check_finite_metrics", "prepare_workdir", "remove_stale_exports", "train"]
+__all__ = ["InterruptGuard", "Preempted", "Run", "TrainState", "check_finite_metrics", "prepare_workdir", "remove_stale_exports", "train"]
