@@ -227,7 +227,7 @@ def finish_precompute(shared: str | os.PathLike, out_dir: str | os.PathLike, pro
     merge_parts(shared, process_count, resolution)
     with atomic_directory(out_dir, error=DataError) as tmp:
         for path in sorted(shared.iterdir()):
-            os.replace(path, tmp / path.name)
+            shutil.move(path, tmp / path.name)  # a rename within the filesystem, into the atomic folder
     shutil.rmtree(shared, ignore_errors=True)
     return PrecomputedSource(out_dir)
 

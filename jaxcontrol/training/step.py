@@ -57,7 +57,7 @@ def model_prediction(nets: Networks, config, trainable: dict, frozen: dict, nois
         feats = adapter_features(nets.adapter, trainable["adapter"], cond, float(config.adapter.conditioning_scale))
 
     def scope(name: str):
-        return remat_scope(getattr(config.remat, name), config.remat.policy, attention=bool(config.remat.attention))
+        return remat_scope(getattr(config.remat, name), config.remat.policy, attention=bool(getattr(config.remat, "attention", False)))
 
     return model_forward(nets.unet, unet_params(trainable, frozen), noisy, t, context, controlnets=calls,
                          adapter_features=feats, scope=scope)
