@@ -17,16 +17,17 @@ Every network has random weights (no hub): built from its config and drawn by
 
 Compute is `--dtype` (bfloat16 by default); inference weights and the frozen U-Net are held in
 `--param-dtype` (bfloat16 by default); the VAE runs in `--vae-dtype` (float32, `Pipeline`'s
-default). The attention path is the `attention_impl` of the U-Net and the ControlNet (more than 95%
-of the FLOPs); the text encoder and the VAE keep "auto" (cuDNN refuses the float32 VAE's 512-wide
-head). Default paths: every one that runs on the platform (`DEFAULT_PATHS`); `--attention` picks.
+default). The attention path is the `attention_impl` of the U-Net and the ControlNet (94% of the
+pipeline's FLOPs, all of the others'); the text encoder and the VAE keep "auto" (cuDNN refuses the
+float32 VAE's 512-wide head). Default paths: every one that runs on the platform (`DEFAULT_PATHS`); `--attention` picks.
 
 Columns:
 
 * **compile s**: lowering plus XLA compilation, once per configuration (the pipeline's call
   reuses the program compiled from `Pipeline.lower`); the first (warm-up) call is separate, in
-  the JSON as `first_call_s`, and not in the median. Rows whose lowered program equals an earlier row's (e.g. "auto"
-  where it picks cuDNN for every layer) reuse that row's measurement and say so.
+  the JSON as `first_call_s`, and not in the median. Rows whose lowered program equals an
+  earlier row's ("auto" where it picks cuDNN for every layer, or "plain" for short sequences on
+  the CPU) reuse that row's measurement and say so.
 * **s/call**: median of `--repeats` steady calls, each ended by `block_until_ready` (the pipeline
   returns host arrays, so its calls end there).
 * **TFLOP**: the call's model FLOPs, from XLA's cost analysis (`Lowered.cost_analysis()["flops"]`)
@@ -38,7 +39,16 @@ Columns:
   their transposes backward, all visible to XLA) and no loops, so every path is charged the same
   model FLOPs. The pipeline's sampling loop is one `lax.scan`: its FLOPs are the program's count
   plus (evaluations - 1) x one guided evaluation (U-Net + ControlNet on the CFG batch); the
-  reference programs are checked to hold exactly the loops this assumes.
+  reference programs are checked to hold exactly the loops this assumes. For cuDNN and Pallas
+  attention this charges the analytic 4 * B * heads * Lq * Lk * D per attention forward, and the
+  plain einsums' transposes (twice that) backward, not the kernels' own recomputation.
+
+  Model FLOPs at full size, as jax 0.10.2 counts them on the CPU (dots and convolutions count
+  the same on every backend; elementwise ops may differ slightly):
+  U-Net forward at batch 8, 6.32 TFLOP (0.79 per image, 1.01 of it attention scores and outputs);
+  one guided evaluation (U-Net + ControlNet, 16 rows), 17.13; the pipeline's 8 images, 362.9
+  (20 evaluations, 20.0 for the float32 VAE decode, the rest the text encoder); the training
+  step at batch 8, 17.84.
 * **XLA saw**: the compiled program's own `cost_analysis()` FLOPs over the model FLOPs: below
   100% where attention runs in a custom call or a loop (not reported for the pipeline, whose
   sampling loop alone would put it far below).
@@ -494,8 +504,10 @@ class Bench:
     def pipeline(self, impl: str):
         """A `Pipeline` over the models with `impl` in the U-Net and ControlNet, "auto" in the text
         encoder and VAE ("plain" everywhere for "plain", the reference)."""
+        import jax
+
         from jaxcontrol.convert.pipeline_index import SCHEDULER, PipelineBundle
-        from jaxcontrol.pipeline import Pipeline
+        from jaxcontrol.pipeline import Pipeline, default_mesh
 
         def make(impl):
             other = "plain" if impl == "plain" else "auto"
@@ -508,7 +520,9 @@ class Bench:
             bundle = PipelineBundle(Path("random-sd15"), "StableDiffusionPipeline", modules,
                                     {k: m.params[k] for k in modules}, {SCHEDULER: scheduler},
                                     {"tokenizer": m.tokenizer})
-            return Pipeline(bundle, controlnets=[(m.with_attention("controlnet", impl), m.params["controlnet"])])
+            # one device, as the other sections: a pipeline's default mesh spans every device of the host
+            return Pipeline(bundle, controlnets=[(m.with_attention("controlnet", impl), m.params["controlnet"])],
+                            mesh=default_mesh(jax.devices()[:1]))
 
         return self._lowering("pipeline", impl, make)
 
