@@ -15,10 +15,13 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
 SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_"))
 
-# script -> (its tiny arguments, a line of the table it must print, slow). The two slow ones compile a
-# training step or run two pipelines in two processes (about 25 s of CPU each); the rest run in the fast suite.
+# script -> (its tiny arguments, a line of the table it must print, slow). The slow ones compile a training
+# step or run two pipelines in two processes (about 25 s of CPU each; device_bench.py compiles a U-Net, a
+# pipeline and a training step, about 40 s); the rest run in the fast suite, as does device_bench.py's U-Net
+# section (tests/test_device_bench.py).
 RUNS = {
     "control_fidelity.py": (["--tiny"], "| control | edge IoU | Chamfer (px) | colour acc |", False),
+    "device_bench.py": (["--tiny", "--attention", "auto", "plain"], "| ControlNet train step, 64x64 | auto | 2 |", True),
     "parity.py": (["--tiny"], "rows within tolerance", False),
     "pipeline_memory.py": (["--tiny"], "peak RSS", False),
     "pipeline_throughput.py": (["--tiny"], "images/s", True),
