@@ -7,11 +7,8 @@ The networks are configs/smoke.py's one-block models on 8x8 fill50k images.
 """
 
 import os
-import runpy
 import signal
 import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import jax
@@ -23,22 +20,12 @@ from jaxcontrol.errors import NonFiniteError
 from jaxcontrol.training import Checkpointer, Run, train
 from jaxcontrol.training import trainer as trainer_module
 from jaxcontrol.training.logger import read_metrics
+from _smoke import SignalAtLine, smoke_config
+from _smoke import smoke_args as _smoke_args
+from _smoke import train_cmd as _cmd
+from _smoke import train_env as _env
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def smoke_config(data_dir, **overrides):
-    config = runpy.run_path(str(ROOT / "configs" / "smoke.py"))["get_config"]()
-    config.data.data_dir = str(data_dir)
-    config.mesh.num_devices = 1
-    config.log.tensorboard = False
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
 
 
 @pytest.fixture(scope="module")
@@ -56,23 +43,6 @@ def data_dir(tmp_path_factory):
 def xla_cache(tmp_path_factory):
     """One persistent compilation cache for this module's train.py processes (same program, compiled once)."""
     return tmp_path_factory.mktemp("xla-cache")
-
-
-def _env(cache=None):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", TOKENIZERS_PARALLELISM="false")
-    if cache is not None:
-        env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    return env
-
-
-def _cmd(*args):
-    return [sys.executable, "train.py", *map(str, args)]
-
-
-def _smoke_args(workdir, data_dir, *extra):
-    return ["--config", "configs/smoke.py", "--workdir", workdir, f"--config.data.data_dir={data_dir}",
-            "--config.mesh.num_devices=1", "--config.log.tensorboard=False", *extra]
 
 
 def _run_all(commands, env=None, timeout=300):
@@ -220,36 +190,6 @@ def test_non_finite_state_is_never_checkpointed(data_dir, tmp_path, monkeypatch)
 # --------------------------------------------------------------------------------------------------
 
 
-class InterruptAtLine:
-    """Runs train.py in the background and sends SIGINT (Ctrl-C) once it prints a line containing `trigger`."""
-
-    def __init__(self, cmd, env, trigger):
-        self.trigger, self.lines, self.errors = trigger, [], []
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
-        # one reader per pipe: stdout only by the watcher (a second reader could take the trigger line)
-        self.threads = [threading.Thread(target=self._watch, daemon=True),
-                        threading.Thread(target=lambda: self.errors.extend(self.proc.stderr), daemon=True)]
-        for t in self.threads:
-            t.start()
-
-    def _watch(self):
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if self.trigger in line:
-                self.proc.send_signal(signal.SIGINT)
-
-    def finish(self, timeout=300):
-        try:
-            self.proc.wait(timeout=timeout)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-        for t in self.threads:
-            t.join(10)
-        return self.proc.returncode, "".join(self.errors)
-
-
 def test_ctrl_c_exits_130_and_the_rerun_resumes_and_cleans_stale_exports(data_dir, tmp_path, xla_cache):
     """SIGINT mid-run: exit 130, one line, no traceback, the checkpoints complete. The rerun resumes
     from the latest checkpoint (and only exports, to stay quick), and the export folders a killed
@@ -257,7 +197,7 @@ def test_ctrl_c_exits_130_and_the_rerun_resumes_and_cleans_stale_exports(data_di
     workdir = tmp_path / "run"
     args = _smoke_args(workdir, data_dir, "--config.steps=100000", "--config.checkpoint.every=10",
                        "--config.log.every=10")
-    run = InterruptAtLine(_cmd(*args), _env(xla_cache), "step 20: checkpoint saving")
+    run = SignalAtLine(_cmd(*args), _env(xla_cache), "step 20: checkpoint saving", signal.SIGINT)
     code, stderr = run.finish()
     assert code == 130, "".join(run.lines[-20:]) + stderr[-3000:]
     assert "Traceback" not in stderr, stderr

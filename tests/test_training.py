@@ -40,22 +40,14 @@ from jaxcontrol.training.remat import remat_scope
 from jaxcontrol.training.sharding import param_spec
 from jaxcontrol.training.state import TrainState, create_train_state, ema_decay, learning_rate_schedule, make_optimizer
 from jaxcontrol.training.step import model_prediction
+from _smoke import smoke_config as _smoke_config
 
 ROOT = Path(__file__).resolve().parents[1]
 needs8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
 
 
 def smoke_config(data_dir, **overrides):
-    config = runpy.run_path(str(ROOT / "configs" / "smoke.py"))["get_config"]()
-    config.data.data_dir = str(data_dir)
-    config.mesh.num_devices = 1
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
+    return _smoke_config(data_dir, tensorboard=None, **overrides)
 
 
 def _copy(tree):
@@ -596,7 +588,6 @@ def test_train_step_metrics_are_reported(single):
     assert set(m) == {"loss", "grad_norm", "learning_rate"}
     assert float(m["learning_rate"]) == pytest.approx(single.config.optim.learning_rate)
     assert float(m["grad_norm"]) > 0
-
 
 
 @pytest.mark.slow

@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import jax
@@ -32,23 +31,11 @@ from jaxcontrol.training.sharding import (
     setup_distributed,
     use_cpu_memory_scheduler,
 )
+from _smoke import SignalAtLine, smoke_args, smoke_config, train_cmd
+from _smoke import train_env as _env
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = runpy.run_path(str(ROOT / "configs" / "smoke.py"))
-
-
-def smoke_config(data_dir, **overrides):
-    config = SMOKE["get_config"]()
-    config.data.data_dir = str(data_dir)
-    config.mesh.num_devices = 1
-    config.log.tensorboard = False
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
 
 
 # --------------------------------------------------------------------------------------------------
@@ -535,47 +522,7 @@ def test_interrupt_guard_records_sigterm_and_restores_the_handlers():
 
 
 def _smoke_cmd(workdir, data_dir, *extra):
-    return [sys.executable, "train.py", "--config", "configs/smoke.py", "--workdir", str(workdir),
-            f"--config.data.data_dir={data_dir}", "--config.mesh.num_devices=1", "--config.log.tensorboard=False",
-            *extra]
-
-
-def _env(cache):
-    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", TOKENIZERS_PARALLELISM="false",
-                JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-
-
-class SignalAtLine:
-    """Runs a command in the background and sends `signum` once it prints a line containing `trigger`,
-    to itself or to the process `target`."""
-
-    def __init__(self, cmd, env, trigger, signum, target=None):
-        self.trigger, self.signum, self.target, self.lines, self.errors = trigger, signum, target, [], []
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
-        self.threads = [threading.Thread(target=self._watch, daemon=True),
-                        threading.Thread(target=lambda: self.errors.extend(self.proc.stderr), daemon=True)]
-        for t in self.threads:
-            t.start()
-
-    def _watch(self):
-        sent = False
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if not sent and self.trigger in line:
-                (self.target or self.proc).send_signal(self.signum)
-                sent = True
-
-    def finish(self, timeout=300):
-        try:
-            self.proc.wait(timeout=timeout)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-        for t in self.threads:
-            t.join(10)
-        return self.proc.returncode, "".join(self.errors)
+    return train_cmd(*smoke_args(workdir, data_dir, *extra))
 
 
 def test_sigterm_saves_a_checkpoint_at_the_step_boundary_exits_143_and_the_rerun_resumes(data_dir, tmp_path):

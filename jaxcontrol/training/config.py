@@ -218,6 +218,17 @@ def get_config() -> ml_collections.ConfigDict:
     return default_config()
 
 
+def resolve_initialize(value: Any) -> str:
+    """config.distributed.initialize as "auto", "true" or "false" (also from bools and any letter case).
+    Raises `ConfigError` naming the key for anything else."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = str(value).strip().lower()
+    if text not in DISTRIBUTED_INITIALIZE:
+        _fail("distributed.initialize", f"{value!r} is not one of {list(DISTRIBUTED_INITIALIZE)}")
+    return text
+
+
 def _fail(key: str, message: str) -> None:
     raise ConfigError(f"config.{key}: {message}")
 
@@ -258,9 +269,7 @@ def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     _choice(config, "remat.controlnet", REMAT_MODES)
     _choice(config, "remat.policy", REMAT_POLICIES)
     _choice(config, "data.dataset", DATASETS)
-    init = config.distributed.initialize
-    if not isinstance(init, bool) and str(init).strip().lower() not in DISTRIBUTED_INITIALIZE:
-        _fail("distributed.initialize", f"{init!r} is not one of {list(DISTRIBUTED_INITIALIZE)}")
+    resolve_initialize(config.distributed.initialize)
     _choice(config, "vae.reconstruction_loss", RECONSTRUCTION_LOSSES)
     from ..data.fill50k import PALETTES
 

@@ -90,10 +90,6 @@ def unet_params(trainable: dict, frozen: dict) -> dict:
     return {**frozen.get("unet", {}), **trainable.get("unet", {})}
 
 
-def _dtype(name: str):
-    return to_dtype(name)
-
-
 def _cast(tree: Any, dtype) -> Any:
     return jax.tree_util.tree_map(
         lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype != dtype else a, tree)
@@ -205,8 +201,8 @@ def build_networks(config, workdir: str | os.PathLike) -> tuple[Networks, dict, 
     ControlNet or adapter that does not fit the U-Net, or an incomplete pretrained pipeline;
     `CheckpointError` when a model folder cannot be loaded.
     """
-    compute = _dtype(config.precision.compute_dtype)
-    frozen_dtype = _dtype(config.precision.frozen_param_dtype)
+    compute = to_dtype(config.precision.compute_dtype)
+    frozen_dtype = to_dtype(config.precision.frozen_param_dtype)
     attention_impl = config.model.attention_impl
     if config.model.init == "pretrained":
         kw = dict(dtype=compute, param_dtype=jnp.float32, attention_impl=attention_impl)

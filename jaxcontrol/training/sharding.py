@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from ..errors import ConfigError
 from ..mesh import named
-from .config import DISTRIBUTED_INITIALIZE
+from .config import resolve_initialize
 
 AXES = ("data", "fsdp")
 log = logging.getLogger(__name__)
@@ -200,17 +200,6 @@ def detect_cluster(environ: Mapping[str, str] | None = None, coordinator_address
     if size and size > 1:
         return ClusterEnvironment("openmpi", size, seen)
     return ClusterEnvironment("", 1, seen)
-
-
-def resolve_initialize(value: Any) -> str:
-    """config.distributed.initialize as "auto", "true" or "false" (also from bools and any letter case).
-    Raises `ConfigError` naming the key for anything else."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    text = str(value).strip().lower()
-    if text not in DISTRIBUTED_INITIALIZE:
-        raise ConfigError(f"config.distributed.initialize: {value!r} is not one of {list(DISTRIBUTED_INITIALIZE)}")
-    return text
 
 
 def setup_distributed(distributed, environ: Mapping[str, str] | None = None, *,
