@@ -87,13 +87,18 @@ class LayerNorm(nn.Module):
 # On the CPU, stride-1 convolutions over at most this many pixels run as one matrix product of
 # their 3x3 patches (`_cpu_conv`): measured on 2 cores at batch 2, 8x8x1280 -> 1280 went from 74 to
 # 20 ms and 16x16x1280 from 165 to 141 ms, while at 32x32x640 XLA's own convolution was faster.
+# Where XLA:CPU's convolution is slow and one matrix product is not (3x3, NHWC, float32, 2 cores):
+# 8x8x1280 74 -> 20 ms, 16x16x1280 110 -> 67 ms, 8x8x640 7.3 -> 5.8 ms; from 32x32, or under 512
+# channels, XLA's own convolution is as fast or faster, and the patches only cost compile time.
 IM2COL_MAX_PIXELS = 256
+IM2COL_MIN_CHANNELS = 512
 
 
 def _cpu_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
               feature_group_count=1, precision=None, preferred_element_type=None):
-    """`lax.conv_general_dilated` for `nn.Conv`, which on the CPU computes a small NHWC, stride-1,
-    undilated, ungrouped convolution as patches (B*H*W, kh*kw*Cin) @ kernel (kh*kw*Cin, Cout)."""
+    """`lax.conv_general_dilated` for `nn.Conv`, which on the CPU computes a small (≤ IM2COL_MAX_PIXELS),
+    wide (≥ IM2COL_MIN_CHANNELS inputs) NHWC, stride-1, undilated, ungrouped convolution as patches
+    (B*H*W, kh*kw*Cin) @ kernel (kh*kw*Cin, Cout)."""
     from ..platform import backend
 
     b, h, w, c = lhs.shape if lhs.ndim == 4 else (0, 0, 0, 0)
@@ -102,7 +107,8 @@ def _cpu_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation
         tuple(dimension_numbers.rhs_spec) == (3, 2, 0, 1) and tuple(dimension_numbers.out_spec) == (0, 3, 1, 2)
     plain = all(s == 1 for s in window_strides) and all(d == 1 for d in (lhs_dilation or (1, 1))) and \
         all(d == 1 for d in (rhs_dilation or (1, 1))) and feature_group_count == 1 and not isinstance(padding, str)
-    if not (nhwc and plain and 0 < h * w <= IM2COL_MAX_PIXELS and kh * kw > 1 and backend() == "cpu"):
+    if not (nhwc and plain and 0 < h * w <= IM2COL_MAX_PIXELS and c >= IM2COL_MIN_CHANNELS and kh * kw > 1
+            and backend() == "cpu"):
         return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                             dimension_numbers, feature_group_count, precision=precision,
                                             preferred_element_type=preferred_element_type)
@@ -128,7 +134,8 @@ def conv(
 ) -> nn.Conv:
     """A PyTorch-style Conv2d in NHWC (an `nn.Conv`, kernel HWIO): `kernel` x `kernel`, `stride`,
     symmetric integer padding (default `(kernel - 1) // 2`; a pair of pairs or a string passes through).
-    On the CPU, small stride-1 convolutions run as one patch matrix product (`IM2COL_MAX_PIXELS`)."""
+    On the CPU, small wide stride-1 convolutions run as one patch matrix product (`IM2COL_MAX_PIXELS`,
+    `IM2COL_MIN_CHANNELS`)."""
     if padding is None:
         padding = (kernel - 1) // 2
     if isinstance(padding, int):

@@ -72,15 +72,15 @@ CASES: dict[str, Case] = {
     c.name: c
     for c in (
         Case("tiny-controlnet-test", TINY_CONTROLNET_TEST, dict(conditioning_embedding_out_channels=(16, 32)),
-             (32, 32), 1e-4, attention_impls=("auto", "plain", "chunked", "dot_product")),
+             (32, 32), 1e-4, attention_impls=("auto", "plain", "dot_product")),
         Case("tiny-unet-test", TINY_UNET_TEST, dict(conditioning_embedding_out_channels=(16, 32)), (16, 16), 1e-4,
              attention_impls=("plain",)),
         Case("tiny-adapter-test", TINY_ADAPTER_TEST, dict(conditioning_embedding_out_channels=(16, 32)),
              (32, 32), 1e-4, slow=True, attention_impls=("plain",)),
-        # every portable kernel is checked on tiny-controlnet-test; "auto" (the default) on every case
-        # that upcasts or is full size too
+        # every portable kernel is checked on tiny-controlnet-test ("auto" is "chunked" there on the CPU:
+        # 1024 queries); "auto" (the default) on the case that upcasts and on the full size too
         Case("sd2-style", SD2_STYLE, dict(conditioning_embedding_out_channels=(16, 32, 32)), (16, 16), 1e-4,
-             attention_impls=("auto", "plain")),
+             attention_impls=("auto",)),
         Case("sd2-style-odd-size", SD2_STYLE, None, (13, 10), 1e-4, attention_impls=("plain",)),
         Case("sd15-full", SD15, dict(), (16, 16), 1e-3, batch=2, seq=77, slow=True, attention_impls=("auto", "plain")),
     )
