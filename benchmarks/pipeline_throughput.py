@@ -91,7 +91,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--attention", default="plain")
+    ap.add_argument("--attention", default="auto", help="jaxcontrol's attention_impl (default auto, as a user gets)")
     ap.add_argument("--folder", help="reuse a folder built by an earlier run")
     ap.add_argument("--child", choices=("ours", "diffusers"), help=argparse.SUPPRESS)
     ap.add_argument("--tiny", action="store_true",

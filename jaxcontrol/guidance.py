@@ -19,9 +19,11 @@ Conventions for `cond` (all entries are optional except what a rule reads):
 * `text`: encoder hidden states (B, L, D); `control`: a tuple of control images (B, H, W, C) in
   [0, 1], one per ControlNet; `control_mask`: (B,) multiplier of every ControlNet's output (0 in
   the unconditional branch under guess mode); `adapter`: a tuple of T2I-Adapter features (already
-  scaled by `adapter_conditioning_scale`); `step`: the `StepInfo` the sampler adds.
-* A rule with branches reads sub-dicts (`cond["cond"]`, `cond["uncond"]`, `cond["concepts"]`);
-  entries beside them (such as `step`) are shared by every branch.
+  scaled by `adapter_conditioning_scale`); `concat`: (B, h, w, extra) channels appended to the
+  latents of a concatenation-conditioned U-Net (inpainting mask + masked-image latents, a depth
+  map, InstructPix2Pix's image latents); `step`: the `StepInfo` the sampler adds.
+* A rule with branches reads sub-dicts (`cond["cond"]`, `cond["uncond"]`, `cond["concepts"]`,
+  `cond["image_cond"]`); entries beside them (such as `step`) are shared by every branch.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from .models.forward import ControlNetCall, model_forward
 from .sampler import Stateful, resolve_schedule
 
 ScoreFn = Callable[[jax.Array, jax.Array, dict], jax.Array]
-BRANCH_KEYS = ("cond", "uncond", "concepts")
+BRANCH_KEYS = ("cond", "uncond", "concepts", "image_cond")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -200,6 +202,24 @@ def classifier_free(model: ScoreFn, guidance_scale, *, guidance_rescale: float =
         if guidance_rescale > 0:
             out = rescale_noise_cfg(out, text, guidance_rescale)
         return out
+
+    return guided
+
+
+def instruct_pix2pix(model: ScoreFn, guidance_scale, image_guidance_scale) -> ScoreFn:
+    """InstructPix2Pix's two-scale guidance (Brooks et al. 2023, eq. 3), as diffusers computes it:
+
+        uncond + s_T (cond - image_cond) + s_I (image_cond - uncond)
+
+    with three branches in one batched call: `cond["cond"]` (the instruction and the input image's
+    latents in `concat`), `cond["image_cond"]` (the negative prompt with the image) and
+    `cond["uncond"]` (the negative prompt with zero image latents). Both scales may be traced.
+    """
+
+    def guided(x, t, cond):
+        text, image, uncond = evaluate_branches(model, x, t, [cond["cond"], cond["image_cond"], cond["uncond"]],
+                                                _shared(cond))
+        return uncond + guidance_scale * (text - image) + image_guidance_scale * (image - uncond)
 
     return guided
 
@@ -495,8 +515,9 @@ def unet_prediction(unet, params, *, controlnets: Sequence[ControlNetUnit] = (),
     """The U-Net as a score function, optionally steered by ControlNets and T2I-Adapter features.
 
     Reads `cond["text"]`, `cond["control"]` (one image per unit), `cond["control_mask"]`
-    (optional, per sample) and `cond["adapter"]` (optional features, computed once per sample by
-    `adapter_features`; they apply while step < int(num_inference_steps * factor)).
+    (optional, per sample), `cond["adapter"]` (optional features, computed once per sample by
+    `adapter_features`; they apply while step < int(num_inference_steps * factor)) and
+    `cond["concat"]` (the extra input channels of a concatenation-conditioned U-Net).
     """
     controlnets = tuple(controlnets)
 
@@ -519,7 +540,8 @@ def unet_prediction(unet, params, *, controlnets: Sequence[ControlNetUnit] = (),
         if feats is not None and step is not None and adapter_conditioning_factor < 1.0:
             active = (step.index < int(step.num_inference_steps * adapter_conditioning_factor)).astype(jnp.float32)
             feats = tuple(f * active for f in feats)
-        return model_forward(unet, params, x, t, cond["text"], controlnets=calls, adapter_features=feats)
+        return model_forward(unet, params, x, t, cond["text"], controlnets=calls, adapter_features=feats,
+                             concat=cond.get("concat"))
 
     return predict
 

@@ -30,7 +30,8 @@ from . import guidance as G
 from .errors import ConfigError, NonFiniteError
 from .mesh import named, tracing_mesh
 from .platform import to_dtype
-from .models.vae import sample_posterior, scale_latents, unscale_latents
+from .models.kinds import unet_kind
+from .models.vae import sample_posterior, scale_latents, split_moments, unscale_latents
 from .sampler import Inpaint, first_nonfinite, initial_latents, noised_latents, raise_if_nonfinite, repaint, sample
 from .schedulers import SchedulerConfig, make_plan
 from .schedulers.solvers import Plan
@@ -91,6 +92,9 @@ class CallArguments:
     init_latents: Any = None
     strength: float = 0.8
     mask: Any = None
+    masked_image_latents: Any = None
+    depth_map: Any = None
+    image_guidance_scale: float | None = None
     inpaint_method: str = "partial"
     repaint_jump_length: int = 10
     repaint_jump_n_sample: int = 10
@@ -144,6 +148,8 @@ class CallSettings:
     given_noise: bool = False  # initial noise passed as `latents=`, else drawn in the program
     clip_guide: tuple | None = None  # (VAE module, CLIP vision module, image size, cutouts, min fraction)
     output_type: str = "uint8"
+    kind: str = "text2image"  # the U-Net's input kind (models.kinds): what `concat` holds
+    masked_from: str | None = None  # inpainting models: "images" (VAE-encoded in the program) or "latents"
 
     def plan(self, scheduler_config: SchedulerConfig) -> Plan:
         """The solver's plan for these settings (`schedulers.make_plan`; raises `ConfigError`)."""
@@ -189,11 +195,35 @@ def prepare_latents(settings: CallSettings, plan: Plan, vae, vae_params, per_ima
     return noise, known
 
 
-def score_function(settings: CallSettings, plan: Plan, modules: dict, params: dict, per_image: dict, shared: dict):
-    """The guidance stack and its `cond`: U-Net + ControlNets + adapter features, then CFG (with
-    guess mode), then CLIP guidance."""
+def prepare_concat(settings: CallSettings, vae, vae_params, per_image: dict, keys):
+    """The extra U-Net input channels of a concatenation-conditioned model (`models.kinds`), or
+    None: the mask and the masked image's scaled latents (a posterior sample from each image's
+    key, as diffusers samples it), the normalised depth map, or InstructPix2Pix's unscaled VAE
+    mode of the input image."""
+    if settings.kind == "inpaint":
+        if settings.masked_from == "latents":
+            masked = per_image["masked_image_latents"]
+        else:
+            moments = vae.apply({"params": vae_params}, per_image["masked_images"], method=vae.encode)
+            z = jax.vmap(lambda m, k: sample_posterior(m[None], jax.random.fold_in(k, 2 << 20))[0])(moments, keys)
+            masked = scale_latents(z, vae.config)
+        return jnp.concatenate([per_image["mask"], masked], axis=-1)
+    if settings.kind == "depth":
+        return per_image["depth"]
+    if settings.kind == "instruct_pix2pix":
+        moments = vae.apply({"params": vae_params}, per_image["edit_images"], method=vae.encode)
+        return split_moments(moments)[0]
+    return None
+
+
+def score_function(settings: CallSettings, plan: Plan, modules: dict, params: dict, per_image: dict, shared: dict,
+                   concat=None):
+    """The guidance stack and its `cond`: U-Net + ControlNets + adapter features (+ the `concat`
+    channels), then CFG (with guess mode; InstructPix2Pix's three branches), then CLIP guidance."""
     text = encode_prompt(modules["text_encoder"], params["text_encoder"], per_image["ids"], settings.clip_skip)
     branch = {"text": text}
+    if concat is not None:
+        branch["concat"] = concat
     units = [G.ControlNetUnit(m, p, shared["control_scales"][k], *settings.control_windows[k], settings.guess_mode)
              for k, (m, p) in enumerate(zip(modules["controlnets"], params["controlnets"]))]
     if units:
@@ -213,8 +243,12 @@ def score_function(settings: CallSettings, plan: Plan, modules: dict, params: di
         if settings.guess_mode and units:
             b = text.shape[0]
             branch["control_mask"], uncond["control_mask"] = jnp.ones((b,)), jnp.zeros((b,))
-        model = G.classifier_free(model, shared["guidance_scale"], guidance_rescale=settings.guidance_rescale)
-        cond = {"cond": branch, "uncond": uncond}
+        if settings.kind == "instruct_pix2pix":  # diffusers' order: (prompt, image), (negative, image), (negative, 0)
+            model = G.instruct_pix2pix(model, shared["guidance_scale"], shared["image_guidance_scale"])
+            cond = {"cond": branch, "image_cond": uncond, "uncond": dict(uncond, concat=jnp.zeros_like(concat))}
+        else:
+            model = G.classifier_free(model, shared["guidance_scale"], guidance_rescale=settings.guidance_rescale)
+            cond = {"cond": branch, "uncond": uncond}
     else:
         cond = branch
     if settings.clip_guide is not None:
@@ -237,6 +271,8 @@ def denoise(settings: CallSettings, plan: Plan, model, cond, noise, known, per_i
         return sample(model, plan, noised_latents(plan, known, noise), cond, **checked)
     if settings.mode == "inpaint":
         start = initial_latents(plan, noise) if plan.begin_index == 0 else noised_latents(plan, known, noise)
+        if settings.kind == "inpaint":  # the model sees the mask and keeps the rest itself: no blending
+            return sample(model, plan, start, cond, **checked)
         return sample(model, plan, start, cond, inpaint=Inpaint(known, per_image["mask"], noise), **checked)
     latents = repaint(model, plan, known, per_image["mask"], keys, cond,
                       num_inference_steps=settings.num_inference_steps, jump_length=settings.repaint_jump_length,
@@ -254,7 +290,8 @@ def decode(vae, vae_params, latents):
 def _program(settings: CallSettings, plan: Plan, modules: dict, params: dict, per_image: dict, shared: dict):
     keys = image_keys(jax.random.wrap_key_data(shared["seed"]), per_image["index"])
     noise, known = prepare_latents(settings, plan, modules["vae"], params["vae"], per_image, keys)
-    model, cond = score_function(settings, plan, modules, params, per_image, shared)
+    concat = prepare_concat(settings, modules["vae"], params["vae"], per_image, keys)
+    model, cond = score_function(settings, plan, modules, params, per_image, shared, concat)
     latents, bad = denoise(settings, plan, model, cond, noise, known, per_image, keys)
     if settings.output_type == "latent":
         return latents, bad
@@ -440,6 +477,8 @@ class Pipeline:
             pairs = zip(own_ad, bundle.params["adapter"]) if isinstance(own_ad, list) else [
                 (own_ad, bundle.params["adapter"])]
             self.adapters = list(pairs) + self.adapters
+        self.kind = unet_kind(self.unet.config.in_channels, self.vae.config.latent_channels, bundle.class_name,
+                              where=f"{bundle.path}: unet")
         self.mesh = mesh or default_mesh()
         replicated = named(self.mesh, P())
         place = lambda tree: jax.device_put(tree, replicated)  # noqa: E731
@@ -500,8 +539,9 @@ class Pipeline:
 
     @property
     def latent_channels(self) -> int:
-        """Channels of the latents the U-Net denoises (its `in_channels`)."""
-        return self.unet.config.in_channels
+        """Channels of the latents the U-Net denoises (the VAE's `latent_channels`; a
+        concatenation-conditioned U-Net takes more inputs than that, see `kind`)."""
+        return self.vae.config.latent_channels
 
     # ------------------------------------------------------------------ inputs
     def token_ids(self, prompts: Sequence[str]) -> np.ndarray:
@@ -613,6 +653,9 @@ class Pipeline:
         init_latents: Any = None,
         strength: float = 0.8,
         mask: Any = None,
+        masked_image_latents: Any = None,
+        depth_map: Any = None,
+        image_guidance_scale: float | None = None,
         inpaint_method: str = "partial",
         repaint_jump_length: int = 10,
         repaint_jump_n_sample: int = 10,
@@ -628,6 +671,15 @@ class Pipeline:
         with `mask` (1 = regenerate; image- or latent-sized) inpainting by partial diffusion
         (`inpaint_method="partial"`) or RePaint (`"repaint"`). `latents` replaces the initial
         noise (B, h, w, C) for exact reproduction of another implementation's run.
+
+        Concatenation-conditioned U-Nets (`self.kind`, see `models.kinds`) take their extra input
+        from the call: an inpainting model (9 channels) inpaints `init_image` under `mask` (the
+        masked image is VAE-encoded in the program, or given as `masked_image_latents`, scaled,
+        (B, h, w, 4)); a depth model (5) takes `depth_map` (any size, see
+        `preprocess.prepare_depth_map`), from noise or from `init_image` at `strength`;
+        InstructPix2Pix (8) edits `init_image` with the prompt as the instruction, guided by
+        `guidance_scale` (text) and `image_guidance_scale` (default 1.5; both branches run when
+        guidance_scale > 1 and image_guidance_scale >= 1, as in diffusers).
 
         Raises `ConfigError` for invalid arguments (naming the argument) and `NonFiniteError`
         when sampling or decoding produced NaN or infinity (naming solver, step and images).
@@ -670,7 +722,10 @@ class Pipeline:
         latent_shape = (height // f, width // f, self.latent_channels)
         self.check_memory(b, height, width, do_cfg=args.guidance_scale > 1.0)
         indices = _image_indices(args.image_indices, b)
-        mode = _mode(args.init_image, args.init_latents, args.mask, args.inpaint_method)
+        mode = self._check_kind(args, _mode(args.init_image, args.init_latents, args.mask, args.inpaint_method))
+        do_cfg = args.guidance_scale > 1.0
+        if self.kind == "instruct_pix2pix":
+            do_cfg = do_cfg and self._image_guidance_scale(args) >= 1.0
         if self.controlnets and not args.controls:
             raise ConfigError(f"{len(self.controlnets)} ControlNets are loaded: give a control image for each")
         if self.adapters and not args.adapters:
@@ -690,6 +745,7 @@ class Pipeline:
         if mode != "txt2img":
             per_image.update(self._edit_inputs(args.init_image, args.init_latents, args.mask, size, latent_shape,
                                                args.num_images_per_prompt))
+        self._kind_inputs(per_image, shared, args, size, latent_shape)
         clip_key = None
         if args.clip_guidance is not None:
             clip_key = _clip_inputs(per_image, shared, args.clip_guidance, b)
@@ -698,7 +754,7 @@ class Pipeline:
             num_inference_steps=int(args.num_inference_steps), latent_shape=latent_shape, solver=args.scheduler,
             scheduler_options=tuple(sorted((args.scheduler_options or {}).items())), mode=mode,
             strength=float(args.strength) if mode in ("img2img", "inpaint") and args.strength < 1.0 else 1.0,
-            do_cfg=args.guidance_scale > 1.0, guidance_rescale=float(args.guidance_rescale),
+            do_cfg=do_cfg, guidance_rescale=float(args.guidance_rescale),
             clip_skip=args.clip_skip,
             guess_mode=self._guess_mode(args.guess_mode),
             control_windows=tuple((float(ctl.start), float(ctl.end)) for ctl in args.controls),
@@ -706,8 +762,78 @@ class Pipeline:
             repaint_jump_length=int(args.repaint_jump_length),
             repaint_jump_n_sample=int(args.repaint_jump_n_sample),
             init_from=None if mode == "txt2img" else ("latents" if args.init_latents is not None else "images"),
-            given_noise=args.latents is not None, clip_guide=clip_key, output_type=args.output_type)
+            given_noise=args.latents is not None, clip_guide=clip_key, output_type=args.output_type,
+            kind=self.kind, masked_from=None if self.kind != "inpaint" else (
+                "latents" if args.masked_image_latents is not None else "images"))
         return settings, per_image, shared, indices
+
+    def _image_guidance_scale(self, args: CallArguments) -> float:
+        return 1.5 if args.image_guidance_scale is None else float(args.image_guidance_scale)
+
+    def _check_kind(self, args: CallArguments, mode: str) -> str:
+        """The inputs a concatenation-conditioned U-Net needs, and only those (`ConfigError` naming
+        the argument and the model's kind); returns the call's mode (InstructPix2Pix samples from
+        noise: its `init_image` is the condition, not a start)."""
+        kind = self.kind
+        for name, wants in (("image_guidance_scale", "instruct_pix2pix"), ("depth_map", "depth"),
+                            ("masked_image_latents", "inpaint")):
+            if getattr(args, name) is not None and kind != wants:
+                raise ConfigError(f"{name} is an input of {wants!r} models; this U-Net is a {kind!r} model "
+                                  f"(in_channels={self.unet.config.in_channels})")
+        if kind == "inpaint":
+            if args.mask is None or mode not in ("inpaint", "repaint"):
+                raise ConfigError("an inpainting model (9 input channels) needs `mask` and `init_image` (or "
+                                  "`init_latents` with `masked_image_latents`)")
+            if mode == "repaint":
+                raise ConfigError("inpaint_method='repaint' runs 4-channel models; an inpainting model (9 input "
+                                  "channels) inpaints by itself: use inpaint_method='partial'")
+            if args.init_image is None and args.masked_image_latents is None:
+                raise ConfigError("an inpainting model needs the image to mask: give `init_image`, or "
+                                  "`masked_image_latents` beside `init_latents`")
+        elif kind == "depth":
+            if args.depth_map is None:
+                raise ConfigError("a depth model (5 input channels) needs `depth_map` (a depth map of any size)")
+            if args.mask is not None:
+                raise ConfigError("a depth model does not inpaint: `mask` works with 4- and 9-channel models")
+        elif kind == "instruct_pix2pix":
+            if args.init_image is None:
+                raise ConfigError("an InstructPix2Pix model (8 input channels) needs the image to edit as "
+                                  "`init_image`" + (" (not init_latents)" if args.init_latents is not None else ""))
+            if args.init_latents is not None or args.mask is not None:
+                raise ConfigError("an InstructPix2Pix model takes `init_image` alone: not `init_latents` or `mask`")
+            if args.guidance_rescale:
+                raise ConfigError("guidance_rescale is not defined for InstructPix2Pix's two-scale guidance")
+            scale = self._image_guidance_scale(args)
+            if isinstance(scale, bool) or not math.isfinite(scale) or scale < 0:
+                raise ConfigError(f"image_guidance_scale must be a finite number >= 0, got {args.image_guidance_scale!r}")
+            return "txt2img"
+        return mode
+
+    def _kind_inputs(self, per_image: dict, shared: dict, args: CallArguments, size: tuple[int, int, int],
+                     latent_shape: tuple) -> None:
+        """The per-image inputs of `prepare_concat` for this U-Net's kind."""
+        b, height, width = size
+        h, w, c = latent_shape
+        n = args.num_images_per_prompt
+        if self.kind == "inpaint":
+            from .preprocess import prepare_mask
+
+            # diffusers: binarised at the image size, the masked image from that, then nearest to latent size
+            pixels = prepare_mask(args.mask, b, height, width, num_images_per_prompt=n)
+            per_image["mask"] = prepare_mask(pixels, b, h, w)
+            if args.masked_image_latents is not None:
+                per_image["masked_image_latents"] = self._batch(
+                    np.asarray(args.masked_image_latents, np.float32), b, latent_shape, "masked_image_latents")
+            else:
+                per_image["masked_images"] = per_image["init_images"] * (pixels < 0.5)
+        elif self.kind == "depth":
+            from .preprocess import prepare_depth_map
+
+            per_image["depth"] = prepare_depth_map(args.depth_map, b, h, w, num_images_per_prompt=n)
+        elif self.kind == "instruct_pix2pix":
+            img = self._batch(_image01(args.init_image, "init_image"), b, (height, width, 3), "init_image")
+            per_image["edit_images"] = img * 2.0 - 1.0
+            shared["image_guidance_scale"] = np.float32(self._image_guidance_scale(args))
 
     def _image_size(self, height, width) -> tuple[int, int]:
         """The call's pixel size: the U-Net's `sample_size` x the VAE factor unless given."""
@@ -777,6 +903,8 @@ class Pipeline:
             "repaint": {"jump_length": settings.repaint_jump_length, "jump_n_sample": settings.repaint_jump_n_sample}
             if settings.mode == "repaint" else None,
             "clip_guidance_scale": None if args.clip_guidance is None else float(args.clip_guidance.scale),
+            "kind": settings.kind,
+            "image_guidance_scale": self._image_guidance_scale(args) if settings.kind == "instruct_pix2pix" else None,
             "dtype": jnp.dtype(self.unet.dtype).name, "vae_dtype": jnp.dtype(self.vae.dtype).name,
             "devices": int(self.mesh.devices.size),
         }

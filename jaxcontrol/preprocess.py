@@ -38,6 +38,7 @@ __all__ = [
     "edge_agreement",
     "default_height_width",
     "prepare_control_image",
+    "prepare_depth_map",
     "prepare_adapter_image",
     "prepare_mask",
 ]
@@ -747,3 +748,88 @@ def prepare_mask(mask, batch: int, height: int, width: int, *, num_images_per_pr
         raise ValueError(f"{what}: a batch of {n} masks for {prompts} prompt(s) x {num_images_per_prompt} "
                          f"image(s) each; give 1, {prompts} or {batch}")
     return np.ascontiguousarray(m)
+
+
+# ------------------------------------------------------------------------------------- depth maps
+
+
+def _bicubic_weights(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) matrix of PyTorch's `F.interpolate(mode="bicubic", align_corners=False)` along
+    one axis: source (o + 0.5) * n_in / n_out - 0.5, Keys' cubic with A = -0.75, edges clamped."""
+    a = -0.75
+    src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    base = np.floor(src)
+    t = src - base
+    w = np.stack([
+        ((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
+        ((a + 2) * t - (a + 3)) * t * t + 1,
+        ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1,
+        ((a * (2 - t) - 5 * a) * (2 - t) + 8 * a) * (2 - t) - 4 * a,
+    ], axis=1)
+    m = np.zeros((n_out, n_in))
+    for k in range(4):
+        idx = np.clip(base + k - 1, 0, n_in - 1).astype(np.int64)
+        np.add.at(m, (np.arange(n_out), idx), w[:, k])
+    return m
+
+
+def _depth_array(item, what: str) -> np.ndarray:
+    """One depth map or a batch as float64 (N, H, W): PIL images of any mode (16-bit "I;16", "I",
+    "F", "L"; RGB as luma) or numeric arrays (H, W), (H, W, 1), (B, H, W), (B, 1, H, W), (B, H, W, 1)."""
+    if isinstance(item, Image.Image):
+        if item.mode in ("RGB", "RGBA", "P", "LA"):
+            item = item.convert("L")
+        return np.asarray(item).astype(np.float64)[None]
+    a = np.asarray(item)
+    if a.dtype == np.bool_ or not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+        raise ValueError(f"{what}: expected a numeric depth map, got dtype {a.dtype}")
+    a = a.astype(np.float64)
+    if a.ndim == 2:
+        return a[None]
+    if a.ndim == 3:
+        return a[None, ..., 0] if a.shape[-1] == 1 else a
+    if a.ndim == 4 and a.shape[1] == 1:
+        return a[:, 0]
+    if a.ndim == 4 and a.shape[-1] == 1:
+        return a[..., 0]
+    raise ValueError(f"{what}: cannot tell the layout of a depth map of shape {a.shape}; expected (H, W), "
+                     "(H, W, 1), (B, H, W), (B, 1, H, W) or (B, H, W, 1)")
+
+
+def prepare_depth_map(depth, batch: int, height: int, width: int, *, num_images_per_prompt: int = 1,
+                      what: str = "depth_map") -> np.ndarray:
+    """A Depth2Image model's depth input as (batch, height, width, 1) float32 in [-1, 1], at the
+    latent size `height` x `width`, as diffusers' `StableDiffusionDepth2ImgPipeline.prepare_depth_map`
+    makes it from a given `depth_map`: bicubic resize (PyTorch's rule), then each map scaled by its
+    own min and max to [-1, 1]. Larger values are nearer in MiDaS/DPT output; the model was trained
+    on that convention, so pass the estimator's raw output (any scale: only its range matters).
+
+    Takes PIL images (16-bit PNGs included), arrays or lists of them. One map serves the whole
+    batch; one per prompt is repeated `num_images_per_prompt` times each. Raises `ValueError`
+    naming `what` for an unreadable layout, non-finite values, a constant map (no range to
+    normalise), maps of different sizes, or a count that is not 1, the prompt count or `batch`."""
+    items = list(depth) if isinstance(depth, (list, tuple)) else [depth]
+    if not items:
+        raise ValueError(f"{what}: empty list")
+    arrays = [_depth_array(d, what) for d in items]
+    if len({a.shape[1:] for a in arrays}) > 1:
+        raise ValueError(f"{what}: maps in one batch must have the same size, got {sorted({a.shape[1:] for a in arrays})}")
+    d = np.concatenate(arrays, axis=0)
+    if not np.all(np.isfinite(d)):
+        raise ValueError(f"{what}: the depth map holds NaN or infinite values")
+    wh, ww = _bicubic_weights(d.shape[1], height), _bicubic_weights(d.shape[2], width)
+    d = np.einsum("oh,nhw,pw->nop", wh, d, ww)
+    lo, hi = d.min(axis=(1, 2), keepdims=True), d.max(axis=(1, 2), keepdims=True)
+    if np.any(hi - lo <= 0):
+        raise ValueError(f"{what}: a depth map is constant after resizing to {height}x{width}; it has no range to "
+                         "normalise to [-1, 1]")
+    d = 2.0 * (d - lo) / (hi - lo) - 1.0
+    n, prompts = d.shape[0], batch // max(num_images_per_prompt, 1)
+    if n == 1:
+        d = np.repeat(d, batch, axis=0)
+    elif n == prompts:
+        d = np.repeat(d, num_images_per_prompt, axis=0)
+    elif n != batch:
+        raise ValueError(f"{what}: a batch of {n} depth maps for {prompts} prompt(s) x {num_images_per_prompt} "
+                         f"image(s) each; give 1, {prompts} or {batch}")
+    return np.ascontiguousarray(d[..., None], dtype=np.float32)

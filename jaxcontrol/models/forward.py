@@ -13,7 +13,10 @@ diffusers' ControlNet and T2I-Adapter pipelines combine them:
   ControlNets are summed (diffusers' `MultiControlNetModel`) and added to the U-Net's skip
   connections and mid block (`down_block_additional_residuals`, `mid_block_additional_residual`);
 - T2I-Adapter features (already scaled, one per down level) are added inside the down blocks
-  (`down_intrablock_additional_residuals`).
+  (`down_intrablock_additional_residuals`);
+- a concatenation-conditioned U-Net (inpainting: 9 input channels, depth: 5, InstructPix2Pix: 8)
+  gets `concat` (B, h, w, extra) appended to the latents along channels, after the solver's input
+  scaling, while ControlNets see the latents alone (diffusers' inpainting ControlNet pipeline).
 
 Shapes: `x` (B, h, w, C) latents (NHWC), `t` (B,) or scalar timesteps, `text` (B, 77, D) encoder
 hidden states, control images (B, H, W, 3) in [0, 1] at pixel size. Returns the U-Net's output
@@ -54,12 +57,19 @@ def _no_scope(name: str) -> ContextManager:
 
 
 def controlnet_residuals(controlnets: Sequence[ControlNetCall], x, t, text, *,
-                         scope: Callable[[str], ContextManager] = _no_scope):
-    """The summed (down residuals, mid residual) of `controlnets` for this step; None for none."""
+                         scope: Callable[[str], ContextManager] = _no_scope, concat: jax.Array | None = None):
+    """The summed (down residuals, mid residual) of `controlnets` for this step; None for none.
+
+    A ControlNet sees the latents `x`, or `x` with the `concat` channels when it was made with
+    that input width (`in_channels`), e.g. copied from an inpainting U-Net."""
     down, mid = None, None
     for c in controlnets:
+        sample = x
+        width = getattr(getattr(c.module, "config", None), "in_channels", x.shape[-1])
+        if concat is not None and width == x.shape[-1] + concat.shape[-1]:
+            sample = jnp.concatenate([x, concat.astype(x.dtype)], axis=-1)
         with scope("controlnet"):
-            d, m = c.module.apply({"params": c.params}, x, t, text, c.image, conditioning_scale=c.scale,
+            d, m = c.module.apply({"params": c.params}, sample, t, text, c.image, conditioning_scale=c.scale,
                                   guess_mode=c.guess_mode)
         if c.mid_block_only:
             d = tuple(jnp.zeros_like(r) for r in d)
@@ -68,24 +78,44 @@ def controlnet_residuals(controlnets: Sequence[ControlNetCall], x, t, text, *,
     return None if down is None else (down, mid)
 
 
+def concat_channels(unet, x, concat) -> jax.Array:
+    """The U-Net's input: `x` with the `concat` channels appended (NHWC), checked against its
+    `in_channels`. Raises `ValueError` naming both widths when they do not add up."""
+    want = int(unet.config.in_channels)
+    have = x.shape[-1] + (0 if concat is None else concat.shape[-1])
+    if have != want:
+        extra = "no concatenated condition" if concat is None else f"a {concat.shape[-1]}-channel condition"
+        raise ValueError(f"the U-Net takes {want} input channels; got {x.shape[-1]}-channel latents and {extra}"
+                         + (" (a concatenation-conditioned model: inpainting, depth or InstructPix2Pix needs its "
+                            "extra input)" if concat is None else ""))
+    if concat is None:
+        return x
+    if concat.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"the concatenated condition has shape {tuple(concat.shape)}; expected "
+                         f"{tuple(x.shape[:-1]) + (concat.shape[-1],)} to match the latents {tuple(x.shape)}")
+    return jnp.concatenate([x, concat.astype(x.dtype)], axis=-1)
+
+
 def model_forward(unet, params, x, t, text, *, controlnets: Sequence[ControlNetCall] = (),
                   adapter_features: Sequence[jax.Array] | None = None,
-                  scope: Callable[[str], ContextManager] = _no_scope) -> jax.Array:
+                  scope: Callable[[str], ContextManager] = _no_scope, concat: jax.Array | None = None) -> jax.Array:
     """The U-Net's prediction for latents `x` at timesteps `t`, steered by `controlnets` and
-    T2I-Adapter `adapter_features` (see the module docstring for shapes).
+    T2I-Adapter `adapter_features`, with `concat` channels for concatenation-conditioned U-Nets
+    (see the module docstring for shapes).
 
     `scope(name)` returns a context manager entered around each network's application, with name
     "controlnet" or "unet"; training passes one that rematerialises the chosen blocks
     (`training.remat.remat_scope`). It does not change values.
     """
     kwargs: dict[str, Any] = {}
-    residuals = controlnet_residuals(controlnets, x, t, text, scope=scope)
+    residuals = controlnet_residuals(controlnets, x, t, text, scope=scope, concat=concat)
     if residuals is not None:
         kwargs.update(down_block_additional_residuals=residuals[0], mid_block_additional_residual=residuals[1])
     if adapter_features is not None:
         kwargs["down_intrablock_additional_residuals"] = tuple(adapter_features)
+    sample = concat_channels(unet, x, concat)
     with scope("unet"):
-        return unet.apply({"params": params}, x, t, text, **kwargs)
+        return unet.apply({"params": params}, sample, t, text, **kwargs)
 
 
-__all__ = ["ControlNetCall", "controlnet_residuals", "model_forward"]
+__all__ = ["ControlNetCall", "concat_channels", "controlnet_residuals", "model_forward"]

@@ -39,15 +39,18 @@ class TinyModels:
 
 
 def build_tiny_models(folder: str | Path, *, adapter: bool = False, num_controlnets: int = 2,
-                      seed: int = 0) -> TinyModels:
-    """Random diffusers models saved under `folder` (unet/, controlnet_k/, adapter/)."""
+                      seed: int = 0, unet_in_channels: int = 4) -> TinyModels:
+    """Random diffusers models saved under `folder` (unet/, controlnet_k/, adapter/). The U-Net
+    takes `unet_in_channels` inputs (9: inpainting, 5: depth, 8: InstructPix2Pix); ControlNets
+    and adapters stay 4-channel, as diffusers pairs them."""
     import torch
     from diffusers import AutoencoderKL, ControlNetModel, T2IAdapter, UNet2DConditionModel
 
     folder = Path(folder)
     config = TINY_ADAPTER_TEST if adapter else TINY_CONTROLNET_TEST
     torch.manual_seed(seed)
-    models: dict[str, Any] = {"unet": randomize_(UNet2DConditionModel(**config), seed)}
+    models: dict[str, Any] = {"unet": randomize_(UNet2DConditionModel(**{**config, "in_channels": unet_in_channels}),
+                                                 seed)}
     models["unet"].save_pretrained(folder / "unet")
     if adapter:
         vae = dict(VAE_TINY, block_out_channels=(32, 64), norm_num_groups=32)
@@ -160,8 +163,11 @@ TINY_TEXT = dict(bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_si
 def save_tiny_pipeline(folder: str | Path, *, kind: str = "sd", scheduler: str = "PNDMScheduler", seed: int = 0):
     """A diffusers pipeline folder with tiny random components, saved by diffusers itself.
 
-    kind: "sd" (StableDiffusionPipeline), "controlnet", "multi-controlnet", "adapter" or
-    "controlnet-img2img" (any other raises `ValueError`). Returns the in-memory diffusers pipeline.
+    kind: "sd" (StableDiffusionPipeline), "controlnet", "multi-controlnet", "adapter",
+    "controlnet-img2img", or a concatenation-conditioned family: "inpaint" (9-channel U-Net),
+    "controlnet-inpaint" (9 channels plus a 4-channel ControlNet), "depth" (5, saved without a
+    depth estimator) and "instruct-pix2pix" (8); any other raises `ValueError`. Returns the
+    in-memory diffusers pipeline.
     """
     import diffusers
     import torch
@@ -170,7 +176,9 @@ def save_tiny_pipeline(folder: str | Path, *, kind: str = "sd", scheduler: str =
     from .reference import tiny_clip_tokenizer
 
     folder = Path(folder)
-    tiny = build_tiny_models(folder / "_models", adapter=kind == "adapter", num_controlnets=2, seed=seed)
+    width = {"inpaint": 9, "controlnet-inpaint": 9, "depth": 5, "instruct-pix2pix": 8}.get(kind, 4)
+    tiny = build_tiny_models(folder / "_models", adapter=kind == "adapter", num_controlnets=2, seed=seed,
+                             unet_in_channels=width)
     torch.manual_seed(seed)
     tok = CLIPTokenizer.from_pretrained(tiny_clip_tokenizer(folder / "_tokenizer"))
     sched_cls = getattr(diffusers, scheduler)
@@ -192,6 +200,16 @@ def save_tiny_pipeline(folder: str | Path, *, kind: str = "sd", scheduler: str =
             **common)
     elif kind == "adapter":
         pipe = diffusers.StableDiffusionAdapterPipeline(adapter=tiny.torch["adapter"], **common)
+    elif kind == "inpaint":
+        pipe = diffusers.StableDiffusionInpaintPipeline(**common)
+    elif kind == "controlnet-inpaint":
+        pipe = diffusers.StableDiffusionControlNetInpaintPipeline(controlnet=tiny.torch["controlnet_0"], **common)
+    elif kind == "depth":
+        common = {k: v for k, v in common.items() if k not in ("safety_checker", "feature_extractor",
+                                                               "requires_safety_checker")}
+        pipe = diffusers.StableDiffusionDepth2ImgPipeline(depth_estimator=None, feature_extractor=None, **common)
+    elif kind == "instruct-pix2pix":
+        pipe = diffusers.StableDiffusionInstructPix2PixPipeline(**common)
     else:
         raise ValueError(f"unknown kind {kind!r}")
     pipe.set_progress_bar_config(disable=True)
