@@ -90,7 +90,7 @@ class CallArguments:
     adapter_conditioning_factor: float = 1.0
     init_image: Any = None
     init_latents: Any = None
-    strength: float = 0.8
+    strength: float | None = None  # None: 0.8 for img2img, 1.0 when inpainting (diffusers' defaults)
     mask: Any = None
     masked_image_latents: Any = None
     depth_map: Any = None
@@ -396,6 +396,15 @@ def _mode(init_image, init_latents, mask, inpaint_method: str) -> str:
     return "inpaint" if inpaint_method == "partial" else "repaint"
 
 
+def _strength(strength: float | None, mode: str) -> float:
+    """The plan's strength: the given one for img2img and partial inpainting (diffusers' defaults,
+    0.8 and 1.0, when None), 1.0 for the other modes."""
+    if mode not in ("img2img", "inpaint"):
+        return 1.0
+    value = (1.0 if mode == "inpaint" else 0.8) if strength is None else float(strength)
+    return min(value, 1.0)
+
+
 def _clip_inputs(per_image: dict, shared: dict, clip_guidance: ClipGuidanceInput, b: int) -> tuple:
     """CLIP guidance's target (per image) and scale and parameters (shared); returns the static
     part of the guide (its modules and sizes), which is part of `CallSettings`."""
@@ -430,7 +439,8 @@ def check_call_arguments(args: CallArguments, *, clip_layers: int) -> None:
     number("guidance_rescale", args.guidance_rescale, 0.0, 1.0)
     integer("seed", args.seed, 0, 2**63 - 1)
     integer("num_images_per_prompt", args.num_images_per_prompt, 1)
-    number("strength", args.strength, 0.0, 1.0, lo_open=True)
+    if args.strength is not None:
+        number("strength", args.strength, 0.0, 1.0, lo_open=True)
     number("adapter_conditioning_factor", args.adapter_conditioning_factor, 0.0, 1.0)
     integer("repaint_jump_length", args.repaint_jump_length, 1)
     integer("repaint_jump_n_sample", args.repaint_jump_n_sample, 1)
@@ -651,7 +661,7 @@ class Pipeline:
         adapter_conditioning_factor: float = 1.0,
         init_image: Any = None,
         init_latents: Any = None,
-        strength: float = 0.8,
+        strength: float | None = None,
         mask: Any = None,
         masked_image_latents: Any = None,
         depth_map: Any = None,
@@ -667,7 +677,8 @@ class Pipeline:
         """Generate images. Returns uint8 (B, H, W, 3), float [0, 1] with `output_type="float"`,
         or the final latents with `output_type="latent"`.
 
-        `init_image` (NHWC in [0, 1]) or `init_latents` selects img2img (SDEdit) at `strength`;
+        `init_image` (NHWC in [0, 1]) or `init_latents` selects img2img (SDEdit) at `strength`
+        (default 0.8, and 1.0 when inpainting, as diffusers' pipelines default);
         with `mask` (1 = regenerate; image- or latent-sized) inpainting by partial diffusion
         (`inpaint_method="partial"`) or RePaint (`"repaint"`). `latents` replaces the initial
         noise (B, h, w, C) for exact reproduction of another implementation's run.
@@ -753,7 +764,7 @@ class Pipeline:
         settings = CallSettings(
             num_inference_steps=int(args.num_inference_steps), latent_shape=latent_shape, solver=args.scheduler,
             scheduler_options=tuple(sorted((args.scheduler_options or {}).items())), mode=mode,
-            strength=float(args.strength) if mode in ("img2img", "inpaint") and args.strength < 1.0 else 1.0,
+            strength=_strength(args.strength, mode),
             do_cfg=do_cfg, guidance_rescale=float(args.guidance_rescale),
             clip_skip=args.clip_skip,
             guess_mode=self._guess_mode(args.guess_mode),

@@ -133,14 +133,15 @@ def test_inpainting_inputs_are_diffusers_mask_and_masked_image(folders):
     np.testing.assert_array_equal(per_image["mask"], _nhwc(seen["latent_mask"]))
     # and the program runs that path end to end
     out = pipe(PROMPTS, init_image=_nhwc(images), mask=_nhwc(masks), height=H, width=W, num_inference_steps=2,
-               strength=1.0, output_type="float")
+               output_type="float")  # strength 1.0 by default when inpainting, as diffusers (PNDM could not start later)
+    assert pipe.last_settings["strength"] == 1.0
     assert out.shape == (2, H, W, 3) and np.isfinite(out).all()
 
 
 def test_controlnet_with_an_inpainting_model_matches_diffusers(folders):
     path, ref_pipe = folders["controlnet-inpaint"]
     noise, images, masks, masked, control = _latents(2, 6), _images(2, 7), _masks(2), _latents(2, 8), _images(2, 9)
-    kw = dict(height=H, width=W, num_inference_steps=3, guidance_scale=5.0, strength=1.0)
+    kw = dict(height=H, width=W, num_inference_steps=3, guidance_scale=5.0)  # diffusers' default strength, 1.0
     with fixed_draws(ref_pipe, encoded=masked), torch.no_grad():
         ref = ref_pipe(PROMPTS, image=images, mask_image=masks, control_image=control, latents=noise,
                        controlnet_conditioning_scale=0.7, output_type="np", **kw).images
@@ -207,3 +208,14 @@ def test_wrong_inputs_for_the_kind_are_named(folders):
     for pipe, options, match in cases:
         with pytest.raises(ValueError, match=match):
             pipe.check_inputs("a", **kw, **options)
+
+
+def test_strength_defaults_follow_the_mode_as_in_diffusers(folders):
+    img, mask = _nhwc(_images(1, 0)), _nhwc(_masks(1))
+    depth = Pipeline.from_pretrained(folders["depth"][0])
+    settings = depth.check_inputs("a", init_image=img, depth_map=np.random.rand(5, 5), height=H, width=W)[0]
+    assert settings.mode == "img2img" and settings.strength == 0.8  # Depth2Img / img2img: 0.8
+    inpaint = Pipeline.from_pretrained(folders["inpaint"][0])
+    settings = inpaint.check_inputs("a", init_image=img, mask=mask, height=H, width=W)[0]
+    assert settings.mode == "inpaint" and settings.strength == 1.0  # the inpainting pipelines: 1.0
+    assert inpaint.check_inputs("a", init_image=img, mask=mask, strength=0.6, height=H, width=W)[0].strength == 0.6

@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--width", type=int, help="image width in pixels (a multiple of 8; default: the model's)")
     e = ap.add_argument_group("editing and guidance")
     e.add_argument("--init-image", help="img2img / SDEdit start image")
-    e.add_argument("--strength", type=float, default=0.8, help="img2img strength (default 0.8)")
+    e.add_argument("--strength", type=float, default=None,
+                   help="img2img / inpainting strength in (0, 1] (default 0.8; 1.0 with --mask, as diffusers)")
     e.add_argument("--mask", help="inpainting mask (white = regenerate); needs --init-image")
     e.add_argument("--inpaint-method", default="partial", choices=("partial", "repaint"),
                    help="partial diffusion (default) or RePaint")
@@ -212,7 +213,8 @@ def _check_fractions(args: argparse.Namespace) -> None:
     _at_least("--guidance-scale", args.guidance_scale, 0)
     _within("--guidance-rescale", args.guidance_rescale, 0.0, 1.0)
     _within("--eta", args.eta, 0.0, 1.0)
-    _within("--strength", args.strength, 0.0, 1.0, lo_open=True)
+    if args.strength is not None:
+        _within("--strength", args.strength, 0.0, 1.0, lo_open=True)
     _within("--adapter-factor", args.adapter_factor, 0.0, 1.0)
     _finite("--clip-guidance-scale", args.clip_guidance_scale)
     _at_least("--clip-guidance-scale", args.clip_guidance_scale, 0)
@@ -346,7 +348,7 @@ class InferSettings:
     width: int | None
     # editing and guidance
     init_image: str | None
-    strength: float
+    strength: float | None  # None: the pipeline's default for the mode
     mask: str | None
     inpaint_method: str
     repaint_jump_length: int
