@@ -789,7 +789,7 @@ class Pipeline:
         for name, wants in (("image_guidance_scale", "instruct_pix2pix"), ("depth_map", "depth"),
                             ("masked_image_latents", "inpaint")):
             if getattr(args, name) is not None and kind != wants:
-                raise ConfigError(f"{name} is an input of {wants!r} models; this U-Net is a {kind!r} model "
+                raise ConfigError(f"{name} is an input of {wants!r} models; this U-Net's kind is {kind!r} "
                                   f"(in_channels={self.unet.config.in_channels})")
         if kind == "inpaint":
             if args.mask is None or mode not in ("inpaint", "repaint"):
@@ -814,9 +814,14 @@ class Pipeline:
                 raise ConfigError("an InstructPix2Pix model takes `init_image` alone: not `init_latents` or `mask`")
             if args.guidance_rescale:
                 raise ConfigError("guidance_rescale is not defined for InstructPix2Pix's two-scale guidance")
-            scale = self._image_guidance_scale(args)
-            if isinstance(scale, bool) or not math.isfinite(scale) or scale < 0:
-                raise ConfigError(f"image_guidance_scale must be a finite number >= 0, got {args.image_guidance_scale!r}")
+            if args.strength is not None:
+                raise ConfigError("strength does not apply to InstructPix2Pix: it samples from noise, with "
+                                  "`init_image` as its condition (diffusers' pipeline has no strength either)")
+            scale = args.image_guidance_scale
+            if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer,
+                                                                                         np.floating))
+                                      or not math.isfinite(scale) or scale < 0):
+                raise ConfigError(f"image_guidance_scale must be a finite number >= 0, got {scale!r}")
             return "txt2img"
         return mode
 
@@ -929,6 +934,8 @@ class Pipeline:
             x = np.repeat(x, b, axis=0)
         if x.shape != (b,) + tuple(shape):
             raise ConfigError(f"{name} must have shape {(b,) + tuple(shape)} (or one for all), got {x.shape}")
+        if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
+            raise ConfigError(f"{name} holds NaN or infinite values")
         return x
 
     def _shard(self, per_image: dict, b: int) -> dict:

@@ -656,6 +656,12 @@ def prepare_adapter_image(
 # ------------------------------------------------------------------------------------------- masks
 
 
+def _counts(prompts: int, batch: int) -> str:
+    """The accepted counts of a per-prompt input, without repeats: "1", "1 or 2", "1, 2 or 4"."""
+    counts = sorted({1, prompts, batch})
+    return " or ".join(map(str, counts)) if len(counts) < 3 else f"{counts[0]}, {counts[1]} or {counts[2]}"
+
+
 def _mask_array(item, what: str) -> np.ndarray:
     """One mask, or a batch of them, as float32 (N, H, W) in [0, 1] from any layout diffusers'
     mask processor takes, plus RGB(A) arrays (converted to luma)."""
@@ -746,7 +752,7 @@ def prepare_mask(mask, batch: int, height: int, width: int, *, num_images_per_pr
         m = np.repeat(m, num_images_per_prompt, axis=0)
     elif n != batch:
         raise ValueError(f"{what}: a batch of {n} masks for {prompts} prompt(s) x {num_images_per_prompt} "
-                         f"image(s) each; give 1, {prompts} or {batch}")
+                         f"image(s) each; give {_counts(prompts, batch)}")
     return np.ascontiguousarray(m)
 
 
@@ -787,6 +793,8 @@ def _depth_array(item, what: str) -> np.ndarray:
     if a.ndim == 2:
         return a[None]
     if a.ndim == 3:
+        if a.shape[-1] in (3, 4) and a.shape[0] not in (3, 4):  # an (H, W, RGB[A]) rendering: its luma
+            return _to_gray_array(a[None])[..., 0]
         return a[None, ..., 0] if a.shape[-1] == 1 else a
     if a.ndim == 4 and a.shape[1] == 1:
         return a[:, 0]
@@ -831,5 +839,5 @@ def prepare_depth_map(depth, batch: int, height: int, width: int, *, num_images_
         d = np.repeat(d, num_images_per_prompt, axis=0)
     elif n != batch:
         raise ValueError(f"{what}: a batch of {n} depth maps for {prompts} prompt(s) x {num_images_per_prompt} "
-                         f"image(s) each; give 1, {prompts} or {batch}")
+                         f"image(s) each; give {_counts(prompts, batch)}")
     return np.ascontiguousarray(d[..., None], dtype=np.float32)

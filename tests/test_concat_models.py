@@ -204,10 +204,20 @@ def test_wrong_inputs_for_the_kind_are_named(folders):
         (ip2p, dict(init_image=img, guidance_rescale=0.5), "guidance_rescale"),
         (ip2p, dict(init_image=img, mask=mask), "takes `init_image` alone"),
         (inpaint, dict(init_image=img, mask=mask, masked_image_latents=np.zeros((3, 3, 4))), "masked_image_latents"),
+        (inpaint, dict(init_image=img, mask=mask, masked_image_latents=np.full((1, 8, 8, 4), np.nan, np.float32)),
+         "masked_image_latents holds NaN"),
+        (ip2p, dict(init_image=img, strength=0.5), "strength does not apply"),
+        (ip2p, dict(init_image=img, image_guidance_scale=True), "image_guidance_scale must be"),
+        (depth, dict(depth_map=np.random.rand(3, 5, 5)), r"3 depth maps .* give 1$"),
     ]
     for pipe, options, match in cases:
         with pytest.raises(ValueError, match=match):
             pipe.check_inputs("a", **kw, **options)
+    # an RGB rendering of a depth map is read as its luma, like an RGB PIL image
+    rgb = np.random.default_rng(0).random((20, 24, 3))
+    per_image = depth.check_inputs("a", depth_map=rgb, **kw)[1]
+    luma = rgb @ np.array([0.299, 0.587, 0.114])
+    np.testing.assert_allclose(per_image["depth"], depth.check_inputs("a", depth_map=luma, **kw)[1]["depth"], atol=1e-6)
 
 
 def test_strength_defaults_follow_the_mode_as_in_diffusers(folders):
