@@ -656,10 +656,21 @@ def prepare_adapter_image(
 # ------------------------------------------------------------------------------------------- masks
 
 
-def _counts(prompts: int, batch: int) -> str:
-    """The accepted counts of a per-prompt input, without repeats: "1", "1 or 2", "1, 2 or 4"."""
-    counts = sorted({1, prompts, batch})
-    return " or ".join(map(str, counts)) if len(counts) < 3 else f"{counts[0]}, {counts[1]} or {counts[2]}"
+def _per_prompt(x: np.ndarray, batch: int, num_images_per_prompt: int, what: str, noun: str) -> np.ndarray:
+    """`x` (N, ...) for the whole batch: one for all, one per prompt repeated
+    `num_images_per_prompt` times each (interleaved like the prompts), or one per image.
+    `ValueError` naming `what` for any other count."""
+    n, prompts = x.shape[0], batch // max(num_images_per_prompt, 1)
+    if n == 1:
+        return np.repeat(x, batch, axis=0)
+    if n == prompts:
+        return np.repeat(x, num_images_per_prompt, axis=0)
+    if n != batch:
+        counts = sorted({1, prompts, batch})
+        accepted = " or ".join(map(str, counts)) if len(counts) < 3 else f"{counts[0]}, {counts[1]} or {counts[2]}"
+        raise ValueError(f"{what}: a batch of {n} {noun} for {prompts} prompt(s) x {num_images_per_prompt} "
+                         f"image(s) each; give {accepted}")
+    return x
 
 
 def _mask_array(item, what: str) -> np.ndarray:
@@ -745,15 +756,7 @@ def prepare_mask(mask, batch: int, height: int, width: int, *, num_images_per_pr
     hi, wi = _nearest_indices(m.shape[1], height), _nearest_indices(m.shape[2], width)
     m = m[:, hi][:, :, wi]
     m = (m >= 0.5).astype(np.float32)[..., None]
-    n, prompts = m.shape[0], batch // max(num_images_per_prompt, 1)
-    if n == 1:
-        m = np.repeat(m, batch, axis=0)
-    elif n == prompts:
-        m = np.repeat(m, num_images_per_prompt, axis=0)
-    elif n != batch:
-        raise ValueError(f"{what}: a batch of {n} masks for {prompts} prompt(s) x {num_images_per_prompt} "
-                         f"image(s) each; give {_counts(prompts, batch)}")
-    return np.ascontiguousarray(m)
+    return np.ascontiguousarray(_per_prompt(m, batch, num_images_per_prompt, what, "masks"))
 
 
 # ------------------------------------------------------------------------------------- depth maps
@@ -832,12 +835,5 @@ def prepare_depth_map(depth, batch: int, height: int, width: int, *, num_images_
         raise ValueError(f"{what}: a depth map is constant after resizing to {height}x{width}; it has no range to "
                          "normalise to [-1, 1]")
     d = 2.0 * (d - lo) / (hi - lo) - 1.0
-    n, prompts = d.shape[0], batch // max(num_images_per_prompt, 1)
-    if n == 1:
-        d = np.repeat(d, batch, axis=0)
-    elif n == prompts:
-        d = np.repeat(d, num_images_per_prompt, axis=0)
-    elif n != batch:
-        raise ValueError(f"{what}: a batch of {n} depth maps for {prompts} prompt(s) x {num_images_per_prompt} "
-                         f"image(s) each; give {_counts(prompts, batch)}")
-    return np.ascontiguousarray(d[..., None], dtype=np.float32)
+    return np.ascontiguousarray(_per_prompt(d, batch, num_images_per_prompt, what, "depth maps")[..., None],
+                                dtype=np.float32)
