@@ -441,6 +441,8 @@ def check_call_arguments(args: CallArguments, *, clip_layers: int) -> None:
     integer("num_images_per_prompt", args.num_images_per_prompt, 1)
     if args.strength is not None:
         number("strength", args.strength, 0.0, 1.0, lo_open=True)
+    if args.image_guidance_scale is not None:
+        number("image_guidance_scale", args.image_guidance_scale, 0.0)
     number("adapter_conditioning_factor", args.adapter_conditioning_factor, 0.0, 1.0)
     integer("repaint_jump_length", args.repaint_jump_length, 1)
     integer("repaint_jump_n_sample", args.repaint_jump_n_sample, 1)
@@ -817,11 +819,6 @@ class Pipeline:
             if args.strength is not None:
                 raise ConfigError("strength does not apply to InstructPix2Pix: it samples from noise, with "
                                   "`init_image` as its condition (diffusers' pipeline has no strength either)")
-            scale = args.image_guidance_scale
-            if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer,
-                                                                                         np.floating))
-                                      or not math.isfinite(scale) or scale < 0):
-                raise ConfigError(f"image_guidance_scale must be a finite number >= 0, got {scale!r}")
             return "txt2img"
         return mode
 

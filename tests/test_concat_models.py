@@ -200,14 +200,14 @@ def test_wrong_inputs_for_the_kind_are_named(folders):
         (depth, dict(depth_map=np.ones((4, 4))), "constant"),
         (depth, dict(depth_map=np.random.rand(4, 4), init_image=img, mask=mask), "does not inpaint"),
         (ip2p, dict(), "needs the image to edit"),
-        (ip2p, dict(init_image=img, image_guidance_scale=-1.0), "image_guidance_scale must be"),
+        (ip2p, dict(init_image=img, image_guidance_scale=-1.0), "image_guidance_scale=-1.0 is out of range"),
         (ip2p, dict(init_image=img, guidance_rescale=0.5), "guidance_rescale"),
         (ip2p, dict(init_image=img, mask=mask), "takes `init_image` alone"),
         (inpaint, dict(init_image=img, mask=mask, masked_image_latents=np.zeros((3, 3, 4))), "masked_image_latents"),
         (inpaint, dict(init_image=img, mask=mask, masked_image_latents=np.full((1, 8, 8, 4), np.nan, np.float32)),
          "masked_image_latents holds NaN"),
         (ip2p, dict(init_image=img, strength=0.5), "strength does not apply"),
-        (ip2p, dict(init_image=img, image_guidance_scale=True), "image_guidance_scale must be"),
+        (ip2p, dict(init_image=img, image_guidance_scale=True), "image_guidance_scale must be a finite number"),
         (depth, dict(depth_map=np.random.rand(3, 5, 5)), r"3 depth maps .* give 1$"),
     ]
     for pipe, options, match in cases:
