@@ -1,9 +1,10 @@
-"""The embedded default model (jaxcontrol/assets/): four runs of train.py on a CPU, in this order.
+"""The embedded default model (jaxcontrol/assets/): five runs of train.py on a CPU, in this order.
 
     python train.py --config configs/embedded.py:vae        --workdir runs/embedded/vae
     python train.py --config configs/embedded.py:unet       --workdir runs/embedded/unet
     python train.py --config configs/embedded.py:controlnet --workdir runs/embedded/controlnet
     python train.py --config configs/embedded.py:adapter    --workdir runs/embedded/adapter
+    python train.py --config configs/embedded.py:edit       --workdir runs/embedded/edit
 
 `make embedded-model` runs them and copies the exports into jaxcontrol/assets/ (see
 docs/RESULTS.md for what they reach and how long they take). Each later stage reads the earlier
@@ -23,7 +24,10 @@ timestep its input is pure noise, so the flat colours must come from the prompt 
 the low frequencies that SD's schedule leaves in the noise (on 16x16 latents those decide the
 colours: an epsilon model on SD's schedule scored near chance on background colour). The
 ControlNet is a trainable copy of the U-Net's encoder with zero convolutions; the T2I-Adapter is
-a full adapter at the U-Net's widths.
+a full adapter at the U-Net's widths. The instruction editor (`edit`) is the U-Net fine-tuned as an
+InstructPix2Pix model: its first convolution widened to 8 input channels (the new ones zero, so
+it starts as the text-to-image model), trained on fill50k edit triples ("make the circle red")
+with the paper's text and image conditioning dropout.
 """
 
 from jaxcontrol.training.config import default_config
@@ -48,7 +52,8 @@ UNET = dict(
 # v-prediction on a zero-terminal-SNR schedule (Lin et al. 2023): at the last timestep the input is
 # pure noise, so the flat colours must come from the prompt, not from the noise's low frequencies
 SCHEDULER = dict(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")
-STAGES = ("vae", "unet", "controlnet", "adapter")
+EDIT_STEPS = 2000
+STAGES = ("vae", "unet", "controlnet", "adapter", "edit")
 
 
 def _common(c):
@@ -57,7 +62,7 @@ def _common(c):
     c.model.unet = dict(UNET)
     c.model.scheduler.update(SCHEDULER)
     c.data.dataset = "fill50k"
-    c.data.data_dir = f"{RUNS}/tfds"  # shared by the four runs
+    c.data.data_dir = f"{RUNS}/tfds"  # shared by the runs
     c.data.resolution = RESOLUTION
     c.data.fill50k_palette = "basic"
     c.data.fill50k_num_train = 12_000
@@ -110,6 +115,21 @@ def get_config(stage: str = "unet"):
         return c
     c.model.init = "pretrained"
     c.model.pretrained_path = f"{RUNS}/unet/export/jaxcontrol/pipeline"
+    if stage == "edit":  # the instruction editor: the U-Net widened to 8 input channels, on edit triples
+        c.task = "instruct_pix2pix"
+        c.data.fill50k_edits = True
+        c.data.precomputed_dir = f"{RUNS}/precomputed_edits"
+        c.instruct_pix2pix.conditioning_dropout_prob = 0.05
+        c.steps = EDIT_STEPS
+        c.batch_size = 32
+        c.optim.learning_rate = 5e-4
+        c.optim.ema_decay = 0.995
+        c.checkpoint.every = 250
+        c.validation.every = 500
+        c.validation.guidance_scale = 3.0
+        c.validation.image_guidance_scale = 1.5
+        c.export.scheduler_class = "DDIMScheduler"
+        return c
     c.loss.proportion_empty_prompts = 0.5  # as in the ControlNet paper's fill50k tutorial
     c.batch_size = 32
     c.checkpoint.every = 250

@@ -29,6 +29,11 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_MODEL = ASSETS / "default_model"  # the base pipeline (jaxcontrol checkpoint)
 DEFAULT_CONTROLNET = ASSETS / "default_controlnet"
 DEFAULT_ADAPTER = ASSETS / "default_adapter"
+# the instruction editor: an 8-channel InstructPix2Pix U-Net over the base model's VAE and text encoder
+DEFAULT_EDITOR = ASSETS / "default_editor"
+EDIT_EXPORT = "edit/export/jaxcontrol/pipeline"
+DEMO_INSTRUCTION = "make the circle red"
+EDIT_GUIDANCE = (3.0, 1.5)  # (text, image) guidance scales of the demo row (docs/RESULTS.md's sweep)
 DEMO_PROMPT = "yellow circle with blue background"
 DEMO_GUIDANCE = 5.0
 DEMO_STEPS = 20
@@ -61,6 +66,35 @@ def load_embedded(*, model=None, controlnet=None, adapter=None, **kw):
     return Pipeline.from_pretrained(model, controlnets=[controlnet], adapters=[adapter] if adapter else [], **kw)
 
 
+def load_editor(*, model=None, unet=None, **kw):
+    """The embedded instruction editor: the base pipeline (`model`) with the InstructPix2Pix U-Net
+    (`unet`, default `DEFAULT_EDITOR`) in place of its own."""
+    from .pipeline import Pipeline
+
+    model, unet = Path(model) if model else DEFAULT_MODEL, Path(unet) if unet else DEFAULT_EDITOR
+    for p in (model, unet):
+        if not p.exists():
+            raise ConfigError(f"{p}: not found; the embedded editor is built by `make embedded-model`")
+    return Pipeline.from_pretrained(model, unet=unet, **kw)
+
+
+def demo_source(size: int = 64) -> np.ndarray:
+    """The demo row's image to edit: a yellow circle on blue, at `circle_outline`'s place."""
+    from .data.fill50k import BASIC_COLORS, draw_circle
+
+    rgb = dict(BASIC_COLORS)
+    image, _ = draw_circle(size, (0.36 * size, 0.58 * size), 0.24 * size, rgb["yellow"], rgb["blue"])
+    return image
+
+
+def edit_row(editor, source: np.ndarray, instructions: Sequence[str], *, seed: int = 0, steps: int = DEMO_STEPS,
+             scales: tuple[float, float] = EDIT_GUIDANCE, scale: int = 3) -> list[np.ndarray]:
+    """Labelled cells: the input image, then its edit by each instruction (one batched call)."""
+    out = editor(list(instructions), init_image=np.stack([source] * len(instructions)), num_inference_steps=steps,
+                 guidance_scale=scales[0], image_guidance_scale=scales[1], seed=seed)
+    return [_label(source, "input", scale)] + [_label(img, text, scale) for img, text in zip(out, instructions)]
+
+
 def circle_outline(size: int = 64, center: tuple[float, float] = (0.36, 0.58), radius: float = 0.24) -> np.ndarray:
     """(size, size, 3) uint8 outline of a circle, white on black, as fill50k draws conditions;
     `center` (x, y) and `radius` are fractions of `size`."""
@@ -83,10 +117,12 @@ def _label(image: np.ndarray, text: str, scale: int) -> np.ndarray:
 
 def control_grid(pipe, prompt: str, condition: np.ndarray, *, seed: int = 0, steps: int = DEMO_STEPS,
                  guidance_scale: float = DEMO_GUIDANCE, cfg_scales: Sequence[float] = CFG_SWEEP,
-                 scheduler: str | None = None, scale: int = 3) -> np.ndarray:
+                 scheduler: str | None = None, scale: int = 3, extra_rows: Sequence[Sequence[np.ndarray]] = ()
+                 ) -> np.ndarray:
     """A labelled uint8 grid. Row 1: condition | no control | ControlNet | T2I-Adapter | both, at
     `guidance_scale` (without an adapter loaded: condition | no control | ControlNet). Row 2: the
-    ControlNet image at each of `cfg_scales`. Same seed throughout."""
+    ControlNet image at each of `cfg_scales`. Same seed throughout. `extra_rows`: rows of cells of
+    the same size appended below (e.g. `edit_row`'s)."""
     from .images import make_grid
     from .pipeline import AdapterInput, ControlInput
 
@@ -111,9 +147,10 @@ def control_grid(pipe, prompt: str, condition: np.ndarray, *, seed: int = 0, ste
     for name, cn, ad in columns:
         row1.append(_label(one(cn, ad, guidance_scale), name, scale))
     row2 = [_label(one(1.0, 0.0, cfg), f"CN, CFG {cfg:g}", scale) for cfg in cfg_scales]
-    cols = max(len(row1), len(row2))
+    rows = [row1, row2, *[list(r) for r in extra_rows]]
+    cols = max(len(r) for r in rows)
     blank = np.full_like(row1[0], 255)
-    cells = row1 + [blank] * (cols - len(row1)) + row2 + [blank] * (cols - len(row2))
+    cells = [c for r in rows for c in r + [blank] * (cols - len(r))]
     return make_grid(cells, columns=cols, pad=4)
 
 
@@ -135,6 +172,15 @@ def install(runs: str | os.PathLike, *, overwrite: bool = True) -> list[Path]:
             # local folder does not read it, and a shipped asset should not carry a build machine's paths
             shutil.copytree(runs / src, tmp, ignore=shutil.ignore_patterns("commit_success.txt"), dirs_exist_ok=True)
         written.append(dest)
+    if (runs / EDIT_EXPORT).is_dir():
+        from .convert import save_checkpoint
+        from .convert.pipeline_folder import load_pipeline
+
+        bundle = load_pipeline(runs / EDIT_EXPORT, components=("unet",))
+        save_checkpoint(DEFAULT_EDITOR, {"unet": (bundle.modules["unet"], bundle.params["unet"])}, overwrite=overwrite)
+        for f in DEFAULT_EDITOR.rglob("commit_success.txt"):
+            f.unlink()
+        written.append(DEFAULT_EDITOR)
     return written
 
 

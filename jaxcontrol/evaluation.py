@@ -114,3 +114,42 @@ def color_accuracy(images: np.ndarray, circle_names: Sequence[str], background_n
     names = nearest_color(np.where(has[:, None], circle, 0.0), palette)
     ci = (np.asarray(names) == np.asarray(circle_names)) & has
     return {"background": bg, "circle": ci, "both": bg & ci}
+
+
+def region_colors(images: np.ndarray, centers: np.ndarray, radii: np.ndarray,
+                  margin: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+    """((B, 3) circle, (B, 3) background) float64 median sRGB colours of (B, H, W, 3) images where the
+    circle is known: pixels whose centre is at most radius - `margin` from `centers` (B, 2) (x, y),
+    and at least radius + `margin` from it. A region with no pixel is NaN."""
+    images = np.asarray(images, np.float64)
+    b, h, w = images.shape[:3]
+    ys, xs = np.mgrid[0:h, 0:w] + 0.5
+    circle, background = np.full((b, 3), np.nan), np.full((b, 3), np.nan)
+    for i in range(b):
+        d = np.hypot(xs - centers[i][0], ys - centers[i][1])
+        inside, outside = d <= radii[i] - margin, d >= radii[i] + margin
+        if inside.any():
+            circle[i] = np.median(images[i][inside], axis=0)
+        if outside.any():
+            background[i] = np.median(images[i][outside], axis=0)
+    return circle, background
+
+
+def edit_scores(images: np.ndarray, parts: Sequence[str], circle_names: Sequence[str],
+                background_names: Sequence[str], centers: np.ndarray, radii: np.ndarray,
+                palette: Sequence[tuple[str, Sequence[int]]]) -> dict[str, np.ndarray]:
+    """Per-image (B,) bool arrays for instruction edits of fill50k-style images whose circle is at
+    `centers` / `radii`: "edited" (the part the instruction named, `parts[i]` "circle" or
+    "background", has the wanted colour), "kept" (the other part still has its colour) and "success"
+    (both). `circle_names` / `background_names` are the colours the edited image should have; each
+    region's median colour (`region_colors`) is named by the nearest `palette` entry."""
+    circle, background = region_colors(images, np.asarray(centers), np.asarray(radii))
+    ok = {}
+    for name, rgb, want in (("circle", circle, circle_names), ("background", background, background_names)):
+        has = ~np.isnan(rgb).any(axis=1)
+        got = np.asarray(nearest_color(np.where(has[:, None], rgb, 0.0), palette))
+        ok[name] = (got == np.asarray(want)) & has
+    named = np.asarray(parts) == "circle"
+    edited = np.where(named, ok["circle"], ok["background"])
+    kept = np.where(named, ok["background"], ok["circle"])
+    return {"edited": edited, "kept": kept, "success": edited & kept}

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from typing import Any, Callable, Sequence
 
 import jax
@@ -508,9 +509,11 @@ class Pipeline:
     def from_pretrained(cls, path, *, dtype: Any = "auto", vae_dtype: Any = "float32", param_dtype: Any = "float32",
                         controlnets: Sequence[str] = (), adapters: Sequence[str] = (),
                         attention_impl: str = "auto", mesh: Mesh | None = None,
-                        unsafe_load_pickle: bool = False) -> "Pipeline":
+                        unsafe_load_pickle: bool = False, unet: str | os.PathLike | None = None) -> "Pipeline":
         """Load a pipeline folder, single file or jaxcontrol checkpoint, plus extra ControlNets /
-        adapters by path.
+        adapters by path. `unet` replaces the pipeline's U-Net by another one's folder or file (a
+        fine-tune, or a concatenation-conditioned U-Net over the same VAE and text encoder: the
+        pipeline's kind follows its input width). Raises `ConfigError` when that is not a U-Net.
 
         `dtype` is the compute dtype of the U-Net, ControlNets, adapters and text encoder: "auto"
         (default) is bfloat16 on a GPU or TPU and float32 on the CPU (`jaxcontrol.platform`);
@@ -526,6 +529,13 @@ class Pipeline:
                                component_kwargs={"vae": {"dtype": vae_dtype}}, unsafe_load_pickle=unsafe_load_pickle)
         kw = dict(dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
                   unsafe_load_pickle=unsafe_load_pickle)
+        if unet is not None:
+            from .models import UNet2DConditionModel
+
+            module, params = load_model(unet, **kw)
+            if not isinstance(module, UNet2DConditionModel):
+                raise ConfigError(f"unet={os.fspath(unet)!r} is a {type(module).__name__}, not a UNet2DConditionModel")
+            bundle.modules["unet"], bundle.params["unet"] = module, params
         cns = [load_model(p, **kw) for p in controlnets]
         ads = [load_model(p, dtype=dtype, param_dtype=param_dtype, unsafe_load_pickle=unsafe_load_pickle)
                for p in adapters]

@@ -13,12 +13,9 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
 import runpy
 import shlex
-import shutil
-import sys
 from pathlib import Path
 
 import numpy as np

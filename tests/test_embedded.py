@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from jaxcontrol import demo, evaluation as ev
-from jaxcontrol.data.fill50k import BASIC_COLORS, color_pairs, fill50k_example
+from jaxcontrol.data.fill50k import BASIC_COLORS, color_pairs, fill50k_edit_example, fill50k_example
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOR_FLOOR = 0.6  # see test_embedded_model_follows_prompt_and_control
@@ -39,6 +39,26 @@ def test_metrics_score_true_images_high_and_mismatched_ones_low():
     swapped = ev.color_accuracy(images, [e.background_color for e in exs], [e.circle_color for e in exs],
                                 BASIC_COLORS)
     assert not swapped["both"].any()
+
+
+def test_edit_metrics_score_the_named_part_and_the_rest():
+    exs = [fill50k_edit_example(i, split="validation", seed=3, image_size=64, colors="basic") for i in range(24)]
+    args = ([e.part for e in exs], [e.edited_colors[0] for e in exs], [e.edited_colors[1] for e in exs],
+            np.asarray([e.center for e in exs]), np.asarray([e.radius for e in exs]), BASIC_COLORS)
+    done = ev.edit_scores(np.stack([e.edited for e in exs]), *args)
+    assert done["success"].all()
+    untouched = ev.edit_scores(np.stack([e.source for e in exs]), *args)  # kept, but nothing changed
+    assert untouched["kept"].all() and not untouched["edited"].any() and not untouched["success"].any()
+    # both parts recoloured to the wanted colour: edited, but the other part is lost
+    rgb = dict(BASIC_COLORS)
+    flood = np.stack([np.broadcast_to(np.asarray(rgb[e.edited_colors[0 if e.part == "circle" else 1]], np.uint8),
+                                      e.edited.shape) for e in exs])
+    both = ev.edit_scores(flood, *args)
+    assert both["edited"].all() and not both["kept"].any()
+    circle, background = ev.region_colors(np.stack([e.edited for e in exs]), args[3], args[4])
+    assert ev.nearest_color(circle, BASIC_COLORS) == args[1] and ev.nearest_color(background, BASIC_COLORS) == args[2]
+    tiny = ev.region_colors(np.zeros((1, 8, 8, 3)), np.asarray([[4.0, 4.0]]), np.asarray([1.0]))[0]
+    assert np.isnan(tiny).all()  # no pixel at least 2 px inside a 1-px circle
 
 
 def test_metrics_edge_cases():

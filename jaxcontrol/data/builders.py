@@ -51,6 +51,7 @@ class Fill50kConfig(tfds.core.BuilderConfig):
     num_validation: int = 1_000
     seed: int = 0
     colors: tuple = dataclasses.field(default=f50k.DEFAULT_COLORS, repr=False)
+    edits: bool = False  # instruction-edit triples (`fill50k.fill50k_edit_example`) instead of outlines
 
 
 def fill50k_config(
@@ -60,8 +61,13 @@ def fill50k_config(
     num_validation: int = 1_000,
     seed: int = 0,
     colors: Sequence[tuple[str, Sequence[int]]] | None = None,
+    edits: bool = False,
 ) -> Fill50kConfig:
     """A config whose name encodes every setting, so different settings never share a folder.
+
+    `edits=True` builds instruction-edit triples instead: "conditioning_image" is the image to edit,
+    "text" the instruction ("make the circle red") and "image" the edited image, whose colours
+    "circle_color" / "background_color" name (see `fill50k.fill50k_edit_example`).
 
     Raises `ConfigError` for image_size < 8, num_train < 1, num_validation < 0, seed < 0 or an
     invalid `colors` (see `fill50k.check_colors`).
@@ -74,7 +80,7 @@ def fill50k_config(
     if seed < 0:
         raise ConfigError(f"fill50k: seed must be >= 0, got {seed}")
     vocab = "default" if colors == f50k.DEFAULT_COLORS else f50k.colors_fingerprint(colors)
-    name = f"s{image_size}_n{num_train}_v{num_validation}_seed{seed}_colors-{vocab}"
+    name = f"s{image_size}_n{num_train}_v{num_validation}_seed{seed}_colors-{vocab}" + ("_edits" if edits else "")
     return Fill50kConfig(
         name=name,
         description=f"{image_size}px, {num_train} train / {num_validation} validation, seed {seed}, {len(colors)} colours",
@@ -83,6 +89,7 @@ def fill50k_config(
         num_validation=num_validation,
         seed=seed,
         colors=colors,
+        edits=bool(edits),
     )
 
 
@@ -128,6 +135,9 @@ class Fill50k(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, split: str, count: int):
         cfg = self.builder_config
+        if cfg.edits:
+            yield from self._generate_edits(split, count)
+            return
         for i in range(count):
             ex = f50k.fill50k_example(i, split=split, seed=cfg.seed, image_size=cfg.image_size, colors=cfg.colors)
             yield i, {
@@ -136,6 +146,21 @@ class Fill50k(tfds.core.GeneratorBasedBuilder):
                 "text": ex.caption,
                 "circle_color": ex.circle_color,
                 "background_color": ex.background_color,
+                "center": np.asarray(ex.center, np.float32),
+                "radius": np.float32(ex.radius),
+                "index": i,
+            }
+
+    def _generate_edits(self, split: str, count: int):
+        cfg = self.builder_config
+        for i in range(count):
+            ex = f50k.fill50k_edit_example(i, split=split, seed=cfg.seed, image_size=cfg.image_size, colors=cfg.colors)
+            yield i, {
+                "image": encode_png(ex.edited),
+                "conditioning_image": encode_png(ex.source),
+                "text": ex.instruction,
+                "circle_color": ex.edited_colors[0],
+                "background_color": ex.edited_colors[1],
                 "center": np.asarray(ex.center, np.float32),
                 "radius": np.float32(ex.radius),
                 "index": i,

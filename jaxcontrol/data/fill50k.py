@@ -212,3 +212,69 @@ def fill50k_example(
         index=int(index),
         split=split,
     )
+
+
+# ------------------------------------------------------------------------------ instruction edits
+
+EDIT_PARTS = ("circle", "background")
+
+
+@dataclasses.dataclass(frozen=True)
+class Fill50kEdit:
+    """One edit triple (see `fill50k_edit_example`): `source` --`instruction`--> `edited`. Both
+    images share the circle's geometry; exactly one part (`part`) changes colour."""
+
+    source: np.ndarray  # (S, S, 3) uint8: the image to edit
+    edited: np.ndarray  # (S, S, 3) uint8: the same circle with `part` recoloured
+    instruction: str  # "make the circle red" / "make the background white"
+    part: str  # "circle" or "background"
+    source_colors: tuple[str, str]  # (circle, background) names before the edit
+    edited_colors: tuple[str, str]  # (circle, background) names after it
+    center: tuple[float, float]
+    radius: float
+    index: int
+    split: str
+
+
+def edit_instruction(part: str, color: str) -> str:
+    """The instruction text of an edit: "make the <part> <colour>"."""
+    if part not in EDIT_PARTS:
+        raise ConfigError(f"edit part must be one of {EDIT_PARTS}, got {part!r}")
+    return f"make the {part} {color}"
+
+
+def fill50k_edit_example(
+    index: int,
+    *,
+    split: str = "train",
+    seed: int = 0,
+    image_size: int = 512,
+    colors: Sequence[tuple[str, Sequence[int]]] | None = None,
+) -> Fill50kEdit:
+    """Edit triple `index` of `split`, a pure function of its arguments: the source is
+    `fill50k_example(index, ...)`; the part (circle or background, equally likely) and its new
+    colour are drawn from a second stream seeded by (seed, split, index), among the colours at least
+    `MIN_COLOR_DISTANCE` from both the part's old colour and the other part's colour (so the edit
+    shows and the circle stays visible). Raises `ConfigError` as `fill50k_example` does, or when the
+    vocabulary leaves no such colour for this example."""
+    src = fill50k_example(index, split=split, seed=seed, image_size=image_size, colors=colors)
+    colors = check_colors(colors)
+    rgb = dict(colors)
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), SPLITS[split], int(index), 1]))
+    part = EDIT_PARTS[int(rng.integers(2))]
+    old, other = (src.circle_color, src.background_color) if part == "circle" else (src.background_color, src.circle_color)
+
+    def far(a: str, b: str) -> bool:
+        return float(np.linalg.norm(np.subtract(rgb[a], rgb[b], dtype=np.float64))) >= MIN_COLOR_DISTANCE
+
+    choices = [name for name, _ in colors if far(name, old) and far(name, other)]
+    if not choices:
+        raise ConfigError(f"fill50k edit {index}: no colour in the vocabulary differs from both {old!r} and {other!r}")
+    new = choices[int(rng.integers(len(choices)))]
+    circle, background = (new, src.background_color) if part == "circle" else (src.circle_color, new)
+    edited, _ = draw_circle(image_size, src.center, src.radius, rgb[circle], rgb[background])
+    return Fill50kEdit(
+        source=src.image, edited=edited, instruction=edit_instruction(part, new), part=part,
+        source_colors=(src.circle_color, src.background_color), edited_colors=(circle, background),
+        center=src.center, radius=src.radius, index=int(index), split=split,
+    )

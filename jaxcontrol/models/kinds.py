@@ -50,4 +50,29 @@ def unet_kind(in_channels: int, latent_channels: int = 4, pipeline_class: str = 
     return kind
 
 
-__all__ = ["EXTRA_CHANNELS", "KINDS", "PIPELINE_CLASSES", "unet_kind"]
+def widen_unet_input(unet, params: dict, kind: str, latent_channels: int = 4):
+    """(module, params) of `unet` with the input width of `kind`, as InstructPix2Pix and the
+    inpainting models were made from a text-to-image U-Net: `conv_in`'s kernel gains zero input
+    channels, so the widened model starts out computing exactly what the base model did. A U-Net
+    that already has the width comes back unchanged (continuing a run). Raises `ConfigError` for an
+    unknown kind or a U-Net that is neither the base nor the target width."""
+    import dataclasses
+
+    import numpy as np
+
+    if kind not in EXTRA_CHANNELS:
+        raise ConfigError(f"model kind {kind!r} is not one of {list(KINDS)}")
+    want, have = int(latent_channels) + EXTRA_CHANNELS[kind], int(unet.config.in_channels)
+    if have == want:
+        return unet, params
+    if have != int(latent_channels):
+        raise ConfigError(f"cannot widen a U-Net with in_channels={have} to {want} ({kind!r}): only a "
+                          f"{latent_channels}-channel text-to-image U-Net is widened")
+    kernel = np.asarray(params["conv_in"]["kernel"])  # (kh, kw, in, out)
+    pad = np.zeros(kernel.shape[:2] + (want - have,) + kernel.shape[3:], kernel.dtype)
+    conv_in = {**params["conv_in"], "kernel": np.concatenate([kernel, pad], axis=2)}
+    module = unet.clone(config=dataclasses.replace(unet.config, in_channels=want))
+    return module, {**params, "conv_in": conv_in}
+
+
+__all__ = ["EXTRA_CHANNELS", "KINDS", "PIPELINE_CLASSES", "unet_kind", "widen_unet_input"]

@@ -19,7 +19,7 @@ import ml_collections
 
 from ..errors import ConfigError
 
-TASKS = ("controlnet", "adapter", "unet", "vae")
+TASKS = ("controlnet", "adapter", "unet", "vae", "instruct_pix2pix")
 INITS = ("pretrained", "scratch")
 SCHEDULES = ("constant", "cosine")
 TIMESTEP_SAMPLING = ("uniform", "cubic")
@@ -59,7 +59,7 @@ SD_SCHEDULER = dict(
 def default_config() -> ml_collections.ConfigDict:
     """Every key the trainer reads, with its default. Experiment files start from this."""
     c = ml_collections.ConfigDict()
-    c.task = "controlnet"  # what is trained: "controlnet", "adapter", "unet" or "vae"
+    c.task = "controlnet"  # what is trained: "controlnet", "adapter", "unet", "vae" or "instruct_pix2pix"
     c.seed = 0
     c.steps = 1000  # optimizer steps
     c.batch_size = 8  # global batch per optimizer step: all hosts, all accumulated micro-batches
@@ -101,6 +101,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.vae.kl_weight = 1e-6  # weight of the posterior's KL to N(0, I) (summed per sample), as diffusers' VAE scripts
     c.vae.scaling_factor = 0.0  # exported scaling_factor; 0 = 1 / std of the latents of training images (as SD's)
     c.vae.scaling_examples = 256  # training examples that estimate it
+
+    # task="instruct_pix2pix": the U-Net, widened to take the input image's latents (Brooks et al. 2023).
+    # Records' "conditioning_image" is the image to edit, "text" the instruction, "image" the result.
+    c.instruct_pix2pix = ml_collections.ConfigDict()
+    # per example, one uniform draw u: u < p drops the text alone, p <= u < 2p both, 2p <= u < 3p
+    # the image alone (the paper's 5% / 5% / 5% for p = 0.05, as diffusers' training script)
+    c.instruct_pix2pix.conditioning_dropout_prob = 0.05
 
     # --- the objective ------------------------------------------------------------------------
     c.loss = ml_collections.ConfigDict()
@@ -171,6 +178,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.fill50k_num_validation = 100
     c.data.fill50k_seed = 0
     c.data.fill50k_palette = "default"  # colour vocabulary: "default" (28 named colours) or "basic" (10)
+    c.data.fill50k_edits = False  # instruction-edit triples ("make the circle red") instead of outlines
     c.data.train_manifest = ""  # "folder": JSONL manifest of the training triples
     c.data.validation_manifest = ""  # "folder": optional JSONL manifest for validation prompts/conditions
     c.data.tfds_path = ""  # "tfds": a built dataset folder (<data_dir>/<name>/<config>/<version>)
@@ -200,6 +208,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.validation.num_inference_steps = 20
     c.validation.solver = "ddim"
     c.validation.guidance_scale = 7.5
+    c.validation.image_guidance_scale = 1.5  # task="instruct_pix2pix"
     c.validation.seed = 0
 
     c.export = ml_collections.ConfigDict()
@@ -209,7 +218,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.export.use_ema = True  # export the EMA weights when there are any
     c.export.dtype = "float32"
     c.export.every = 0  # > 0: also export every N steps, to WORKDIR/export/steps/<step>/<format>/<name>
-    c.export.scheduler_class = ""  # task="unet": the exported pipeline's scheduler ("" = DDPMScheduler, as trained)
+    c.export.scheduler_class = ""  # task="unet" / "instruct_pix2pix": the exported pipeline's scheduler ("" = DDPMScheduler, as trained)
     return c
 
 
@@ -323,6 +332,16 @@ def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
         _fail("data.precompute", "a VAE run trains the encoder: it cannot use precomputed latents")
     if config.task != "controlnet" and config.remat.controlnet != "none":
         _fail("remat.controlnet", f"applies to task='controlnet', not {config.task!r}")
+    p = config.instruct_pix2pix.conditioning_dropout_prob
+    if not 0.0 <= p <= 1.0 / 3.0:
+        _fail("instruct_pix2pix.conditioning_dropout_prob", f"must be in [0, 1/3] (three disjoint bands), got {p}")
+    if config.task == "instruct_pix2pix" and config.loss.proportion_empty_prompts:
+        _fail("loss.proportion_empty_prompts", "task='instruct_pix2pix' drops prompts with "
+              "instruct_pix2pix.conditioning_dropout_prob; set proportion_empty_prompts to 0")
+    if config.validation.image_guidance_scale < 0:
+        _fail("validation.image_guidance_scale", f"must be >= 0, got {config.validation.image_guidance_scale}")
+    if config.data.fill50k_edits and config.task in ("controlnet", "adapter"):
+        _fail("data.fill50k_edits", f"edit triples have no outline condition for task={config.task!r}")
     return config
 
 

@@ -40,7 +40,7 @@ def open_sources(config, workdir) -> tuple[Sequence, Sequence | None]:
         builder = _once(lambda: build_fill50k(
             data_dir(config, workdir), image_size=int(d.resolution), num_train=int(d.fill50k_num_train),
             num_validation=int(d.fill50k_num_validation), seed=int(d.fill50k_seed),
-            colors=str(d.fill50k_palette)))
+            colors=str(d.fill50k_palette), edits=bool(d.fill50k_edits)))
         splits = builder.info.splits
         val = builder.as_data_source(d.validation_split) if d.validation_split in splits else None
         return builder.as_data_source(d.split), val

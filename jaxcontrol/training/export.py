@@ -7,6 +7,7 @@
 | controlnet | `<format>/controlnet` (a ControlNetModel folder); with `unlock_unet` also `<format>/unet` |
 | adapter | `<format>/adapter` (a T2IAdapter folder) |
 | unet | `<format>/pipeline` (a StableDiffusionPipeline folder: U-Net, VAE, text encoder, tokenizer, scheduler) |
+| instruct_pix2pix | `<format>/pipeline`, the same as a StableDiffusionInstructPix2PixPipeline (8-channel U-Net) |
 | vae | `<format>/vae` (an AutoencoderKL folder, `scaling_factor` from `config.vae`) |
 
 A diffusers folder loads with diffusers' `from_pretrained` and with `jaxcontrol.load_model` /
@@ -35,11 +36,13 @@ from ..convert import export_diffusers, save_checkpoint
 from .networks import Networks, unet_params
 
 FORMATS = ("diffusers", "jaxcontrol")
+# tasks whose export is a whole pipeline, and its diffusers class
+PIPELINE_TASKS = {"unet": "StableDiffusionPipeline", "instruct_pix2pix": "StableDiffusionInstructPix2PixPipeline"}
 
 
 def _components(nets: Networks, params: dict, frozen: dict) -> tuple[dict[str, tuple], bool]:
     """({name: (module, params)}, is_pipeline)."""
-    if nets.task == "unet":
+    if nets.task in PIPELINE_TASKS:
         return {
             "unet": (nets.unet, unet_params(params, frozen)),
             "vae": (nets.vae, frozen["vae"]),
@@ -80,7 +83,7 @@ def export_trained(nets: Networks, params: dict, frozen: dict, out_dir: str | os
             (out_dir / fmt).mkdir(parents=True, exist_ok=True)
             if pipeline:
                 dest = out_dir / fmt / "pipeline"
-                kw: dict[str, Any] = dict(dtype=dtype, pipeline_class="StableDiffusionPipeline", tokenizers=tokenizers,
+                kw: dict[str, Any] = dict(dtype=dtype, pipeline_class=PIPELINE_TASKS[nets.task], tokenizers=tokenizers,
                                           scheduler_config=scheduler, overwrite=overwrite)
                 if fmt == "diffusers":
                     export_diffusers(dest, comps, **kw)
@@ -102,11 +105,11 @@ _CONVERT = """
 import sys
 from pathlib import Path
 import jaxcontrol
-src, dest, pipeline, dtype = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1", sys.argv[4]
+src, dest, pipeline, dtype = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] != "0", sys.argv[4]
 if pipeline:
     b = jaxcontrol.load_pipeline(src)
     comps = {k: (b.modules[k], b.params[k]) for k in ("unet", "vae", "text_encoder")}
-    jaxcontrol.save_checkpoint(dest, comps, dtype=dtype, pipeline_class="StableDiffusionPipeline",
+    jaxcontrol.save_checkpoint(dest, comps, dtype=dtype, pipeline_class=sys.argv[3],
                                tokenizers={"tokenizer": src / "tokenizer"}, scheduler_config=b.scheduler_config,
                                prediction_type=b.scheduler_config.get("prediction_type"), overwrite=True)
 else:
@@ -123,7 +126,7 @@ def _export_multihost(nets, params, frozen, out_dir: Path, *, formats, dtype, ov
     for name in names:
         src, dest = out_dir / "diffusers" / name, out_dir / "jaxcontrol" / name
         dest.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-c", _CONVERT, str(src), str(dest), "1" if pipeline else "0",
+        subprocess.run([sys.executable, "-c", _CONVERT, str(src), str(dest), PIPELINE_TASKS[nets.task] if pipeline else "0",
                         dtype or "float32", name], check=True, env=env)
         written[f"jaxcontrol/{name}"] = dest
     if "diffusers" not in formats:

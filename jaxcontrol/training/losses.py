@@ -50,9 +50,22 @@ def drop_prompts(rng: jax.Array, prompts: jax.Array, empty: jax.Array, proportio
     `prompts`, e.g. (1, L)) with probability `proportion`; dtype of `prompts`."""
     if not proportion:
         return prompts
-    drop = jax.random.uniform(rng, (prompts.shape[0],)) < proportion
-    drop = drop.reshape((-1,) + (1,) * (prompts.ndim - 1))
-    return jnp.where(drop, jnp.broadcast_to(empty.astype(prompts.dtype), prompts.shape), prompts)
+    return replace_rows(jax.random.uniform(rng, (prompts.shape[0],)) < proportion, prompts, empty)
+
+
+def replace_rows(drop: jax.Array, values: jax.Array, empty: jax.Array) -> jax.Array:
+    """`values` (B, ...) with the rows where `drop` (B,) bool is set replaced by `empty`
+    (broadcastable to a row or to `values`); dtype of `values`."""
+    drop = drop.reshape((-1,) + (1,) * (values.ndim - 1))
+    return jnp.where(drop, jnp.broadcast_to(empty.astype(values.dtype), values.shape), values)
+
+
+def instruct_dropout(rng: jax.Array, batch: int, p: float) -> tuple[jax.Array, jax.Array]:
+    """(drop_text, drop_image), each (B,) bool: InstructPix2Pix's conditioning dropout (Brooks et al.
+    2023, as diffusers' training script draws it). One uniform u per example: u < p drops the text
+    alone, p <= u < 2p both, 2p <= u < 3p the image alone."""
+    u = jax.random.uniform(rng, (batch,))
+    return u < 2.0 * p, (u >= p) & (u < 3.0 * p)
 
 
 def prediction_target(schedule: NoiseSchedule, x0: jax.Array, noise: jax.Array, t: jax.Array,

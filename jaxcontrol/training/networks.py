@@ -11,6 +11,7 @@
 | adapter | `adapter` | U-Net, VAE, text encoder |
 | unet | `unet` | VAE, text encoder |
 | vae | `vae` | (the text encoder and U-Net are built but unused) |
+| instruct_pix2pix | `unet`, its input widened by the latent channels (new ones zero) | VAE, text encoder |
 
 "Unlocking" follows the ControlNet paper's `sd_locked=False`: the U-Net's up blocks and output
 layers (`up_blocks_*`, `conv_norm_out`, `conv_out`) train with the ControlNet, the encoder stays
@@ -242,6 +243,11 @@ def build_networks(config, workdir: str | os.PathLike) -> tuple[Networks, dict, 
         nets.adapter, trainable["adapter"] = _adapter(config, nets.unet, compute)
         _check_adapter_fits(config, nets)
         frozen["unet"] = _cast(unet_p, frozen_dtype)
+    elif config.task == "instruct_pix2pix":
+        from ..models.kinds import widen_unet_input
+
+        nets.unet, trainable["unet"] = widen_unet_input(nets.unet, unet_p, "instruct_pix2pix",
+                                                        int(nets.vae.config.latent_channels))
     else:
         trainable["unet"] = unet_p
     trainable = _cast(_host(trainable), jnp.float32)  # float32 master weights

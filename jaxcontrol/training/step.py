@@ -12,7 +12,8 @@ in/out shardings and the state donated.
 A micro-batch holds either pixels (`pixel_values` in [-1, 1], encoded by the frozen VAE in the
 step) or precomputed `latents` (posterior moments, sampled in the step as diffusers does), and
 either `input_ids` (encoded by the frozen text encoder) or precomputed `encoder_hidden_states`;
-plus `conditioning_pixel_values` in [0, 1] for ControlNets and adapters.
+plus `conditioning_pixel_values` in [0, 1] for ControlNets and adapters, and for InstructPix2Pix
+the image to edit (its VAE mode, unscaled, is concatenated to the noisy latents).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ..guidance import ControlNetUnit, adapter_features, classifier_free, unet_prediction
+from ..guidance import ControlNetUnit, adapter_features, classifier_free, instruct_pix2pix, unet_prediction
 from ..models.forward import ControlNetCall, model_forward
 from ..models.vae import sample_posterior, scale_latents, split_moments, unscale_latents
 from ..sampler import initial_latents, sample
@@ -43,7 +44,7 @@ def encode_prompts(nets: Networks, frozen: dict, ids: jax.Array) -> jax.Array:
 
 
 def model_prediction(nets: Networks, config, trainable: dict, frozen: dict, noisy: jax.Array, t: jax.Array,
-                     context: jax.Array, cond: jax.Array | None) -> jax.Array:
+                     context: jax.Array, cond: jax.Array | None, concat: jax.Array | None = None) -> jax.Array:
     """The trained model's prediction for `noisy` latents: U-Net plus ControlNet / adapter, per the
     task, through the one `model_forward` that sampling uses too. The blocks `config.remat` names
     are rematerialised, and with `config.remat.attention` every attention layer."""
@@ -60,7 +61,14 @@ def model_prediction(nets: Networks, config, trainable: dict, frozen: dict, nois
         return remat_scope(getattr(config.remat, name), config.remat.policy, attention=bool(getattr(config.remat, "attention", False)))
 
     return model_forward(nets.unet, unet_params(trainable, frozen), noisy, t, context, controlnets=calls,
-                         adapter_features=feats, scope=scope)
+                         adapter_features=feats, scope=scope, concat=concat)
+
+
+def image_latents(nets: Networks, frozen: dict, images: jax.Array) -> jax.Array:
+    """InstructPix2Pix's image condition: the frozen VAE's posterior mode (unscaled, as diffusers'
+    pipeline and training script use it) of `images` (B, H, W, 3) in [0, 1]; float32."""
+    moments = nets.vae.apply({"params": frozen["vae"]}, images * 2.0 - 1.0, method=nets.vae.encode)
+    return split_moments(moments.astype(jnp.float32))[0]
 
 
 def make_vae_loss_fn(nets: Networks, config) -> Callable:
@@ -100,21 +108,36 @@ def make_loss_fn(nets: Networks, config) -> Callable:
     p_empty = float(config.loss.proportion_empty_prompts)
     pred_type = nets.prediction_type
     needs_cond = nets.controlnet is not None or nets.adapter is not None
+    instruct = nets.task == "instruct_pix2pix"
+    p_instruct = float(config.instruct_pix2pix.conditioning_dropout_prob)
 
     def loss_fn(trainable, frozen, batch, key):
         k_lat, k_noise, k_off, k_t, k_drop = jax.random.split(key, 5)
+        drop_text = drop_image = None
+        if instruct:
+            drop_text, drop_image = losses.instruct_dropout(k_drop, batch["conditioning_pixel_values"].shape[0],
+                                                            p_instruct)
         if "latents" in batch:
             moments = batch["latents"].astype(jnp.float32)
         else:
             moments = nets.vae.apply({"params": frozen["vae"]}, batch["pixel_values"], method=nets.vae.encode)
         latents = scale_latents(sample_posterior(moments, k_lat), nets.vae.config)
         if "encoder_hidden_states" in batch:
-            context = losses.drop_prompts(k_drop, batch["encoder_hidden_states"].astype(jnp.float32),
-                                          frozen.get("empty_prompt"), p_empty) if p_empty else \
-                batch["encoder_hidden_states"].astype(jnp.float32)
+            context = batch["encoder_hidden_states"].astype(jnp.float32)
+            if instruct:
+                context = losses.replace_rows(drop_text, context, frozen["empty_prompt"])
+            elif p_empty:
+                context = losses.drop_prompts(k_drop, context, frozen.get("empty_prompt"), p_empty)
         else:
-            ids = losses.drop_prompts(k_drop, batch["input_ids"], jnp.asarray(nets.empty_ids), p_empty)
+            empty = jnp.asarray(nets.empty_ids)
+            ids = losses.replace_rows(drop_text, batch["input_ids"], empty) if instruct else \
+                losses.drop_prompts(k_drop, batch["input_ids"], empty, p_empty)
             context = encode_prompts(nets, frozen, ids)
+        concat = None
+        if instruct:
+            concat = losses.replace_rows(drop_image, image_latents(nets, frozen, batch["conditioning_pixel_values"]),
+                                         jnp.zeros((), jnp.float32))
+            concat = jax.lax.stop_gradient(concat)
         latents, context = jax.lax.stop_gradient(latents), jax.lax.stop_gradient(context)
         b = latents.shape[0]
         noise = losses.offset_noise(k_off, jax.random.normal(k_noise, latents.shape, jnp.float32), noise_offset)
@@ -122,7 +145,7 @@ def make_loss_fn(nets: Networks, config) -> Callable:
         noisy = schedule.add_noise(latents, noise, t)
         target = losses.prediction_target(schedule, latents, noise, t, pred_type)
         cond = batch["conditioning_pixel_values"] if needs_cond else None
-        pred = model_prediction(nets, config, trainable, frozen, noisy, t, context, cond)
+        pred = model_prediction(nets, config, trainable, frozen, noisy, t, context, cond, concat)
         weights = losses.min_snr_weights(schedule, t, snr_gamma, pred_type) if snr_gamma > 0 else None
         return losses.diffusion_loss(pred, target, weights), {"timesteps": t}
 
@@ -182,6 +205,7 @@ def jit_train_step(train_step: Callable, state_sharding: Any, frozen_sharding: A
 def make_sample_fn(nets: Networks, config, plan) -> Callable:
     """(trainable, frozen, ids, negative_ids, cond_images, noise, key) -> images (B, H, W, 3) in [-1, 1]."""
     guidance = float(config.validation.guidance_scale)
+    image_guidance = float(config.validation.image_guidance_scale)
 
     def sample_fn(trainable, frozen, ids, neg_ids, cond_images, noise, key):
         text = encode_prompts(nets, frozen, ids)
@@ -199,9 +223,15 @@ def make_sample_fn(nets: Networks, config, plan) -> Callable:
             feats = adapter_features(nets.adapter, trainable["adapter"], cond_images,
                                      float(config.adapter.conditioning_scale))
             branch_c["adapter"] = branch_u["adapter"] = feats
-        model = classifier_free(model, guidance)
-        latents = sample(model, plan, initial_latents(plan, noise), {"cond": branch_c, "uncond": branch_u},
-                         key=key)
+        if nets.task == "instruct_pix2pix":  # cond_images: the images to edit; diffusers' branch order
+            image = image_latents(nets, frozen, cond_images)
+            branches = {"cond": {**branch_c, "concat": image}, "image_cond": {**branch_u, "concat": image},
+                        "uncond": {**branch_u, "concat": jnp.zeros_like(image)}}
+            model = instruct_pix2pix(model, guidance, image_guidance)
+        else:
+            branches = {"cond": branch_c, "uncond": branch_u}
+            model = classifier_free(model, guidance)
+        latents = sample(model, plan, initial_latents(plan, noise), branches, key=key)
         images = nets.vae.apply({"params": frozen["vae"]}, unscale_latents(latents, nets.vae.config),
                                 method=nets.vae.decode)
         return jnp.clip(images, -1.0, 1.0)

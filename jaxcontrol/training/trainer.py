@@ -131,7 +131,7 @@ class Run:
         if config.data.precompute:
             train_source = precomputed_source(config, self.workdir, train_source, self.nets, frozen)
             has_text = train_source.meta.get("text_embeddings") is not None
-            if has_text and config.loss.proportion_empty_prompts > 0:
+            if has_text and (config.loss.proportion_empty_prompts > 0 or config.task == "instruct_pix2pix"):
                 frozen["empty_prompt"] = np.asarray(self._encode_text_host(frozen, self.nets.empty_ids))
         self.dataset = make_train_dataset(config, train_source, self.nets.tokenizer, tokenize_prompts=not has_text)
         self.iterator = iter(self.dataset)
@@ -276,12 +276,12 @@ class Run:
         cond = np.stack([e["conditioning_pixel_values"] for e in examples]).astype(np.float32)
         res = cond.shape[1] // nets.vae_scale_factor
         key = jax.random.key(int(cfg.seed))
-        noise = jax.random.normal(key, (n, res, res, nets.unet.config.in_channels), jnp.float32)
+        noise = jax.random.normal(key, (n, res, res, nets.vae.config.latent_channels), jnp.float32)
         with tracing_mesh(self.mesh):
             images = np.asarray(self._sample_fn(params, self.frozen, ids, neg, cond, noise, jax.random.fold_in(key, 1)))
         rows = []
-        if nets.controlnet is not None or nets.adapter is not None:
-            rows.append(to_uint8(cond, 0.0, 1.0))
+        if nets.controlnet is not None or nets.adapter is not None or self.config.task == "instruct_pix2pix":
+            rows.append(to_uint8(cond, 0.0, 1.0))  # the condition, or the image to edit
         rows.append(to_uint8(images))
         return image_grid(rows)
 
