@@ -240,3 +240,29 @@ def test_folders_are_relabelled_or_checked_by_the_width(families, tmp_path):
         read_checkpoint(folder)
     with pytest.raises(jc.ConfigError, match="kind 'depth'"):
         read_checkpoint(families["inpaint"]["folder"], kind="depth")
+
+
+def test_a_whole_controlldm_gets_the_controlnet_class_of_its_kind():
+    """ControlNet v1.0 files (a ControlLDM) around an inpainting U-Net become diffusers' ControlNet inpainting
+    pipeline; diffusers has no depth or InstructPix2Pix pipeline with a ControlNet, so those are refused
+    (configs only: `resolve_kind` reads no tensor)."""
+    from pathlib import Path
+
+    from jaxcontrol.convert.components import Checkpoint, Component
+    from jaxcontrol.convert.pipeline_kind import resolve_kind
+
+    def controlldm(width):
+        unet = {"_class_name": "UNet2DConditionModel", "in_channels": width, "out_channels": 4,
+                "block_out_channels": [32, 64]}
+        comps = {"controlnet": Component("controlnet", {"_class_name": "ControlNetModel"}),
+                 "unet": Component("unet", unet)}
+        return Checkpoint(Path("control_sd15_x.pth"), "controlnet-v1.0", comps,
+                          pipeline_class="StableDiffusionControlNetPipeline")
+
+    for width, cls in ((9, "StableDiffusionControlNetInpaintPipeline"), (4, "StableDiffusionControlNetPipeline")):
+        ckpt = controlldm(width)
+        resolve_kind(ckpt)
+        assert ckpt.pipeline_class == cls
+    with pytest.raises(jc.ConfigError, match=r"control_sd15_x\.pth: model\.diffusion_model\.input_blocks\.0\.0\.weight "
+                                             r"of shape \(32, 5, 3, 3\).*no depth pipeline with a ControlNet"):
+        resolve_kind(controlldm(5))
