@@ -20,7 +20,9 @@ component, read fastest by train.py and infer.py) or to a diffusers folder that 
 from_pretrained loads.
 
 Inputs (the format is detected from the tensor names):
-  LDM / CompVis single files, Stable Diffusion 1.x and 2.x (.ckpt, .safetensors), EMA or not;
+  LDM / CompVis single files, Stable Diffusion 1.x and 2.x (.ckpt, .safetensors), EMA or not,
+  including the concatenation-conditioned ones: SD inpainting (sd-v1-5-inpainting, 9 U-Net input
+  channels), SD-2 depth (512-depth-ema, 5) and InstructPix2Pix (instruct-pix2pix-00-22000, 8);
   ControlNet v1.0 (control_sd15_*.pth, whole ControlLDM) and v1.1 (control_v11*.pth);
   original T2I-Adapter files (full and light); a standalone LDM VAE;
   diffusers model and pipeline folders; jaxcontrol checkpoints (to export them to diffusers).
@@ -38,6 +40,18 @@ values the weights do not record:
   The prediction type (epsilon or v_prediction) cannot be read from the weights: SD-1.x files
   are taken as epsilon, SD-2.x files as v_prediction unless global_step is 875000 (diffusers'
   rule for the 512 base model). Use --prediction-type when you know better.
+
+inpainting, depth and InstructPix2Pix files:
+  The kind is read from the width of the U-Net's first convolution
+  (model.diffusion_model.input_blocks.0.0.weight: 4 text2image, 5 depth, 8 instruct_pix2pix,
+  9 inpaint) and written as the pipeline class (model_index.json's _class_name, jaxcontrol.json's
+  pipeline_class): StableDiffusionInpaintPipeline, StableDiffusionDepth2ImgPipeline,
+  StableDiffusionInstructPix2PixPipeline (a pipeline folder labelled StableDiffusionPipeline is
+  relabelled the same way). --kind asserts the kind: one the width contradicts is refused. A
+  pipeline whose U-Net has another width is refused; --component unet converts that U-Net alone. SD-2 depth
+  and inpainting files are taken as epsilon models. A depth file's MiDaS estimator (depth_model.*)
+  is not converted (the note says so): the depth pipeline's depth_estimator and feature_extractor
+  are left empty, and depth maps are given as input.
 
 exit status (the same in infer.py and train.py): 0 on success (and --help); 1 on a runtime error
 (a bad or unsupported checkpoint, an unwritable --to, an I/O failure); 2 on bad arguments;
@@ -123,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction", "sample"),
                    help="what the U-Net predicts; written to the scheduler config and the manifest (the weights "
                         "cannot tell; see below)")
+    p.add_argument("--kind", choices=("auto", "text2image", "depth", "instruct_pix2pix", "inpaint"), default="auto",
+                   help="the U-Net's kind; auto (default) reads it from the U-Net's input width (4, 9, 5, 8 channels); "
+                        "a kind the width contradicts is refused (see below)")
     p.add_argument("--tokenizer", metavar="DIR",
                    help="a tokenizer folder to copy into a converted pipeline (single files hold none; without one "
                         "the pipeline cannot encode prompts)")
@@ -166,7 +183,7 @@ def _main(argv: list[str] | None) -> int:
     report = convert(
         src, args.dest, format=args.format, dtype=args.dtype, components=args.component,
         unsafe_load_pickle=args.unsafe_load_pickle, ema=args.ema, prediction_type=args.prediction_type,
-        overrides=overrides, configs=configs, tokenizer=args.tokenizer, overwrite=args.overwrite,
+        overrides=overrides, configs=configs, tokenizer=args.tokenizer, kind=args.kind, overwrite=args.overwrite,
         progress=None if args.no_progress else progress,
     )
     print(format_summary(report))

@@ -77,12 +77,14 @@ def convert(
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     configs: Mapping[str, Mapping[str, Any]] | None = None,
     tokenizer: str | os.PathLike | None = None,
+    kind: str | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> ConversionReport:
     """Convert `src` (single file or folder, format detected) to `dest` (`format` "jaxcontrol" or "diffusers").
 
-    See `read_checkpoint` for the reading options. `dtype` ("float32", "bfloat16", "float16") is the
+    See `read_checkpoint` for the reading options (`kind`: the U-Net's kind, checked against its
+    input width; the pipeline class written names it). `dtype` ("float32", "bfloat16", "float16") is the
     dtype of every floating-point parameter written. `progress(description, total)` may return a
     progress bar (tqdm works). Raises `CheckpointError` / `ConfigError`; on any failure `dest` is unchanged.
     """
@@ -102,7 +104,8 @@ def convert(
     if not os.access(dest.parent, os.W_OK | os.X_OK):
         raise CheckpointError(f"{dest.parent}: not writable; cannot create {dest.name} there")
     ckpt = read_checkpoint(src, unsafe_load_pickle=unsafe_load_pickle, ema=ema, prediction_type=prediction_type,
-                           overrides=overrides, configs=configs, components=components, tokenizer=tokenizer)
+                           overrides=overrides, configs=configs, components=components, tokenizer=tokenizer,
+                           kind=kind)
     param_dtype = DTYPES[dtype]
     rows: list[ComponentReport] = []
     single = len(ckpt.components) == 1

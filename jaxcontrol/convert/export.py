@@ -39,6 +39,12 @@ _TRANSFORMERS_MODEL_TYPES = {
 }
 # pipeline slots diffusers' SD pipelines declare that a converted checkpoint leaves empty
 _EMPTY_SLOTS = ("safety_checker", "feature_extractor", "image_encoder")
+# pipelines whose slots differ: Depth2Img has a depth estimator (MiDaS in an LDM file, not converted)
+# and no safety checker, so no requires_safety_checker either
+_CLASS_SLOTS = {"StableDiffusionDepth2ImgPipeline": ("depth_estimator", "feature_extractor")}
+# model_index.json's `_diffusers_version`: the release this layout was checked against (diffusers'
+# StableDiffusionInpaintPipeline.from_pretrained fails without the field)
+DIFFUSERS_VERSION = "0.42.1"
 
 
 def write_safetensors_streaming(
@@ -149,13 +155,15 @@ class DiffusersWriter:
         """Write the pipeline's `model_index.json`, the tokenizer folders and `scheduler/scheduler_config.json`.
 
         Does nothing for a single component. `pipeline_class` defaults to "DiffusionPipeline"; a
-        StableDiffusion* pipeline gets empty safety_checker/feature_extractor slots. Raises
+        StableDiffusion* pipeline gets empty safety_checker/feature_extractor/image_encoder slots,
+        StableDiffusionDepth2ImgPipeline empty depth_estimator/feature_extractor ones. Raises
         `CheckpointError` for a tokenizer name that is not a plain folder name, or a tokenizer folder
         that cannot be copied.
         """
         if self.single:
             return
-        index: dict[str, Any] = {"_class_name": pipeline_class or "DiffusionPipeline"}
+        index: dict[str, Any] = {"_class_name": pipeline_class or "DiffusionPipeline",
+                                 "_diffusers_version": DIFFUSERS_VERSION}
         for name, cls in self.classes.items():
             index[name] = ["transformers" if cls in _TRANSFORMERS_MODEL_TYPES else "diffusers", cls]
         for name, folder in (tokenizers or {}).items():
@@ -167,7 +175,10 @@ class DiffusersWriter:
             (self.root / "scheduler" / "scheduler_config.json").write_text(
                 json.dumps(dict(scheduler_config), indent=2, sort_keys=True) + "\n")
             index["scheduler"] = ["diffusers", scheduler_config.get("_class_name", "PNDMScheduler")]
-        if pipeline_class and pipeline_class.startswith("StableDiffusion"):
+        if pipeline_class in _CLASS_SLOTS:
+            for slot in _CLASS_SLOTS[pipeline_class]:
+                index.setdefault(slot, [None, None])
+        elif pipeline_class and pipeline_class.startswith("StableDiffusion"):
             for slot in _EMPTY_SLOTS:
                 index.setdefault(slot, [None, None])
             index["requires_safety_checker"] = False

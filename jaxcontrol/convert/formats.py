@@ -40,6 +40,7 @@ VAE_PREFIX = "first_stage_model."
 CONTROL_PREFIX = "control_model."
 ADAPTER_PREFIX = "adapter."
 EMA_PREFIX = "model_ema."
+DEPTH_PREFIX = "depth_model."  # the MiDaS estimator inside an LDM depth model (not converted)
 
 
 def has_prefix(keys: Iterable[str], prefix: str) -> bool:

@@ -39,6 +39,7 @@ from .components import Checkpoint, Component, normalized_config
 from .folders import read_diffusers_model, read_diffusers_pipeline
 from .formats import (  # noqa: F401  (re-exported: this module's public names before formats.py existed)
     CONTROL_PREFIX,
+    DEPTH_PREFIX,
     FORMATS,
     SD2_TEXT_PREFIX,
     SD_TEXT_PREFIX,
@@ -52,6 +53,7 @@ from .formats import (  # noqa: F401  (re-exported: this module's public names b
 from .jax_format import read_jaxcontrol, recover_destination
 from .model_types import MODEL_TYPES
 from .paths import check_tree
+from .pipeline_kind import check_kind_name, resolve_kind, width_kind
 from .pipeline_index import PipelineBundle
 from .single_file_components import (
     Part,
@@ -133,12 +135,26 @@ def default_scheduler_config(fmt: str, prediction_type: str) -> dict:
     return config
 
 
-def _complete_stable_diffusion(ckpt: Checkpoint, global_step: int | None, prediction_type: str | None) -> None:
-    """SD-1 vs SD-2 (by cross-attention width), prediction type, 768-v sample sizes, pipeline and scheduler."""
+def _complete_stable_diffusion(ckpt: Checkpoint, global_step: int | None, prediction_type: str | None,
+                               kind: str | None = None) -> None:
+    """SD-1 vs SD-2 (by cross-attention width), prediction type, 768-v sample sizes, pipeline and scheduler.
+
+    The pipeline class set here is the text-to-image one; `pipeline_kind.resolve_kind` renames it
+    by the U-Net's kind once the components are selected. SD-2's depth and inpainting models
+    (`kind`, or the U-Net's width) predict epsilon, whatever their `global_step`.
+    """
     comps = ckpt.components
     sd2 = ckpt.format == "ldm-sd2" or comps["unet"].config.get("cross_attention_dim") == 1024
     if sd2 and ckpt.format == "ldm-sd1":
         ckpt.format = "ldm-sd2"
+    if kind is None:
+        latent = comps["vae"].config.get("latent_channels", 4) if "vae" in comps else \
+            comps["unet"].config.get("out_channels", 4)
+        kind = width_kind(comps["unet"].config["in_channels"], latent)
+    if prediction_type is None and sd2 and kind in ("depth", "inpaint"):
+        prediction_type = "epsilon"
+        ckpt.notes.append(f"prediction type epsilon assumed for an SD-2.x {kind} model (Stability AI's 512-depth "
+                          f"and 512-inpainting models predict epsilon); pass --prediction-type to be sure")
     if prediction_type is None:
         prediction_type, notes = sd_prediction_type(sd2, global_step)
         ckpt.notes.extend(notes)
@@ -153,21 +169,43 @@ def _complete_stable_diffusion(ckpt: Checkpoint, global_step: int | None, predic
         ckpt.scheduler_config = default_scheduler_config("ldm-sd2" if sd2 else "ldm-sd1", prediction_type)
 
 
+def depth_estimator_note(keys: list[str]) -> tuple[frozenset[str], list[str]]:
+    """The `depth_model.*` keys of an LDM depth file (SD-2's 512-depth-ema) and the note saying they are skipped.
+
+    They hold the MiDaS DPT-Hybrid depth estimator the model was trained with, in MiDaS' own names:
+    no diffusers `DPTForDepthEstimation` checkpoint, and no network jaxcontrol runs (its depth
+    models take `depth_map` as an input). So they are accounted for, not converted.
+    """
+    depth = frozenset(k for k in keys if k.startswith(DEPTH_PREFIX))
+    if not depth:
+        return depth, []
+    return depth, [f"{DEPTH_PREFIX}* ({len(depth)} tensors): the MiDaS depth estimator of an LDM depth model, not "
+                   f"converted (MiDaS names, no diffusers DPTForDepthEstimation); the pipeline's depth_estimator and "
+                   f"feature_extractor are left empty: give depth maps yourself (Pipeline depth_map=..., or "
+                   f"diffusers' depth_map=)"]
+
+
 def read_single_file(path: Path, source: TensorSource, facts: dict, *, ema: bool | None = None,
-                     prediction_type: str | None = None) -> Checkpoint:
+                     prediction_type: str | None = None, kind: str | None = None) -> Checkpoint:
     """A single file's `Checkpoint`: its format, one lazy component per network, and notes.
 
     `source` and `facts` are what `open_single_file(path)` returns. Keys no network accounts for
-    (noise-schedule buffers, the VAE's training loss, ...) are summarised in a note.
+    (noise-schedule buffers, the VAE's training loss, ...) are summarised in a note; an LDM depth
+    model's MiDaS estimator (`depth_model.*`) gets a note of its own. `kind` (a `models.kinds`
+    kind or None) is the U-Net kind the user asked for; `read_checkpoint` checks it.
     """
     origin = str(path)
     fmt = detect_format(source.keys(), origin)
     parts = read_parts(fmt, source, origin, ema=ema, file_name=path.name)
     ckpt = Checkpoint(path, fmt, {p.component.name: p.component for p in parts}, prediction_type=prediction_type,
                       notes=[note for p in parts for note in p.notes])
+    used = set().union(*(p.used for p in parts))
     if fmt in STABLE_DIFFUSION_FORMATS:
-        _complete_stable_diffusion(ckpt, facts.get("global_step"), prediction_type)
-    skipped = skipped_note(source.keys(), set().union(*(p.used for p in parts)))
+        _complete_stable_diffusion(ckpt, facts.get("global_step"), prediction_type, kind)
+        depth, notes = depth_estimator_note(source.keys())
+        used |= depth
+        ckpt.notes.extend(notes)
+    skipped = skipped_note(source.keys(), used)
     if skipped:
         ckpt.notes.append(skipped)
     if "global_step" in facts:
@@ -190,7 +228,8 @@ def _read_folder(path: Path, unsafe_load_pickle: bool) -> Checkpoint:
         f"(model_index.json) or a jaxcontrol checkpoint (jaxcontrol.json)")
 
 
-def _read_path(path: Path, *, unsafe_load_pickle: bool, ema: bool | None, prediction_type: str | None) -> Checkpoint:
+def _read_path(path: Path, *, unsafe_load_pickle: bool, ema: bool | None, prediction_type: str | None,
+               kind: str | None = None) -> Checkpoint:
     if path.is_dir():
         ckpt = _read_folder(path, unsafe_load_pickle)
         if ema:
@@ -198,7 +237,7 @@ def _read_path(path: Path, *, unsafe_load_pickle: bool, ema: bool | None, predic
         return ckpt
     if path.is_file():
         source, facts = open_single_file(path, unsafe_load_pickle=unsafe_load_pickle)
-        return read_single_file(path, source, facts, ema=ema, prediction_type=prediction_type)
+        return read_single_file(path, source, facts, ema=ema, prediction_type=prediction_type, kind=kind)
     raise CheckpointError(f"{path}: no such file or folder")
 
 
@@ -300,6 +339,7 @@ def read_checkpoint(
     configs: Mapping[str, Mapping[str, Any]] | None = None,
     components: Iterable[str] | None = None,
     tokenizer: str | os.PathLike | None = None,
+    kind: str | None = None,
 ) -> Checkpoint:
     """Open `path` (a single file or a folder), detect its format and describe its components, lazily.
 
@@ -311,6 +351,9 @@ def read_checkpoint(
       configs: `{component: config dict}` replacing the inferred config (shapes are still checked).
       components: keep only these components.
       tokenizer: a tokenizer folder to carry along (single files hold none).
+      kind: the U-Net's kind ("text2image", "inpaint", "depth", "instruct_pix2pix"; None or "auto":
+        from the width of its first convolution, `pipeline_kind.resolve_kind`). A kind the width
+        contradicts is refused; the pipeline class written names the kind (StableDiffusionInpaintPipeline, ...).
 
     Raises `CheckpointError` for unreadable or unknown files and `ConfigError` for options that do
     not fit the checkpoint (unknown component or field, a config value the weights leave open).
@@ -320,7 +363,9 @@ def read_checkpoint(
         recover_destination(path)
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ConfigError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-    ckpt = _read_path(path, unsafe_load_pickle=unsafe_load_pickle, ema=ema, prediction_type=prediction_type)
+    kind = check_kind_name(kind)
+    ckpt = _read_path(path, unsafe_load_pickle=unsafe_load_pickle, ema=ema, prediction_type=prediction_type,
+                      kind=kind)
     if prediction_type is not None:
         _set_prediction_type(ckpt, prediction_type)
     if tokenizer is not None:
@@ -328,6 +373,7 @@ def read_checkpoint(
     _check_names(ckpt, overrides, configs)
     _select(ckpt, components)
     _apply_overrides(ckpt, overrides, configs)
+    resolve_kind(ckpt, kind)
     if "text_encoder" not in ckpt.components:
         ckpt.tokenizers = {}
     elif not ckpt.tokenizers and ckpt.pipeline_class:

@@ -1,0 +1,144 @@
+"""Which diffusers pipeline class a converted Stable Diffusion checkpoint is, from its U-Net's input width.
+
+    width_kind(9)                                    # "inpaint" (over 4-channel latents; None for no known width)
+    pipeline_class_for("depth", controlnet=False)    # "StableDiffusionDepth2ImgPipeline"
+    resolve_kind(ckpt, "auto")                       # checks a requested kind, sets ckpt.pipeline_class
+
+The original single files of the concatenation-conditioned families (sd-v1-5-inpainting, SD-2's
+512-depth-ema, instruct-pix2pix-00-22000) have the text-to-image layout and differ only in the
+width of the U-Net's first convolution (`models.kinds`): 9, 5 and 8 input channels. So the kind
+is read from that width, a requested kind (`--kind`) that contradicts it is refused, and the
+pipeline class written (diffusers' `model_index.json` `_class_name`, the jaxcontrol manifest's
+`pipeline_class`) names the kind, which is what `jaxcontrol.pipeline.Pipeline` and diffusers'
+`from_pretrained` load it by.
+"""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+from ..models.kinds import EXTRA_CHANNELS, KINDS, unet_kind
+from .components import Checkpoint
+from .formats import STABLE_DIFFUSION_FORMATS, UNET_PREFIX
+
+KIND_CHOICES = ("auto",) + KINDS
+
+# (kind, has a ControlNet) -> the diffusers pipeline class a converted pipeline gets
+_PIPELINES = {
+    ("text2image", False): "StableDiffusionPipeline",
+    ("text2image", True): "StableDiffusionControlNetPipeline",
+    ("inpaint", False): "StableDiffusionInpaintPipeline",
+    ("inpaint", True): "StableDiffusionControlNetInpaintPipeline",
+    ("depth", False): "StableDiffusionDepth2ImgPipeline",
+    ("instruct_pix2pix", False): "StableDiffusionInstructPix2PixPipeline",
+}
+# the text-to-image classes a folder may carry for a U-Net of another kind (older conversions wrote
+# StableDiffusionPipeline for every LDM file): relabelled from the U-Net's width, with a note
+_GENERIC = ("StableDiffusionPipeline", "StableDiffusionControlNetPipeline")
+
+
+def width_kind(in_channels: int, latent_channels: int = 4) -> str | None:
+    """The kind (`models.kinds.KINDS`) of a U-Net with `in_channels` inputs, or None when no kind has that width."""
+    extra = int(in_channels) - int(latent_channels)
+    return next((k for k, v in EXTRA_CHANNELS.items() if v == extra), None)
+
+
+def pipeline_class_for(kind: str, *, controlnet: bool = False) -> str | None:
+    """diffusers' pipeline class for a U-Net of `kind` (with a ControlNet beside it), or None when there is none."""
+    return _PIPELINES.get((kind, controlnet))
+
+
+def check_kind_name(kind: str | None) -> str | None:
+    """`kind` as given ("auto" and None: detect), or `ConfigError` for a name that is no kind."""
+    if kind in (None, "auto"):
+        return None
+    if kind not in KINDS:
+        raise ConfigError(f"kind must be one of {list(KIND_CHOICES)}, got {kind!r}")
+    return kind
+
+
+def _latent_channels(ckpt: Checkpoint) -> int:
+    vae = ckpt.components.get("vae")
+    if vae is not None and "latent_channels" in vae.config:
+        return int(vae.config["latent_channels"])
+    return int(ckpt.components["unet"].config.get("out_channels", 4))
+
+
+def conv_in_key(ckpt: Checkpoint) -> str:
+    """The name of the U-Net's first convolution weight as the checkpoint itself spells it."""
+    if ckpt.format in STABLE_DIFFUSION_FORMATS:
+        return UNET_PREFIX + "input_blocks.0.0.weight"
+    if ckpt.format == "ldm-unet":
+        return "input_blocks.0.0.weight"
+    return "unet conv_in.weight"
+
+
+def conv_in_shape(config: dict, in_channels: int | None = None) -> tuple[int, int, int, int]:
+    """The PyTorch shape (out, in, k, k) of the first convolution of a U-Net `config` (with `in_channels` if given)."""
+    k = int(config.get("conv_in_kernel", 3))
+    width = config["in_channels"] if in_channels is None else in_channels
+    return (int(config["block_out_channels"][0]), int(width), k, k)
+
+
+def _known_shapes(config: dict, latent: int) -> str:
+    return ", ".join(f"{conv_in_shape(config, latent + n)} {k}" for k, n in EXTRA_CHANNELS.items())
+
+
+def resolve_kind(ckpt: Checkpoint, kind: str | None = None) -> str | None:
+    """Check the U-Net's kind against a requested `kind` and name the pipeline class by it; returns the kind.
+
+    - `kind` (not None / "auto") must be what the width says, else `ConfigError` naming the file,
+      the first convolution's key and the expected and actual shapes (also for a lone U-Net);
+    - a pipeline (`ckpt.pipeline_class` set) whose U-Net has a width of no known kind is refused
+      the same way: `--component unet` converts that network alone, with no pipeline class;
+    - a single file's pipeline, and a folder's generic text-to-image class, get the kind's class
+      (`pipeline_class_for`); a folder class that names a kind must agree with the width.
+
+    Returns None when there is no U-Net, or a lone U-Net of no known width.
+    """
+    kind = check_kind_name(kind)
+    unet = ckpt.components.get("unet")
+    if unet is None:
+        if kind is not None:
+            raise ConfigError(f"{ckpt.path}: kind {kind!r} (--kind) describes a U-Net, and the components converted "
+                              f"({sorted(ckpt.components)}) have none")
+        return None
+    config = unet.config
+    latent = _latent_channels(ckpt)
+    found = width_kind(config["in_channels"], latent)
+    key, shape = conv_in_key(ckpt), conv_in_shape(config)
+    if kind is not None and found != kind:
+        what = f"kind {found!r}" if found else "a width of no known kind"
+        raise ConfigError(
+            f"{ckpt.path}: kind {kind!r} (--kind) expects {key} of shape "
+            f"{conv_in_shape(config, latent + EXTRA_CHANNELS[kind])} ({latent} latent + {EXTRA_CHANNELS[kind]} "
+            f"condition channels), found {shape} ({what}); the kind cannot be changed by relabelling")
+    if ckpt.pipeline_class is None:  # a lone network: there is no pipeline class to name
+        return found
+    if found is None:
+        raise ConfigError(
+            f"{ckpt.path}: {key} has shape {shape}: {config['in_channels']} input channels over {latent}-channel "
+            f"latents match no model kind jaxcontrol samples (expected one of {_known_shapes(config, latent)}); "
+            f"convert the U-Net alone with --component unet (no pipeline class is then written)")
+    cls = ckpt.pipeline_class
+    if ckpt.format in STABLE_DIFFUSION_FORMATS or cls in _GENERIC:
+        controlnet = "controlnet" in ckpt.components
+        new = pipeline_class_for(found, controlnet=controlnet)
+        if new is None:
+            raise ConfigError(
+                f"{ckpt.path}: {key} of shape {shape} makes the U-Net a {found!r} model, and diffusers has no "
+                f"{found} pipeline with a ControlNet; convert the networks one at a time (--component)")
+        if new != cls:
+            if ckpt.format not in STABLE_DIFFUSION_FORMATS:
+                ckpt.notes.append(f"pipeline class {cls} -> {new}: the U-Net's {config['in_channels']} input channels "
+                                  f"make it a {found!r} model")
+            ckpt.pipeline_class = new
+    else:  # a folder's own class: it must not name another kind (diffusers' inpainting class also runs 4 channels)
+        unet_kind(config["in_channels"], latent, cls, where=f"{ckpt.path}: {key} of shape {shape}")
+    if found != "text2image":
+        ckpt.notes.append(f"unet: {config['in_channels']} input channels ({key} {shape}): kind {found!r}, "
+                          f"pipeline class {ckpt.pipeline_class}")
+    return found
+
+
+__all__ = ["KIND_CHOICES", "check_kind_name", "conv_in_key", "conv_in_shape",
+           "pipeline_class_for", "resolve_kind", "width_kind"]
