@@ -39,15 +39,16 @@ demo: $(STAMP)
 # docs/RESULTS.md), then install the exports into jaxcontrol/assets/.
 EMBEDDED_RUNS := runs/embedded
 embedded-model: $(STAMP)
-	for stage in vae unet controlnet adapter; do \
+	for stage in vae unet controlnet adapter edit; do \
 		$(BIN)/python train.py --config configs/embedded.py:$$stage --workdir $(EMBEDDED_RUNS)/$$stage || exit 1; \
 	done
 	$(BIN)/python -m jaxcontrol.demo install $(EMBEDDED_RUNS)
 
-# Control fidelity of the embedded model (tables and plots in docs/RESULTS.md)
+# Control fidelity and edit success of the embedded model (tables and plots in docs/RESULTS.md)
 fidelity: $(STAMP)
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python benchmarks/control_fidelity.py --runs $(EMBEDDED_RUNS) --out docs/results
+	$(BIN)/python benchmarks/edit_fidelity.py --out docs/results
 
 parity: $(STAMP)
 	$(BIN)/python benchmarks/parity.py --full

@@ -18,11 +18,12 @@ SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py") if not p.name.startswit
 # script -> (its tiny arguments, a line of the table it must print, slow). The slow ones compile a training
 # step or run two pipelines in two processes (about 25 s of CPU each; device_bench.py compiles a U-Net, a
 # pipeline and a training step, about 40 s), or repeat what the fast suite checks by itself: parity.py's
-# cases are tests/test_unet_parity.py's, control_fidelity.py's metrics are tests/test_embedded.py's (each
-# about 60 s). The rest run in the fast suite, as does device_bench.py's U-Net section
+# cases are tests/test_unet_parity.py's, control_fidelity.py's and edit_fidelity.py's metrics are
+# tests/test_embedded.py's (each about 60 s). The rest run in the fast suite, as does device_bench.py's U-Net section
 # (tests/test_device_bench.py).
 RUNS = {
     "control_fidelity.py": (["--tiny"], "| control | edge IoU | Chamfer (px) | colour acc |", True),
+    "edit_fidelity.py": (["--tiny"], "| text scale s_T | image scale s_I | edit success |", True),
     "device_bench.py": (["--tiny", "--attention", "auto", "plain"], "| ControlNet train step, 64x64 | auto | 2 |", True),
     "parity.py": (["--tiny"], "rows within tolerance", True),
     "pipeline_memory.py": (["--tiny"], "peak RSS", False),
