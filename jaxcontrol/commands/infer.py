@@ -790,7 +790,7 @@ def fit_to_model(settings: InferSettings, pipe, init_image) -> InferSettings:
     f = pipe.vae_scale_factor
     height = settings.height or (init_image.shape[0] if init_image is not None else None)
     width = settings.width or (init_image.shape[1] if init_image is not None else None)
-    if pipe.kind == "instruct_pix2pix" and init_image is not None:
+    if settings.kind == "instruct_pix2pix" and init_image is not None:
         # diffusers' InstructPix2Pix pipeline: the image's size rounded down to the VAE's factor
         height, width = height - height % f, width - width % f
         if not height or not width:
