@@ -18,6 +18,12 @@ Examples:
       --controlnet cn_pose --control-image pose.png --control-scale 1.0 \\
       --adapter t2i_sketch --adapter-image sketch.png --adapter-scale 0.7
 
+  # concatenation-conditioned models: inpainting (9 channels), depth (5), InstructPix2Pix (8)
+  python infer.py --model sd-inpainting --prompt "a sofa" --init-image room.png --mask mask.png
+  python infer.py --model sd2-depth --prompt "a castle" --depth-map depth16.png
+  python infer.py --model sd2-depth --prompt "a castle" --init-image room.png --depth-estimator ./dpt-hybrid-midas
+  python infer.py --model instruct-pix2pix --instruct "make it red" --init-image room.png --image-guidance-scale 1.5
+
 It writes one PNG per image, a contact-sheet grid and a JSON sidecar per image with every setting,
 the seed and the image index (`--seed S --image-indices i` regenerates image i). Nothing is
 written unless every image came out finite.
@@ -386,7 +392,7 @@ class InferSettings:
     init_image: str | None
     strength: float | None  # None: the pipeline's default for the mode
     mask: str | None
-    inpaint_method: str
+    inpaint_method: str | None  # None: not given (an inpainting model's is partial)
     repaint_jump_length: int
     repaint_jump_n_sample: int
     depth_map: str | None  # a depth map file (depth models)
@@ -413,8 +419,9 @@ _RESOLVED = ("model", "controlnet_paths", "adapter_paths", "prompts", "instruct"
 
 def resolve(args: argparse.Namespace) -> InferSettings:
     """The settings a parsed command line asks for: every usage check that needs no model, then
-    the defaults. Reads only the prompt file and whether named paths exist; the condition images
-    are read by `load_inputs` and the weights by `open_pipeline`, both in `run`.
+    the defaults. Reads only the prompt file, whether named paths exist and the model's small
+    configs (its U-Net's kind, `models.kinds.peek_unet_kind`); the condition images and the depth
+    map are read by `load_inputs` and the weights by `open_pipeline`, both in `run`.
 
     Raises `UsageError` naming the flag: out of range or malformed values (`check_flags`), no
     prompt, a missing model / ControlNet / adapter / prompt file / depth map / depth estimator,
