@@ -134,7 +134,46 @@ def build_readme_models(root: Path) -> Path:
     bird[16:48, 20:44] = rng.integers(100, 255, 3, dtype=np.uint8)
     Image.fromarray(bird).save(root / "bird.png")
     Image.fromarray(bird).save(root / "outline.png")
+    _concat_models(root, vae, text, CLIPTokenizer.from_pretrained(tok))
     return root
+
+
+def _concat_models(root: Path, vae, text, tokenizer) -> None:
+    """The README's concatenation-conditioned models (inpainting 9, depth 5, InstructPix2Pix 8
+    channels), a tiny DPT depth estimator, and the images its commands read."""
+    import diffusers
+    import torch
+    import transformers
+    from PIL import Image
+
+    from jaxcontrol.testing.reference import randomize_
+
+    common = dict(vae=vae, text_encoder=text, tokenizer=tokenizer, scheduler=diffusers.PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1))
+    no_checker = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    for folder, cls, width, extra in (
+            ("stable-diffusion-inpainting", diffusers.StableDiffusionInpaintPipeline, 9, no_checker),
+            ("stable-diffusion-2-depth", diffusers.StableDiffusionDepth2ImgPipeline, 5,
+             dict(depth_estimator=None, feature_extractor=None)),
+            ("instruct-pix2pix", diffusers.StableDiffusionInstructPix2PixPipeline, 8, no_checker)):
+        unet = randomize_(diffusers.UNet2DConditionModel(**UNET, in_channels=width), width)
+        cls(unet=unet, **common, **extra).save_pretrained(root / folder)
+    dpt = transformers.DPTForDepthEstimation(transformers.DPTConfig(
+        hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32, image_size=32, patch_size=8,
+        backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 8, 8, 8], fusion_hidden_size=8,
+        reassemble_factors=[4, 2, 1, 0.5]))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # weights large enough that the estimate has a range (a fresh DPT predicts ~0)
+        for param in dpt.parameters():
+            param.copy_(0.3 * torch.randn(param.shape, generator=g))
+    dpt.save_pretrained(root / "dpt-hybrid-midas")
+    transformers.DPTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "dpt-hybrid-midas")
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(root / "room.png")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[20:50, 10:40] = 255
+    Image.fromarray(mask).save(root / "sofa_mask.png")
+    Image.fromarray((np.mgrid[0:64, 0:64][1] * 1000 + 7).astype(np.uint16)).save(root / "depth16.png")
 
 
 def _workdir(models: Path, dest: Path) -> Path:

@@ -18,6 +18,12 @@ Examples:
       --controlnet cn_pose --control-image pose.png --control-scale 1.0 \\
       --adapter t2i_sketch --adapter-image sketch.png --adapter-scale 0.7
 
+  # concatenation-conditioned models: inpainting (9 channels), depth (5), InstructPix2Pix (8)
+  python infer.py --model sd-inpainting --prompt "a sofa" --init-image room.png --mask mask.png
+  python infer.py --model sd2-depth --prompt "a castle" --depth-map depth16.png
+  python infer.py --model sd2-depth --prompt "a castle" --init-image room.png --depth-estimator ./dpt-hybrid-midas
+  python infer.py --model instruct-pix2pix --instruct "make it red" --init-image room.png --image-guidance-scale 1.5
+
 It writes one PNG per image, a contact-sheet grid and a JSON sidecar per image with every setting,
 the seed and the image index (`--seed S --image-indices i` regenerates image i). Nothing is
 written unless every image came out finite.
@@ -82,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompt-file", help="a text file with one prompt per line")
     p.add_argument("--negative-prompt", default="", help="the negative prompt (unconditional branch of CFG)")
+    p.add_argument("--instruct", action="append", default=[],
+                   help="an InstructPix2Pix model's edit instruction, e.g. \"make it red\" (repeatable): the "
+                        "prompt, by its name; give --instruct or --prompt / --prompt-file, not both. Only with an "
+                        "InstructPix2Pix model (8-channel U-Net), which also needs --init-image")
     c = ap.add_argument_group("ControlNet (repeat the group once per ControlNet)")
     c.add_argument("--controlnet", action="append", default=[], help="a ControlNet (diffusers folder or .pth file)")
     c.add_argument("--control-image", action="append", default=[],
@@ -129,11 +139,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--init-image", help="img2img / SDEdit start image")
     e.add_argument("--strength", type=float, default=None,
                    help="img2img / inpainting strength in (0, 1] (default 0.8; 1.0 with --mask, as diffusers)")
-    e.add_argument("--mask", help="inpainting mask (white = regenerate); needs --init-image")
-    e.add_argument("--inpaint-method", default="partial", choices=("partial", "repaint"),
-                   help="partial diffusion (default) or RePaint")
+    e.add_argument("--mask", help="inpainting mask (white = regenerate), the size of --init-image; needs "
+                                  "--init-image. An inpainting model (9-channel U-Net) takes it as its extra "
+                                  "input by itself; a 4-channel model needs --inpaint-method")
+    e.add_argument("--inpaint-method", default=None, choices=("partial", "repaint"),
+                   help="how a 4-channel model inpaints with --mask: partial diffusion (blending the known "
+                        "region back at every step) or RePaint; required there. An inpainting model (9-channel "
+                        "U-Net) inpaints by itself (partial, the default for it; repaint is an error)")
     e.add_argument("--repaint-jump-length", type=int, default=10)
     e.add_argument("--repaint-jump-n-sample", type=int, default=10)
+    e.add_argument("--depth-map", metavar="FILE",
+                   help="a depth model's (5-channel U-Net) depth map: a PNG (8-bit, or 16-bit read at full "
+                        "precision), a float TIFF, or a .npy array (H, W) or (H, W, 1); any size and scale (larger "
+                        "= nearer, as MiDaS/DPT output), resized and scaled to [-1, 1] per image. Without "
+                        "--init-image the model samples from noise; with it, from the image at --strength")
+    e.add_argument("--depth-estimator", metavar="DPT_FOLDER",
+                   help="instead of --depth-map: a local transformers DPT folder (DPTForDepthEstimation + "
+                        "DPTImageProcessor saved with save_pretrained; never downloaded) run on --init-image to "
+                        "estimate the depth map, as diffusers' Depth2Img pipeline does (needs torch and "
+                        "transformers)")
+    e.add_argument("--image-guidance-scale", type=float, default=None,
+                   help="InstructPix2Pix only: how closely to follow --init-image (>= 0; default 1.5; image "
+                        "guidance runs when it is >= 1 and --guidance-scale > 1, as in diffusers)")
     e.add_argument("--clip-guidance-scale", type=float, default=0.0,
                    help="CLIP guidance weight (needs --clip-model; default 0 = off)")
     e.add_argument("--clip-model", help="a transformers CLIPModel folder for CLIP guidance")
@@ -218,6 +245,8 @@ def _check_fractions(args: argparse.Namespace) -> None:
     _within("--adapter-factor", args.adapter_factor, 0.0, 1.0)
     _finite("--clip-guidance-scale", args.clip_guidance_scale)
     _at_least("--clip-guidance-scale", args.clip_guidance_scale, 0)
+    _finite("--image-guidance-scale", args.image_guidance_scale)
+    _at_least("--image-guidance-scale", args.image_guidance_scale, 0)
     for v in args.control_scale:
         _finite("--control-scale", v)
     for v in args.adapter_scale:
@@ -274,6 +303,15 @@ def _check_flags_apply(args: argparse.Namespace) -> None:
             raise UsageError(f"{flag} only applies with --control-image")
     if args.adapter_scale and not args.adapter_image:
         raise UsageError("--adapter-scale only applies with --adapter-image")
+    if args.instruct and (args.prompt or args.prompt_file):
+        given = "--prompt" if args.prompt else "--prompt-file"
+        raise UsageError(f"--instruct is the prompt of an InstructPix2Pix model: give --instruct or {given}, not both")
+    if args.depth_map and args.depth_estimator:
+        raise UsageError(f"give --depth-map or --depth-estimator, not both (--depth-map {args.depth_map}, "
+                         f"--depth-estimator {args.depth_estimator})")
+    if args.depth_estimator and not args.init_image:
+        raise UsageError("--depth-estimator estimates the depth of --init-image: give --init-image (or a "
+                         "--depth-map file instead)")
 
 
 # --- the resolved request ------------------------------------------------------------------------
@@ -310,7 +348,9 @@ class InferSettings:
     folder's own networks first, with their scales and windows), `steps` and `guidance_scale`
     (30 and 7.5, or the demo's), `image_indices` (every index of len(prompts) * num_images
     unless given; empty with `demo`), `output` and `progress`. `height`, `width` and `solver` are None until
-    `fit_to_model` decides them from the loaded model (a flag's height / width is kept).
+    `fit_to_model` decides them from the loaded model (a flag's height / width is kept). `kind` is the
+    U-Net's kind (`models.kinds`): read from the model's configs by `resolve` where that is cheap
+    (`peek_unet_kind`), else None until the model is loaded. `instruct`: the prompts came from --instruct.
     """
 
     # the networks
@@ -323,6 +363,7 @@ class InferSettings:
     unsafe_load_pickle: bool
     # prompts and conditions
     prompts: tuple[str, ...]
+    instruct: bool
     negative_prompt: str
     controls: tuple[ControlSpec, ...]
     control_resize_mode: str
@@ -332,6 +373,7 @@ class InferSettings:
     preprocess: str
     canny_low: int
     canny_high: int
+    kind: str | None  # the U-Net's kind; None: not known before loading
     # sampling
     scheduler: str | None  # --scheduler; None: the model's own scheduler class
     solver: str | None  # the solver that runs (fit_to_model)
@@ -350,9 +392,12 @@ class InferSettings:
     init_image: str | None
     strength: float | None  # None: the pipeline's default for the mode
     mask: str | None
-    inpaint_method: str
+    inpaint_method: str | None  # None: not given (an inpainting model's is partial)
     repaint_jump_length: int
     repaint_jump_n_sample: int
+    depth_map: str | None  # a depth map file (depth models)
+    depth_estimator: str | None  # a DPT folder estimating the depth of init_image (depth models)
+    image_guidance_scale: float | None  # InstructPix2Pix; None: the pipeline's default
     clip_model: str | None
     clip_guidance_scale: float
     clip_prompt: str | None
@@ -368,18 +413,21 @@ class InferSettings:
         return [(i, self.prompts[i // self.num_images]) for i in self.image_indices]
 
 
-_RESOLVED = ("model", "controlnet_paths", "adapter_paths", "prompts", "controls", "adapters", "solver", "steps",
-             "guidance_scale", "image_indices", "output", "progress")
+_RESOLVED = ("model", "controlnet_paths", "adapter_paths", "prompts", "instruct", "kind", "controls", "adapters",
+             "solver", "steps", "guidance_scale", "image_indices", "output", "progress")
 
 
 def resolve(args: argparse.Namespace) -> InferSettings:
     """The settings a parsed command line asks for: every usage check that needs no model, then
-    the defaults. Reads only the prompt file and whether named paths exist; the condition images
-    are read by `load_inputs` and the weights by `open_pipeline`, both in `run`.
+    the defaults. Reads only the prompt file, whether named paths exist and the model's small
+    configs (its U-Net's kind, `convert.pipeline_kind.peek_unet_kind`); the condition images and the depth
+    map are read by `load_inputs` and the weights by `open_pipeline`, both in `run`.
 
     Raises `UsageError` naming the flag: out of range or malformed values (`check_flags`), no
-    prompt, a missing model / ControlNet / adapter / prompt file, condition images and networks
-    that do not pair up, an --image-indices index out of range, --control-start >= --control-end.
+    prompt, a missing model / ControlNet / adapter / prompt file / depth map / depth estimator,
+    condition images and networks that do not pair up, an --image-indices index out of range,
+    --control-start >= --control-end, and inputs the model's kind does not take or lacks
+    (`check_kind`; where the kind can be read from the model's configs without loading weights).
     """
     check_flags(args)
     prompts = _prompts(args)
@@ -392,13 +440,17 @@ def resolve(args: argparse.Namespace) -> InferSettings:
     indices = _image_indices(args.image_indices)
     if indices is not None and any(i < 0 or i >= n_images for i in indices):
         raise UsageError(f"--image-indices {','.join(map(str, indices))}: must be in 0..{n_images - 1}")
-    return _settings(
+    settings = _settings(
         args, model=model, controlnet_paths=controlnets, adapter_paths=adapters, prompts=prompts,
+        instruct=bool(args.instruct), kind=_peek_kind(model),
         controls=_controls(args), adapters=_adapters(args), solver=None,
         steps=30 if args.steps is None else args.steps,
         guidance_scale=7.5 if args.guidance_scale is None else args.guidance_scale,
         image_indices=tuple(range(n_images)) if indices is None else indices,
         output=Path(args.output), progress=not args.no_progress)
+    if settings.kind is not None:
+        check_kind(settings, settings.kind)
+    return settings
 
 
 def _settings(args: argparse.Namespace, **resolved) -> InferSettings:
@@ -414,7 +466,7 @@ def _prompts(args: argparse.Namespace) -> tuple[str, ...]:
     """--prompt, then the non-blank lines of --prompt-file (the demo prompt for a bare --demo)."""
     from jaxcontrol import demo
 
-    prompts = list(args.prompt)
+    prompts = list(args.prompt) + list(args.instruct)
     if args.prompt_file:
         path = Path(args.prompt_file)
         if not path.exists():
@@ -425,7 +477,7 @@ def _prompts(args: argparse.Namespace) -> tuple[str, ...]:
     if args.demo and not prompts:
         prompts = [demo.DEMO_PROMPT]
     if not prompts:
-        raise UsageError("give at least one --prompt or a --prompt-file")
+        raise UsageError("give at least one --prompt or a --prompt-file (or --instruct for an InstructPix2Pix model)")
     return tuple(prompts)
 
 
@@ -471,8 +523,78 @@ def _check_networks(args: argparse.Namespace, controlnets: tuple[str, ...], adap
         raise UsageError(f"{len(adapters)} --adapter but {len(args.adapter_image)} --adapter-image")
     if args.mask and not args.init_image:
         raise UsageError("--mask needs --init-image")
+    for flag, path, is_kind in (("--depth-map", args.depth_map, Path.is_file),
+                                ("--depth-estimator", args.depth_estimator, Path.is_dir)):
+        if path and not Path(path).exists():
+            raise UsageError(f"{flag} {path}: no such {'file' if is_kind is Path.is_file else 'folder'}")
+        if path and not is_kind(Path(path)):
+            raise UsageError(f"{flag} {path}: not a {'regular file' if is_kind is Path.is_file else 'folder'}")
     if args.clip_guidance_scale and not args.clip_model:
         raise UsageError("--clip-guidance-scale needs --clip-model")
+
+
+# --- the model's kind: the inputs a concatenation-conditioned U-Net takes ----------------------------
+
+_KIND_NAMES = {
+    "text2image": "a text-to-image model (4-channel U-Net)",
+    "depth": "a depth model (5-channel U-Net)",
+    "instruct_pix2pix": "an InstructPix2Pix model (8-channel U-Net)",
+    "inpaint": "an inpainting model (9-channel U-Net)",
+}
+
+
+def _peek_kind(model: str) -> str | None:
+    """The U-Net's kind read from `model`'s configs (`convert.pipeline_kind.peek_unet_kind`), no weights
+    loaded; None where it cannot be told cheaply. A width that matches no kind, or contradicts the
+    pipeline class, raises `ConfigError` as loading would (exit 1), only sooner."""
+    from jaxcontrol.convert.pipeline_kind import peek_unet_kind
+
+    return peek_unet_kind(model)
+
+
+def check_kind(settings: InferSettings, kind: str) -> None:
+    """The flags a U-Net of `kind` (`models.kinds.KINDS`) needs, and only those: a `UsageError`
+    naming the flag, what the model is and what it would take. `resolve` calls it when the kind
+    could be read from the model's configs, `run` again with the loaded model's kind."""
+    model = f"--model {settings.model} is {_KIND_NAMES[kind]}"
+    if kind != "instruct_pix2pix":
+        if settings.instruct:
+            raise UsageError(f"--instruct is the edit instruction of {_KIND_NAMES['instruct_pix2pix']}; {model}: "
+                             "give the text as --prompt")
+        if settings.image_guidance_scale is not None:
+            raise UsageError(f"--image-guidance-scale {settings.image_guidance_scale:g} applies to "
+                             f"{_KIND_NAMES['instruct_pix2pix']}; {model}")
+    if kind != "depth":
+        for flag, value in (("--depth-map", settings.depth_map), ("--depth-estimator", settings.depth_estimator)):
+            if value:
+                raise UsageError(f"{flag} {value} is the input of {_KIND_NAMES['depth']}; {model}")
+    if kind == "text2image":
+        if settings.mask and settings.inpaint_method is None:
+            raise UsageError(f"--mask {settings.mask} needs --inpaint-method partial or repaint: {model}, which "
+                             "inpaints by blending (partial) or RePaint; or use an inpainting model (9-channel U-Net)")
+    elif kind == "inpaint":
+        if not (settings.mask and settings.init_image):
+            missing = " and ".join(f for f, v in (("--init-image", settings.init_image), ("--mask", settings.mask))
+                                   if not v)
+            raise UsageError(f"{model}: it needs --init-image and --mask (missing {missing})")
+        if settings.inpaint_method == "repaint":
+            raise UsageError(f"--inpaint-method repaint runs 4-channel models; {model}, which inpaints by itself: "
+                             "drop --inpaint-method (or give partial)")
+    elif kind == "depth":
+        if not (settings.depth_map or settings.depth_estimator):
+            raise UsageError(f"{model}: give --depth-map FILE, or --depth-estimator DPT_FOLDER with --init-image")
+        if settings.mask:
+            raise UsageError(f"--mask {settings.mask}: {model}, which does not inpaint (4- and 9-channel models do)")
+    elif kind == "instruct_pix2pix":
+        if not settings.init_image:
+            raise UsageError(f"{model}: it needs --init-image, the image to edit")
+        for flag, value in (("--mask", settings.mask), ("--strength", settings.strength)):
+            if value is not None:
+                raise UsageError(f"{flag} {value}: {model}, which takes --init-image alone and samples from noise "
+                                 "(no mask, no strength; --image-guidance-scale sets how closely it follows the image)")
+        if settings.guidance_rescale:
+            raise UsageError(f"--guidance-rescale {settings.guidance_rescale:g}: {model}, whose two-scale guidance "
+                             "has no rescale")
 
 
 def per_unit(values, n, default, what):
@@ -537,8 +659,8 @@ def _demo_settings(args, model, prompts, controlnets, adapters) -> InferSettings
         if paths and not Path(paths[0]).exists():
             raise UsageError(f"{flag} {paths[0]}: no such file or folder")
     return _settings(
-        args, model=model, controlnet_paths=controlnets, adapter_paths=adapters, prompts=prompts,
-        controls=tuple(ControlSpec(p) for p in args.control_image[:1]), adapters=(), solver=None,
+        args, model=model, controlnet_paths=controlnets, adapter_paths=adapters, prompts=prompts, instruct=False,
+        kind=None, controls=tuple(ControlSpec(p) for p in args.control_image[:1]), adapters=(), solver=None,
         steps=demo.DEMO_STEPS if args.steps is None else args.steps,
         guidance_scale=demo.DEMO_GUIDANCE if args.guidance_scale is None else args.guidance_scale,
         image_indices=(), output=Path(args.output), progress=not args.no_progress)
@@ -549,12 +671,14 @@ def _demo_settings(args, model, prompts, controlnets, adapters) -> InferSettings
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class InputImages:
-    """The images a run reads: float32 in [0, 1], (H, W, 3); the mask (H, W)."""
+    """The images a run reads: float32 in [0, 1], (H, W, 3); the mask (H, W); the depth map
+    float64 (H, W) as read from --depth-map, or float32 as --depth-estimator estimated it."""
 
     control_images: tuple
     adapter_images: tuple
     init_image: np.ndarray | None
     mask: np.ndarray | None
+    depth_map: np.ndarray | None = None
 
 
 def main(argv=None) -> int:
@@ -587,9 +711,16 @@ def run(settings: InferSettings) -> list[Path]:
 
     inputs = load_inputs(settings)  # images are validated before the slow model load
     t0 = time.perf_counter()
-    hashes = hash_paths_in_background([settings.model, *settings.controlnet_paths, *settings.adapter_paths])
+    hashes = hash_paths_in_background([settings.model, *settings.controlnet_paths, *settings.adapter_paths,
+                                       *filter(None, [settings.depth_estimator])])
     pipe = open_pipeline(settings)
+    settings = dataclasses.replace(settings, kind=pipe.kind)
+    check_kind(settings, pipe.kind)  # again: the kind read before loading may have been unknown
     settings = fit_to_model(settings, pipe, inputs.init_image)
+    if settings.depth_estimator:
+        from jaxcontrol.depth import estimate_depth
+
+        inputs = dataclasses.replace(inputs, depth_map=estimate_depth(inputs.init_image, settings.depth_estimator))
     inputs = prepare_inputs(settings, inputs)
     clip = load_clip_guidance(settings, pipe) if settings.clip_guidance_scale else None
     written = write_outputs(settings, inputs, sample(settings, pipe, inputs, clip), hashes)
@@ -613,12 +744,31 @@ def _load(flag, path, mode="RGB"):
 
 
 def load_inputs(settings: InferSettings) -> InputImages:
-    """The condition, init and mask images, read as given (`UsageError` naming the flag for one
-    that is missing or unreadable)."""
+    """The condition, init and mask images and the depth map, read as given (`UsageError` naming
+    the flag for one that is missing or unreadable, a mask whose size is not the init image's,
+    and a depth map that is not 2-D, not finite or constant)."""
+    init_image = _load("--init-image", settings.init_image) if settings.init_image else None
+    mask = _load("--mask", settings.mask, mode="L") if settings.mask else None
+    if mask is not None and init_image is not None and mask.shape[:2] != init_image.shape[:2]:
+        raise UsageError(f"--mask {settings.mask} is {mask.shape[0]}x{mask.shape[1]} pixels (height x width) but "
+                         f"--init-image {settings.init_image} is {init_image.shape[0]}x{init_image.shape[1]}; "
+                         "give a mask of the init image's size")
     return InputImages(control_images=tuple(_load("--control-image", c.image) for c in settings.controls),
                        adapter_images=tuple(_load("--adapter-image", a.image) for a in settings.adapters),
-                       init_image=_load("--init-image", settings.init_image) if settings.init_image else None,
-                       mask=_load("--mask", settings.mask, mode="L") if settings.mask else None)
+                       init_image=init_image, mask=mask,
+                       depth_map=_load_depth(settings.depth_map) if settings.depth_map else None)
+
+
+def _load_depth(path: str):
+    """--depth-map as a float (H, W) array at full precision (`jaxcontrol.depth.load_depth_map`)."""
+    from jaxcontrol.depth import DepthMapError, load_depth_map
+
+    if Path(path).exists() and not stat.S_ISREG(os.stat(path).st_mode):
+        raise UsageError(f"--depth-map {path}: not a regular file")
+    try:
+        return load_depth_map(path)
+    except DepthMapError as e:
+        raise UsageError(f"--depth-map: {e}") from None
 
 
 def open_pipeline(settings: InferSettings):
@@ -632,7 +782,8 @@ def open_pipeline(settings: InferSettings):
 
 def fit_to_model(settings: InferSettings, pipe, init_image) -> InferSettings:
     """`settings` with the solver and the image size decided by the loaded model: --height /
-    --width, else the init image's size, else the U-Net's sample size times the VAE's factor.
+    --width, else the init image's size (an InstructPix2Pix model's: rounded down to a multiple of
+    the VAE's factor, as diffusers does), else the U-Net's sample size times the VAE's factor.
 
     Raises `UsageError` for a --clip-skip deeper than the text encoder, --eta with a solver other
     than DDIM, or a size the VAE's downscale factor does not divide."""
@@ -646,6 +797,12 @@ def fit_to_model(settings: InferSettings, pipe, init_image) -> InferSettings:
     f = pipe.vae_scale_factor
     height = settings.height or (init_image.shape[0] if init_image is not None else None)
     width = settings.width or (init_image.shape[1] if init_image is not None else None)
+    if settings.kind == "instruct_pix2pix" and init_image is not None:
+        # diffusers' InstructPix2Pix pipeline: the image's size rounded down to the VAE's factor
+        height, width = height - height % f, width - width % f
+        if not height or not width:
+            raise UsageError(f"--init-image {settings.init_image} is {init_image.shape[0]}x{init_image.shape[1]} "
+                             f"pixels, smaller than the VAE's factor {f}")
     height = height or pipe.unet.config.sample_size * f
     width = width or pipe.unet.config.sample_size * f
     if height % f or width % f:
@@ -761,7 +918,8 @@ def _call_arguments(settings: InferSettings, inputs: InputImages, clip) -> dict:
         adapters=[AdapterInput(img if img.shape[:2] == (settings.height, settings.width) else _as_file_image(img),
                                a.scale) for img, a in zip(inputs.adapter_images, settings.adapters)],
         adapter_conditioning_factor=settings.adapter_factor, init_image=inputs.init_image,
-        strength=settings.strength, mask=inputs.mask, inpaint_method=settings.inpaint_method,
+        strength=settings.strength, mask=inputs.mask, inpaint_method=settings.inpaint_method or "partial",
+        depth_map=inputs.depth_map, image_guidance_scale=settings.image_guidance_scale,
         repaint_jump_length=settings.repaint_jump_length, repaint_jump_n_sample=settings.repaint_jump_n_sample,
         clip_guidance=clip, clip_skip=settings.clip_skip)
 
@@ -820,7 +978,13 @@ def _common_sidecar(settings: InferSettings, inputs: InputImages, hashes: dict) 
             {"name": settings.preprocess, "low": settings.canny_low, "high": settings.canny_high},
             "init_image": fingerprint(settings.init_image, inputs.init_image),
             "mask": fingerprint(settings.mask, inputs.mask),
+            "depth_map": None if inputs.depth_map is None else {
+                "source": settings.depth_map or "estimated", "path": settings.depth_map,
+                "sha256": array_sha256(inputs.depth_map),
+                "estimator": None if not settings.depth_estimator else {
+                    "path": settings.depth_estimator, "sha256": hashes[settings.depth_estimator].result()}},
         },
+        "depth_source": None if inputs.depth_map is None else settings.depth_map or "estimated",
     }
 
 

@@ -3,6 +3,7 @@
     width_kind(9)                                    # "inpaint" (over 4-channel latents; None for no known width)
     pipeline_class_for("depth", controlnet=False)    # "StableDiffusionDepth2ImgPipeline"
     resolve_kind(ckpt, "auto")                       # checks a requested kind, sets ckpt.pipeline_class
+    peek_unet_kind("sd15-inpainting/")               # "inpaint", from configs or a header alone (no weights)
 
 The original single files of the concatenation-conditioned families (sd-v1-5-inpainting, SD-2's
 512-depth-ema, instruct-pix2pix-00-22000) have the text-to-image layout and differ only in the
@@ -14,6 +15,9 @@ pipeline class written (diffusers' `model_index.json` `_class_name`, the jaxcont
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 from ..errors import ConfigError
 from ..models.kinds import EXTRA_CHANNELS, KINDS, unet_kind
@@ -140,5 +144,80 @@ def resolve_kind(ckpt: Checkpoint, kind: str | None = None) -> str | None:
     return found
 
 
+# an LDM single file's U-Net input convolution and VAE decoder input (their shapes give the widths)
+LDM_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
+LDM_VAE_DECODER_IN = "first_stage_model.decoder.conv_in.weight"
+
+
+def peek_unet_kind(path: str | os.PathLike) -> str | None:
+    """The kind of the U-Net of the model at `path`, read from small files only (no weights).
+
+    A diffusers pipeline folder: `model_index.json`'s `_class_name`, `unet/config.json`'s
+    `in_channels` and `vae/config.json`'s `latent_channels`. A jaxcontrol checkpoint: the same from
+    `jaxcontrol.json`'s `pipeline_class` and its components' `config.json`. An LDM `.safetensors`
+    single file: the shapes of its first U-Net convolution and VAE decoder input, from the header.
+
+    Returns None where that cannot be told cheaply (a `.ckpt` pickle, a folder or file of another
+    layout, an unreadable or malformed config): the kind is then known once the model is loaded,
+    which reports those problems itself. Raises `ConfigError` (from `unet_kind`) for a width that
+    matches no kind or contradicts the pipeline class, as loading the model would."""
+    p = Path(path)
+    try:
+        widths = _peek_widths(p)
+    except (OSError, ValueError, AttributeError, TypeError):  # CheckpointError / ConfigError are ValueErrors
+        return None
+    if widths is None:
+        return None
+    in_channels, latent_channels, pipeline_class, where = widths
+    if not all(isinstance(c, int) and not isinstance(c, bool) for c in (in_channels, latent_channels)):
+        return None
+    return unet_kind(in_channels, latent_channels, pipeline_class, where=where)
+
+
+def _peek_widths(p: Path) -> tuple | None:
+    """(U-Net in_channels, latent channels, pipeline class, where) of the model at `p`, or None."""
+    from .paths import read_json, safe_join
+
+    if p.is_file():
+        return _peek_single_file(p)
+    if (p / "jaxcontrol.json").is_file():
+        manifest = read_json(p / "jaxcontrol.json", "jaxcontrol manifest")
+        comps = manifest.get("components") or {}
+        folders = {name: safe_join(p, comps[name].get("path", name), name) if isinstance(comps.get(name), dict)
+                   else None for name in ("unet", "vae")}
+        pipeline_class = manifest.get("pipeline_class") or ""
+    elif (p / "model_index.json").is_file():
+        index = read_json(p / "model_index.json", "model_index.json")
+        folders = {name: safe_join(p, name, name) if isinstance(index.get(name), list) else None
+                   for name in ("unet", "vae")}
+        pipeline_class = index.get("_class_name") or ""
+    else:
+        return None
+    if folders["unet"] is None or not (folders["unet"] / "config.json").is_file():
+        return None
+    unet = read_json(folders["unet"] / "config.json", "unet config")
+    if unet.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
+        return None
+    vae = {}
+    if folders["vae"] is not None and (folders["vae"] / "config.json").is_file():
+        vae = read_json(folders["vae"] / "config.json", "vae config")
+    return unet.get("in_channels", 4), vae.get("latent_channels", 4), str(pipeline_class), f"{p}: unet"
+
+
+def _peek_single_file(path: Path) -> tuple | None:
+    if path.suffix.lower() != ".safetensors":
+        return None  # a pickle (.ckpt / .pth / .bin) cannot be read without loading it
+    from .safetensors_file import SafetensorsFile
+
+    header = SafetensorsFile(path)
+    if LDM_CONV_IN not in header:
+        return None  # a diffusers-layout or non-U-Net file: the loader tells
+    conv_in = header.shape(LDM_CONV_IN)
+    latent = header.shape(LDM_VAE_DECODER_IN)[1] if LDM_VAE_DECODER_IN in header else 4
+    if len(conv_in) != 4:
+        return None
+    return conv_in[1], latent, "", f"{path}: {LDM_CONV_IN}"
+
+
 __all__ = ["KIND_CHOICES", "check_kind_name", "conv_in_key", "conv_in_shape",
-           "pipeline_class_for", "resolve_kind", "width_kind"]
+           "pipeline_class_for", "resolve_kind", "width_kind", "peek_unet_kind"]
