@@ -32,7 +32,7 @@ DEFAULT_ADAPTER = ASSETS / "default_adapter"
 # the instruction editor: an 8-channel InstructPix2Pix U-Net over the base model's VAE and text encoder
 DEFAULT_EDITOR = ASSETS / "default_editor"
 EDIT_EXPORT = "edit/export/jaxcontrol/pipeline"
-DEMO_INSTRUCTION = "make the circle red"
+DEMO_INSTRUCTIONS = ("make the circle red", "make the background white", "make the circle green")
 EDIT_GUIDANCE = (3.0, 1.5)  # (text, image) guidance scales of the demo row (docs/RESULTS.md's sweep)
 DEMO_PROMPT = "yellow circle with blue background"
 DEMO_GUIDANCE = 5.0

@@ -134,6 +134,9 @@ def build_readme_models(root: Path) -> Path:
     bird[16:48, 20:44] = rng.integers(100, 255, 3, dtype=np.uint8)
     Image.fromarray(bird).save(root / "bird.png")
     Image.fromarray(bird).save(root / "outline.png")
+    from jaxcontrol.data.fill50k import fill50k_example
+
+    Image.fromarray(fill50k_example(0, image_size=64, colors="basic").image).save(root / "circle.png")
     _concat_models(root, vae, text, CLIPTokenizer.from_pretrained(tok))
     return root
 

@@ -146,7 +146,7 @@ def test_the_image_channels_learn_from_the_first_step(run):
     assert a != b
 
 
-def test_train_exports_an_instruct_pix2pix_pipeline(tmp_path):
+def test_train_exports_an_instruct_pix2pix_pipeline(tmp_path, monkeypatch):
     from jaxcontrol.pipeline import Pipeline
 
     cfg = instruct_config(tmp_path / "tfds", steps=2, **{"export.at_end": True, "export.diffusers": True,
@@ -167,3 +167,20 @@ def test_train_exports_an_instruct_pix2pix_pipeline(tmp_path):
                   guidance_scale=2.0, image_guidance_scale=1.5, seed=0)
     assert np.asarray(images).shape[-3:] == (8, 8, 3)
     assert Path(export / "diffusers" / "pipeline" / "unet").is_dir()
+
+    # `python -m jaxcontrol.demo install` takes the edit run's U-Net alone as the embedded editor
+    from jaxcontrol import demo
+    from jaxcontrol.convert import load_model
+
+    runs = tmp_path / "runs"
+    for src in list(demo.EXPORTS)[:2]:  # stand-ins for the base model and ControlNet exports
+        (runs / src).mkdir(parents=True)
+    (runs / demo.EDIT_EXPORT).parent.mkdir(parents=True)
+    (runs / demo.EDIT_EXPORT).symlink_to(export / "jaxcontrol" / "pipeline", target_is_directory=True)
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    monkeypatch.setattr(demo, "EXPORTS", {src: assets / Path(dest).name for src, dest in demo.EXPORTS.items()})
+    monkeypatch.setattr(demo, "DEFAULT_EDITOR", assets / "default_editor")
+    assert demo.install(runs)[-1] == assets / "default_editor"
+    module, params = load_model(assets / "default_editor")
+    assert module.config.in_channels == 8 and not list((assets / "default_editor").rglob("commit_success.txt"))

@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(default: the embedded demo model, jaxcontrol/assets/; then --control-image "
                                    "and --adapter-image without --controlnet / --adapter use its ControlNet and "
                                    "T2I-Adapter)")
+    m.add_argument("--unet", help="a U-Net (diffusers folder, jaxcontrol checkpoint or file) in place of the model's "
+                                  "own, over its VAE and text encoder: a fine-tune, or a concatenation-conditioned "
+                                  "U-Net (the model's kind follows its input width). Default: the model's; with "
+                                  "--instruct and no --model, the embedded instruction editor "
+                                  "(jaxcontrol/assets/default_editor)")
     m.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="compute dtype of the U-Net, ControlNets, adapters and text encoder; weights stay "
                         "float32 and normalisation/softmax statistics are float32 in every mode. Default auto: "
@@ -344,7 +349,8 @@ class InferSettings:
     flags' values; the others are resolved: `model` (the embedded demo model without --model),
     `controlnet_paths` / `adapter_paths` (the networks loaded from files, after the model folder's
     own; the embedded model's own without --controlnet / --adapter), `prompts` (--prompt, then
-    the lines of --prompt-file), `controls` / `adapters` (one per condition image, the model
+    the lines of --prompt-file), `unet` (--unet; with --instruct and no --model the embedded
+    instruction editor's U-Net), `controls` / `adapters` (one per condition image, the model
     folder's own networks first, with their scales and windows), `steps` and `guidance_scale`
     (30 and 7.5, or the demo's), `image_indices` (every index of len(prompts) * num_images
     unless given; empty with `demo`), `output` and `progress`. `height`, `width` and `solver` are None until
@@ -355,6 +361,7 @@ class InferSettings:
 
     # the networks
     model: str
+    unet: str | None  # a U-Net replacing the model's (--unet, or the embedded editor for --instruct)
     controlnet_paths: tuple[str, ...]
     adapter_paths: tuple[str, ...]
     dtype: str
@@ -413,7 +420,7 @@ class InferSettings:
         return [(i, self.prompts[i // self.num_images]) for i in self.image_indices]
 
 
-_RESOLVED = ("model", "controlnet_paths", "adapter_paths", "prompts", "instruct", "kind", "controls", "adapters",
+_RESOLVED = ("model", "unet", "controlnet_paths", "adapter_paths", "prompts", "instruct", "kind", "controls", "adapters",
              "solver", "steps", "guidance_scale", "image_indices", "output", "progress")
 
 
@@ -432,6 +439,7 @@ def resolve(args: argparse.Namespace) -> InferSettings:
     check_flags(args)
     prompts = _prompts(args)
     model = _model_path(args.model)
+    unet = _unet_path(args)
     controlnets, adapters = _network_paths(args)
     if args.demo:
         return _demo_settings(args, model, prompts, controlnets, adapters)
@@ -441,8 +449,8 @@ def resolve(args: argparse.Namespace) -> InferSettings:
     if indices is not None and any(i < 0 or i >= n_images for i in indices):
         raise UsageError(f"--image-indices {','.join(map(str, indices))}: must be in 0..{n_images - 1}")
     settings = _settings(
-        args, model=model, controlnet_paths=controlnets, adapter_paths=adapters, prompts=prompts,
-        instruct=bool(args.instruct), kind=_peek_kind(model),
+        args, model=model, unet=unet, controlnet_paths=controlnets, adapter_paths=adapters, prompts=prompts,
+        instruct=bool(args.instruct), kind=_peek_kind(unet or model),
         controls=_controls(args), adapters=_adapters(args), solver=None,
         steps=30 if args.steps is None else args.steps,
         guidance_scale=7.5 if args.guidance_scale is None else args.guidance_scale,
@@ -492,6 +500,23 @@ def _model_path(flag: str | None) -> str:
                              "(run `make embedded-model`)")
         raise UsageError(f"--model {model}: no such file or folder")
     return model
+
+
+def _unet_path(args: argparse.Namespace) -> str | None:
+    """--unet; with --instruct and no --model, the embedded instruction editor's U-Net. `UsageError`
+    when the path does not exist or the editor is not built."""
+    from jaxcontrol import demo
+
+    if args.unet:
+        if not Path(args.unet).exists():
+            raise UsageError(f"--unet {args.unet}: no such file or folder")
+        return args.unet
+    if args.instruct and args.model is None and not args.demo:
+        if not demo.DEFAULT_EDITOR.is_dir():
+            raise UsageError("--instruct without --model uses the embedded instruction editor, which is not built "
+                             "(run `make embedded-model`); or give an InstructPix2Pix --model")
+        return str(demo.DEFAULT_EDITOR)
+    return None
 
 
 def _network_paths(args: argparse.Namespace) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -659,7 +684,7 @@ def _demo_settings(args, model, prompts, controlnets, adapters) -> InferSettings
         if paths and not Path(paths[0]).exists():
             raise UsageError(f"{flag} {paths[0]}: no such file or folder")
     return _settings(
-        args, model=model, controlnet_paths=controlnets, adapter_paths=adapters, prompts=prompts, instruct=False,
+        args, model=model, unet=None, controlnet_paths=controlnets, adapter_paths=adapters, prompts=prompts, instruct=False,
         kind=None, controls=tuple(ControlSpec(p) for p in args.control_image[:1]), adapters=(), solver=None,
         steps=demo.DEMO_STEPS if args.steps is None else args.steps,
         guidance_scale=demo.DEMO_GUIDANCE if args.guidance_scale is None else args.guidance_scale,
@@ -712,7 +737,7 @@ def run(settings: InferSettings) -> list[Path]:
     inputs = load_inputs(settings)  # images are validated before the slow model load
     t0 = time.perf_counter()
     hashes = hash_paths_in_background([settings.model, *settings.controlnet_paths, *settings.adapter_paths,
-                                       *filter(None, [settings.depth_estimator])])
+                                       *filter(None, [settings.depth_estimator, settings.unet])])
     pipe = open_pipeline(settings)
     settings = dataclasses.replace(settings, kind=pipe.kind)
     check_kind(settings, pipe.kind)  # again: the kind read before loading may have been unknown
@@ -777,7 +802,8 @@ def open_pipeline(settings: InferSettings):
 
     return Pipeline.from_pretrained(settings.model, dtype=settings.dtype, vae_dtype=settings.vae_dtype,
                                     controlnets=list(settings.controlnet_paths), adapters=list(settings.adapter_paths),
-                                    attention_impl=settings.attention, unsafe_load_pickle=settings.unsafe_load_pickle)
+                                    attention_impl=settings.attention, unsafe_load_pickle=settings.unsafe_load_pickle,
+                                    unet=settings.unet)
 
 
 def fit_to_model(settings: InferSettings, pipe, init_image) -> InferSettings:
@@ -967,6 +993,7 @@ def _common_sidecar(settings: InferSettings, inputs: InputImages, hashes: dict) 
     return {
         "jaxcontrol_version": jaxcontrol.__version__,
         "model": {"path": settings.model, "sha256": hashes[settings.model].result()},
+        "unet": None if settings.unet is None else {"path": settings.unet, "sha256": hashes[settings.unet].result()},
         "negative_prompt": settings.negative_prompt,
         "scheduler": settings.scheduler or settings.solver,
         "steps": settings.steps,
@@ -1004,9 +1031,21 @@ def run_demo(settings: InferSettings) -> list[Path]:
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     settings = dataclasses.replace(settings, height=settings.height or size, width=settings.width or size)
     condition = _demo_condition(settings)
+    edit_rows, editor = [], None
+    # the instruction editor's row (its input image is square, as the demo's default size)
+    if settings.model == str(demo.DEFAULT_MODEL) and demo.DEFAULT_EDITOR.is_dir() and settings.height == settings.width:
+        editor = demo.load_editor(dtype=settings.dtype, vae_dtype=settings.vae_dtype, attention_impl=settings.attention)
+        edit_rows = [demo.edit_row(editor, demo.demo_source(settings.height), demo.DEMO_INSTRUCTIONS,
+                                   seed=settings.seed, steps=settings.steps)]
+    resolved = dict(editor.last_settings) if editor is not None else None
     grid = demo.control_grid(pipe, settings.prompts[0], condition, seed=settings.seed, steps=settings.steps,
-                             guidance_scale=settings.guidance_scale, scheduler=settings.scheduler)
+                             guidance_scale=settings.guidance_scale, scheduler=settings.scheduler,
+                             extra_rows=edit_rows)
     sidecar = _demo_sidecar(settings, pipe.last_settings, hashes, condition)
+    if resolved is not None:
+        sidecar["editor"] = {"unet": str(demo.DEFAULT_EDITOR), "instructions": list(demo.DEMO_INSTRUCTIONS),
+                             "guidance_scale": resolved["guidance_scale"],
+                             "image_guidance_scale": resolved["image_guidance_scale"], "kind": resolved["kind"]}
     path = save_png(grid, settings.output / f"{settings.name}_demo.png")
     save_json(sidecar, settings.output / f"{settings.name}_demo.json")
     print(f"wrote {path} ({settings.prompts[0]!r}, {settings.steps} steps, CFG {settings.guidance_scale:g}, "
