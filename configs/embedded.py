@@ -52,7 +52,7 @@ UNET = dict(
 # v-prediction on a zero-terminal-SNR schedule (Lin et al. 2023): at the last timestep the input is
 # pure noise, so the flat colours must come from the prompt, not from the noise's low frequencies
 SCHEDULER = dict(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")
-EDIT_STEPS = 2000
+EDIT_STEPS = 4000
 STAGES = ("vae", "unet", "controlnet", "adapter", "edit")
 
 
@@ -122,7 +122,7 @@ def get_config(stage: str = "unet"):
         c.instruct_pix2pix.conditioning_dropout_prob = 0.05
         c.steps = EDIT_STEPS
         c.batch_size = 32
-        c.optim.learning_rate = 5e-4
+        c.optim.learning_rate = 1e-3
         c.optim.ema_decay = 0.995
         c.checkpoint.every = 250
         c.validation.every = 500

@@ -17,7 +17,6 @@ from jaxcontrol.models import UNet2DConditionConfig, UNet2DConditionModel, init_
 from jaxcontrol.models.kinds import widen_unet_input
 from jaxcontrol.training import Run, check_config, losses
 from jaxcontrol.training.config import TINY_UNET
-from jaxcontrol.training.trainer import train
 from _smoke import smoke_config as _smoke_config
 
 
@@ -146,27 +145,28 @@ def test_the_image_channels_learn_from_the_first_step(run):
     assert a != b
 
 
-def test_train_exports_an_instruct_pix2pix_pipeline(tmp_path, monkeypatch):
-    from jaxcontrol.pipeline import Pipeline
-
-    cfg = instruct_config(tmp_path / "tfds", steps=2, **{"export.at_end": True, "export.diffusers": True,
-                                                        "validation.at_end": True, "checkpoint.every": 2})
-    train(cfg, tmp_path / "run")
-    export = tmp_path / "run" / "export"
+def test_run_validates_and_exports_an_instruct_pix2pix_pipeline(run, tmp_path, monkeypatch):
+    """What a run's end does (validation grid, export), on the fixture's run; the export loads as an
+    InstructPix2Pix pipeline in diffusers' layout and ours, and edits."""
     import json
 
+    from jaxcontrol.pipeline import Pipeline
+    from jaxcontrol.training.export import export_trained
+
+    grid = run.validation_images()  # rows: the images to edit, their edits
+    assert grid is not None and grid.shape[0] == 2 * 8 and grid.std() > 0  # two rows of 8-px images
+    export = tmp_path / "export"
+    export_trained(run.nets, run.export_params(), run.frozen, export)
     index = json.loads((export / "diffusers" / "pipeline" / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionInstructPix2PixPipeline"
     unet_cfg = json.loads((export / "diffusers" / "pipeline" / "unet" / "config.json").read_text())
     assert unet_cfg["in_channels"] == 8
-    assert list((tmp_path / "run" / "samples").glob("validation_step_*.png"))
     pipe = Pipeline.from_pretrained(export / "jaxcontrol" / "pipeline")
     assert pipe.kind == "instruct_pix2pix"
     src = fill50k_edit_example(0, image_size=8).source
     images = pipe("make the circle red", init_image=src, num_inference_steps=2, height=8, width=8,
                   guidance_scale=2.0, image_guidance_scale=1.5, seed=0)
     assert np.asarray(images).shape[-3:] == (8, 8, 3)
-    assert Path(export / "diffusers" / "pipeline" / "unet").is_dir()
 
     # `python -m jaxcontrol.demo install` takes the edit run's U-Net alone as the embedded editor
     from jaxcontrol import demo
