@@ -23,6 +23,7 @@ with the highest success among those keeping the unedited part in >= 90% of the 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -102,16 +103,34 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
     ap.add_argument("--data-seed", type=int, default=7, help="fill50k seed of the held-out triples (training used 0)")
     ap.add_argument("--out", help="folder for edit_results.md and edit_samples.png")
-    ap.add_argument("--tiny", action="store_true", help="2 triples, 2 steps, 2 scale pairs: checks the script runs")
+    ap.add_argument("--tiny", action="store_true",
+                    help="2 triples, 2 steps, scale pairs (1, 1.5) and (3, 1.5), in place of --num, --batch, --steps "
+                         "and the scales: checks the script runs")
     args = ap.parse_args(argv)
     if args.tiny:
         args.num, args.batch, args.steps = 2, 2, 2
         args.text_scales, args.image_scales = [1.0, 3.0], [1.5]
+    for flag, value in (("--num", args.num), ("--batch", args.batch), ("--steps", args.steps)):
+        if value < 1:
+            ap.error(f"{flag} must be >= 1, got {value}")
+    for flag, values in (("--text-scales", args.text_scales), ("--image-scales", args.image_scales)):
+        if not all(math.isfinite(v) and v >= 0 for v in values):
+            ap.error(f"{flag} must be finite numbers >= 0, got {values}")
 
     import jax
 
+    from jaxcontrol.errors import ConfigError
+
     t_start = time.perf_counter()
-    pipe = demo.load_editor(model=args.model, unet=args.unet)
+    try:
+        pipe = demo.load_editor(model=args.model, unet=args.unet)
+    except ConfigError as e:
+        print(f"edit_fidelity.py: {e}", file=sys.stderr)
+        return 2
+    if pipe.kind != "instruct_pix2pix":
+        print(f"edit_fidelity.py: the model is a {pipe.kind!r} model; edits need an InstructPix2Pix U-Net "
+              "(8 input channels, --unet)", file=sys.stderr)
+        return 2
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     examples = held_out(args.num, args.data_seed, size)
     evaluate = Evaluator(pipe, examples, steps=args.steps, seed=args.seed, batch=min(args.batch, args.num),

@@ -535,6 +535,13 @@ class Pipeline:
             module, params = load_model(unet, **kw)
             if not isinstance(module, UNet2DConditionModel):
                 raise ConfigError(f"unet={os.fspath(unet)!r} is a {type(module).__name__}, not a UNet2DConditionModel")
+            text_width = int(bundle.modules["text_encoder"].config.hidden_size)
+            latent = int(bundle.modules["vae"].config.latent_channels)
+            for field, have, want in (("cross_attention_dim", module.config.cross_attention_dim, text_width),
+                                      ("out_channels", module.config.out_channels, latent)):
+                if isinstance(have, int) and have != want:  # (a per-block cross_attention_dim is checked on use)
+                    raise ConfigError(f"unet={os.fspath(unet)!r} has {field}={have}, but {os.fspath(path)!r} needs "
+                                      f"{want} (its text encoder's width / its VAE's latent channels)")
             bundle.modules["unet"], bundle.params["unet"] = module, params
         cns = [load_model(p, **kw) for p in controlnets]
         ads = [load_model(p, dtype=dtype, param_dtype=param_dtype, unsafe_load_pickle=unsafe_load_pickle)
@@ -913,7 +920,8 @@ class Pipeline:
             "solver": plan.solver, "scheduler_config": _jsonable(dict(plan.config)),
             "prediction_type": plan.prediction_type, "num_inference_steps": settings.num_inference_steps,
             "model_evaluations": int(plan.num_evals), "timesteps": np.asarray(plan.timesteps).tolist(),
-            "mode": settings.mode, "strength": settings.strength, "guidance_scale": float(args.guidance_scale),
+            # InstructPix2Pix samples from noise with the image as its condition: an edit, not txt2img
+            "mode": "edit" if settings.kind == "instruct_pix2pix" else settings.mode, "strength": settings.strength, "guidance_scale": float(args.guidance_scale),
             "classifier_free_guidance": settings.do_cfg, "guidance_rescale": settings.guidance_rescale,
             "guess_mode": settings.guess_mode, "clip_skip": settings.clip_skip, "height": h * f, "width": w * f,
             "seed": int(args.seed), "image_indices": [int(i) for i in indices],

@@ -828,6 +828,9 @@ def prepare_depth_map(depth, batch: int, height: int, width: int, *, num_images_
     d = np.concatenate(arrays, axis=0)
     if not np.all(np.isfinite(d)):
         raise ValueError(f"{what}: the depth map holds NaN or infinite values")
+    top = float(np.abs(d).max()) if d.size else 0.0
+    if top > 2.0 ** 500:  # near float64's range: a power of two (exact) keeps the resize and range finite
+        d = d * 2.0 ** -int(np.ceil(np.log2(top)))
     wh, ww = _bicubic_weights(d.shape[1], height), _bicubic_weights(d.shape[2], width)
     d = np.einsum("oh,nhw,pw->nop", wh, d, ww)
     lo, hi = d.min(axis=(1, 2), keepdims=True), d.max(axis=(1, 2), keepdims=True)

@@ -183,7 +183,7 @@ def test_instruct_edits_the_init_image_at_its_own_size(tiny, tmp_path, capsys):
                      "--init-image", root / "odd.png", "--image-guidance-scale", "2.5", *FAST, "--output", out)
     assert code == 0, err
     side = _sidecar(out)
-    assert side["kind"] == "instruct_pix2pix" and side["prompt"] == "make it red" and side["mode"] == "txt2img"
+    assert side["kind"] == "instruct_pix2pix" and side["prompt"] == "make it red" and side["mode"] == "edit"
     assert side["image_guidance_scale"] == 2.5 and side["guidance_scale"] == 7.5  # as the pipeline resolved them
     assert (side["height"], side["width"]) == (18, 22)  # 19x23 rounded down to the VAE's factor, as diffusers
     assert _png(out).shape == (18, 22, 3)
@@ -233,6 +233,11 @@ def no_loading(monkeypatch):
     ("depth", ["--depth-estimator", "dpt"], "--depth-estimator estimates the depth of --init-image"),
     ("instruct-pix2pix", ["--init-image", "init.png", "--image-guidance-scale", "-1"],
      "--image-guidance-scale -1.0: must be at least 0"),
+    ("sd", ["--unet", "inpaint/pipeline/unet"],
+     "--unet inpaint/pipeline/unet makes the model an inpainting model (9-channel U-Net): it needs --init-image"),
+    ("sd", ["--unet", "inpaint/pipeline"], "--unet inpaint/pipeline is a pipeline folder; give its U-Net"),
+    ("sd", ["--unet", "sd/pipeline/vae"], "config.json says AutoencoderKL, not UNet2DConditionModel"),
+    ("sd", ["--unet", "missing"], "--unet missing: no such file or folder"),
 ])
 def test_wrong_combinations_are_usage_errors_before_loading(tiny, tmp_path, capsys, monkeypatch, no_loading,
                                                             model, args, message):
@@ -260,6 +265,20 @@ def test_a_kind_unknown_before_loading_is_checked_after(tiny, tmp_path, capsys, 
     assert code == 2 and loaded == [str(_models(root)["sd"])], err
     assert "is the input of a depth model (5-channel U-Net); --model" in err and "a text-to-image model" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_unet_that_does_not_fit_the_model_is_named(tiny):
+    """--unet / `Pipeline.from_pretrained(unet=)`: a U-Net for another text encoder, or a model that
+    is no U-Net, is one clear error, not a parameter-shape traceback from inside the network."""
+    from jaxcontrol import demo
+    from jaxcontrol.pipeline import Pipeline
+
+    root, _ = tiny
+    embedded = demo.DEFAULT_MODEL  # its U-Net reads a 64-wide text encoder; the tiny pipeline's is narrower
+    with pytest.raises(ConfigError, match=r"has cross_attention_dim=64, but .* needs \d+ \(its text encoder"):
+        Pipeline.from_pretrained(_models(root)["sd"], unet=embedded / "unet")
+    with pytest.raises(ConfigError, match="is a AutoencoderKL, not a UNet2DConditionModel"):
+        Pipeline.from_pretrained(embedded, unet=embedded / "vae")
 
 
 def test_help_documents_the_concat_flags(capsys):

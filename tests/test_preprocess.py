@@ -285,3 +285,16 @@ def test_load_image_errors_name_the_file(tmp_path):
     with pytest.raises(ImageLoadError, match="cut.png"):
         load_image(tmp_path / "cut.png")
     assert isinstance(ImageLoadError("x"), ValueError)
+
+
+def test_depth_maps_near_float64s_range_stay_finite_and_scale_free():
+    """Depth is normalised per map, so scaling a map changes nothing; values near float64's limit
+    (whose range overflows) come out the same as the scaled-down map, not NaN."""
+    from jaxcontrol.preprocess import prepare_depth_map
+
+    base = np.random.default_rng(0).normal(size=(1, 5, 7))
+    want = prepare_depth_map(base, 1, 8, 8)
+    for scale in (2.0 ** 1000, 2.0 ** -40):
+        np.testing.assert_array_equal(prepare_depth_map(base * scale, 1, 8, 8), want)
+    extreme = prepare_depth_map(np.float64([[1e308, -1e308], [0.0, 1.0]]), 1, 8, 8)
+    assert np.isfinite(extreme).all() and extreme.min() == -1.0 and extreme.max() == 1.0

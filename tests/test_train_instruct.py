@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxcontrol.data.fill50k import BASIC_COLORS, MIN_COLOR_DISTANCE, fill50k_edit_example, fill50k_example
-from jaxcontrol.errors import ConfigError
+from jaxcontrol.errors import ConfigError, NonFiniteError
 from jaxcontrol.models import UNet2DConditionConfig, UNet2DConditionModel, init_params
 from jaxcontrol.models.kinds import widen_unet_input
 from jaxcontrol.training import Run, check_config, losses
@@ -99,8 +99,10 @@ def test_check_config_names_the_instruct_keys(tmp_path):
         check_config(instruct_config(tmp_path, **{"instruct_pix2pix.conditioning_dropout_prob": 0.4}))
     with pytest.raises(ConfigError, match="fill50k_edits.*no outline condition for task='controlnet'"):
         check_config(instruct_config(tmp_path, task="controlnet"))
-    with pytest.raises(ConfigError, match="image_guidance_scale: must be >= 0"):
-        check_config(instruct_config(tmp_path, **{"validation.image_guidance_scale": -1.0}))
+    for key, bad in (("validation.image_guidance_scale", -1.0), ("validation.image_guidance_scale", float("nan")),
+                     ("validation.guidance_scale", float("inf"))):
+        with pytest.raises(ConfigError, match=f"{key}: must be a finite number >= 0"):
+            check_config(instruct_config(tmp_path, **{key: bad}))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -155,6 +157,9 @@ def test_run_validates_and_exports_an_instruct_pix2pix_pipeline(run, tmp_path, m
 
     grid = run.validation_images()  # rows: the images to edit, their edits
     assert grid is not None and grid.shape[0] == 2 * 8 and grid.std() > 0  # two rows of 8-px images
+    nan = jax.tree_util.tree_map(lambda a: jnp.full_like(a, jnp.nan), run.state.params)
+    with pytest.raises(NonFiniteError, match=r"validation sampling produced NaN .* image\(s\) \[0, 1\]"):
+        run.validation_images(nan)  # never a black validation PNG
     export = tmp_path / "export"
     export_trained(run.nets, run.export_params(), run.frozen, export)
     index = json.loads((export / "diffusers" / "pipeline" / "model_index.json").read_text())

@@ -9,8 +9,12 @@ Examples:
   # the embedded demo model (no --model): its ControlNet takes a circle outline
   python infer.py --prompt "red circle with white background" --control-image outline.png
 
-  # the demo grid (condition | no control | ControlNet | T2I-Adapter | both, and a CFG sweep)
+  # the demo grid (condition | no control | ControlNet | T2I-Adapter | both, a CFG sweep, and the
+  # embedded instruction editor's row when it is installed: input | three edits)
   python infer.py --demo --output outputs/demo
+
+  # the embedded instruction editor (an InstructPix2Pix U-Net over the embedded model)
+  python infer.py --instruct "make the background white" --init-image circle.png --guidance-scale 3
 
   # two ControlNets with their own scales and windows, plus a T2I-Adapter
   python infer.py --model sd15 --prompt "a house" \\
@@ -21,7 +25,8 @@ Examples:
   # concatenation-conditioned models: inpainting (9 channels), depth (5), InstructPix2Pix (8)
   python infer.py --model sd-inpainting --prompt "a sofa" --init-image room.png --mask mask.png
   python infer.py --model sd2-depth --prompt "a castle" --depth-map depth16.png
-  python infer.py --model sd2-depth --prompt "a castle" --init-image room.png --depth-estimator ./dpt-hybrid-midas
+  python infer.py --model sd2-depth --prompt "a castle" --init-image room.png --depth-estimator ./dpt-hybrid-midas \\
+      --strength 0.7 --scheduler ddim   # PNDM, SD-2 depth's own scheduler, cannot start part-way
   python infer.py --model instruct-pix2pix --instruct "make it red" --init-image room.png --image-guidance-scale 1.5
 
 It writes one PNG per image, a contact-sheet grid and a JSON sidecar per image with every setting,
@@ -176,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the control grid instead: condition | no control | ControlNet | T2I-Adapter | both, "
                         "and a row of CFG scales, for the first prompt (default: the demo prompt) and the first "
                         "--control-image (default: a drawn circle outline); needs one ControlNet and at most one "
-                        "adapter (the embedded model's by default)")
+                        "adapter (the embedded model's by default). With the embedded model and its instruction "
+                        "editor installed, a third row: an input image | its edits by three instructions")
     o = ap.add_argument_group("output")
     o.add_argument("--output", default="outputs", help="output folder (default ./outputs)")
     o.add_argument("--name", default="image", help="file name prefix (default 'image')")
@@ -510,6 +516,7 @@ def _unet_path(args: argparse.Namespace) -> str | None:
     if args.unet:
         if not Path(args.unet).exists():
             raise UsageError(f"--unet {args.unet}: no such file or folder")
+        _check_unet_folder(args.unet)
         return args.unet
     if args.instruct and args.model is None and not args.demo:
         if not demo.DEFAULT_EDITOR.is_dir():
@@ -517,6 +524,32 @@ def _unet_path(args: argparse.Namespace) -> str | None:
                              "(run `make embedded-model`); or give an InstructPix2Pix --model")
         return str(demo.DEFAULT_EDITOR)
     return None
+
+
+def _check_unet_folder(path: str) -> None:
+    """--unet read from its small files: a pipeline folder (point at its unet/ subfolder) or a model
+    of another class is a `UsageError` before any weights load. Files are checked when loaded."""
+    import json
+
+    p = Path(path)
+    if not p.is_dir():
+        return
+    if (p / "model_index.json").is_file():
+        raise UsageError(f"--unet {path} is a pipeline folder; give its U-Net, e.g. --unet {p / 'unet'}")
+    try:
+        if (p / "jaxcontrol.json").is_file():
+            names = sorted((json.loads((p / "jaxcontrol.json").read_text()).get("components") or {}))
+            if names != ["unet"]:
+                raise UsageError(f"--unet {path}: a jaxcontrol checkpoint of {names or 'nothing'}, not of a U-Net "
+                                 "alone")
+        elif (p / "config.json").is_file():
+            cls = json.loads((p / "config.json").read_text()).get("_class_name", "UNet2DConditionModel")
+            if cls != "UNet2DConditionModel":
+                raise UsageError(f"--unet {path}: config.json says {cls}, not UNet2DConditionModel")
+    except (OSError, ValueError, AttributeError) as e:
+        if isinstance(e, UsageError):
+            raise
+        return  # unreadable: loading reports it
 
 
 def _network_paths(args: argparse.Namespace) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -581,7 +614,8 @@ def check_kind(settings: InferSettings, kind: str) -> None:
     """The flags a U-Net of `kind` (`models.kinds.KINDS`) needs, and only those: a `UsageError`
     naming the flag, what the model is and what it would take. `resolve` calls it when the kind
     could be read from the model's configs, `run` again with the loaded model's kind."""
-    model = f"--model {settings.model} is {_KIND_NAMES[kind]}"
+    model = (f"--unet {settings.unet} makes the model {_KIND_NAMES[kind]}" if settings.unet else
+             f"--model {settings.model} is {_KIND_NAMES[kind]}")
     if kind != "instruct_pix2pix":
         if settings.instruct:
             raise UsageError(f"--instruct is the edit instruction of {_KIND_NAMES['instruct_pix2pix']}; {model}: "

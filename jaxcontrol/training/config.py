@@ -13,6 +13,7 @@ describes every key.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import ml_collections
@@ -338,8 +339,10 @@ def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     if config.task == "instruct_pix2pix" and config.loss.proportion_empty_prompts:
         _fail("loss.proportion_empty_prompts", "task='instruct_pix2pix' drops prompts with "
               "instruct_pix2pix.conditioning_dropout_prob; set proportion_empty_prompts to 0")
-    if config.validation.image_guidance_scale < 0:
-        _fail("validation.image_guidance_scale", f"must be >= 0, got {config.validation.image_guidance_scale}")
+    for key in ("validation.guidance_scale", "validation.image_guidance_scale"):
+        v = _get(config, key)
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+            _fail(key, f"must be a finite number >= 0, got {v!r}")
     if config.data.fill50k_edits and config.task in ("controlnet", "adapter"):
         _fail("data.fill50k_edits", f"edit triples have no outline condition for task={config.task!r}")
     return config

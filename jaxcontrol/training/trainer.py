@@ -279,6 +279,11 @@ class Run:
         noise = jax.random.normal(key, (n, res, res, nets.vae.config.latent_channels), jnp.float32)
         with tracing_mesh(self.mesh):
             images = np.asarray(self._sample_fn(params, self.frozen, ids, neg, cond, noise, jax.random.fold_in(key, 1)))
+        bad = np.flatnonzero(~np.isfinite(images.reshape(n, -1)).all(axis=1))
+        if bad.size:  # before anything is written: a NaN sample must not become a black validation image
+            raise NonFiniteError(f"validation sampling produced NaN or infinite pixels for validation image(s) "
+                                 f"{bad.tolist()} ({cfg.solver}, {cfg.num_inference_steps} steps, guidance "
+                                 f"{cfg.guidance_scale}); the weights may have diverged")
         rows = []
         if nets.controlnet is not None or nets.adapter is not None or self.config.task == "instruct_pix2pix":
             rows.append(to_uint8(cond, 0.0, 1.0))  # the condition, or the image to edit
