@@ -36,7 +36,7 @@ from jaxcontrol import demo, evaluation as ev  # noqa: E402
 from jaxcontrol.data.fill50k import BASIC_COLORS, fill50k_edit_example, fill50k_example  # noqa: E402
 
 TEXT_SCALES = (1.0, 2.0, 3.0, 5.0, 7.5)
-IMAGE_SCALES = (1.0, 1.5, 2.0, 3.0)
+IMAGE_SCALES = (1.0, 1.5, 2.0, 3.0, 5.0)
 KEPT_BAR = 0.9
 
 

@@ -30,6 +30,7 @@ import io
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -272,6 +273,9 @@ def precompute_latents(
     return PrecomputedSource(out_dir)
 
 
+_NPY_HEADER_LOCK = threading.Lock()
+
+
 class PrecomputedSource:
     """Random access over a `precompute_latents` folder: records with "latents", "text_embeddings"
     (if encoded), "conditioning_image" (uint8 (H, W, 3)), "text" (str) and "index" (int).
@@ -315,7 +319,10 @@ class PrecomputedSource:
         return int(self.meta["count"])
 
     def _decode(self, raw: bytes) -> dict:
-        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+        # one thread at a time: numpy parses .npy headers with ast.literal_eval, and concurrent AST
+        # construction in threads can fail in CPython 3.11 ("AST constructor recursion depth
+        # mismatch", python/cpython#106905), which killed a grain reader thread mid-run
+        with _NPY_HEADER_LOCK, np.load(io.BytesIO(raw), allow_pickle=False) as z:
             rec = {k: z[k] for k in z.files}
         with Image.open(io.BytesIO(rec.pop("conditioning_png").tobytes())) as im:
             rec["conditioning_image"] = np.asarray(im.convert("RGB"))
