@@ -153,7 +153,8 @@ def peek_unet_kind(path: str | os.PathLike) -> str | None:
     """The kind of the U-Net of the model at `path`, read from small files only (no weights).
 
     A diffusers pipeline folder: `model_index.json`'s `_class_name`, `unet/config.json`'s
-    `in_channels` and `vae/config.json`'s `latent_channels`. A jaxcontrol checkpoint: the same from
+    `in_channels` and `vae/config.json`'s `latent_channels`; a diffusers U-Net folder: its
+    `in_channels` over its `out_channels`. A jaxcontrol checkpoint: the same from
     `jaxcontrol.json`'s `pipeline_class` and its components' `config.json`. An LDM `.safetensors`
     single file: the shapes of its first U-Net convolution and VAE decoder input, from the header.
 
@@ -191,6 +192,11 @@ def _peek_widths(p: Path) -> tuple | None:
         folders = {name: safe_join(p, name, name) if isinstance(index.get(name), list) else None
                    for name in ("unet", "vae")}
         pipeline_class = index.get("_class_name") or ""
+    elif (p / "config.json").is_file():  # a diffusers model folder: a U-Net alone predicts its own latents
+        unet = read_json(p / "config.json", "config.json")
+        if unet.get("_class_name") != "UNet2DConditionModel":
+            return None
+        return unet.get("in_channels", 4), unet.get("out_channels", 4), "", f"{p}"
     else:
         return None
     if folders["unet"] is None or not (folders["unet"] / "config.json").is_file():
