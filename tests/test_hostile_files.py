@@ -287,15 +287,17 @@ def test_stride0_pickle_is_refused_before_materialising(vae, tmp_path):
         jc.load_model(model)
     # a 1e9-element tensor: refused when the file is opened, in a process whose memory stays small
     _expanded_bin(tmp_path / "huge.bin", {}, huge=True)
+    # the peak is VmHWM of the child's own address space: getrusage's ru_maxrss survives fork and
+    # execve on Linux, so it would report the pytest worker's peak when that is larger
     code = f"""
-        import resource
         import jaxcontrol as jc
         from jaxcontrol.convert import open_weights
         try:
             open_weights({str(tmp_path / 'huge.bin')!r})
         except jc.CheckpointError as e:
             print("REFUSED", e)
-        print("RSS_MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM:")][0]
+        print("RSS_MB", int(hwm.split()[1]) / 1024)
     """
     run = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120,
                          cwd=REPO)
