@@ -135,32 +135,21 @@ class Fill50k(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, split: str, count: int):
         cfg = self.builder_config
-        if cfg.edits:
-            yield from self._generate_edits(split, count)
-            return
+        kw = dict(split=split, seed=cfg.seed, image_size=cfg.image_size, colors=cfg.colors)
         for i in range(count):
-            ex = f50k.fill50k_example(i, split=split, seed=cfg.seed, image_size=cfg.image_size, colors=cfg.colors)
+            if cfg.edits:  # the edited image is the target, the image to edit its condition
+                ex = f50k.fill50k_edit_example(i, **kw)
+                fields = (ex.edited, ex.source, ex.instruction, *ex.edited_colors)
+            else:
+                ex = f50k.fill50k_example(i, **kw)
+                fields = (ex.image, ex.condition, ex.caption, ex.circle_color, ex.background_color)
+            image, condition, text, circle, background = fields
             yield i, {
-                "image": encode_png(ex.image),
-                "conditioning_image": encode_png(ex.condition),
-                "text": ex.caption,
-                "circle_color": ex.circle_color,
-                "background_color": ex.background_color,
-                "center": np.asarray(ex.center, np.float32),
-                "radius": np.float32(ex.radius),
-                "index": i,
-            }
-
-    def _generate_edits(self, split: str, count: int):
-        cfg = self.builder_config
-        for i in range(count):
-            ex = f50k.fill50k_edit_example(i, split=split, seed=cfg.seed, image_size=cfg.image_size, colors=cfg.colors)
-            yield i, {
-                "image": encode_png(ex.edited),
-                "conditioning_image": encode_png(ex.source),
-                "text": ex.instruction,
-                "circle_color": ex.edited_colors[0],
-                "background_color": ex.edited_colors[1],
+                "image": encode_png(image),
+                "conditioning_image": encode_png(condition),
+                "text": text,
+                "circle_color": circle,
+                "background_color": background,
                 "center": np.asarray(ex.center, np.float32),
                 "radius": np.float32(ex.radius),
                 "index": i,
