@@ -36,8 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from .errors import ConfigError
+from .models.attention import AttentionControl
 from .models.forward import ControlNetCall, model_forward
-from .sampler import Stateful, resolve_schedule
+from .sampler import Edited, Stateful, resolve_schedule
 
 ScoreFn = Callable[[jax.Array, jax.Array, dict], jax.Array]
 BRANCH_KEYS = ("cond", "uncond", "concepts", "image_cond")
@@ -518,10 +519,16 @@ def unet_prediction(unet, params, *, controlnets: Sequence[ControlNetUnit] = (),
     (optional, per sample), `cond["adapter"]` (optional features, computed once per sample by
     `adapter_features`; they apply while step < int(num_inference_steps * factor)) and
     `cond["concat"]` (the extra input channels of a concatenation-conditioned U-Net).
+
+    The returned function also has `with_attention(control)`: the same score function with an
+    `AttentionControl` on the U-Net's attention layers, returning (prediction, maps) (`maps`:
+    {diffusers layer name: (B, heads, Lq, Lk) probabilities} of the captured layers), and
+    `unet_config`. The attention rules below (`attend_and_excite`, `attention_guided`,
+    `pix2pix_zero`) need them.
     """
     controlnets = tuple(controlnets)
 
-    def predict(x, t, cond):
+    def forward(x, t, cond, attention=None):
         b = x.shape[0]
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
         step = cond.get("step")
@@ -541,8 +548,19 @@ def unet_prediction(unet, params, *, controlnets: Sequence[ControlNetUnit] = (),
             active = (step.index < int(step.num_inference_steps * adapter_conditioning_factor)).astype(jnp.float32)
             feats = tuple(f * active for f in feats)
         return model_forward(unet, params, x, t, cond["text"], controlnets=calls, adapter_features=feats,
-                             concat=cond.get("concat"))
+                             concat=cond.get("concat"), attention=attention)
 
+    def predict(x, t, cond):
+        return forward(x, t, cond)
+
+    def with_attention(control: AttentionControl):
+        def predict_with_maps(x, t, cond):
+            return forward(x, t, cond, attention=control)
+
+        return predict_with_maps
+
+    predict.with_attention = with_attention
+    predict.unet_config = unet.config
     return predict
 
 
@@ -557,3 +575,529 @@ def adapter_features(adapter, params, images, scale: float | Sequence[float] = 1
         weights = jnp.full((n,), scale, jnp.float32) if isinstance(scale, int | float) else jnp.asarray(scale, jnp.float32)
         return tuple(adapter.apply({"params": params}, list(images), adapter_weights=weights))
     return tuple(f * scale for f in adapter.apply({"params": params}, images))
+
+
+# ------------------------------------------------------------------------------------------------
+# steering through the U-Net's attention
+# ------------------------------------------------------------------------------------------------
+
+
+def _attention_source(model, where: str):
+    """`model` if it can return attention maps (`unet_prediction`'s `with_attention`), else ConfigError."""
+    if not callable(getattr(model, "with_attention", None)) or getattr(model, "unet_config", None) is None:
+        raise ConfigError(f"{where} reads the U-Net's attention: pass the score function made by "
+                          f"guidance.unet_prediction (it has with_attention), got {model!r}")
+    return model
+
+
+def gaussian_kernel(size: int, sigma: float, *, squared_width: bool = False) -> np.ndarray:
+    """A normalised (size, size) Gaussian: the outer product of exp(-0.5 (x / sigma)^2) over x in
+    [-(size-1)/2, (size-1)/2] (SAG's blur), or with `squared_width` exp(-((x - mean) / (2 sigma))^2),
+    the form Attend-and-Excite's `GaussianSmoothing` uses."""
+    x = np.arange(size, dtype=np.float64) - (size - 1) / 2
+    g = np.exp(-((x / (2 * sigma)) ** 2)) if squared_width else np.exp(-0.5 * (x / sigma) ** 2)
+    k = np.outer(g, g)
+    return (k / k.sum()).astype(np.float32)
+
+
+def blur(x, kernel: np.ndarray):
+    """Depthwise convolution of NHWC `x` with a square `kernel` after reflect padding (size // 2 on
+    each side), so the output keeps x's size. Each side must exceed the padding."""
+    pad = kernel.shape[0] // 2
+    if min(x.shape[1], x.shape[2]) <= pad:
+        raise ConfigError(f"a {kernel.shape[0]}x{kernel.shape[0]} blur with reflect padding needs maps larger than "
+                          f"{pad} pixels, got {x.shape[1]}x{x.shape[2]}")
+    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    c = x.shape[-1]
+    w = jnp.broadcast_to(jnp.asarray(kernel, x.dtype)[:, :, None, None], kernel.shape + (1, c))
+    return jax.lax.conv_general_dilated(xp, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        feature_group_count=c, precision=jax.lax.Precision.HIGHEST)
+
+
+def _branch_maps(maps: dict, b: int, n: int) -> list[dict]:
+    """Maps of a batched call over n branches (rows sample-major) as one dict per branch."""
+    return [{k: v.reshape((b, n) + v.shape[1:])[:, i] for k, v in maps.items()} for i in range(n)]
+
+
+def _layers_named(config, names, where: str) -> dict:
+    from .models.unet import attention_layers
+
+    layers = {layer.name: layer for layer in attention_layers(config)}
+    missing = [n for n in names if n not in layers]
+    if missing:
+        raise ConfigError(f"{where}: the U-Net has no attention layer {missing}")
+    return layers
+
+
+def pag_layers(config, layer_ids: Sequence[str]) -> tuple[str, ...]:
+    """The self-attention layers Perturbed-Attention Guidance replaces, as diffusers'
+    `pag_applied_layers` selects them: every self-attention layer whose diffusers name matches
+    the regular expression `layer_id` (`re.search`), except "fake integral" matches (an id ending
+    in a number matches only a name whose last part is that number... as diffusers). "mid" is
+    the mid block's self-attention; "down_blocks.1", "up_blocks.0.attentions.1" pick blocks.
+    Raises `ConfigError` naming an id that selects nothing, listing the self-attention layers."""
+    import re
+
+    from .models.unet import attention_layers
+
+    selfs = [layer.name for layer in attention_layers(config) if not layer.cross]
+    out = []
+    for layer_id in layer_ids:
+        try:
+            pattern = re.compile(layer_id)
+        except re.error as e:
+            raise ConfigError(f"PAG layer {layer_id!r} is not a valid regular expression: {e}") from None
+
+        def fake_integral(name, layer_id=layer_id):
+            a, b = layer_id.split(".")[-1], name.split(".")[-1]
+            return a.isnumeric() and b.isnumeric() and a == b
+
+        hits = [n for n in selfs if pattern.search(n) and not fake_integral(n)]
+        if not hits:
+            raise ConfigError(f"PAG layer {layer_id!r} matches no self-attention layer of this U-Net; they are "
+                              f"{selfs}")
+        out.extend(h for h in hits if h not in out)
+    return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionContext:
+    """What a guidance term sees at one evaluation: the latents `x` (B, h, w, C), `t`, the full
+    `cond`, the unconditional and conditional predictions of the batched CFG call (`uncond` is None
+    without CFG), their captured attention maps, and the attention-capable base `model`."""
+
+    x: Any
+    t: Any
+    cond: dict
+    uncond: Any
+    text: Any
+    uncond_maps: dict
+    text_maps: dict
+    model: Any
+
+    @property
+    def cfg(self) -> bool:
+        return self.uncond is not None
+
+    def branch(self, name: str) -> dict:
+        """The dict a model call for branch `name` ("cond" / "uncond") takes (shared entries added)."""
+        return {**_shared(self.cond), **self.cond[name]}
+
+
+@dataclasses.dataclass(frozen=True)
+class SAG:
+    """Self-Attention Guidance (Hong et al. 2023) as diffusers' `StableDiffusionSAGPipeline`: with
+    CFG, blur the unconditional branch's predicted x0 where the mid block's self-attention map
+    attends (summed attention received, averaged over heads, > 1), re-noise it with that branch's
+    epsilon, predict again, and add `scale` (uncond - degraded) (without CFG: the conditional
+    branch). `schedule`: the sampling `Plan` (or a NoiseSchedule and `prediction_type`)."""
+
+    scale: Any
+    schedule: Any
+    prediction_type: str | None = None
+    kernel_size: int = 9
+    sigma: float = 1.0
+    layer: str = "mid_block.attentions.0.transformer_blocks.0.attn1"
+
+    def capture(self, config) -> tuple[str, ...]:
+        from .models.unet import attention_layers
+
+        if self.layer not in {layer.name for layer in attention_layers(config) if not layer.cross}:
+            raise ConfigError(f"self-attention guidance reads the self-attention map of {self.layer}, which this "
+                              "U-Net does not have (a mid block without attention: mid_block_type "
+                              f"{getattr(config, 'mid_block_type', None)!r})")
+        return (self.layer,)
+
+    def delta(self, ctx: AttentionContext):
+        schedule, pt = resolve_schedule(self.schedule, self.prediction_type, "self-attention guidance")
+        pred, maps, name = (ctx.uncond, ctx.uncond_maps, "uncond") if ctx.cfg else (ctx.text, ctx.text_maps, "cond")
+        x = ctx.x
+        ab = _per_sample(schedule.alpha_bar_at(ctx.t), x)
+        eps = to_epsilon(pred, x, ab, pt)
+        x0 = predicted_x0(eps, x, ab) if pt != "sample" else pred
+        degraded = sag_degrade(x0, maps[self.layer], ctx.model.unet_config, kernel_size=self.kernel_size,
+                               sigma=self.sigma)
+        noised = jnp.sqrt(ab) * degraded + jnp.sqrt(1 - ab) * eps
+        degraded_pred = ctx.model(noised, ctx.t, ctx.branch(name))
+        return self.scale * (pred - degraded_pred)
+
+
+def sag_mask(probs, size: tuple[int, int]):
+    """SAG's attended regions: a self-attention map (B, heads, L, L) averaged over heads, summed
+    over queries (attention each position receives), > 1, as a (B, h, w, 1) float mask at `size`
+    (the map's own height and width)."""
+    received = probs.mean(axis=1).sum(axis=1)  # (B, L)
+    return (received > 1.0).astype(jnp.float32).reshape(probs.shape[0], size[0], size[1], 1)
+
+
+def sag_degrade(x0, probs, config, *, kernel_size: int = 9, sigma: float = 1.0):
+    """x0 (B, h, w, C) blurred (Gaussian `kernel_size`, `sigma`, reflect padding) where `sag_mask`
+    of the mid-block map `probs` is 1, nearest-resized to the latents."""
+    from .models.layers import nearest_resize
+    from .models.unet import attention_layers
+
+    mid = next(layer for layer in attention_layers(config) if layer.place == "mid")
+    mask = sag_mask(probs, mid.size(x0.shape[1], x0.shape[2]))
+    mask = nearest_resize(mask, (x0.shape[1], x0.shape[2]))
+    blurred = blur(x0, gaussian_kernel(kernel_size, sigma))
+    return blurred * mask + x0 * (1 - mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class PAG:
+    """Perturbed-Attention Guidance (Ahn et al. 2024) as diffusers' PAG pipelines: the conditional
+    branch again with the self-attention of `layers` (ids as diffusers' `pag_applied_layers`,
+    resolved by `pag_layers`) replaced by the identity, and `scale` (cond - perturbed) added.
+    `adaptive_scale` > 0 lowers the scale with the timestep: max(scale - adaptive_scale (1000 - t), 0)."""
+
+    scale: Any
+    layers: tuple[str, ...] = ("mid",)
+    adaptive_scale: float = 0.0
+
+    def capture(self, config) -> tuple[str, ...]:
+        pag_layers(config, self.layers)  # fails early, naming the id
+        return ()
+
+    def delta(self, ctx: AttentionContext):
+        names = pag_layers(ctx.model.unet_config, self.layers)
+        perturbed, _ = ctx.model.with_attention(AttentionControl(identity=names))(ctx.x, ctx.t, ctx.branch("cond"))
+        scale = self.scale
+        if self.adaptive_scale:
+            scale = jnp.maximum(scale - self.adaptive_scale * (1000.0 - jnp.asarray(ctx.t, jnp.float32)), 0.0)
+            scale = _per_sample(scale, ctx.x)
+        return scale * (ctx.text - perturbed)
+
+
+def attention_guided(model: ScoreFn, guidance_scale, terms: Sequence, *, guidance_rescale: float = 0.0) -> ScoreFn:
+    """Classifier-free guidance plus attention-based terms (`SAG`, `PAG`), in one rule:
+
+        out = uncond + s (cond - uncond) + sum_k term_k
+
+    The unconditional and conditional branches run in one batched call that also captures the
+    attention maps the terms read; each term then adds its own evaluations (SAG's degraded
+    prediction, PAG's perturbed one). With a Python `guidance_scale` <= 1 only the conditional
+    branch runs (cond + sum_k term_k), as diffusers does. `guidance_rescale` is applied last (as
+    diffusers' PAG pipeline). `model` must come from `unet_prediction` (it returns attention maps);
+    ControlNets and adapters inside it steer every evaluation.
+    """
+    model = _attention_source(model, "attention_guided")
+    terms = tuple(terms)
+    static_off = isinstance(guidance_scale, int | float) and guidance_scale <= 1.0
+    capture = tuple(sorted({n for term in terms for n in term.capture(model.unet_config)}))
+    probe = model.with_attention(AttentionControl(capture=capture))
+
+    def guided(x, t, cond):
+        shared = _shared(cond)
+        if static_off:
+            text, text_maps = probe(x, t, {**shared, **cond["cond"]})
+            uncond, uncond_maps, out = None, {}, text
+        else:
+            b = x.shape[0]
+            merged = _branch_leaves([cond["uncond"], cond["cond"]], b)
+            tt = jnp.asarray(t)
+            pred, maps = probe(_interleave([x, x], 2), tt if tt.ndim == 0 else _interleave([tt, tt], 2),
+                               {**shared, **merged})
+            pred = pred.reshape((b, 2) + pred.shape[1:])
+            uncond, text = pred[:, 0], pred[:, 1]
+            uncond_maps, text_maps = _branch_maps(maps, b, 2)
+            out = uncond + guidance_scale * (text - uncond)
+        ctx = AttentionContext(x, t, cond, uncond, text, uncond_maps, text_maps, model)
+        for term in terms:
+            out = out + term.delta(ctx)
+        if guidance_rescale > 0:
+            out = rescale_noise_cfg(out, text, guidance_rescale)
+        return out
+
+    return guided
+
+
+def self_attention_guidance(model: ScoreFn, sag_scale, schedule, *, guidance_scale=7.5,
+                            prediction_type: str | None = None) -> ScoreFn:
+    """diffusers' `StableDiffusionSAGPipeline` guidance: `attention_guided` with one `SAG` term."""
+    return attention_guided(model, guidance_scale, [SAG(sag_scale, schedule, prediction_type)])
+
+
+def perturbed_attention_guidance(model: ScoreFn, pag_scale, *, layers: Sequence[str] = ("mid",),
+                                 guidance_scale=7.5, guidance_rescale: float = 0.0,
+                                 adaptive_scale: float = 0.0) -> ScoreFn:
+    """diffusers' `StableDiffusionPAGPipeline` guidance (`pag_scale`, `pag_applied_layers`,
+    `pag_adaptive_scale`): `attention_guided` with one `PAG` term."""
+    return attention_guided(model, guidance_scale, [PAG(pag_scale, tuple(layers), adaptive_scale)],
+                            guidance_rescale=guidance_rescale)
+
+
+# Attend-and-Excite ---------------------------------------------------------------------------------
+
+
+def token_mask(token_indices, batch: int, length: int = 77) -> np.ndarray:
+    """Attend-and-Excite's subject tokens as a (batch, length) float mask: `token_indices` is one
+    list of positions in the tokenized prompt (0 is the start token) for every sample, or one list
+    per sample. Positions must be 1..length-2 (the start and last positions are not text).
+    Raises `ConfigError` naming a bad index or count."""
+    rows = list(token_indices)
+    if rows and all(isinstance(i, int | np.integer) for i in rows):
+        rows = [rows] * batch
+    if len(rows) != batch:
+        raise ConfigError(f"attend-and-excite: {len(rows)} lists of token indices for {batch} samples")
+    mask = np.zeros((batch, length), np.float32)
+    for b, row in enumerate(rows):
+        row = list(row)
+        if not row:
+            raise ConfigError(f"attend-and-excite: sample {b} has no token indices")
+        for i in row:
+            if not isinstance(i, int | np.integer) or not 1 <= int(i) <= length - 2:
+                raise ConfigError(f"attend-and-excite: token index {i!r} is outside 1..{length - 2} (0 is the start "
+                                  "token; the prompt's words start at 1)")
+            mask[b, int(i)] = 1.0
+    return mask
+
+
+def attend_and_excite_loss(maps: Sequence, mask, res: tuple[int, int], *, kernel_size: int = 3, sigma: float = 0.5):
+    """Attend-and-Excite's loss per sample (B,): cross-attention maps (a list of (B, heads, Lq, Lk)
+    with Lq = res[0] * res[1]) averaged over layers and heads; the text tokens (all but the first
+    and last key) soft-maxed over tokens after x100; each subject token's map (`mask` (B, Lk))
+    Gaussian-smoothed (A&E's kernel, reflect padding); loss = max over subject tokens of
+    max(0, 1 - its largest value). Also returns those largest values (B, Lk - 2)."""
+    stacked = jnp.stack([m.astype(jnp.float32) for m in maps], axis=1)  # (B, n, heads, Lq, Lk)
+    b, lk = stacked.shape[0], stacked.shape[-1]
+    avg = stacked.mean(axis=(1, 2)).reshape(b, res[0], res[1], lk)
+    text = jax.nn.softmax(avg[..., 1:-1] * 100.0, axis=-1)
+    smoothed = blur(text, gaussian_kernel(kernel_size, sigma, squared_width=True))
+    peaks = smoothed.max(axis=(1, 2))  # (B, Lk - 2)
+    losses = jnp.maximum(0.0, 1.0 - peaks)
+    subject = jnp.asarray(mask, jnp.float32)[:, 1:-1] > 0
+    return jnp.max(jnp.where(subject, losses, -jnp.inf), axis=-1), peaks
+
+
+def attend_and_excite(model: ScoreFn, guided: ScoreFn | None = None, *, max_iter_to_alter: int = 25,
+                      thresholds: dict | None = None, scale_factor: float = 20.0, attn_res=(16, 16),
+                      max_refinement_steps: int = 20) -> ScoreFn:
+    """Attend-and-Excite (Chefer et al. 2023) as diffusers' `StableDiffusionAttendAndExcitePipeline`.
+
+    Before each prediction the latents move down the gradient of `attend_and_excite_loss` (the
+    conditional branch's `attn_res` cross-attention maps, subject tokens from `cond["excite"]`,
+    a (B, 77) mask made by `token_mask`) by step size scale_factor * sqrt(linspace(1, 0.5, n))[i]
+    while i < `max_iter_to_alter`; at the steps of `thresholds` ({step: threshold}, default {0:
+    0.05, 10: 0.5, 20: 0.8}) a sample whose loss exceeds 1 - threshold first takes up to
+    `max_refinement_steps` such steps until it does not. Then `guided` (default: `model` on the
+    conditional branch; usually CFG, SAG or PAG over the same model) predicts at the moved latents.
+    Returns `sampler.Edited` (the sampler continues from the moved latents), all inside the scan.
+    The latents are moved in the score function's input space (x_t / input scaling); with DDIM or
+    PNDM that is diffusers' latents.
+    """
+    model = _attention_source(model, "attend_and_excite")
+    thresholds = {0: 0.05, 10: 0.5, 20: 0.8} if thresholds is None else dict(thresholds)
+    res = tuple(int(r) for r in attn_res)
+    layers = [layer for layer in _all_layers(model.unet_config) if layer.cross]
+    if guided is None:
+        def guided(x, t, cond):
+            return model(x, t, {**_shared(cond), **cond["cond"]} if "cond" in cond else cond)
+    if scale_factor == 0 and not thresholds:
+        return guided
+
+    def rule(x, t, cond):
+        step = cond["step"]
+        mask = cond.get("excite")
+        if mask is None:
+            raise ConfigError("attend_and_excite needs cond['excite'], a (B, 77) subject-token mask (token_mask)")
+        names = tuple(layer.name for layer in layers if layer.size(x.shape[1], x.shape[2]) == res)
+        if not names:
+            sizes = sorted({layer.size(x.shape[1], x.shape[2]) for layer in layers})
+            raise ConfigError(f"attend_and_excite: no cross-attention layer works at attn_res={res} for latents "
+                              f"{x.shape[1]}x{x.shape[2]}; the cross-attention maps are {sizes}")
+        probe = model.with_attention(AttentionControl(capture=names))
+        branch = {**_shared(cond), **cond["cond"]} if "cond" in cond else cond
+
+        def loss_fn(z):
+            _, maps = probe(z, t, branch)
+            losses, _ = attend_and_excite_loss([maps[n] for n in names], mask, res)
+            return jnp.sum(losses), losses
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        n = step.count
+        sizes = jnp.asarray(scale_factor * np.sqrt(np.linspace(1.0, 0.5, n)), jnp.float32)[step.index]
+        thr = np.full(n, np.nan, np.float32)
+        for k, v in thresholds.items():
+            if 0 <= int(k) < n:
+                thr[int(k)] = v
+        thr_i = jnp.asarray(thr)[step.index]
+        (_, losses), g = grad_fn(x)
+        target = 1.0 - thr_i
+        refine = ~jnp.isnan(thr_i) & (losses > target)
+
+        def refined(args):
+            z, losses, g = args
+
+            def body(carry, k):
+                z, active = carry
+                skip = lambda z: ((jnp.zeros((), jnp.float32), jnp.zeros_like(losses)), jnp.zeros_like(z))  # noqa: E731
+                (_, lk), gk = jax.lax.cond(jnp.any(active), grad_fn, skip, z)
+                z = jnp.where(_per_sample(active, z), z - sizes * gk, z)
+                active = active & (lk > target) & (k + 1 < max_refinement_steps)
+                return (z, active), None
+
+            (z, _), _ = jax.lax.scan(body, (z, refine), jnp.arange(max_refinement_steps))
+            (_, losses), g = grad_fn(z)
+            return z, losses, g
+
+        z, losses, g = jax.lax.cond(jnp.any(refine), refined, lambda a: a, (x, losses, g))
+        z = z - jnp.where(step.index < max_iter_to_alter, sizes, 0.0) * g
+        return Edited(guided(z, t, cond), z)
+
+    return rule
+
+
+def _all_layers(config):
+    from .models.unet import attention_layers
+
+    return attention_layers(config)
+
+
+# Pix2Pix-Zero ------------------------------------------------------------------------------------
+
+
+def edit_direction(source_embeds, target_embeds):
+    """Pix2Pix-Zero's edit direction: the mean of the target sentences' text embeddings minus the
+    mean of the source sentences' ((N, 77, D) each) -> (1, 77, D)."""
+    return (jnp.mean(jnp.asarray(target_embeds, jnp.float32), axis=0)
+            - jnp.mean(jnp.asarray(source_embeds, jnp.float32), axis=0))[None]
+
+
+def pix2pix_zero(model: ScoreFn, guidance_scale, *, cross_attention_guidance_amount=0.1) -> ScoreFn:
+    """Pix2Pix-Zero (Parmar et al. 2023) as diffusers' `StableDiffusionPix2PixZeroPipeline`, both of
+    its passes in one scan.
+
+    The latents hold 2B rows: the B reference rows (the source prompt's trajectory from the start
+    latents, e.g. `ddim_invert`ed ones), then the B edited rows (started from the same latents).
+    `cond` holds one row per image: `cond["uncond"]`, `cond["cond"]` (the source prompt) and
+    `cond["edit_direction"]` ((B, 77, D), `edit_direction`). Each evaluation:
+
+    1. the reference rows: CFG with the source prompt, capturing every cross-attention map;
+    2. the edited rows, one copy per CFG branch (negative prompt; prompt + edit direction): one
+       SGD step of size `cross_attention_guidance_amount` on the copies down the gradient of
+       sum over layers of mean over branches and heads of sum((maps - reference maps)^2);
+    3. CFG at the moved copies; the sampler continues from the unconditional copy (diffusers'
+       `x_in.chunk(2)[0]`).
+
+    The reference rows do not depend on the edited ones, so running them in lockstep equals
+    diffusers' two passes without storing every step's maps. Returns `sampler.Edited`. Take the
+    edited image from rows B..2B of the result.
+    """
+    model = _attention_source(model, "pix2pix_zero")
+    names = tuple(layer.name for layer in _all_layers(model.unet_config) if layer.name.endswith("attn2"))
+    probe = model.with_attention(AttentionControl(capture=names))
+
+    def rule(x, t, cond):
+        b2 = x.shape[0]
+        if b2 % 2:
+            raise ConfigError(f"pix2pix_zero runs the reference and the edited rows together: the latents need 2B "
+                              f"rows, got {b2}")
+        b = b2 // 2
+        x_ref, x_edit = x[:b], x[b:]
+        shared = {k: v for k, v in _shared(cond).items() if k != "edit_direction"}
+        direction = jnp.asarray(cond["edit_direction"], jnp.float32)
+        edit_cond = {**cond["cond"], "text": cond["cond"]["text"] + direction.astype(cond["cond"]["text"].dtype)}
+        tt = jnp.asarray(t)
+        t2 = tt if tt.ndim == 0 else _interleave([tt[:b], tt[:b]], 2)
+        ref_merged = {**shared, **_branch_leaves([cond["uncond"], cond["cond"]], b)}
+        pred, maps = probe(_interleave([x_ref, x_ref], 2), t2, ref_merged)
+        pred = pred.reshape((b, 2) + pred.shape[1:])
+        ref_out = pred[:, 0] + guidance_scale * (pred[:, 1] - pred[:, 0])
+        ref_maps = {k: jax.lax.stop_gradient(v) for k, v in maps.items()}
+        edit_merged = {**shared, **_branch_leaves([cond["uncond"], edit_cond], b)}
+
+        def loss_fn(z2):  # z2 (B*2, ...): the unconditional and conditional copies, sample-major
+            _, m = probe(z2, t2, edit_merged)
+            total = 0.0
+            for n in names:
+                d = (m[n] - ref_maps[n]) ** 2  # (B*2, heads, Lq, Lk)
+                per_row = d.sum(axis=(2, 3)).reshape(b, -1)  # (B, 2 * heads)
+                total = total + jnp.sum(per_row.mean(axis=1))
+            return total
+
+        z2 = _interleave([x_edit, x_edit], 2)
+        z2 = z2 - cross_attention_guidance_amount * jax.grad(loss_fn)(z2)
+        pred = model(z2, t2, edit_merged).reshape((b, 2) + x.shape[1:])
+        edit_out = pred[:, 0] + guidance_scale * (pred[:, 1] - pred[:, 0])
+        moved = z2.reshape((b, 2) + x.shape[1:])[:, 0]
+        return Edited(jnp.concatenate([ref_out, edit_out]), jnp.concatenate([x_ref, moved]))
+
+    return rule
+
+
+def auto_corr_loss(eps, rolls):
+    """Pix2Pix-Zero's auto-correlation regulariser of a noise map (B, h, w, C): for each sample,
+    channel and pyramid level (average-pooled by 2 while the side exceeds 8), the squared mean of
+    the map times itself rolled by `rolls[b, c, level]` along height, plus the same along width.
+    `rolls` (B, C, levels) int; `noise_pyramid_levels` gives the level count."""
+    total = 0.0
+    x = jnp.moveaxis(eps, -1, 1)  # (B, C, h, w)
+    level = 0
+    while True:
+        r = rolls[:, :, level]
+        rolled_h = jax.vmap(jax.vmap(lambda m, k: jnp.roll(m, k, axis=0)))(x, r)
+        rolled_w = jax.vmap(jax.vmap(lambda m, k: jnp.roll(m, k, axis=1)))(x, r)
+        total = total + jnp.sum(jnp.mean(x * rolled_h, axis=(2, 3)) ** 2) + jnp.sum(jnp.mean(x * rolled_w, axis=(2, 3)) ** 2)
+        if x.shape[2] <= 8:
+            return total
+        h, w = x.shape[2] // 2 * 2, x.shape[3] // 2 * 2
+        x = x[:, :, :h, :w].reshape(x.shape[0], x.shape[1], h // 2, 2, w // 2, 2).mean(axis=(3, 5))
+        level += 1
+
+
+def noise_pyramid_levels(height: int) -> list[int]:
+    """The heights `auto_corr_loss` visits for maps `height` tall (a roll at a level is drawn from
+    [0, that height // 2))."""
+    out = [height]
+    while height > 8:
+        height //= 2
+        out.append(height)
+    return out
+
+
+def kl_regularizer(eps):
+    """Pix2Pix-Zero's KL term toward N(0, 1) per sample: var + mean^2 - 1 - log(var + 1e-7), with
+    the unbiased variance over the sample's values."""
+    flat = eps.reshape(eps.shape[0], -1)
+    mean, var = flat.mean(axis=1), flat.var(axis=1, ddof=1)
+    return var + mean**2 - 1 - jnp.log(var + 1e-7)
+
+
+def regularized_inversion(model: ScoreFn, schedule, *, lambda_auto_corr: float = 20.0, lambda_kl: float = 20.0,
+                          num_reg_steps: int = 5, num_auto_corr_rolls: int = 5, key=None,
+                          prediction_type: str | None = None) -> ScoreFn:
+    """The prediction Pix2Pix-Zero's `invert` steps with: the model's output pushed toward i.i.d.
+    standard normal noise, `num_reg_steps` times: `num_auto_corr_rolls` gradient steps of
+    `auto_corr_loss` (each / rolls, times `lambda_auto_corr`), then one of `kl_regularizer`
+    (times `lambda_kl`), gradients taken through the output's epsilon. Use with a
+    `ddim_inverse` plan (`sampler.ddim_invert`). Roll amounts come from `key` folded with the step
+    index, or from `cond["rolls"]` (num_evals, num_reg_steps, num_auto_corr_rolls, B, C, levels)
+    when given. Per sample (diffusers takes the KL statistics over the whole batch: the same for one
+    image)."""
+    schedule, pt = resolve_schedule(schedule, prediction_type, "regularized_inversion")
+
+    def rule(x, t, cond):
+        out = model(x, t, cond)
+        ab = _per_sample(schedule.alpha_bar_at(t), x)
+        levels = noise_pyramid_levels(x.shape[1])
+        step = cond["step"]
+        if "rolls" in cond:
+            rolls = jnp.asarray(cond["rolls"], jnp.int32)[step.index]
+        else:
+            if key is None:
+                raise ConfigError("regularized_inversion draws roll amounts: pass key= (or cond['rolls'])")
+            k = jax.random.fold_in(key, step.index)
+            shape = (num_reg_steps, num_auto_corr_rolls, x.shape[0], x.shape[-1])
+            rolls = jnp.stack([jax.random.randint(jax.random.fold_in(k, i), shape, 0, max(h // 2, 1))
+                               for i, h in enumerate(levels)], axis=-1)
+        eps_of = lambda v: to_epsilon(v, x, ab, pt)  # noqa: E731
+        for r in range(num_reg_steps):
+            if lambda_auto_corr > 0:
+                for j in range(num_auto_corr_rolls):
+                    g = jax.grad(lambda v: auto_corr_loss(eps_of(v), rolls[r, j]))(out)
+                    out = out - lambda_auto_corr * (g / num_auto_corr_rolls)
+            if lambda_kl > 0:
+                out = out - lambda_kl * jax.grad(lambda v: jnp.sum(kl_regularizer(eps_of(v))))(out)
+        return out
+
+    return rule

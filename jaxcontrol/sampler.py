@@ -55,6 +55,25 @@ class Stateful:
         raise NotImplementedError
 
 
+class Edited(NamedTuple):
+    """What a score function returns when it moved the latents before predicting (Attend-and-Excite,
+    Pix2Pix-Zero): the `prediction` made at the moved latents `x` (in the score function's input
+    space, x_t / the plan's input scaling). The sampler continues from them: it adds `x` minus the
+    latents it passed (scaled back) to its state before the solver update, so an unmoved `x`
+    changes nothing, bit for bit."""
+
+    prediction: Any
+    x: Any
+
+
+def _apply_edit(out, state, x_in, in_div):
+    """The prediction of a score function's output and the solver state, moved by an `Edited`."""
+    if isinstance(out, Edited):
+        state = {**state, "x": state["x"] + (jnp.asarray(out.x, jnp.float32) - x_in) * in_div}
+        out = out.prediction
+    return out, state
+
+
 def with_step(cond, step: StepInfo):
     """A copy of the `cond` dict (None: an empty one) with `cond["step"] = step`. Raises
     `ConfigError` when `cond` is not a dict."""
@@ -144,6 +163,7 @@ def sample(
             out, gstate = model(x_in, row["t"], c, gstate)
         else:
             out = model(x_in, row["t"], c)
+        out, state = _apply_edit(out, state, x_in, row["in_div"])
         out = jnp.asarray(out, jnp.float32)
         if noise is not None:
             z = xs["noise"]

@@ -25,6 +25,8 @@ CPU in Pallas' interpret mode). What "auto" picks, and the precision of each, is
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from typing import Any
 
 import jax
@@ -192,11 +194,54 @@ def _chunked_attention(q, k, v, scale: float, mask, chunk: int = CHUNK):
     return out.reshape(b, blocks * chunk, h, dv)[:, :lq]
 
 
+ATTENTION_MAPS = "attention_maps"  # the Flax collection captured attention probabilities are sown into
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionControl:
+    """What chosen attention layers do besides attending, fixed at trace time (hashable, static).
+
+    Layers are named as diffusers names its attention modules (`attention_layers` lists them):
+    ``down_blocks.1.attentions.0.transformer_blocks.0.attn2``, ``mid_block.attentions.0.
+    transformer_blocks.0.attn1``.
+
+    * `capture`: these layers also compute their attention probabilities explicitly (B, heads, Lq,
+      Lk) in float32 and sow them into the `ATTENTION_MAPS` collection; apply with
+      ``mutable=[ATTENTION_MAPS]`` to get them back (`models.forward.model_forward(...,
+      attention=control)` returns them by layer name). Their output is the same attention, through
+      the "plain" kernel.
+    * `identity`: these (self-)attention layers output their values instead of attending, softmax(...)
+      replaced by the identity matrix: ``to_out(to_v(x))`` (Perturbed-Attention Guidance, diffusers'
+      `PAGIdentitySelfAttnProcessor2_0`).
+
+    Layers named in neither run as before, and a model built without a control (the default)
+    traces exactly the program it traced before this existed.
+    """
+
+    capture: tuple[str, ...] = ()
+    identity: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "capture", tuple(sorted(set(self.capture))))
+        object.__setattr__(self, "identity", tuple(sorted(set(self.identity))))
+
+    def __bool__(self) -> bool:
+        return bool(self.capture or self.identity)
+
+
+def layer_name(path: tuple[str, ...]) -> str:
+    """A Flax module path as diffusers' module name: ('down_blocks_1', 'attentions_0',
+    'transformer_blocks_0', 'attn2') -> 'down_blocks.1.attentions.0.transformer_blocks.0.attn2'."""
+    return ".".join(re.sub(r"_(\d+)$", r".\1", part) for part in path)
+
+
 class Attention(nn.Module):
     """diffusers' `Attention`: `to_q`, `to_k`, `to_v` (no bias by default) and `to_out.0`.
 
     Call: x (B, L, query_dim) and optional context (B, S, Dc) (default: x, self-attention) ->
-    (B, L, query_dim) in `dtype`; `heads` x `dim_head` is the inner width.
+    (B, L, query_dim) in `dtype`; `heads` x `dim_head` is the inner width. `control` (an
+    `AttentionControl`) may ask this layer, by its diffusers name, to sow its probabilities or to
+    be replaced by the identity.
     """
 
     heads: int
@@ -205,6 +250,7 @@ class Attention(nn.Module):
     bias: bool = False
     upcast_attention: bool = False
     attention_impl: str = "auto"
+    control: AttentionControl | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -215,13 +261,31 @@ class Attention(nn.Module):
         dense = lambda n, name, bias: nn.Dense(  # noqa: E731
             n, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name
         )
+        name = layer_name(self.path) if self.control else ""
         q = dense(inner, "to_q", self.bias)(x)
         k = dense(inner, "to_k", self.bias)(context)
         v = dense(inner, "to_v", self.bias)(context)
+        if self.control and name in self.control.identity:
+            if v.shape[1] != x.shape[1]:
+                raise ValueError(f"attention layer {name} attends to {v.shape[1]} context tokens, not its own "
+                                 f"{x.shape[1]}: only self-attention can be replaced by the identity")
+            return dense(self.query_dim, "to_out_0", True)(v)
         split = lambda t: t.reshape(*t.shape[:-1], self.heads, self.dim_head)  # noqa: E731
-        out = attention(split(q), split(k), split(v), impl=self.attention_impl, upcast=self.upcast_attention)
+        if self.control and name in self.control.capture:
+            out = self._attend_and_sow(split(q), split(k), split(v))
+        else:
+            out = attention(split(q), split(k), split(v), impl=self.attention_impl, upcast=self.upcast_attention)
         out = out.reshape(*out.shape[:-2], inner)
         return dense(self.query_dim, "to_out_0", True)(out)
+
+    def _attend_and_sow(self, q, k, v):
+        """"plain" attention whose float32 probabilities (B, heads, Lq, Lk) are sown as `probs`."""
+        if self.upcast_attention:
+            q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+        probs = jax.nn.softmax(scores, axis=-1)
+        self.sow(ATTENTION_MAPS, "probs", probs)
+        return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
 
 
 class FeedForward(nn.Module):
@@ -269,6 +333,7 @@ class BasicTransformerBlock(nn.Module):
     only_cross_attention: bool = False
     upcast_attention: bool = False
     attention_impl: str = "auto"
+    attention_control: AttentionControl | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -281,6 +346,7 @@ class BasicTransformerBlock(nn.Module):
             self.dim,
             upcast_attention=self.upcast_attention,
             attention_impl=self.attention_impl,
+            control=self.attention_control,
             name=name,
             **kw,
         )
@@ -309,6 +375,7 @@ class Transformer2DModel(nn.Module):
     only_cross_attention: bool = False
     upcast_attention: bool = False
     attention_impl: str = "auto"
+    attention_control: AttentionControl | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -331,6 +398,7 @@ class Transformer2DModel(nn.Module):
                 only_cross_attention=self.only_cross_attention,
                 upcast_attention=self.upcast_attention,
                 attention_impl=self.attention_impl,
+                attention_control=self.attention_control,
                 name=f"transformer_blocks_{i}",
                 **kw,
             )(x, context)

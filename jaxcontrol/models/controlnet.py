@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from .attention import check_attention_impl
+from .attention import AttentionControl, check_attention_impl
 from .configs import ControlNetConfig, controlnet_config_from_unet
 from .layers import conv
 from .params import flatten, init_params, unflatten
@@ -77,6 +77,7 @@ class ControlNetModel(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
+    attention_control: AttentionControl | None = None  # see `attention.AttentionControl`
 
     @nn.compact
     def __call__(

@@ -29,8 +29,12 @@ import contextlib
 import dataclasses
 from typing import Any, Callable, ContextManager, Sequence
 
+import flax
 import jax
 import jax.numpy as jnp
+
+from .attention import ATTENTION_MAPS, AttentionControl, layer_name
+from .unet import attention_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +102,8 @@ def concat_channels(unet, x, concat) -> jax.Array:
 
 def model_forward(unet, params, x, t, text, *, controlnets: Sequence[ControlNetCall] = (),
                   adapter_features: Sequence[jax.Array] | None = None,
-                  scope: Callable[[str], ContextManager] = _no_scope, concat: jax.Array | None = None) -> jax.Array:
+                  scope: Callable[[str], ContextManager] = _no_scope, concat: jax.Array | None = None,
+                  attention: AttentionControl | None = None):
     """The U-Net's prediction for latents `x` at timesteps `t`, steered by `controlnets` and
     T2I-Adapter `adapter_features`, with `concat` channels for concatenation-conditioned U-Nets
     (see the module docstring for shapes).
@@ -106,6 +111,11 @@ def model_forward(unet, params, x, t, text, *, controlnets: Sequence[ControlNetC
     `scope(name)` returns a context manager entered around each network's application, with name
     "controlnet" or "unet"; training passes one that rematerialises the chosen blocks
     (`training.remat.remat_scope`). It does not change values.
+
+    `attention`: an `AttentionControl` for the U-Net's attention layers (not the ControlNets'):
+    then the result is (prediction, maps), `maps` a dict from each captured layer's diffusers
+    name to its probabilities (B, heads, Lq, Lk) float32 (empty when nothing is captured). Names
+    the U-Net does not have raise `ValueError` listing its layers.
     """
     kwargs: dict[str, Any] = {}
     residuals = controlnet_residuals(controlnets, x, t, text, scope=scope, concat=concat)
@@ -114,8 +124,38 @@ def model_forward(unet, params, x, t, text, *, controlnets: Sequence[ControlNetC
     if adapter_features is not None:
         kwargs["down_intrablock_additional_residuals"] = tuple(adapter_features)
     sample = concat_channels(unet, x, concat)
+    if attention is None:
+        with scope("unet"):
+            return unet.apply({"params": params}, sample, t, text, **kwargs)
+    check_attention_control(unet.config, attention)
     with scope("unet"):
-        return unet.apply({"params": params}, sample, t, text, **kwargs)
+        out, state = unet.clone(attention_control=attention).apply(
+            {"params": params}, sample, t, text, mutable=[ATTENTION_MAPS], **kwargs)
+    return out, collect_attention_maps(state)
 
 
-__all__ = ["ControlNetCall", "concat_channels", "controlnet_residuals", "model_forward"]
+def check_attention_control(config, control: AttentionControl) -> None:
+    """Raise `ValueError` naming any layer of `control` that a model of `config` does not have, and
+    any `identity` layer that is cross-attention."""
+    layers = {layer.name: layer for layer in attention_layers(config)}
+    for field in ("capture", "identity"):
+        unknown = [n for n in getattr(control, field) if n not in layers]
+        if unknown:
+            raise ValueError(f"AttentionControl.{field} names {unknown}, which this model does not have; its "
+                             f"attention layers are {sorted(layers)}")
+    cross = [n for n in control.identity if layers[n].cross]
+    if cross:
+        raise ValueError(f"AttentionControl.identity names cross-attention layers {cross}; only self-attention "
+                         "can be replaced by the identity")
+
+
+def collect_attention_maps(state) -> dict:
+    """The `ATTENTION_MAPS` collection of an apply as {diffusers layer name: probs}."""
+    maps = {}
+    for path, value in flax.traverse_util.flatten_dict(dict(state.get(ATTENTION_MAPS, {}))).items():
+        maps[layer_name(path[:-1])] = value[-1] if isinstance(value, tuple) else value
+    return maps
+
+
+__all__ = ["ControlNetCall", "check_attention_control", "collect_attention_maps", "concat_channels",
+           "controlnet_residuals", "model_forward"]

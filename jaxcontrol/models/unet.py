@@ -10,13 +10,14 @@ The output is float32 whatever the compute dtype, so solvers always run in float
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from .attention import check_attention_impl
+from .attention import AttentionControl, check_attention_impl
 from .configs import CROSS_ATTN_DOWN, CROSS_ATTN_UP, MID_CROSS_ATTN, UNet2DConditionConfig, _UNetFields
 from .layers import GroupNorm, TimestepEmbedding, broadcast_timesteps, conv, get_activation, timestep_embedding
 from .unet_blocks import DownBlock, MidBlock, UpBlock
@@ -33,6 +34,7 @@ def _block_kwargs(config: _UNetFields, module: nn.Module) -> dict:
         use_linear_projection=config.use_linear_projection,
         upcast_attention=config.upcast_attention,
         attention_impl=module.attention_impl,
+        attention_control=getattr(module, "attention_control", None),
         dtype=module.dtype,
         param_dtype=module.param_dtype,
     )
@@ -123,6 +125,7 @@ class UNet2DConditionModel(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
+    attention_control: AttentionControl | None = None
 
     @nn.compact
     def __call__(
@@ -276,3 +279,53 @@ def adapter_feature_shapes(config, height: int, width: int) -> list[tuple[int, i
             out.append((height, width, ch))
     return out
 
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionLayer:
+    """One attention layer of a U-Net or ControlNet: its diffusers `name`, whether it attends to
+    the text (`cross`) or to the image itself, where it sits (`place`: "down", "mid" or "up"),
+    its block index and resolution `level` (the latents are halved `level` times before it),
+    its `heads`, and the (height, width) of its query map for latents of a given size (`size`)."""
+
+    name: str
+    cross: bool
+    place: str
+    block: int
+    level: int
+    heads: int
+
+    def size(self, height: int, width: int) -> tuple[int, int]:
+        """The layer's query map for latents of `height` x `width` (each halving rounds up)."""
+        for _ in range(self.level):
+            height, width = (height + 1) // 2, (width + 1) // 2
+        return height, width
+
+
+def attention_layers(config) -> list[AttentionLayer]:
+    """Every attention layer of a U-Net (or a ControlNet: its down and mid blocks) built from
+    `config`, in the order a forward pass runs them, named as diffusers names its modules
+    (`down_blocks.1.attentions.0.transformer_blocks.0.attn1`). `attn1` is self-attention unless
+    the block has `only_cross_attention`; `attn2` always attends to the text."""
+    out = []
+    n = config.num_blocks
+
+    def add(prefix, place, block, level, heads, layers, tlayers, only_cross):
+        for j in range(layers):
+            for k in range(tlayers):
+                base = f"{prefix}.attentions.{j}.transformer_blocks.{k}"
+                out.append(AttentionLayer(f"{base}.attn1", bool(only_cross), place, block, level, heads))
+                out.append(AttentionLayer(f"{base}.attn2", True, place, block, level, heads))
+
+    for i, block_type in enumerate(config.down_block_types):
+        if block_type == CROSS_ATTN_DOWN:
+            add(f"down_blocks.{i}", "down", i, i, config.heads_per_block[i], config.layers_per_block_list[i],
+                config.transformer_layers_list[i], config.only_cross_attention_list[i])
+    if getattr(config, "mid_block_type", None) == MID_CROSS_ATTN:
+        add("mid_block", "mid", 0, n - 1, config.heads_per_block[-1], 1, config.transformer_layers_list[-1], False)
+    for i, block_type in enumerate(getattr(config, "up_block_types", ()) or ()):
+        if block_type == CROSS_ATTN_UP:
+            r = n - 1 - i
+            add(f"up_blocks.{i}", "up", i, r, config.heads_per_block[r], config.layers_per_block_list[r] + 1,
+                config.transformer_layers_list[r], config.only_cross_attention_list[r])
+    return out

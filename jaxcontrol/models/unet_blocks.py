@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from .attention import Transformer2DModel
+from .attention import AttentionControl, Transformer2DModel
 from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 Dtype = Any
@@ -35,6 +35,7 @@ class _BlockOptions(nn.Module):
     only_cross_attention: bool = False
     upcast_attention: bool = False
     attention_impl: str = "auto"
+    attention_control: AttentionControl | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -63,6 +64,7 @@ class _BlockOptions(nn.Module):
             only_cross_attention=self.only_cross_attention,
             upcast_attention=self.upcast_attention,
             attention_impl=self.attention_impl,
+            attention_control=self.attention_control,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name=f"attentions_{i}",

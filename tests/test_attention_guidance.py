@@ -1,0 +1,283 @@
+"""Steering through the U-Net's attention, against diffusers on a tiny random model (f32, CPU):
+captured attention maps against diffusers' attention processors, and Self-Attention Guidance,
+Perturbed-Attention Guidance, Attend-and-Excite and Pix2Pix-Zero (its inversion included) against
+their diffusers pipelines: same weights, same start latents, DDIM, final latents compared."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcontrol import guidance as G
+from jaxcontrol.convert import load_model
+from jaxcontrol.errors import ConfigError
+from jaxcontrol.models.attention import AttentionControl
+from jaxcontrol.models.forward import model_forward
+from jaxcontrol.models.unet import attention_layers
+from jaxcontrol.sampler import ddim_invert, initial_latents, sample
+from jaxcontrol.schedulers import make_plan
+from jaxcontrol.testing.reference import randomize_
+from jaxcontrol.testing.solver_parity import SD_BETAS
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+# Two cross-attention levels (16x16 and 8x8 latents' maps) and a mid block with attention; weights
+# large enough that attention is far from uniform (SAG thresholds the summed map at 1).
+UNET = dict(block_out_channels=(8, 16), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+            norm_num_groups=4, attention_head_dim=2)
+SCHEDULER = {**SD_BETAS, "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
+             "_class_name": "DDIMScheduler"}
+SEQ, DIM, LAT = 9, 32, 16
+
+
+def _nhwc(t):
+    return jnp.asarray(t.numpy().transpose(0, 2, 3, 1))
+
+
+def _rel(ours, ref_nchw):
+    ours = np.asarray(ours).transpose(0, 3, 1, 2)
+    return float(np.abs(ours - ref_nchw).max() / np.abs(ref_nchw).max())
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("attn")
+    torch.manual_seed(0)
+    unet = randomize_(diffusers.UNet2DConditionModel(**UNET), 0, scale=0.3)
+    unet.save_pretrained(root / "unet")
+    vae = diffusers.AutoencoderKL(block_out_channels=(4, 8), in_channels=3, out_channels=3, latent_channels=4,
+                                  norm_num_groups=2, down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2)
+    ours = load_model(root / "unet")
+    return unet, vae, ours
+
+
+def _inputs(seed, batch=1):
+    g = torch.Generator().manual_seed(seed)
+    pe, ne = torch.randn(batch, SEQ, DIM, generator=g), torch.randn(batch, SEQ, DIM, generator=g)
+    lat = torch.randn(batch, 4, LAT, LAT, generator=g)
+    return pe, ne, lat
+
+
+def _cond(pe, ne):
+    return {"cond": {"text": jnp.asarray(pe.numpy())}, "uncond": {"text": jnp.asarray(ne.numpy())}}
+
+
+def _moved(out, x, cond, gs, plan, base):
+    """How far a technique moved the final latents from plain CFG (relative)."""
+    plain = sample(G.classifier_free(base, gs), plan, initial_latents(plan, x), cond)
+    return _rel(out, np.asarray(plain).transpose(0, 3, 1, 2))
+
+
+def _pipe(cls, tiny, **extra):
+    unet, vae, _ = tiny
+    pipe = cls(vae=vae, text_encoder=None, tokenizer=None, unet=unet,
+               scheduler=diffusers.DDIMScheduler.from_config(SCHEDULER), **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class _Store:
+    """A diffusers attention processor that records each layer's probabilities."""
+
+    def __init__(self, name, store):
+        self.name, self.store = name, store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kw):
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        k, v = attn.head_to_batch_dim(attn.to_k(context)), attn.head_to_batch_dim(attn.to_v(context))
+        probs = attn.get_attention_scores(q, k, None)
+        self.store[self.name] = probs
+        return attn.to_out[1](attn.to_out[0](attn.batch_to_head_dim(torch.bmm(probs, v))))
+
+
+def test_attention_maps_match_diffusers_processors(tiny):
+    unet_t, _, (unet, params) = tiny
+    store = {}
+    saved = unet_t.attn_processors
+    unet_t.set_attn_processor({n: _Store(n.removesuffix(".processor"), store) for n in saved})
+    try:
+        pe, _, lat = _inputs(0, batch=2)
+        with torch.no_grad():
+            ref = unet_t(lat, 500, encoder_hidden_states=pe).sample
+    finally:
+        unet_t.set_attn_processor(saved)
+    names = [layer.name for layer in attention_layers(unet.config)]
+    assert sorted(names) == sorted(store)
+    out, maps = model_forward(unet, params, _nhwc(lat), jnp.full((2,), 500.0), jnp.asarray(pe.numpy()),
+                              attention=AttentionControl(capture=names))
+    assert _rel(out, ref.numpy()) < 1e-5
+    for n in names:
+        r = store[n].numpy()
+        r = r.reshape(2, -1, *r.shape[1:])  # diffusers' (batch * heads) rows, batch-major
+        assert np.abs(np.asarray(maps[n]) - r).max() <= 1e-5, n
+    # no control: the same program as before, bit for bit
+    plain = model_forward(unet, params, _nhwc(lat), jnp.full((2,), 500.0), jnp.asarray(pe.numpy()))
+    captured_none, maps_none = model_forward(unet, params, _nhwc(lat), jnp.full((2,), 500.0),
+                                             jnp.asarray(pe.numpy()), attention=AttentionControl())
+    assert maps_none == {} and np.array_equal(np.asarray(plain), np.asarray(captured_none))
+
+
+def test_attention_layers_and_bad_names(tiny):
+    _, _, (unet, params) = tiny
+    layers = attention_layers(unet.config)
+    mid = [layer for layer in layers if layer.place == "mid"]
+    assert [layer.name for layer in mid] == ["mid_block.attentions.0.transformer_blocks.0.attn1",
+                                             "mid_block.attentions.0.transformer_blocks.0.attn2"]
+    assert mid[0].size(16, 16) == (8, 8) and mid[0].size(15, 9) == (8, 5) and not mid[0].cross
+    x, t, text = jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,)), jnp.zeros((1, 3, 32))
+    with pytest.raises(ValueError, match="down_blocks.7.*does not have"):
+        model_forward(unet, params, x, t, text, attention=AttentionControl(capture=("down_blocks.7.x",)))
+    with pytest.raises(ValueError, match="cross-attention layers"):
+        model_forward(unet, params, x, t, text,
+                      attention=AttentionControl(identity=("mid_block.attentions.0.transformer_blocks.0.attn2",)))
+    assert G.pag_layers(unet.config, ["mid"]) == ("mid_block.attentions.0.transformer_blocks.0.attn1",)
+    assert len(G.pag_layers(unet.config, ["up_blocks.1"])) == 2
+    with pytest.raises(ConfigError, match="'down_blocks.5' matches no self-attention"):
+        G.pag_layers(unet.config, ["down_blocks.5"])
+
+
+@pytest.mark.parametrize("guidance_scale", [5.0, 1.0])
+def test_sag_matches_diffusers(tiny, guidance_scale):
+    _, _, (unet, params) = tiny
+    pe, ne, lat = _inputs(1)
+    steps, sag_scale = 4, 0.75
+    pipe = _pipe(diffusers.StableDiffusionSAGPipeline, tiny, safety_checker=None, feature_extractor=None,
+                 requires_safety_checker=False)
+    with torch.no_grad():
+        ref = pipe(prompt_embeds=pe, negative_prompt_embeds=ne, latents=lat, num_inference_steps=steps,
+                   guidance_scale=guidance_scale, sag_scale=sag_scale, output_type="latent").images.numpy()
+    plan = make_plan(SCHEDULER, steps, "ddim")
+    base = G.unet_prediction(unet, params)
+    rule = G.self_attention_guidance(base, sag_scale, plan, guidance_scale=guidance_scale)
+    out = jax.jit(lambda x: sample(rule, plan, initial_latents(plan, x), _cond(pe, ne)))(_nhwc(lat))
+    assert _rel(out, ref) < 1e-4
+    assert _moved(out, _nhwc(lat), _cond(pe, ne), guidance_scale, plan, base) > 1e-3
+
+
+@pytest.mark.parametrize("layers,guidance_scale,adaptive", [(["mid"], 5.0, 0.0), (["down_blocks.1", "up"], 4.0, 0.0),
+                                                            (["mid"], 1.0, 0.002)])
+def test_pag_matches_diffusers(tiny, layers, guidance_scale, adaptive):
+    _, _, (unet, params) = tiny
+    pe, ne, lat = _inputs(2)
+    steps, pag_scale = 4, 3.0
+    pipe = _pipe(diffusers.StableDiffusionPAGPipeline, tiny, safety_checker=None, feature_extractor=None,
+                 requires_safety_checker=False, pag_applied_layers=layers)
+    with torch.no_grad():
+        ref = pipe(prompt_embeds=pe, negative_prompt_embeds=ne, latents=lat, num_inference_steps=steps,
+                   guidance_scale=guidance_scale, pag_scale=pag_scale, pag_adaptive_scale=adaptive,
+                   output_type="latent").images.numpy()
+    plan = make_plan(SCHEDULER, steps, "ddim")
+    base = G.unet_prediction(unet, params)
+    rule = G.perturbed_attention_guidance(base, pag_scale, layers=layers, guidance_scale=guidance_scale,
+                                          adaptive_scale=adaptive)
+    out = jax.jit(lambda x: sample(rule, plan, initial_latents(plan, x), _cond(pe, ne)))(_nhwc(lat))
+    assert _rel(out, ref) < 1e-4
+    assert _moved(out, _nhwc(lat), _cond(pe, ne), guidance_scale, plan, base) > 1e-3
+
+
+def _ae_pipe(tiny):
+    return _pipe(diffusers.StableDiffusionAttendAndExcitePipeline, tiny, safety_checker=None, feature_extractor=None,
+                 requires_safety_checker=False)
+
+
+@pytest.mark.parametrize("thresholds,max_iter", [({0: 0.05, 10: 0.5, 20: 0.8}, 3), ({0: 0.9, 2: 0.95}, 2)])
+def test_attend_and_excite_matches_diffusers(tiny, thresholds, max_iter):
+    """The second case refines at steps 0 and 2 (its thresholds are above the tiny model's peaks),
+    and step 2 is past max_iter_to_alter: refinement alone moves the latents there."""
+    _, _, (unet, params) = tiny
+    pe, ne, lat = _inputs(3, batch=2)
+    steps, gs, scale_factor, tokens = 4, 5.0, 20.0, [[2, 5], [3]]
+    pipe = _ae_pipe(tiny)
+    seen = []
+    original = pipe._perform_iterative_refinement_step
+
+    def spy(*a, **k):
+        seen.append(k["threshold"])
+        return original(*a, **k)
+
+    pipe._perform_iterative_refinement_step = spy
+    ref = pipe(None, prompt_embeds=pe, negative_prompt_embeds=ne, latents=lat, num_inference_steps=steps,
+               guidance_scale=gs, token_indices=tokens, attn_res=(8, 8), max_iter_to_alter=max_iter,
+               thresholds=thresholds, scale_factor=scale_factor, output_type="latent").images.detach().numpy()
+    if max_iter == 2:
+        assert len(seen) >= 3  # both samples refined at step 0, at least one at step 2
+    plan = make_plan(SCHEDULER, steps, "ddim")
+    base = G.unet_prediction(unet, params)
+    rule = G.attend_and_excite(base, G.classifier_free(base, gs), max_iter_to_alter=max_iter, thresholds=thresholds,
+                               scale_factor=scale_factor, attn_res=(8, 8))
+    cond = {**_cond(pe, ne), "excite": jnp.asarray(G.token_mask(tokens, 2, SEQ))}
+    out = jax.jit(lambda x: sample(rule, plan, initial_latents(plan, x), cond))(_nhwc(lat))
+    assert _rel(out, ref) < 1e-4
+    assert _moved(out, _nhwc(lat), _cond(pe, ne), gs, plan, base) > 1e-3
+
+
+def test_attend_and_excite_inputs_are_checked(tiny):
+    _, _, (unet, params) = tiny
+    with pytest.raises(ConfigError, match="token index 0 is outside 1..7"):
+        G.token_mask([0, 2], 1, SEQ)
+    with pytest.raises(ConfigError, match="2 lists of token indices for 3 samples"):
+        G.token_mask([[1], [2]], 3, SEQ)
+    base = G.unet_prediction(unet, params)
+    rule = G.attend_and_excite(base, attn_res=(16, 16))  # the tiny U-Net's cross-attention is at 16 and 8
+    plan = make_plan(SCHEDULER, 2, "ddim")
+    pe, _, lat = _inputs(0)
+    cond = {"cond": {"text": jnp.asarray(pe.numpy())}, "excite": jnp.asarray(G.token_mask([1], 1, SEQ))}
+    sample(rule, plan, initial_latents(plan, _nhwc(lat)), cond)  # 16x16 exists for 16x16 latents
+    with pytest.raises(ConfigError, match=r"attn_res=\(4, 4\).*maps are \[\(4, 2\), \(8, 4\)\]"):
+        sample(G.attend_and_excite(base, attn_res=(4, 4)), plan, jnp.zeros((1, 8, 4, 4)), cond)
+    with pytest.raises(ConfigError, match="guidance.unet_prediction"):
+        G.attend_and_excite(lambda x, t, c: x)
+
+
+def test_pix2pix_zero_with_inversion_matches_diffusers(tiny):
+    """Pix2Pix-Zero's `invert` (DDIM inversion with the auto-correlation and KL regularisers; the
+    roll amounts diffusers draws are recorded and replayed) and then its two-pass edit, given the
+    caption and sentence embeddings (no captioner)."""
+    unet_t, vae, (unet, params) = tiny
+    pe, ne, lat = _inputs(4)
+    g = torch.Generator().manual_seed(5)
+    src, tgt = torch.randn(3, SEQ, DIM, generator=g), torch.randn(2, SEQ, DIM, generator=g)
+    steps, gs, amount = 3, 5.0, 0.15
+    pipe = _pipe(diffusers.StableDiffusionPix2PixZeroPipeline, tiny, safety_checker=None, feature_extractor=None,
+                 requires_safety_checker=False, caption_generator=None, caption_processor=None,
+                 inverse_scheduler=diffusers.DDIMInverseScheduler.from_config(SCHEDULER))
+    rolls, randint = [], torch.randint
+
+    def recording_randint(high, size, generator=None, **k):
+        out = randint(high, size, generator=generator, **k)
+        rolls.append(int(out.item()))
+        return out
+
+    torch.randint = recording_randint
+    try:
+        inv = pipe.invert(prompt_embeds=pe, image=lat, num_inference_steps=steps, guidance_scale=1.0,
+                          num_reg_steps=2, num_auto_corr_rolls=2, generator=torch.Generator().manual_seed(0),
+                          output_type="latent").latents
+    finally:
+        torch.randint = randint
+    with torch.no_grad():
+        ref = pipe(prompt_embeds=pe, negative_prompt_embeds=ne, source_embeds=src, target_embeds=tgt,
+                   latents=inv, num_inference_steps=steps, guidance_scale=gs,
+                   cross_attention_guidance_amount=amount, output_type="latent").images.numpy()
+    base = G.unet_prediction(unet, params)
+    inv_plan = make_plan({**SCHEDULER, "_class_name": "DDIMInverseScheduler"}, steps, "ddim_inverse")
+    levels = len(G.noise_pyramid_levels(LAT))
+    roll_table = jnp.asarray(np.asarray(rolls).reshape(steps, 2, 2, 1, 4, levels))
+    invert_rule = G.regularized_inversion(base, inv_plan, num_reg_steps=2, num_auto_corr_rolls=2)
+    ours_inv = ddim_invert(invert_rule, inv_plan, _nhwc(lat), {"text": jnp.asarray(pe.numpy()), "rolls": roll_table})
+    assert _rel(ours_inv, inv.detach().numpy()) < 1e-4
+    plan = make_plan(SCHEDULER, steps, "ddim")
+    rule = G.pix2pix_zero(base, gs, cross_attention_guidance_amount=amount)
+    cond = {**_cond(pe, ne), "edit_direction": G.edit_direction(src.numpy(), tgt.numpy())}
+    x = jnp.concatenate([ours_inv, ours_inv])
+    out = jax.jit(lambda x: sample(rule, plan, initial_latents(plan, x), cond))(x)
+    assert _rel(out[1:], ref) < 1e-4
+    # the reference rows are the source prompt's plain CFG sample; the edit moved away from it
+    plain = sample(G.classifier_free(base, gs), plan, initial_latents(plan, ours_inv), _cond(pe, ne))
+    assert _rel(out[:1], np.asarray(plain).transpose(0, 3, 1, 2)) < 1e-5
+    assert _rel(out[1:], np.asarray(plain).transpose(0, 3, 1, 2)) > 1e-2
