@@ -986,6 +986,7 @@ def pix2pix_zero(model: ScoreFn, guidance_scale, *, cross_attention_guidance_amo
     model = _attention_source(model, "pix2pix_zero")
     names = tuple(layer.name for layer in _all_layers(model.unet_config) if layer.name.endswith("attn2"))
     probe = model.with_attention(AttentionControl(capture=names))
+    off = isinstance(cross_attention_guidance_amount, int | float) and cross_attention_guidance_amount == 0
 
     def rule(x, t, cond):
         b2 = x.shape[0]
@@ -997,6 +998,10 @@ def pix2pix_zero(model: ScoreFn, guidance_scale, *, cross_attention_guidance_amo
         shared = {k: v for k, v in _shared(cond).items() if k != "edit_direction"}
         direction = jnp.asarray(cond["edit_direction"], jnp.float32)
         edit_cond = {**cond["cond"], "text": cond["cond"]["text"] + direction.astype(cond["cond"]["text"].dtype)}
+        if off:  # no cross-attention guidance: two plain CFG samples, the source and the moved prompt
+            cfg = classifier_free(model, guidance_scale)
+            return jnp.concatenate([cfg(x_ref, t, {**shared, "uncond": cond["uncond"], "cond": cond["cond"]}),
+                                    cfg(x_edit, t, {**shared, "uncond": cond["uncond"], "cond": edit_cond})])
         tt = jnp.asarray(t)
         t2 = tt if tt.ndim == 0 else _interleave([tt[:b], tt[:b]], 2)
         ref_merged = {**shared, **_branch_leaves([cond["uncond"], cond["cond"]], b)}

@@ -32,8 +32,9 @@ from .errors import ConfigError, NonFiniteError
 from .mesh import named, tracing_mesh
 from .platform import to_dtype
 from .models.kinds import unet_kind
+from .models.unet import attention_layers
 from .models.vae import sample_posterior, scale_latents, split_moments, unscale_latents
-from .sampler import Inpaint, first_nonfinite, initial_latents, noised_latents, raise_if_nonfinite, repaint, sample
+from .sampler import Inpaint, ddim_invert, first_nonfinite, initial_latents, noised_latents, raise_if_nonfinite, repaint, sample
 from .schedulers import SchedulerConfig, make_plan
 from .schedulers.solvers import Plan
 from .tokenizer import tokenize
@@ -100,6 +101,18 @@ class CallArguments:
     repaint_jump_length: int = 10
     repaint_jump_n_sample: int = 10
     clip_guidance: ClipGuidanceInput | None = None
+    sag_scale: float = 0.0
+    pag_scale: float = 0.0
+    pag_applied_layers: Sequence[str] = ("mid",)
+    pag_adaptive_scale: float = 0.0
+    token_indices: Any = None
+    max_iter_to_alter: int = 25
+    thresholds: dict | None = None
+    scale_factor: float = 20.0
+    attn_res: tuple[int, int] = (16, 16)
+    edit_source: Sequence[str] | None = None
+    edit_target: Sequence[str] | None = None
+    cross_attention_guidance_amount: float = 0.1
     clip_skip: int | None = None
     latents: Any = None
     output_type: str = "uint8"
@@ -151,6 +164,11 @@ class CallSettings:
     output_type: str = "uint8"
     kind: str = "text2image"  # the U-Net's input kind (models.kinds): what `concat` holds
     masked_from: str | None = None  # inpainting models: "images" (VAE-encoded in the program) or "latents"
+    sag: bool = False  # Self-Attention Guidance on (sag_scale > 0; the scale is traced)
+    pag_layers: tuple[str, ...] = ()  # Perturbed-Attention Guidance's layers (pag_scale > 0; the scale is traced)
+    pag_adaptive_scale: float = 0.0
+    excite: tuple | None = None  # Attend-and-Excite: (max_iter_to_alter, thresholds items, scale_factor, attn_res)
+    pix2pix_zero: str | None = None  # Pix2Pix-Zero: "generate" (from noise) or "invert" (from the input image)
 
     def plan(self, scheduler_config: SchedulerConfig) -> Plan:
         """The solver's plan for these settings (`schedulers.make_plan`; raises `ConfigError`)."""
@@ -248,10 +266,19 @@ def score_function(settings: CallSettings, plan: Plan, modules: dict, params: di
             model = G.instruct_pix2pix(model, shared["guidance_scale"], shared["image_guidance_scale"])
             cond = {"cond": branch, "image_cond": uncond, "uncond": dict(uncond, concat=jnp.zeros_like(concat))}
         else:
-            model = G.classifier_free(model, shared["guidance_scale"], guidance_rescale=settings.guidance_rescale)
+            model = attention_rules(settings, plan, model, shared, True)
             cond = {"cond": branch, "uncond": uncond}
     else:
         cond = branch
+        if settings.sag or settings.pag_layers or settings.excite:
+            model = attention_rules(settings, plan, model, shared, False)
+            cond = {"cond": branch}
+    if settings.pix2pix_zero:
+        directions = [encode_prompt(modules["text_encoder"], params["text_encoder"], shared[k], settings.clip_skip)
+                      for k in ("edit_source_ids", "edit_target_ids")]
+        cond["edit_direction"] = G.edit_direction(*directions)
+    if settings.excite:
+        cond["excite"] = per_image["excite"]
     if settings.clip_guide is not None:
         vae, clip, size, cutouts, fraction = settings.clip_guide
         guide = G.ClipGuide(vae, shared["clip_params"]["vae"], clip, shared["clip_params"]["clip"], size, cutouts,
@@ -262,10 +289,56 @@ def score_function(settings: CallSettings, plan: Plan, modules: dict, params: di
     return model, cond
 
 
+def attention_rules(settings: CallSettings, plan: Plan, base, shared: dict, cfg: bool):
+    """CFG (`cfg`: with the traced guidance scale; else the conditional branch alone) with the
+    attention techniques the settings turn on: SAG and PAG terms (`guidance.attention_guided`),
+    Pix2Pix-Zero's two-pass edit, and Attend-and-Excite's latent updates around whichever of
+    those predicts."""
+    guidance_scale = shared["guidance_scale"] if cfg else 1.0
+    terms = []
+    if settings.pix2pix_zero:
+        model = G.pix2pix_zero(base, guidance_scale,
+                               cross_attention_guidance_amount=shared["cross_attention_guidance_amount"])
+    else:
+        if settings.sag:
+            terms.append(G.SAG(shared["sag_scale"], plan))
+        if settings.pag_layers:
+            terms.append(G.PAG(shared["pag_scale"], settings.pag_layers, settings.pag_adaptive_scale))
+        if terms:
+            model = G.attention_guided(base, guidance_scale, terms, guidance_rescale=settings.guidance_rescale)
+        elif not cfg:
+            model = base
+        else:
+            model = G.classifier_free(base, guidance_scale, guidance_rescale=settings.guidance_rescale)
+    if settings.excite:
+        max_iter, thresholds, scale_factor, attn_res = settings.excite
+        model = G.attend_and_excite(base, model if terms or cfg else None,
+                                    max_iter_to_alter=max_iter, thresholds=dict(thresholds),
+                                    scale_factor=scale_factor, attn_res=attn_res)
+    return model
+
+
+def invert_latents(settings: CallSettings, inverse_plan: Plan, modules: dict, params: dict, per_image: dict,
+                   known, shared: dict):
+    """Pix2Pix-Zero's start: the clean latents DDIM-inverted under the prompt (no CFG) with its
+    noise regularisers (`guidance.regularized_inversion`)."""
+    text = encode_prompt(modules["text_encoder"], params["text_encoder"], per_image["ids"], settings.clip_skip)
+    base = G.unet_prediction(modules["unet"], params["unet"])
+    key = jax.random.fold_in(jax.random.wrap_key_data(shared["seed"]), 3 << 20)
+    rule = G.regularized_inversion(base, inverse_plan, key=key)
+    return ddim_invert(rule, inverse_plan, known, {"text": text})
+
+
 def denoise(settings: CallSettings, plan: Plan, model, cond, noise, known, per_image: dict, keys):
     """The denoising scan for the call's mode. Returns the final latents and each image's first
     evaluation with non-finite latents (-1 if none)."""
     checked = dict(key=keys, return_nonfinite=True)
+    if settings.pix2pix_zero:  # the reference rows, then the edited rows; the images are the edited ones
+        start = known if settings.pix2pix_zero == "invert" else initial_latents(plan, noise)
+        both = jnp.concatenate([start, start])
+        latents, bad = sample(model, plan, both, cond, key=jnp.concatenate([keys, keys]), return_nonfinite=True)
+        b = start.shape[0]
+        return latents[b:], jnp.maximum(bad[:b], bad[b:])
     if settings.mode == "txt2img":
         return sample(model, plan, initial_latents(plan, noise), cond, **checked)
     if settings.mode == "img2img":
@@ -288,9 +361,12 @@ def decode(vae, vae_params, latents):
     return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
 
 
-def _program(settings: CallSettings, plan: Plan, modules: dict, params: dict, per_image: dict, shared: dict):
+def _program(settings: CallSettings, plan: Plan, modules: dict, params: dict, per_image: dict, shared: dict,
+             inverse_plan: Plan | None = None):
     keys = image_keys(jax.random.wrap_key_data(shared["seed"]), per_image["index"])
     noise, known = prepare_latents(settings, plan, modules["vae"], params["vae"], per_image, keys)
+    if settings.pix2pix_zero == "invert":
+        known = invert_latents(settings, inverse_plan, modules, params, per_image, known, shared)
     concat = prepare_concat(settings, modules["vae"], params["vae"], per_image, keys)
     model, cond = score_function(settings, plan, modules, params, per_image, shared, concat)
     latents, bad = denoise(settings, plan, model, cond, noise, known, per_image, keys)
@@ -445,6 +521,12 @@ def check_call_arguments(args: CallArguments, *, clip_layers: int) -> None:
     if args.image_guidance_scale is not None:
         number("image_guidance_scale", args.image_guidance_scale, 0.0)
     number("adapter_conditioning_factor", args.adapter_conditioning_factor, 0.0, 1.0)
+    number("sag_scale", args.sag_scale, 0.0)
+    number("pag_scale", args.pag_scale, 0.0)
+    number("pag_adaptive_scale", args.pag_adaptive_scale, 0.0)
+    integer("max_iter_to_alter", args.max_iter_to_alter, 0)
+    number("scale_factor", args.scale_factor, 0.0)
+    number("cross_attention_guidance_amount", args.cross_attention_guidance_amount, 0.0)
     integer("repaint_jump_length", args.repaint_jump_length, 1)
     integer("repaint_jump_n_sample", args.repaint_jump_n_sample, 1)
     if args.clip_skip is not None:
@@ -636,7 +718,10 @@ class Pipeline:
         `settings` (a frozen dataclass): calls that differ only in traced values reuse it."""
         if settings not in self._programs:
             plan = settings.plan(self.scheduler_config)
-            program = functools.partial(_program, settings, plan, self._modules())
+            inverse = None
+            if settings.pix2pix_zero == "invert":
+                inverse = make_plan(self.scheduler_config, settings.num_inference_steps, "ddim_inverse")
+            program = functools.partial(_program, settings, plan, self._modules(), inverse_plan=inverse)
             out = named(self.mesh, P("data"))
             self._programs[settings] = (jax.jit(program, out_shardings=(out, out)), plan)
         return self._programs[settings]
@@ -689,6 +774,18 @@ class Pipeline:
         repaint_jump_length: int = 10,
         repaint_jump_n_sample: int = 10,
         clip_guidance: ClipGuidanceInput | None = None,
+        sag_scale: float = 0.0,
+        pag_scale: float = 0.0,
+        pag_applied_layers: Sequence[str] = ("mid",),
+        pag_adaptive_scale: float = 0.0,
+        token_indices: Any = None,
+        max_iter_to_alter: int = 25,
+        thresholds: dict | None = None,
+        scale_factor: float = 20.0,
+        attn_res: tuple[int, int] = (16, 16),
+        edit_source: Sequence[str] | None = None,
+        edit_target: Sequence[str] | None = None,
+        cross_attention_guidance_amount: float = 0.1,
         clip_skip: int | None = None,
         latents: Any = None,
         output_type: str = "uint8",
@@ -710,6 +807,18 @@ class Pipeline:
         InstructPix2Pix (8) edits `init_image` with the prompt as the instruction, guided by
         `guidance_scale` (text) and `image_guidance_scale` (default 1.5; both branches run when
         guidance_scale > 1 and image_guidance_scale >= 1, as in diffusers).
+
+        Steering through the U-Net's attention (docs/GUIDANCE.md; names as diffusers' pipelines):
+        `sag_scale` > 0 adds Self-Attention Guidance; `pag_scale` > 0 Perturbed-Attention Guidance
+        in `pag_applied_layers` (diffusers' layer ids, e.g. "mid", "down_blocks.1"), lowered with
+        the timestep by `pag_adaptive_scale`; both may be on together and with ControlNets and
+        adapters. `token_indices` (positions in the tokenized prompt, one list for all prompts or
+        one per prompt) turns on Attend-and-Excite (`max_iter_to_alter`, `thresholds`,
+        `scale_factor`, `attn_res`). `edit_source` / `edit_target` (sentences describing the
+        concept to replace and its replacement) turn on Pix2Pix-Zero with
+        `cross_attention_guidance_amount`: the prompt is the caption; from `init_image` (or
+        `init_latents`) the start is its regularised DDIM inversion, else the generated image is
+        edited.
 
         Raises `ConfigError` for invalid arguments (naming the argument) and `NonFiniteError`
         when sampling or decoding produced NaN or infinity (naming solver, step and images).
@@ -753,6 +862,15 @@ class Pipeline:
         self.check_memory(b, height, width, do_cfg=args.guidance_scale > 1.0)
         indices = _image_indices(args.image_indices, b)
         mode = self._check_kind(args, _mode(args.init_image, args.init_latents, args.mask, args.inpaint_method))
+        pix2pix_zero = args.edit_source is not None or args.edit_target is not None
+        if pix2pix_zero:
+            if mode not in ("txt2img", "img2img"):
+                raise ConfigError("Pix2Pix-Zero (edit_source / edit_target) edits a generated image or init_image / "
+                                  "init_latents; it does not inpaint: drop `mask`")
+            if args.strength is not None:
+                raise ConfigError("strength does not apply to Pix2Pix-Zero: it inverts init_image all the way "
+                                  "(diffusers' invert) or edits a generated image")
+            mode = "pix2pix_zero"
         do_cfg = args.guidance_scale > 1.0
         if self.kind == "instruct_pix2pix":
             do_cfg = do_cfg and self._image_guidance_scale(args) >= 1.0
@@ -772,13 +890,15 @@ class Pipeline:
             per_image["noise"] = noise
         size = (b, height, width)
         self._control_inputs(per_image, shared, args.controls, args.adapters, size, args.num_images_per_prompt)
-        if mode != "txt2img":
+        starts_from_input = args.init_image is not None or args.init_latents is not None
+        if mode != "txt2img" and starts_from_input:
             per_image.update(self._edit_inputs(args.init_image, args.init_latents, args.mask, size, latent_shape,
                                                args.num_images_per_prompt))
         self._kind_inputs(per_image, shared, args, size, latent_shape)
         clip_key = None
         if args.clip_guidance is not None:
             clip_key = _clip_inputs(per_image, shared, args.clip_guidance, b)
+        attention = self._attention_inputs(per_image, shared, args, b, mode, do_cfg, latent_shape)
 
         settings = CallSettings(
             num_inference_steps=int(args.num_inference_steps), latent_shape=latent_shape, solver=args.scheduler,
@@ -791,11 +911,100 @@ class Pipeline:
             adapter_conditioning_factor=float(args.adapter_conditioning_factor),
             repaint_jump_length=int(args.repaint_jump_length),
             repaint_jump_n_sample=int(args.repaint_jump_n_sample),
-            init_from=None if mode == "txt2img" else ("latents" if args.init_latents is not None else "images"),
+            init_from=None if mode == "txt2img" or not starts_from_input else (
+                "latents" if args.init_latents is not None else "images"),
             given_noise=args.latents is not None, clip_guide=clip_key, output_type=args.output_type,
             kind=self.kind, masked_from=None if self.kind != "inpaint" else (
-                "latents" if args.masked_image_latents is not None else "images"))
+                "latents" if args.masked_image_latents is not None else "images"), **attention)
         return settings, per_image, shared, indices
+
+    def _attention_inputs(self, per_image: dict, shared: dict, args: CallArguments, b: int, mode: str,
+                          do_cfg: bool, latent_shape: tuple) -> dict:
+        """The attention techniques' settings (`CallSettings` fields) and traced inputs, each checked
+        against this U-Net before anything compiles (`ConfigError` naming the argument)."""
+        out: dict[str, Any] = {}
+        h, w, _ = latent_shape
+        sag, pag = args.sag_scale > 0, args.pag_scale > 0
+        excite = args.token_indices is not None
+        p2p = mode == "pix2pix_zero"
+        used = [n for n, on in (("sag_scale", sag), ("pag_scale", pag), ("token_indices", excite),
+                                ("edit_source/edit_target", p2p)) if on]
+        if used and self.kind == "instruct_pix2pix":
+            raise ConfigError(f"{', '.join(used)}: the attention techniques build on classifier-free guidance; "
+                              "InstructPix2Pix's two-scale guidance does not take them")
+        if used and mode == "repaint":
+            raise ConfigError(f"{', '.join(used)} do not run inside RePaint's resampling walk: use "
+                              "inpaint_method='partial'")
+        if args.clip_guidance is not None and (excite or p2p):
+            raise ConfigError("token_indices / edit_source move the latents inside the sampler; combine CLIP guidance "
+                              "with sag_scale or pag_scale instead")
+        if sag:
+            G.SAG(0.0, None).capture(self.unet.config)  # a mid block with self-attention
+            if min(h, w) <= 4:
+                raise ConfigError(f"sag_scale: self-attention guidance blurs with a 9x9 kernel and needs latents larger "
+                                  f"than 4x4, got {h}x{w}")
+            out["sag"] = True
+            shared["sag_scale"] = np.float32(args.sag_scale)
+        if pag:
+            layers = args.pag_applied_layers
+            if isinstance(layers, str) or not layers or not all(isinstance(x, str) for x in layers):
+                raise ConfigError(f"pag_applied_layers must be a list of layer ids (e.g. ['mid']), got {layers!r}")
+            out["pag_layers"] = G.pag_layers(self.unet.config, list(layers))
+            out["pag_adaptive_scale"] = float(args.pag_adaptive_scale)
+            shared["pag_scale"] = np.float32(args.pag_scale)
+        if excite:
+            if p2p:
+                raise ConfigError("token_indices (Attend-and-Excite) and edit_source (Pix2Pix-Zero) both move the "
+                                  "latents: use one of them")
+            res = args.attn_res
+            if (not isinstance(res, (tuple, list)) or len(res) != 2
+                    or not all(isinstance(r, (int, np.integer)) and r > 0 for r in res)):
+                raise ConfigError(f"attn_res must be two positive integers (height, width), got {res!r}")
+            res = (int(res[0]), int(res[1]))
+            sizes = sorted({layer.size(h, w) for layer in attention_layers(self.unet.config) if layer.cross})
+            if res not in sizes:
+                raise ConfigError(f"attn_res={res}: no cross-attention layer of this U-Net works at that size for "
+                                  f"{h}x{w} latents; its cross-attention maps are {sizes}")
+            thresholds = {0: 0.05, 10: 0.5, 20: 0.8} if args.thresholds is None else args.thresholds
+            if not isinstance(thresholds, dict) or not all(
+                    isinstance(k, (int, np.integer)) and k >= 0 and isinstance(v, (int, float)) and 0 <= v <= 1
+                    for k, v in thresholds.items()):
+                raise ConfigError(f"thresholds must map step indices (>= 0) to thresholds in [0, 1], got {thresholds!r}")
+            per_image["excite"] = self._token_mask(args.token_indices, b, args.num_images_per_prompt)
+            out["excite"] = (int(args.max_iter_to_alter), tuple(sorted((int(k), float(v)) for k, v in thresholds.items())),
+                             float(args.scale_factor), res)
+        if p2p:
+            if not do_cfg:
+                raise ConfigError("Pix2Pix-Zero needs classifier-free guidance: guidance_scale > 1")
+            if self.kind != "text2image":
+                raise ConfigError(f"Pix2Pix-Zero runs text-to-image U-Nets; this one's kind is {self.kind!r}")
+            if sag or pag:
+                raise ConfigError("sag_scale / pag_scale do not combine with Pix2Pix-Zero (its guidance is its own "
+                                  "two-pass rule)")
+            for name in ("edit_source", "edit_target"):
+                sentences = getattr(args, name)
+                if (sentences is None or isinstance(sentences, str) or not len(sentences)
+                        or not all(isinstance(x, str) for x in sentences)):
+                    raise ConfigError(f"{name} must be a non-empty list of sentences (Pix2Pix-Zero needs both "
+                                      f"edit_source and edit_target), got {sentences!r}")
+                shared[f"{name}_ids"] = self.token_ids(list(sentences))
+            shared["cross_attention_guidance_amount"] = np.float32(args.cross_attention_guidance_amount)
+            out["pix2pix_zero"] = "invert" if (args.init_image is not None or args.init_latents is not None) \
+                else "generate"
+        return out
+
+    def _token_mask(self, token_indices, b: int, n: int) -> np.ndarray:
+        """Attend-and-Excite's (b, 77) subject-token mask: one list of indices for every prompt, or
+        one per prompt (repeated for its `num_images_per_prompt` images)."""
+        rows = list(token_indices) if isinstance(token_indices, (list, tuple)) else token_indices
+        if not isinstance(rows, list) or not rows:
+            raise ConfigError(f"token_indices must be a list of token positions (or one list per prompt), got "
+                              f"{token_indices!r}")
+        if not all(isinstance(i, (int, np.integer)) for i in rows):
+            if len(rows) * n != b:
+                raise ConfigError(f"token_indices has {len(rows)} lists for {b // n} prompts")
+            rows = [r for r in rows for _ in range(n)]
+        return G.token_mask(rows, b, self.tokenizer.model_max_length)
 
     def _image_guidance_scale(self, args: CallArguments) -> float:
         return 1.5 if args.image_guidance_scale is None else float(args.image_guidance_scale)
@@ -936,6 +1145,18 @@ class Pipeline:
             "clip_guidance_scale": None if args.clip_guidance is None else float(args.clip_guidance.scale),
             "kind": settings.kind,
             "image_guidance_scale": self._image_guidance_scale(args) if settings.kind == "instruct_pix2pix" else None,
+            "sag_scale": float(args.sag_scale) if settings.sag else None,
+            "pag": {"scale": float(args.pag_scale), "applied_layers": list(args.pag_applied_layers),
+                    "layers": list(settings.pag_layers), "adaptive_scale": settings.pag_adaptive_scale}
+            if settings.pag_layers else None,
+            "attend_and_excite": None if settings.excite is None else {
+                "token_indices": _jsonable(args.token_indices), "max_iter_to_alter": settings.excite[0],
+                "thresholds": {str(k): v for k, v in settings.excite[1]}, "scale_factor": settings.excite[2],
+                "attn_res": list(settings.excite[3])},
+            "pix2pix_zero": None if settings.pix2pix_zero is None else {
+                "start": settings.pix2pix_zero, "edit_source": list(args.edit_source),
+                "edit_target": list(args.edit_target),
+                "cross_attention_guidance_amount": float(args.cross_attention_guidance_amount)},
             "dtype": jnp.dtype(self.unet.dtype).name, "vae_dtype": jnp.dtype(self.vae.dtype).name,
             "devices": int(self.mesh.devices.size),
         }

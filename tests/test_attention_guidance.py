@@ -281,3 +281,142 @@ def test_pix2pix_zero_with_inversion_matches_diffusers(tiny):
     plain = sample(G.classifier_free(base, gs), plan, initial_latents(plan, ours_inv), _cond(pe, ne))
     assert _rel(out[:1], np.asarray(plain).transpose(0, 3, 1, 2)) < 1e-5
     assert _rel(out[1:], np.asarray(plain).transpose(0, 3, 1, 2)) > 1e-2
+
+
+# ------------------------------------------------------------------------------------------------
+# composition: with CFG and a ControlNet in one scan; weight 0; gradients through the sampler
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def with_controlnet(tiny):
+    from jaxcontrol.models.controlnet import controlnet_from_unet
+
+    _, _, (unet, params) = tiny
+    cn, cp = controlnet_from_unet(unet, params, 0, conditioning_embedding_out_channels=(16, 32))
+    leaves, tree = jax.tree_util.tree_flatten(cp)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    cp = jax.tree_util.tree_unflatten(tree, [v + 0.05 * jax.random.normal(k, v.shape) for v, k in zip(leaves, keys)])
+    image = jax.random.uniform(jax.random.key(2), (1, 2 * LAT, 2 * LAT, 3))
+    base = G.unet_prediction(unet, params, controlnets=[G.ControlNetUnit(cn, cp, scale=0.7)])
+    pe, ne, lat = _inputs(6)
+    cond = {"cond": {"text": jnp.asarray(pe.numpy()), "control": (image,)},
+            "uncond": {"text": jnp.asarray(ne.numpy()), "control": (image,)}}
+    return base, cond, _nhwc(lat), unet, params, (cn, cp)
+
+
+def _by_hand(step_fn, plan, x):
+    """Our solver's updates, one evaluation at a time, around `step_fn(i, x_in, t) -> (pred, moved x_in)`."""
+    update = plan.update_fn()
+    state = plan.init_state(x)
+    for i in range(plan.num_evals):
+        row = {k: jnp.asarray(v[i]) for k, v in plan.rows.items()}
+        x_in = state["x"] / row["in_div"]
+        pred, moved = step_fn(i, x_in, row["t"])
+        state = {**state, "x": state["x"] + (moved - x_in) * row["in_div"]}
+        state = update(state, pred, row, jnp.zeros((), jnp.float32))
+    return plan.output(state)
+
+
+def test_each_technique_with_cfg_and_a_controlnet_equals_the_rule_by_hand(with_controlnet):
+    from jaxcontrol.sampler import StepInfo
+
+    base, cond, x, unet, params, _ = with_controlnet
+    plan = make_plan(SCHEDULER, 3, "ddim")
+    gs, ab = 5.0, lambda t: plan.schedule.alpha_bar_at(t)
+    cb, cu = {"text": cond["cond"]["text"], "control": cond["cond"]["control"]}, cond["uncond"]
+    f = jax.jit(lambda z, t, c: base(z, t, c))
+    sag_layer = "mid_block.attentions.0.transformer_blocks.0.attn1"
+    maps_of = jax.jit(lambda z, t, c, names: base.with_attention(AttentionControl(capture=names))(z, t, c),
+                      static_argnums=3)
+    pag_names = G.pag_layers(unet.config, ["mid", "up_blocks.0"])
+    perturbed = jax.jit(lambda z, t, c: base.with_attention(AttentionControl(identity=pag_names))(z, t, c)[0])
+
+    def sag_pag_step(i, z, t):  # CFG + SAG(0.75) + PAG(2.0), every model call separate
+        u, m = maps_of(z, t, cu, (sag_layer,))
+        c = f(z, t, cb)
+        a = ab(t)
+        x0 = (z - jnp.sqrt(1 - a) * u) / jnp.sqrt(a)
+        deg = G.sag_degrade(x0, m[sag_layer], unet.config)
+        out = u + gs * (c - u) + 0.75 * (u - f(jnp.sqrt(a) * deg + jnp.sqrt(1 - a) * u, t, cu))
+        return out + 2.0 * (c - perturbed(z, t, cb)), z
+
+    rule = G.attention_guided(base, gs, [G.SAG(0.75, plan), G.PAG(2.0, ("mid", "up_blocks.0"))])
+    scan = jax.jit(lambda x: sample(rule, plan, x, cond))(x)
+    hand = _by_hand(sag_pag_step, plan, x)
+    assert _rel(scan, np.asarray(hand).transpose(0, 3, 1, 2)) < 1e-5
+    assert _moved(scan, x, cond, gs, plan, base) > 1e-3
+
+    # Attend-and-Excite without refinement: one gradient step of its loss, then CFG at the moved latents
+    mask = jnp.asarray(G.token_mask([2, 4], 1, SEQ))
+    names = tuple(n.name for n in attention_layers(unet.config) if n.cross and n.size(LAT, LAT) == (8, 8))
+
+    def ae_loss(z, t):
+        _, m = base.with_attention(AttentionControl(capture=names))(z, t, cb)
+        return G.attend_and_excite_loss([m[n] for n in names], mask, (8, 8))[0].sum()
+
+    ae_grad = jax.jit(jax.grad(ae_loss))
+    sizes = 20.0 * np.sqrt(np.linspace(1.0, 0.5, 3))
+
+    def ae_step(i, z, t):
+        z = z - sizes[i] * ae_grad(z, t) if i < 2 else z
+        u, c = f(z, t, cu), f(z, t, cb)
+        return u + gs * (c - u), z
+
+    rule = G.attend_and_excite(base, G.classifier_free(base, gs), max_iter_to_alter=2, thresholds={}, attn_res=(8, 8))
+    scan = jax.jit(lambda x: sample(rule, plan, x, {**cond, "excite": mask}))(x)
+    hand = _by_hand(ae_step, plan, x)
+    assert _rel(scan, np.asarray(hand).transpose(0, 3, 1, 2)) < 1e-5
+    assert _moved(scan, x, cond, gs, plan, base) > 1e-3
+    del StepInfo
+
+
+def test_weight_zero_is_bit_identical(with_controlnet):
+    base, cond, x, unet, _, _ = with_controlnet
+    plan = make_plan(SCHEDULER, 3, "ddim")
+    run = lambda rule, c=cond, x=x: np.asarray(jax.jit(lambda x: sample(rule, plan, x, c))(x))  # noqa: E731
+    plain = run(G.classifier_free(base, 5.0))
+    for rule in (G.self_attention_guidance(base, 0.0, plan, guidance_scale=5.0),
+                 G.perturbed_attention_guidance(base, 0.0, guidance_scale=5.0),
+                 G.attention_guided(base, 5.0, [G.SAG(0.0, plan), G.PAG(0.0)])):
+        assert np.array_equal(run(rule), plain)
+    # a traced zero too (no recompilation between scales)
+    traced = jax.jit(lambda s, x: sample(G.attention_guided(base, 5.0, [G.PAG(s), G.SAG(s, plan)]), plan, x, cond))
+    assert np.array_equal(np.asarray(traced(0.0, x)), plain)
+    excite = {**cond, "excite": jnp.asarray(G.token_mask([2], 1, SEQ))}
+    assert np.array_equal(run(G.attend_and_excite(base, G.classifier_free(base, 5.0), scale_factor=0.0,
+                                                  thresholds={}), excite), plain)
+    # Pix2Pix-Zero with no cross-attention guidance: reference rows = the source prompt, edited rows =
+    # the prompt moved by the edit direction, each plain CFG
+    direction = jnp.asarray(np.random.default_rng(0).standard_normal((1, SEQ, DIM)), jnp.float32)
+    p2p = run(G.pix2pix_zero(base, 5.0, cross_attention_guidance_amount=0.0), {**cond, "edit_direction": direction},
+              jnp.concatenate([x, x]))
+    moved = {**cond, "cond": {**cond["cond"], "text": cond["cond"]["text"] + direction}}
+    assert np.array_equal(p2p[:1], plain)
+    assert np.array_equal(p2p[1:], run(G.classifier_free(base, 5.0), moved))
+
+
+def test_gradient_of_an_image_loss_through_a_guided_sample(with_controlnet, tiny, tmp_path):
+    """d loss(decoded image) / d guidance scale through 3 steps of CFG + SAG + PAG with a ControlNet."""
+    base, cond, x, _, _, _ = with_controlnet
+    _, vae_t, _ = tiny
+    vae_t.save_pretrained(tmp_path / "vae")
+    vae, vae_params = load_model(tmp_path / "vae")
+    plan = make_plan(SCHEDULER, 3, "ddim")
+
+    def loss(scales):
+        gs, sag = scales[0], scales[1]
+        rule = G.attention_guided(base, gs, [G.SAG(sag, plan), G.PAG(2.0)])
+        latents = sample(rule, plan, x, cond)
+        image = vae.apply({"params": vae_params}, latents / 0.18215, method=vae.decode)
+        return jnp.mean((image - 0.2) ** 2)
+
+    scales = jnp.asarray([5.0, 0.75])
+    value, grad = jax.jit(jax.value_and_grad(loss))(scales)
+    assert np.isfinite(float(value)) and np.all(np.isfinite(np.asarray(grad)))
+    f = jax.jit(loss)
+    for k in range(2):
+        h = np.zeros(2, np.float32)
+        h[k] = 1e-2
+        fd = (float(f(scales + h)) - float(f(scales - h))) / 2e-2
+        assert abs(float(grad[k]) - fd) <= 1e-2 * max(abs(fd), 1e-3), (k, float(grad[k]), fd)
