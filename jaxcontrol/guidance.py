@@ -940,7 +940,10 @@ def attend_and_excite(model: ScoreFn, guided: ScoreFn | None = None, *, max_iter
             (_, losses), g = grad_fn(z)
             return z, losses, g
 
-        z, losses, g = jax.lax.cond(jnp.any(refine), refined, lambda a: a, (x, losses, g))
+        if any(0 <= int(k) < n for k in thresholds):  # no refinement step in this run: nothing to compile
+            z, losses, g = jax.lax.cond(jnp.any(refine), refined, lambda a: a, (x, losses, g))
+        else:
+            z = x
         z = z - jnp.where(step.index < max_iter_to_alter, sizes, 0.0) * g
         return Edited(guided(z, t, cond), z)
 

@@ -141,7 +141,7 @@ def test_attention_layers_and_bad_names(tiny):
         G.pag_layers(unet.config, ["down_blocks.5"])
 
 
-@pytest.mark.parametrize("guidance_scale", [5.0, 1.0])
+@pytest.mark.parametrize("guidance_scale", [5.0, pytest.param(1.0, marks=pytest.mark.slow)])
 def test_sag_matches_diffusers(tiny, guidance_scale):
     _, _, (unet, params) = tiny
     pe, ne, lat = _inputs(1)
@@ -159,8 +159,10 @@ def test_sag_matches_diffusers(tiny, guidance_scale):
     assert _moved(out, _nhwc(lat), _cond(pe, ne), guidance_scale, plan, base) > 1e-3
 
 
-@pytest.mark.parametrize("layers,guidance_scale,adaptive", [(["mid"], 5.0, 0.0), (["down_blocks.1", "up"], 4.0, 0.0),
-                                                            (["mid"], 1.0, 0.002)])
+@pytest.mark.parametrize("layers,guidance_scale,adaptive", [
+    (["mid"], 5.0, 0.0),
+    pytest.param(["down_blocks.1", "up"], 4.0, 0.0, marks=pytest.mark.slow),
+    pytest.param(["mid"], 1.0, 0.002, marks=pytest.mark.slow)])
 def test_pag_matches_diffusers(tiny, layers, guidance_scale, adaptive):
     _, _, (unet, params) = tiny
     pe, ne, lat = _inputs(2)
@@ -185,6 +187,7 @@ def _ae_pipe(tiny):
                  requires_safety_checker=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("thresholds,max_iter", [({0: 0.05, 10: 0.5, 20: 0.8}, 3), ({0: 0.9, 2: 0.95}, 2)])
 def test_attend_and_excite_matches_diffusers(tiny, thresholds, max_iter):
     """The second case refines at steps 0 and 2 (its thresholds are above the tiny model's peaks),
@@ -223,17 +226,16 @@ def test_attend_and_excite_inputs_are_checked(tiny):
     with pytest.raises(ConfigError, match="2 lists of token indices for 3 samples"):
         G.token_mask([[1], [2]], 3, SEQ)
     base = G.unet_prediction(unet, params)
-    rule = G.attend_and_excite(base, attn_res=(16, 16))  # the tiny U-Net's cross-attention is at 16 and 8
     plan = make_plan(SCHEDULER, 2, "ddim")
     pe, _, lat = _inputs(0)
     cond = {"cond": {"text": jnp.asarray(pe.numpy())}, "excite": jnp.asarray(G.token_mask([1], 1, SEQ))}
-    sample(rule, plan, initial_latents(plan, _nhwc(lat)), cond)  # 16x16 exists for 16x16 latents
     with pytest.raises(ConfigError, match=r"attn_res=\(4, 4\).*maps are \[\(4, 2\), \(8, 4\)\]"):
         sample(G.attend_and_excite(base, attn_res=(4, 4)), plan, jnp.zeros((1, 8, 4, 4)), cond)
     with pytest.raises(ConfigError, match="guidance.unet_prediction"):
         G.attend_and_excite(lambda x, t, c: x)
 
 
+@pytest.mark.slow
 def test_pix2pix_zero_with_inversion_matches_diffusers(tiny):
     """Pix2Pix-Zero's `invert` (DDIM inversion with the auto-correlation and KL regularisers; the
     roll amounts diffusers draws are recorded and replayed) and then its two-pass edit, given the
@@ -318,6 +320,7 @@ def _by_hand(step_fn, plan, x):
     return plan.output(state)
 
 
+@pytest.mark.slow
 def test_each_technique_with_cfg_and_a_controlnet_equals_the_rule_by_hand(with_controlnet):
     from jaxcontrol.sampler import StepInfo
 
@@ -371,6 +374,7 @@ def test_each_technique_with_cfg_and_a_controlnet_equals_the_rule_by_hand(with_c
     del StepInfo
 
 
+@pytest.mark.slow
 def test_weight_zero_is_bit_identical(with_controlnet):
     base, cond, x, unet, _, _ = with_controlnet
     plan = make_plan(SCHEDULER, 3, "ddim")
@@ -396,6 +400,7 @@ def test_weight_zero_is_bit_identical(with_controlnet):
     assert np.array_equal(p2p[1:], run(G.classifier_free(base, 5.0), moved))
 
 
+@pytest.mark.slow
 def test_gradient_of_an_image_loss_through_a_guided_sample(with_controlnet, tiny, tmp_path):
     """d loss(decoded image) / d guidance scale through 3 steps of CFG + SAG + PAG with a ControlNet."""
     base, cond, x, _, _, _ = with_controlnet

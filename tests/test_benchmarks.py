@@ -31,7 +31,7 @@ RUNS = {
     "sampler_speed.py": (["--tiny"], "compile vs first", False),
     "solver_parity.py": (["--quick"], "worst error / bound", False),
     "train_step.py": (["--tiny"], "samples/s", True),
-    "unet_speed.py": (["--tiny"], "torch/this", False),
+    "unet_speed.py": (["--tiny"], "torch/this", True),
 }
 
 

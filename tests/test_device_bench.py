@@ -99,6 +99,7 @@ def test_table_rows():
     assert text.index("U-Net forward") < text.index("ControlNet train step")  # section order
 
 
+@pytest.mark.slow
 def test_tiny_unet_section_runs(tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = db.main(["--tiny", "--sections", "unet", "--attention", "auto", "chunked", "--json", str(out)])

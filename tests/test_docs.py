@@ -238,6 +238,7 @@ def test_there_is_a_worked_example():
     assert GUIDANCE_BLOCKS, "docs/GUIDANCE.md lost its worked example"
 
 
+@pytest.mark.slow
 def test_training_python_blocks_run(tmp_path, monkeypatch):
     assert python_blocks("docs/TRAINING.md"), "docs/TRAINING.md has no Python example"
     work = tmp_path / "cwd"

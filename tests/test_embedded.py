@@ -147,6 +147,7 @@ def test_embedded_editor_follows_instructions():
     assert scores["success"].mean() >= EDIT_FLOOR, {k: v.mean() for k, v in scores.items()}
 
 
+@pytest.mark.slow
 @editor_built
 def test_instruct_without_model_uses_the_embedded_editor(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))

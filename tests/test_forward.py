@@ -37,6 +37,7 @@ def _inputs(pipe, b=2):
     return x, jnp.full((b,), 500.0), text, image
 
 
+@pytest.mark.slow
 def test_two_controlnets_sum_their_residuals_and_the_scope_wraps_each_network(nets):
     pipe, cn, cp = nets
     x, t, text, image = _inputs(pipe)

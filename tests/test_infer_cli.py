@@ -137,6 +137,7 @@ def test_nan_weights_fail_loudly_and_write_nothing(tiny, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_eta_applies_to_the_models_own_ddim_scheduler_and_sidecar_is_resolved(tiny, tiny_ddim, tmp_path):
     from jaxcontrol.provenance import path_sha256
 
@@ -184,6 +185,7 @@ def test_escaping_names_ignored_flags_and_special_files_are_usage_errors(tiny, t
 # ------------------------------------------------------------------------- inputs diffusers prepares on PIL images
 
 
+@pytest.mark.slow
 def test_crop_and_fill_resize_modes_work_from_files(tiny, tmp_path):
     """--control-resize-mode crop / fill resize the file's image as diffusers does for PIL images."""
     rng = np.random.default_rng(1)
@@ -201,6 +203,7 @@ def test_crop_and_fill_resize_modes_work_from_files(tiny, tmp_path):
     assert not np.array_equal(outputs["crop"], outputs["fill"])  # the modes really differ
 
 
+@pytest.mark.slow
 def test_the_same_controlnet_file_twice_is_fingerprinted_in_both_entries(tiny, tmp_path):
     cn = tiny / "_models" / "controlnet_0"
     res = _infer("--model", tiny / "pipeline", "--prompt", "a", "--steps", "1", "--height", "16", "--width", "16",
@@ -215,6 +218,7 @@ def test_the_same_controlnet_file_twice_is_fingerprinted_in_both_entries(tiny, t
     assert entries[1]["sha256"] == entries[2]["sha256"] and len(entries[1]["sha256"]) == 64
 
 
+@pytest.mark.slow
 def test_an_adapter_image_of_another_size_is_resized_like_diffusers(tmp_path):
     from jaxcontrol import demo
 

@@ -66,6 +66,7 @@ def test_sag_and_pag_match_diffusers(tiny):
         "up_blocks.0.attentions.2.transformer_blocks.0.attn1"]
 
 
+@pytest.mark.slow
 def test_attend_and_excite_and_pix2pix_zero_match_diffusers(tiny):
     _, parts, pipe = tiny
     noise = _noise(2, seed=1)

@@ -187,6 +187,7 @@ def test_per_prompt_control_images_with_several_images_per_prompt(cn_pipe):
     np.testing.assert_allclose(both, np.concatenate([alone_a, alone_b]), rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_per_prompt_adapter_images_with_several_images_per_prompt(folders):
     pipe = Pipeline.from_pretrained(folders["adapter"][0], mesh=ONE_DEVICE)
     ca, cb = _control(12), _control(13)
@@ -229,6 +230,7 @@ def test_init_images_are_scaled_like_other_images_and_floats_checked(cn_pipe):
         cn_pipe("a", init_image=u8.astype(np.float32), **kw)
 
 
+@pytest.mark.slow
 def test_compile_cache_is_keyed_by_the_settings(folders):
     from jaxcontrol.pipeline import CallSettings
 

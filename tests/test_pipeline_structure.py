@@ -35,6 +35,7 @@ def pipe():
     return demo.load_embedded(mesh=jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",)))
 
 
+@pytest.mark.slow
 def test_a_new_scheduler_config_empties_the_compile_cache(pipe):
     cond = demo.circle_outline(64).astype(np.float32) / 255.0
     kw = dict(num_inference_steps=3, seed=0, scheduler="dpmsolver_multistep", controls=[ControlInput(cond)],

@@ -16,6 +16,7 @@ SMALL = dict(
 )
 
 
+@pytest.mark.slow
 def test_bf16_mode_error_is_small():
     # the full matrix (bf16 params, dot_product attention) is in `benchmarks/parity.py --bf16`
     rows = bf16_error_rows(param_dtypes=(jnp.float32,), attention_impls=("plain",))

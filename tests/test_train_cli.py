@@ -190,6 +190,7 @@ def test_non_finite_state_is_never_checkpointed(data_dir, tmp_path, monkeypatch)
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ctrl_c_exits_130_and_the_rerun_resumes_and_cleans_stale_exports(data_dir, tmp_path, xla_cache):
     """SIGINT mid-run: exit 130, one line, no traceback, the checkpoints complete. The rerun resumes
     from the latest checkpoint (and only exports, to stay quick), and the export folders a killed

@@ -476,6 +476,7 @@ def _start_killed_run(tmp, data_dir):
     return KillAtLine(_train_cmd(tmp / "run", data_dir), _env(tmp / "xla-cache"), "step 6: checkpoint saving")
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical(single, data_dir, tmp_path):
     # the uninterrupted run: the same compiled program from a fresh state and a fresh iterator
     it = iter(single.dataset)

@@ -97,6 +97,7 @@ def test_attention_remat_keeps_no_score_tensor_and_changes_no_gradient(impl):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_conv_unet_policy_keeps_convolutions_and_dense_outputs_only():
     """convs_and_dense_saveable keeps less than no remat and more than
     nothing_saveable, and gives the same gradients."""
@@ -525,6 +526,7 @@ def _smoke_cmd(workdir, data_dir, *extra):
     return train_cmd(*smoke_args(workdir, data_dir, *extra))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_at_the_step_boundary_exits_143_and_the_rerun_resumes(data_dir, tmp_path):
     """SIGTERM mid-run (periodic checkpoints far apart): the step reached is checkpointed, the run
     exits 143 with one line naming it, and the same command resumes from it."""
@@ -560,6 +562,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_sigterm_under_jax_distributed_goes_through_the_preemption_sync_point(data_dir, tmp_path):
     """A run with jax.distributed initialised (here one process with its own coordinator): JAX's
     preemption notifier owns SIGTERM, and the loop stops at its sync point, saving that step."""

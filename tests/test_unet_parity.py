@@ -5,6 +5,10 @@ import pytest
 from jaxcontrol.testing.parity import CASES, QUICK_CASES, format_table, run_case
 
 
+# covered in the fast suite by tiny-unet-test, the ControlNet pipelines' parity and test_controlnet.py
+SLOWER = ("tiny-controlnet-test", "sd2-style")
+
+
 def _check(name, tmp_path):
     rows = run_case(CASES[name], workdir=tmp_path)
     bad = [r for r in rows if not r.ok]
@@ -15,7 +19,8 @@ def _check(name, tmp_path):
         assert {"controlnet-down", "controlnet-mid", "unet+controlnet"} <= components
 
 
-@pytest.mark.parametrize("name", QUICK_CASES)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if n in SLOWER else [])
+                                  for n in QUICK_CASES])
 def test_parity(name, tmp_path):
     _check(name, tmp_path)
 

@@ -71,6 +71,7 @@ def test_scalar_timestep_equals_broadcast(tmp_path):
         jax.eval_shape(run, params, jnp.zeros((2,)))
 
 
+@pytest.mark.slow
 def test_jit_vmap_grad(tmp_path):
     """The model is a plain function of arrays: jit, vmap and grad all apply."""
     unet = jc.UNet2DConditionModel(jc.UNet2DConditionConfig(**BASE))

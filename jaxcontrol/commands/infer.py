@@ -176,6 +176,37 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--clip-model", help="a transformers CLIPModel folder for CLIP guidance")
     e.add_argument("--clip-prompt", help="the text CLIP guidance steers toward (default: the prompt)")
     e.add_argument("--clip-cutouts", type=int, default=0, help="random cutouts per step for CLIP guidance")
+    a = ap.add_argument_group("steering through the U-Net's attention (docs/GUIDANCE.md)")
+    a.add_argument("--sag-scale", type=float, default=0.0,
+                   help="Self-Attention Guidance weight (>= 0; default 0 = off; diffusers' default 0.75)")
+    a.add_argument("--pag-scale", type=float, default=0.0,
+                   help="Perturbed-Attention Guidance weight (>= 0; default 0 = off; diffusers suggests 3)")
+    a.add_argument("--pag-layers", nargs="+", default=None, metavar="LAYER",
+                   help="the self-attention layers PAG perturbs, as diffusers' pag_applied_layers (regular "
+                        "expressions over names such as mid_block.attentions.0.transformer_blocks.0.attn1; "
+                        "default: mid)")
+    a.add_argument("--pag-adaptive-scale", type=float, default=0.0,
+                   help="lower the PAG weight by this much per timestep below 1000 (default 0)")
+    a.add_argument("--attend-and-excite-tokens", metavar="I,J[;K,...]",
+                   help="Attend-and-Excite: the positions of the subject tokens in the tokenized prompt (the "
+                        "first word is 1), comma-separated, for every prompt; or one list per prompt separated "
+                        "by ';'")
+    a.add_argument("--max-iter-to-alter", type=int, default=25,
+                   help="Attend-and-Excite updates the latents during this many first steps (default 25)")
+    a.add_argument("--attn-res", default="16,16", metavar="H,W",
+                   help="the cross-attention map size Attend-and-Excite reads (default 16,16: a 512x512 image)")
+    a.add_argument("--excite-scale-factor", type=float, default=20.0,
+                   help="Attend-and-Excite's step size scale (diffusers' scale_factor; default 20)")
+    a.add_argument("--excite-thresholds", default="0:0.05,10:0.5,20:0.8", metavar="STEP:T,...",
+                   help="Attend-and-Excite's refinement steps and thresholds (default 0:0.05,10:0.5,20:0.8)")
+    a.add_argument("--edit-source", metavar="FILE",
+                   help="Pix2Pix-Zero: a text file of sentences (one per line) describing what to replace; needs "
+                        "--edit-target. The prompt is the image's caption; with --init-image the image is "
+                        "inverted and edited, else the generated image is")
+    a.add_argument("--edit-target", metavar="FILE",
+                   help="Pix2Pix-Zero: a text file of sentences describing the replacement")
+    a.add_argument("--cross-attention-guidance-amount", type=float, default=0.1,
+                   help="Pix2Pix-Zero's cross-attention guidance step (default 0.1)")
     d = ap.add_argument_group("demo")
     d.add_argument("--demo", action="store_true",
                    help="write the control grid instead: condition | no control | ControlNet | T2I-Adapter | both, "
@@ -237,6 +268,7 @@ def _check_integers(args: argparse.Namespace) -> None:
                     ("--repaint-jump-n-sample", args.repaint_jump_n_sample)):
         _at_least(flag, v, 1)
     for flag, v in (("--clip-skip", args.clip_skip), ("--clip-cutouts", args.clip_cutouts),
+                    ("--max-iter-to-alter", args.max_iter_to_alter),
                     ("--canny-low", args.canny_low), ("--canny-high", args.canny_high)):
         _at_least(flag, v, 0)
     if args.canny_low > args.canny_high:
@@ -258,6 +290,11 @@ def _check_fractions(args: argparse.Namespace) -> None:
     _at_least("--clip-guidance-scale", args.clip_guidance_scale, 0)
     _finite("--image-guidance-scale", args.image_guidance_scale)
     _at_least("--image-guidance-scale", args.image_guidance_scale, 0)
+    for flag, v in (("--sag-scale", args.sag_scale), ("--pag-scale", args.pag_scale),
+                    ("--pag-adaptive-scale", args.pag_adaptive_scale), ("--excite-scale-factor", args.excite_scale_factor),
+                    ("--cross-attention-guidance-amount", args.cross_attention_guidance_amount)):
+        _finite(flag, v)
+        _at_least(flag, v, 0)
     for v in args.control_scale:
         _finite("--control-scale", v)
     for v in args.adapter_scale:
@@ -304,6 +341,15 @@ def _check_flags_apply(args: argparse.Namespace) -> None:
              args.inpaint_method == "repaint"),
             ("--clip-cutouts", "clip_cutouts", "--clip-model", args.clip_model),
             ("--clip-prompt", "clip_prompt", "--clip-model", args.clip_model),
+            ("--pag-layers", "pag_layers", "--pag-scale", args.pag_scale > 0),
+            ("--pag-adaptive-scale", "pag_adaptive_scale", "--pag-scale", args.pag_scale > 0),
+            ("--max-iter-to-alter", "max_iter_to_alter", "--attend-and-excite-tokens", args.attend_and_excite_tokens),
+            ("--attn-res", "attn_res", "--attend-and-excite-tokens", args.attend_and_excite_tokens),
+            ("--excite-scale-factor", "excite_scale_factor", "--attend-and-excite-tokens",
+             args.attend_and_excite_tokens),
+            ("--excite-thresholds", "excite_thresholds", "--attend-and-excite-tokens", args.attend_and_excite_tokens),
+            ("--cross-attention-guidance-amount", "cross_attention_guidance_amount", "--edit-source",
+             args.edit_source),
             ("--canny-low", "canny_low", "--preprocess canny", args.preprocess == "canny"),
             ("--canny-high", "canny_high", "--preprocess canny", args.preprocess == "canny")):
         if getattr(args, attr) != getattr(defaults, attr) and not present:
@@ -320,9 +366,72 @@ def _check_flags_apply(args: argparse.Namespace) -> None:
     if args.depth_map and args.depth_estimator:
         raise UsageError(f"give --depth-map or --depth-estimator, not both (--depth-map {args.depth_map}, "
                          f"--depth-estimator {args.depth_estimator})")
+    if bool(args.edit_source) != bool(args.edit_target):
+        raise UsageError("Pix2Pix-Zero needs both --edit-source and --edit-target (sentence files)")
+    if args.edit_source and args.attend_and_excite_tokens:
+        raise UsageError("--attend-and-excite-tokens and --edit-source both move the latents: use one of them")
+    if args.edit_source and (args.mask or args.strength is not None):
+        raise UsageError("--edit-source (Pix2Pix-Zero) inverts --init-image all the way or edits a generated image: "
+                         "no --mask or --strength")
+    if args.edit_source and (args.sag_scale or args.pag_scale):
+        raise UsageError("--sag-scale / --pag-scale do not combine with Pix2Pix-Zero (--edit-source)")
+    excite_tokens(args.attend_and_excite_tokens)
+    attn_res(args.attn_res)
+    excite_thresholds(args.excite_thresholds)
     if args.depth_estimator and not args.init_image:
         raise UsageError("--depth-estimator estimates the depth of --init-image: give --init-image (or a "
                          "--depth-map file instead)")
+
+
+def excite_tokens(text: str | None):
+    """--attend-and-excite-tokens "2,5" (for every prompt) as [2, 5], or "2,5;3" (one list per
+    prompt) as [[2, 5], [3]]; None when not given. `UsageError` when malformed or below 1."""
+    if text is None:
+        return None
+    try:
+        rows = [[int(i) for i in part.split(",")] for part in text.split(";")]
+    except ValueError:
+        raise UsageError(f"--attend-and-excite-tokens {text!r}: expected comma-separated token positions such as "
+                         "2,5 (or one list per prompt: 2,5;3)") from None
+    if any(i < 1 for row in rows for i in row):
+        raise UsageError(f"--attend-and-excite-tokens {text!r}: positions start at 1 (0 is the start token)")
+    return rows[0] if len(rows) == 1 else rows
+
+
+def attn_res(text: str) -> tuple[int, int]:
+    """--attn-res "16,16" as (16, 16); `UsageError` when malformed."""
+    try:
+        h, w = (int(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"--attn-res {text!r}: expected two positive integers H,W such as 16,16") from None
+    if h < 1 or w < 1:
+        raise UsageError(f"--attn-res {text!r}: expected two positive integers H,W such as 16,16")
+    return h, w
+
+
+def excite_thresholds(text: str) -> dict[int, float]:
+    """--excite-thresholds "0:0.05,10:0.5" as {0: 0.05, 10: 0.5}; `UsageError` when malformed."""
+    try:
+        out = {int(k): float(v) for k, v in (item.split(":") for item in text.split(",") if item)}
+    except ValueError:
+        raise UsageError(f"--excite-thresholds {text!r}: expected STEP:THRESHOLD pairs such as 0:0.05,10:0.5") from None
+    if any(k < 0 or not 0 <= v <= 1 for k, v in out.items()):
+        raise UsageError(f"--excite-thresholds {text!r}: steps must be >= 0 and thresholds in [0, 1]")
+    return out
+
+
+def _sentences(flag: str, path: str | None) -> tuple[str, ...] | None:
+    """The non-blank lines of a Pix2Pix-Zero sentence file; `UsageError` naming the flag otherwise."""
+    if path is None:
+        return None
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{flag} {path}: cannot read the sentence file ({e})") from None
+    sentences = tuple(line.strip() for line in lines if line.strip())
+    if not sentences:
+        raise UsageError(f"{flag} {path}: the file has no sentences (one per line)")
+    return sentences
 
 
 # --- the resolved request ------------------------------------------------------------------------
@@ -415,6 +524,20 @@ class InferSettings:
     clip_guidance_scale: float
     clip_prompt: str | None
     clip_cutouts: int
+    # steering through attention
+    sag_scale: float
+    pag_scale: float
+    pag_layers: tuple[str, ...] | None  # None: diffusers' default ("mid",)
+    pag_adaptive_scale: float
+    attend_and_excite_tokens: str | None  # as given; parsed by `excite_tokens`
+    max_iter_to_alter: int
+    attn_res: str
+    excite_scale_factor: float
+    excite_thresholds: str
+    edit_source: str | None  # sentence files (paths); their sentences in `edit_sentences`
+    edit_target: str | None
+    edit_sentences: tuple[tuple[str, ...], tuple[str, ...]] | None
+    cross_attention_guidance_amount: float
     # output
     demo: bool
     output: Path
@@ -427,7 +550,8 @@ class InferSettings:
 
 
 _RESOLVED = ("model", "unet", "controlnet_paths", "adapter_paths", "prompts", "instruct", "kind", "controls", "adapters",
-             "solver", "steps", "guidance_scale", "image_indices", "output", "progress")
+             "solver", "steps", "guidance_scale", "image_indices", "output", "progress", "pag_layers",
+             "edit_sentences")
 
 
 def resolve(args: argparse.Namespace) -> InferSettings:
@@ -461,7 +585,10 @@ def resolve(args: argparse.Namespace) -> InferSettings:
         steps=30 if args.steps is None else args.steps,
         guidance_scale=7.5 if args.guidance_scale is None else args.guidance_scale,
         image_indices=tuple(range(n_images)) if indices is None else indices,
-        output=Path(args.output), progress=not args.no_progress)
+        output=Path(args.output), progress=not args.no_progress,
+        pag_layers=None if args.pag_layers is None else tuple(args.pag_layers),
+        edit_sentences=None if not args.edit_source else (_sentences("--edit-source", args.edit_source),
+                                                           _sentences("--edit-target", args.edit_target)))
     if settings.kind is not None:
         check_kind(settings, settings.kind)
     return settings
@@ -623,6 +750,8 @@ def check_kind(settings: InferSettings, kind: str) -> None:
         if settings.image_guidance_scale is not None:
             raise UsageError(f"--image-guidance-scale {settings.image_guidance_scale:g} applies to "
                              f"{_KIND_NAMES['instruct_pix2pix']}; {model}")
+    if kind != "text2image" and settings.edit_source:
+        raise UsageError(f"--edit-source (Pix2Pix-Zero) runs text-to-image models; {model}")
     if kind != "depth":
         for flag, value in (("--depth-map", settings.depth_map), ("--depth-estimator", settings.depth_estimator)):
             if value:
@@ -645,6 +774,12 @@ def check_kind(settings: InferSettings, kind: str) -> None:
         if settings.mask:
             raise UsageError(f"--mask {settings.mask}: {model}, which does not inpaint (4- and 9-channel models do)")
     elif kind == "instruct_pix2pix":
+        for flag, on in (("--sag-scale", settings.sag_scale), ("--pag-scale", settings.pag_scale),
+                         ("--attend-and-excite-tokens", settings.attend_and_excite_tokens),
+                         ("--edit-source", settings.edit_source)):
+            if on:
+                raise UsageError(f"{flag}: {model}, whose two-scale guidance does not take the attention techniques "
+                                 "(they build on classifier-free guidance)")
         if not settings.init_image:
             raise UsageError(f"{model}: it needs --init-image, the image to edit")
         for flag, value in (("--mask", settings.mask), ("--strength", settings.strength)):
@@ -722,7 +857,8 @@ def _demo_settings(args, model, prompts, controlnets, adapters) -> InferSettings
         kind=None, controls=tuple(ControlSpec(p) for p in args.control_image[:1]), adapters=(), solver=None,
         steps=demo.DEMO_STEPS if args.steps is None else args.steps,
         guidance_scale=demo.DEMO_GUIDANCE if args.guidance_scale is None else args.guidance_scale,
-        image_indices=(), output=Path(args.output), progress=not args.no_progress)
+        image_indices=(), output=Path(args.output), progress=not args.no_progress, pag_layers=None,
+        edit_sentences=None)
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -981,7 +1117,15 @@ def _call_arguments(settings: InferSettings, inputs: InputImages, clip) -> dict:
         strength=settings.strength, mask=inputs.mask, inpaint_method=settings.inpaint_method or "partial",
         depth_map=inputs.depth_map, image_guidance_scale=settings.image_guidance_scale,
         repaint_jump_length=settings.repaint_jump_length, repaint_jump_n_sample=settings.repaint_jump_n_sample,
-        clip_guidance=clip, clip_skip=settings.clip_skip)
+        clip_guidance=clip, clip_skip=settings.clip_skip,
+        sag_scale=settings.sag_scale, pag_scale=settings.pag_scale,
+        pag_applied_layers=settings.pag_layers or ("mid",), pag_adaptive_scale=settings.pag_adaptive_scale,
+        token_indices=excite_tokens(settings.attend_and_excite_tokens), max_iter_to_alter=settings.max_iter_to_alter,
+        thresholds=excite_thresholds(settings.excite_thresholds), scale_factor=settings.excite_scale_factor,
+        attn_res=attn_res(settings.attn_res),
+        edit_source=None if settings.edit_sentences is None else list(settings.edit_sentences[0]),
+        edit_target=None if settings.edit_sentences is None else list(settings.edit_sentences[1]),
+        cross_attention_guidance_amount=settings.cross_attention_guidance_amount)
 
 
 def write_outputs(settings: InferSettings, inputs: InputImages, results: list[tuple], hashes: dict) -> list[Path]:
@@ -1039,6 +1183,7 @@ def _common_sidecar(settings: InferSettings, inputs: InputImages, hashes: dict) 
             {"name": settings.preprocess, "low": settings.canny_low, "high": settings.canny_high},
             "init_image": fingerprint(settings.init_image, inputs.init_image),
             "mask": fingerprint(settings.mask, inputs.mask),
+            "edit_source": settings.edit_source, "edit_target": settings.edit_target,
             "depth_map": None if inputs.depth_map is None else {
                 "source": settings.depth_map or "estimated", "path": settings.depth_map,
                 "sha256": array_sha256(inputs.depth_map),
