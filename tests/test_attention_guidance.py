@@ -371,6 +371,43 @@ def test_each_technique_with_cfg_and_a_controlnet_equals_the_rule_by_hand(with_c
     hand = _by_hand(ae_step, plan, x)
     assert _rel(scan, np.asarray(hand).transpose(0, 3, 1, 2)) < 1e-5
     assert _moved(scan, x, cond, gs, plan, base) > 1e-3
+
+    # Pix2Pix-Zero: the reference trajectory alone, then the edited one against its recorded maps
+    direction = jnp.asarray(np.random.default_rng(1).standard_normal((1, SEQ, DIM)) * 0.3, jnp.float32)
+    ce = {**cb, "text": cb["text"] + direction}
+    cross = tuple(n.name for n in attention_layers(unet.config) if n.name.endswith("attn2"))
+    recorded = []
+
+    def ref_step(i, z, t):
+        u, mu = maps_of(z, t, cu, cross)
+        c, mc = maps_of(z, t, cb, cross)
+        recorded.append((mu, mc))
+        return u + gs * (c - u), z
+
+    def p2p_loss(zu, zc, t, i):
+        _, mu = base.with_attention(AttentionControl(capture=cross))(zu, t, cu)
+        _, mc = base.with_attention(AttentionControl(capture=cross))(zc, t, ce)
+        total = 0.0
+        for n in cross:
+            for m, r in ((mu[n], recorded[i][0][n]), (mc[n], recorded[i][1][n])):
+                total = total + jnp.sum((m - r) ** 2) / (2 * m.shape[1])  # mean over 2 branches x heads
+        return total
+
+    p2p_grad = jax.jit(jax.grad(p2p_loss, argnums=(0, 1)), static_argnums=3)
+
+    def edit_step(i, z, t):
+        gu, gc = p2p_grad(z, z, t, i)
+        zu, zc = z - 0.2 * gu, z - 0.2 * gc
+        u, c = f(zu, t, cu), f(zc, t, ce)
+        return u + gs * (c - u), zu
+
+    ref = _by_hand(ref_step, plan, x)
+    edit = _by_hand(edit_step, plan, x)
+    rule = G.pix2pix_zero(base, gs, cross_attention_guidance_amount=0.2)
+    scan = jax.jit(lambda x: sample(rule, plan, x, {**cond, "edit_direction": direction}))(jnp.concatenate([x, x]))
+    assert _rel(scan[:1], np.asarray(ref).transpose(0, 3, 1, 2)) < 1e-5
+    assert _rel(scan[1:], np.asarray(edit).transpose(0, 3, 1, 2)) < 1e-5
+    assert _rel(scan[1:], np.asarray(ref).transpose(0, 3, 1, 2)) > 1e-3
     del StepInfo
 
 
@@ -425,3 +462,21 @@ def test_gradient_of_an_image_loss_through_a_guided_sample(with_controlnet, tiny
         h[k] = 1e-2
         fd = (float(f(scales + h)) - float(f(scales - h))) / 2e-2
         assert abs(float(grad[k]) - fd) <= 1e-2 * max(abs(fd), 1e-3), (k, float(grad[k]), fd)
+
+
+def test_the_guided_program_does_not_grow_with_the_step_count(tiny):
+    """The scan keeps a 50-step attention-guided sampler the same program as a 20-step one (only
+    the plan's tables grow), which is why its compile time does not grow; the times themselves
+    are measured by benchmarks/attention_guidance.py."""
+    _, _, (unet, params) = tiny
+    base = G.unet_prediction(unet, params)
+    pe, ne, lat = _inputs(0)
+    cond = {**_cond(pe, ne), "excite": jnp.asarray(G.token_mask([2], 1, SEQ))}
+    sizes = []
+    for steps in (20, 50):
+        plan = make_plan(SCHEDULER, steps, "ddim")
+        rule = G.attend_and_excite(base, G.attention_guided(base, 5.0, [G.SAG(0.75, plan), G.PAG(2.0)]),
+                                   attn_res=(8, 8), max_iter_to_alter=steps // 2)
+        text = jax.jit(lambda x: sample(rule, plan, initial_latents(plan, x), cond)).lower(_nhwc(lat)).as_text()
+        sizes.append(len([line for line in text.splitlines() if "=" in line]))
+    assert sizes[1] <= 1.02 * sizes[0], sizes

@@ -22,11 +22,12 @@ SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py") if not p.name.startswit
 # tests/test_embedded.py's (each about 60 s). The rest run in the fast suite, as does device_bench.py's U-Net section
 # (tests/test_device_bench.py).
 RUNS = {
+    "attention_guidance.py": (["--tiny"], "| guidance | colour acc | sharpness |", True),
     "control_fidelity.py": (["--tiny"], "| control | edge IoU | Chamfer (px) | colour acc |", True),
     "edit_fidelity.py": (["--tiny"], "| text scale s_T | image scale s_I | edit success |", True),
     "device_bench.py": (["--tiny", "--attention", "auto", "plain"], "| ControlNet train step, 64x64 | auto | 2 |", True),
     "parity.py": (["--tiny"], "rows within tolerance", True),
-    "pipeline_memory.py": (["--tiny"], "peak RSS", False),
+    "pipeline_memory.py": (["--tiny"], "peak RSS", True),
     "pipeline_throughput.py": (["--tiny"], "images/s", True),
     "sampler_speed.py": (["--tiny"], "compile vs first", False),
     "solver_parity.py": (["--quick"], "worst error / bound", False),

@@ -227,7 +227,8 @@ def test_readme_python_blocks_run(group, readme_models, tmp_path, monkeypatch):
 GUIDANCE_BLOCKS = python_blocks("docs/GUIDANCE.md")
 
 
-@pytest.mark.parametrize("index", range(len(GUIDANCE_BLOCKS)))
+@pytest.mark.parametrize("index", [pytest.param(i, marks=[pytest.mark.slow] if "load_embedded(" in b else [])
+                                   for i, b in enumerate(GUIDANCE_BLOCKS)])
 def test_guidance_blocks_run(index, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(GUIDANCE_BLOCKS[index], f"docs/GUIDANCE.md[python block {index}]", "exec"),

@@ -67,6 +67,7 @@ def test_two_controlnets_sum_their_residuals_and_the_scope_wraps_each_network(ne
     assert np.abs(np.asarray(got) - np.asarray(plain)).max() > 1e-3  # the ControlNets really act
 
 
+@pytest.mark.slow
 def test_mid_block_only_drops_the_down_residuals(nets):
     pipe, cn, cp = nets
     x, t, text, image = _inputs(pipe, b=1)

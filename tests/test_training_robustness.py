@@ -77,7 +77,7 @@ def _score_sized(residuals):
     return [r.shape for r in residuals if list(r.shape).count(TOKENS) >= 2]
 
 
-@pytest.mark.parametrize("impl", ["plain", "chunked"])
+@pytest.mark.parametrize("impl", [pytest.param("plain", marks=pytest.mark.slow), "chunked"])
 def test_attention_remat_keeps_no_score_tensor_and_changes_no_gradient(impl):
     """Without remat the backward pass keeps the (heads, L, L) softmax of every self-attention
     (with "chunked" too: lax.map stacks each block's probabilities); with remat.attention it keeps

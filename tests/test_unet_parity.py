@@ -6,7 +6,7 @@ from jaxcontrol.testing.parity import CASES, QUICK_CASES, format_table, run_case
 
 
 # covered in the fast suite by tiny-unet-test, the ControlNet pipelines' parity and test_controlnet.py
-SLOWER = ("tiny-controlnet-test", "sd2-style")
+SLOWER = ("tiny-controlnet-test", "sd2-style", "sd2-style-odd-size")
 
 
 def _check(name, tmp_path):
