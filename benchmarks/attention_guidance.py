@@ -60,7 +60,7 @@ def metrics(images: np.ndarray, examples, outline) -> dict:
 
 def generate(pipe, examples, conds, *, control: bool, sag: float, pag: float, steps: int, cfg: float, seed: int,
              batch: int) -> np.ndarray:
-    from jaxcontrol.pipeline import ControlInput
+    from jaxcontrol.pipeline import AdapterInput, ControlInput
 
     prompts = [e.caption for e in examples]
     size = examples[0].image.shape[0]
@@ -70,7 +70,8 @@ def generate(pipe, examples, conds, *, control: bool, sag: float, pag: float, st
         cond = conds[sl]
         out.append(pipe(prompts[sl], height=size, width=size, num_inference_steps=steps, guidance_scale=cfg, seed=seed,
                         image_indices=list(range(i, i + len(cond))),
-                        controls=[ControlInput(cond, 1.0 if control else 0.0)], sag_scale=sag, pag_scale=pag))
+                        controls=[ControlInput(cond, 1.0 if control else 0.0)],
+                        adapters=[AdapterInput(cond, 0.0)] if pipe.adapters else [], sag_scale=sag, pag_scale=pag))
     return np.concatenate(out)
 
 

@@ -39,6 +39,7 @@ from .errors import ConfigError
 from .models.attention import AttentionControl
 from .models.forward import ControlNetCall, model_forward
 from .sampler import Edited, Stateful, resolve_schedule
+from .schedulers.solvers.common import x0_eps
 
 ScoreFn = Callable[[jax.Array, jax.Array, dict], jax.Array]
 BRANCH_KEYS = ("cond", "uncond", "concepts", "image_cond")
@@ -713,8 +714,9 @@ class SAG:
         pred, maps, name = (ctx.uncond, ctx.uncond_maps, "uncond") if ctx.cfg else (ctx.text, ctx.text_maps, "cond")
         x = ctx.x
         ab = _per_sample(schedule.alpha_bar_at(ctx.t), x)
-        eps = to_epsilon(pred, x, ab, pt)
-        x0 = predicted_x0(eps, x, ab) if pt != "sample" else pred
+        # x0 and eps straight from the parameterisation (a v-prediction model at a zero-SNR step,
+        # alpha_bar = 0, has a finite x0; going through epsilon would divide by zero)
+        x0, eps = x0_eps(pred, x, jnp.sqrt(ab), jnp.sqrt(1 - ab), pt)
         degraded = sag_degrade(x0, maps[self.layer], ctx.model.unet_config, kernel_size=self.kernel_size,
                                sigma=self.sigma)
         noised = jnp.sqrt(ab) * degraded + jnp.sqrt(1 - ab) * eps

@@ -159,6 +159,20 @@ def test_sag_matches_diffusers(tiny, guidance_scale):
     assert _moved(out, _nhwc(lat), _cond(pe, ne), guidance_scale, plan, base) > 1e-3
 
 
+def test_sag_is_finite_at_a_zero_snr_step_of_a_v_prediction_model(tiny):
+    """alpha_bar = 0 at the first step of a zero-terminal-SNR schedule: x0 and eps come straight from
+    v (diffusers' SAG does the same), never through a division by sqrt(alpha_bar)."""
+    _, _, (unet, params) = tiny
+    config = {**SCHEDULER, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+              "timestep_spacing": "trailing"}
+    plan = make_plan(config, 4, "ddim")
+    assert float(plan.schedule.alpha_bar_at(plan.timesteps[0])) == 0.0
+    pe, ne, lat = _inputs(7)
+    rule = G.self_attention_guidance(G.unet_prediction(unet, params), 0.75, plan, guidance_scale=5.0)
+    out = jax.jit(rule)(_nhwc(lat), jnp.float32(plan.timesteps[0]), _cond(pe, ne))
+    assert np.isfinite(np.asarray(out)).all()
+
+
 @pytest.mark.parametrize("layers,guidance_scale,adaptive", [
     (["mid"], 5.0, 0.0),
     pytest.param(["down_blocks.1", "up"], 4.0, 0.0, marks=pytest.mark.slow),
