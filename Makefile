@@ -49,6 +49,7 @@ fidelity: $(STAMP)
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python benchmarks/control_fidelity.py --runs $(EMBEDDED_RUNS) --out docs/results
 	$(BIN)/python benchmarks/edit_fidelity.py --out docs/results
+	$(BIN)/python benchmarks/attention_guidance.py --out docs/results
 
 parity: $(STAMP)
 	$(BIN)/python benchmarks/parity.py --full
