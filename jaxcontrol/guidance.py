@@ -806,7 +806,7 @@ def attention_guided(model: ScoreFn, guidance_scale, terms: Sequence, *, guidanc
         ctx = AttentionContext(x, t, cond, uncond, text, uncond_maps, text_maps, model)
         for term in terms:
             out = out + term.delta(ctx)
-        if guidance_rescale > 0:
+        if guidance_rescale > 0 and not static_off:  # diffusers rescales only under CFG
             out = rescale_noise_cfg(out, text, guidance_rescale)
         return out
 
@@ -836,9 +836,15 @@ def token_mask(token_indices, batch: int, length: int = 77) -> np.ndarray:
     list of positions in the tokenized prompt (0 is the start token) for every sample, or one list
     per sample. Positions must be 1..length-2 (the start and last positions are not text).
     Raises `ConfigError` naming a bad index or count."""
+    def is_index(i):
+        return isinstance(i, int | np.integer) and not isinstance(i, bool | np.bool_)
+
     rows = list(token_indices)
-    if rows and all(isinstance(i, int | np.integer) for i in rows):
+    if rows and all(is_index(i) for i in rows):
         rows = [rows] * batch
+    elif not all(isinstance(r, list | tuple | np.ndarray) for r in rows):
+        raise ConfigError(f"attend-and-excite: token_indices must be integer positions, or one list of them per "
+                          f"sample; got {token_indices!r}")
     if len(rows) != batch:
         raise ConfigError(f"attend-and-excite: {len(rows)} lists of token indices for {batch} samples")
     mask = np.zeros((batch, length), np.float32)
@@ -847,7 +853,7 @@ def token_mask(token_indices, batch: int, length: int = 77) -> np.ndarray:
         if not row:
             raise ConfigError(f"attend-and-excite: sample {b} has no token indices")
         for i in row:
-            if not isinstance(i, int | np.integer) or not 1 <= int(i) <= length - 2:
+            if not is_index(i) or not 1 <= int(i) <= length - 2:
                 raise ConfigError(f"attend-and-excite: token index {i!r} is outside 1..{length - 2} (0 is the start "
                                   "token; the prompt's words start at 1)")
             mask[b, int(i)] = 1.0

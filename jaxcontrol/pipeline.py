@@ -334,7 +334,10 @@ def denoise(settings: CallSettings, plan: Plan, model, cond, noise, known, per_i
     evaluation with non-finite latents (-1 if none)."""
     checked = dict(key=keys, return_nonfinite=True)
     if settings.pix2pix_zero:  # the reference rows, then the edited rows; the images are the edited ones
-        start = known if settings.pix2pix_zero == "invert" else initial_latents(plan, noise)
+        # the inverted latents are x_T on the variance-preserving scale: the solver's state holds them
+        # times its first input scaling (1 for DDIM; sqrt(sigma^2 + 1) for Euler-type solvers)
+        start = known * jnp.asarray(plan.rows["in_div"][0], jnp.float32) if settings.pix2pix_zero == "invert" \
+            else initial_latents(plan, noise)
         both = jnp.concatenate([start, start])
         latents, bad = sample(model, plan, both, cond, key=jnp.concatenate([keys, keys]), return_nonfinite=True)
         b = start.shape[0]
@@ -945,30 +948,36 @@ class Pipeline:
                                   f"than 4x4, got {h}x{w}")
             out["sag"] = True
             shared["sag_scale"] = np.float32(args.sag_scale)
-        if pag:
+        if pag or tuple(args.pag_applied_layers) != ("mid",):  # layers given are checked even at scale 0
             layers = args.pag_applied_layers
             if isinstance(layers, str) or not layers or not all(isinstance(x, str) for x in layers):
                 raise ConfigError(f"pag_applied_layers must be a list of layer ids (e.g. ['mid']), got {layers!r}")
-            out["pag_layers"] = G.pag_layers(self.unet.config, list(layers))
-            out["pag_adaptive_scale"] = float(args.pag_adaptive_scale)
-            shared["pag_scale"] = np.float32(args.pag_scale)
+            names = G.pag_layers(self.unet.config, list(layers))
+            if pag:
+                out["pag_layers"] = names
+                out["pag_adaptive_scale"] = float(args.pag_adaptive_scale)
+                shared["pag_scale"] = np.float32(args.pag_scale)
         if excite:
             if p2p:
                 raise ConfigError("token_indices (Attend-and-Excite) and edit_source (Pix2Pix-Zero) both move the "
                                   "latents: use one of them")
             res = args.attn_res
             if (not isinstance(res, (tuple, list)) or len(res) != 2
-                    or not all(isinstance(r, (int, np.integer)) and r > 0 for r in res)):
-                raise ConfigError(f"attn_res must be two positive integers (height, width), got {res!r}")
+                    or not all(isinstance(r, (int, np.integer)) and not isinstance(r, bool) and r > 1 for r in res)):
+                raise ConfigError(f"attn_res must be two integers >= 2 (height, width; the maps are smoothed with a "
+                                  f"3x3 kernel), got {res!r}")
             res = (int(res[0]), int(res[1]))
             sizes = sorted({layer.size(h, w) for layer in attention_layers(self.unet.config) if layer.cross})
             if res not in sizes:
                 raise ConfigError(f"attn_res={res}: no cross-attention layer of this U-Net works at that size for "
                                   f"{h}x{w} latents; its cross-attention maps are {sizes}")
             thresholds = {0: 0.05, 10: 0.5, 20: 0.8} if args.thresholds is None else args.thresholds
+            def real(v, integer=False):
+                kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+                return isinstance(v, kinds) and not isinstance(v, (bool, np.bool_))
+
             if not isinstance(thresholds, dict) or not all(
-                    isinstance(k, (int, np.integer)) and k >= 0 and isinstance(v, (int, float)) and 0 <= v <= 1
-                    for k, v in thresholds.items()):
+                    real(k, True) and k >= 0 and real(v) and 0 <= v <= 1 for k, v in thresholds.items()):
                 raise ConfigError(f"thresholds must map step indices (>= 0) to thresholds in [0, 1], got {thresholds!r}")
             per_image["excite"] = self._token_mask(args.token_indices, b, args.num_images_per_prompt)
             out["excite"] = (int(args.max_iter_to_alter), tuple(sorted((int(k), float(v)) for k, v in thresholds.items())),
@@ -981,6 +990,8 @@ class Pipeline:
             if sag or pag:
                 raise ConfigError("sag_scale / pag_scale do not combine with Pix2Pix-Zero (its guidance is its own "
                                   "two-pass rule)")
+            if args.guidance_rescale:
+                raise ConfigError("guidance_rescale does not apply to Pix2Pix-Zero (diffusers' pipeline has none)")
             for name in ("edit_source", "edit_target"):
                 sentences = getattr(args, name)
                 if (sentences is None or isinstance(sentences, str) or not len(sentences)

@@ -135,6 +135,17 @@ def test_attention_layers_and_bad_names(tiny):
     with pytest.raises(ValueError, match="cross-attention layers"):
         model_forward(unet, params, x, t, text,
                       attention=AttentionControl(identity=("mid_block.attentions.0.transformer_blocks.0.attn2",)))
+    # a ControlNet carries the same control over its (shared-name) encoder layers
+    from jaxcontrol.models.controlnet import controlnet_from_unet
+    from jaxcontrol.models.forward import collect_attention_maps
+
+    cn, cp = controlnet_from_unet(unet, params, 0, conditioning_embedding_out_channels=(16, 32))
+    name = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    _, state = cn.clone(attention_control=AttentionControl(capture=(name,))).apply(
+        {"params": cp}, x, t, text, jnp.zeros((1, 16, 16, 3)), mutable=["attention_maps"])
+    maps = collect_attention_maps(state)
+    assert list(maps) == [name] and maps[name].shape == (1, 2, 16, 3)
+    np.testing.assert_allclose(np.asarray(maps[name]).sum(-1), 1.0, rtol=1e-5)
     assert G.pag_layers(unet.config, ["mid"]) == ("mid_block.attentions.0.transformer_blocks.0.attn1",)
     assert len(G.pag_layers(unet.config, ["up_blocks.1"])) == 2
     with pytest.raises(ConfigError, match="'down_blocks.5' matches no self-attention"):
@@ -247,6 +258,31 @@ def test_attend_and_excite_inputs_are_checked(tiny):
         sample(G.attend_and_excite(base, attn_res=(4, 4)), plan, jnp.zeros((1, 8, 4, 4)), cond)
     with pytest.raises(ConfigError, match="guidance.unet_prediction"):
         G.attend_and_excite(lambda x, t, c: x)
+    for bad in ([2.0], [[2], 3], [True]):
+        with pytest.raises(ConfigError, match="token"):
+            G.token_mask(bad, 1, SEQ)
+
+
+def test_rescale_needs_cfg_and_sizes_follow_the_downsampling(tiny, tmp_path):
+    """guidance_rescale acts only under CFG (as diffusers' PAG pipeline); attention map sizes round
+    down when downsample_padding is 0."""
+    _, _, (unet, params) = tiny
+    base = G.unet_prediction(unet, params)
+    pe, ne, lat = _inputs(8)
+    run = lambda r: np.asarray(jax.jit(G.attention_guided(base, 1.0, [G.PAG(3.0)], guidance_rescale=r))(  # noqa: E731
+        _nhwc(lat), jnp.float32(500.0), _cond(pe, ne)))
+    assert np.array_equal(run(0.7), run(0.0))
+    config = {**UNET, "downsample_padding": 0}
+    torch.manual_seed(1)
+    diffusers.UNet2DConditionModel(**config).save_pretrained(tmp_path / "pad0")
+    unet0, params0 = load_model(tmp_path / "pad0")
+    names = [layer.name for layer in attention_layers(unet0.config)]
+    x = jnp.zeros((1, 7, 5, 4))
+    _, maps = model_forward(unet0, params0, x, jnp.zeros((1,)), jnp.zeros((1, 3, DIM)),
+                            attention=AttentionControl(capture=names))
+    for layer in attention_layers(unet0.config):
+        h, w = layer.size(7, 5)
+        assert maps[layer.name].shape[2] == h * w, layer.name
 
 
 @pytest.mark.slow

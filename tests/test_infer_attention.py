@@ -89,6 +89,12 @@ def test_pix2pix_zero_inverts_the_init_image(tiny, tmp_path, capsys):
     (["--edit-source", "source.txt", "--edit-target", "target.txt", "--attend-and-excite-tokens", "2"],
      "use one of them"),
     (["--cross-attention-guidance-amount", "0.3"], "only applies with --edit-source"),
+    (["--edit-source", "source.txt", "--edit-target", "target.txt", "--guidance-scale", "1"], "above 1"),
+    (["--edit-source", "source.txt", "--edit-target", "target.txt", "--guidance-rescale", "0.5"],
+     "--guidance-rescale does not apply"),
+    (["--attend-and-excite-tokens", "80"], "positions go up to 75"),
+    (["--pag-scale", "1", "--pag-layers", "mid("], "not a valid regular expression"),
+    (["--attend-and-excite-tokens", "2", "--attn-res", "1,1"], "two integers >= 2"),
 ])
 def test_attention_flag_errors_before_loading(tiny, tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.chdir(tiny)

@@ -94,6 +94,26 @@ def test_attend_and_excite_and_pix2pix_zero_match_diffusers(tiny):
     assert pipe.last_settings["pix2pix_zero"]["start"] == "generate"
 
 
+def test_numpy_values_are_accepted(tiny):
+    _, _, pipe = tiny
+    settings, _, _, _ = pipe.check_inputs(PROMPTS, height=H, width=W, token_indices=[np.int64(2)], attn_res=(4, 4),
+                                          thresholds={np.int32(0): np.float32(0.5)})
+    assert settings.excite[1] == ((0, 0.5),)
+
+
+@pytest.mark.slow
+def test_pix2pix_zero_from_an_image_starts_at_the_solvers_noise_level(tiny):
+    """The inverted latents enter an Euler-type solver's state scaled by its first input scaling, so
+    Euler and DDIM edit the same start (they differ by their discretisation only)."""
+    _, _, pipe = tiny
+    image = np.random.default_rng(0).random((1, H, W, 3)).astype(np.float32)
+    kw = dict(height=H, width=W, num_inference_steps=3, guidance_scale=5.0, edit_source=["a"], edit_target=["a"],
+              cross_attention_guidance_amount=0.0, init_image=image, output_type="latent")
+    ddim = pipe(PROMPTS[:1], scheduler="ddim", **kw)
+    euler = pipe(PROMPTS[:1], scheduler="euler", **kw)
+    assert _rel(euler, ddim) < 0.05, _rel(euler, ddim)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(sag_scale=-1.0), "sag_scale=-1.0 is out of range"),
     (dict(pag_scale=2.0, pag_applied_layers=["down_blocks.9"]), "'down_blocks.9' matches no self-attention"),
@@ -106,6 +126,10 @@ def test_attend_and_excite_and_pix2pix_zero_match_diffusers(tiny):
     (dict(edit_source=["a"], edit_target=["b"], guidance_scale=1.0), "guidance_scale > 1"),
     (dict(edit_source=["a"], edit_target=["b"], sag_scale=0.5), "do not combine with Pix2Pix-Zero"),
     (dict(sag_scale=0.5, height=8, width=8), "larger than 4x4"),
+    (dict(edit_source=["a"], edit_target=["b"], guidance_rescale=0.5), "guidance_rescale does not apply"),
+    (dict(token_indices=[1], attn_res=(1, 1), height=4, width=4), "attn_res must be two integers >= 2"),
+    (dict(token_indices=[1], attn_res=(4, 4), thresholds={True: 0.5}), "thresholds must map"),
+    (dict(pag_applied_layers=["nonexistent"]), "'nonexistent' matches no self-attention"),
 ])
 def test_bad_attention_arguments_fail_before_compiling(tiny, kwargs, match):
     _, _, pipe = tiny

@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 import os
 import stat
 import sys
@@ -373,8 +374,25 @@ def _check_flags_apply(args: argparse.Namespace) -> None:
     if args.edit_source and (args.mask or args.strength is not None):
         raise UsageError("--edit-source (Pix2Pix-Zero) inverts --init-image all the way or edits a generated image: "
                          "no --mask or --strength")
+    if args.edit_source and args.guidance_scale is not None and args.guidance_scale <= 1:
+        raise UsageError(f"--edit-source (Pix2Pix-Zero) needs classifier-free guidance: --guidance-scale above 1, got "
+                         f"{args.guidance_scale:g}")
+    if args.edit_source and args.guidance_rescale:
+        raise UsageError("--guidance-rescale does not apply to Pix2Pix-Zero (--edit-source)")
+    if (args.edit_source or args.attend_and_excite_tokens) and args.clip_model:
+        raise UsageError("--attend-and-excite-tokens / --edit-source move the latents inside the sampler and do not "
+                         "combine with CLIP guidance (--clip-model); --sag-scale and --pag-scale do")
+    if (args.sag_scale or args.pag_scale or args.attend_and_excite_tokens or args.edit_source) \
+            and args.inpaint_method == "repaint":
+        raise UsageError("the attention techniques do not run inside RePaint's resampling walk: use "
+                         "--inpaint-method partial")
     if args.edit_source and (args.sag_scale or args.pag_scale):
         raise UsageError("--sag-scale / --pag-scale do not combine with Pix2Pix-Zero (--edit-source)")
+    for layer in args.pag_layers or ():
+        try:
+            re.compile(layer)
+        except re.error as e:
+            raise UsageError(f"--pag-layers {layer!r}: not a valid regular expression ({e})") from None
     excite_tokens(args.attend_and_excite_tokens)
     attn_res(args.attn_res)
     excite_thresholds(args.excite_thresholds)
@@ -395,6 +413,9 @@ def excite_tokens(text: str | None):
                          "2,5 (or one list per prompt: 2,5;3)") from None
     if any(i < 1 for row in rows for i in row):
         raise UsageError(f"--attend-and-excite-tokens {text!r}: positions start at 1 (0 is the start token)")
+    if any(i > 75 for row in rows for i in row):
+        raise UsageError(f"--attend-and-excite-tokens {text!r}: positions go up to 75 (CLIP's 77 tokens less the "
+                         "start and end tokens)")
     return rows[0] if len(rows) == 1 else rows
 
 
@@ -404,8 +425,8 @@ def attn_res(text: str) -> tuple[int, int]:
         h, w = (int(v) for v in text.split(","))
     except ValueError:
         raise UsageError(f"--attn-res {text!r}: expected two positive integers H,W such as 16,16") from None
-    if h < 1 or w < 1:
-        raise UsageError(f"--attn-res {text!r}: expected two positive integers H,W such as 16,16")
+    if h < 2 or w < 2:
+        raise UsageError(f"--attn-res {text!r}: expected two integers >= 2, H,W such as 16,16")
     return h, w
 
 

@@ -294,11 +294,15 @@ class AttentionLayer:
     block: int
     level: int
     heads: int
+    round_up: bool = True  # halvings round up (downsample_padding 1, SD's) or down (padding 0)
 
     def size(self, height: int, width: int) -> tuple[int, int]:
-        """The layer's query map for latents of `height` x `width` (each halving rounds up)."""
+        """The layer's query map for latents of `height` x `width`."""
         for _ in range(self.level):
-            height, width = (height + 1) // 2, (width + 1) // 2
+            if self.round_up:
+                height, width = (height + 1) // 2, (width + 1) // 2
+            else:
+                height, width = height // 2, width // 2
         return height, width
 
 
@@ -309,13 +313,14 @@ def attention_layers(config) -> list[AttentionLayer]:
     the block has `only_cross_attention`; `attn2` always attends to the text."""
     out = []
     n = config.num_blocks
+    up = getattr(config, "downsample_padding", 1) != 0
 
     def add(prefix, place, block, level, heads, layers, tlayers, only_cross):
         for j in range(layers):
             for k in range(tlayers):
                 base = f"{prefix}.attentions.{j}.transformer_blocks.{k}"
-                out.append(AttentionLayer(f"{base}.attn1", bool(only_cross), place, block, level, heads))
-                out.append(AttentionLayer(f"{base}.attn2", True, place, block, level, heads))
+                out.append(AttentionLayer(f"{base}.attn1", bool(only_cross), place, block, level, heads, up))
+                out.append(AttentionLayer(f"{base}.attn2", True, place, block, level, heads, up))
 
     for i, block_type in enumerate(config.down_block_types):
         if block_type == CROSS_ATTN_DOWN:
