@@ -68,6 +68,7 @@ def test_a_second_infer_run_compiles_nothing(tiny, tmp_path):
     assert (tmp_path / "b" / "image_00000.png").read_bytes() == (tmp_path / "a" / "image_00000.png").read_bytes()
 
 
+@pytest.mark.slow
 def test_cache_off_writes_nothing(tiny, tmp_path):
     cache = Path("off").absolute()
     res = _infer(tiny / "pipeline", tmp_path / "a", "off", "--control-image", tiny / "c.png")

@@ -77,6 +77,7 @@ def test_mid_block_only_drops_the_down_residuals(nets):
     assert controlnet_residuals([], x, t, text) is None
 
 
+@pytest.mark.slow
 def test_sampling_and_training_predictions_agree(nets):
     """guidance.unet_prediction (sampling and validation) and training's model_prediction give the
     same output for the same ControlNet and scale: both are model_forward."""

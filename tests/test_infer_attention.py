@@ -34,18 +34,27 @@ def _run(capsys, *argv):
     return code, capsys.readouterr().err
 
 
-def test_pag_and_attend_and_excite_with_a_controlnet(tiny, tmp_path, capsys):
+def test_pag_with_a_controlnet(tiny, tmp_path, capsys):
     out = tmp_path / "out"
     code, err = _run(capsys, "--model", tiny / "cn" / "pipeline", "--prompt", "a red circle", "--control-image",
-                     tiny / "init.png", "--pag-scale", "2", "--pag-layers", "mid", "up_blocks.0",
-                     "--attend-and-excite-tokens", "2,3", "--attn-res", "4,4", "--max-iter-to-alter", "1",
-                     "--excite-thresholds", "", *FAST, "--output", out)
+                     tiny / "init.png", "--pag-scale", "2", "--pag-layers", "mid", "up_blocks.0", *FAST,
+                     "--output", out)
     assert code == 0, err
     side = json.loads((out / "image_00000.json").read_text())
     assert side["pag"]["scale"] == 2.0 and side["pag"]["applied_layers"] == ["mid", "up_blocks.0"]
+    assert side["sag_scale"] is None and side["attend_and_excite"] is None and len(side["controlnets"]) == 1
+
+
+@pytest.mark.slow
+def test_pag_and_attend_and_excite_without_refinement(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = _run(capsys, "--model", tiny / "cn" / "pipeline", "--prompt", "a red circle", "--control-image",
+                     tiny / "init.png", "--pag-scale", "2", "--attend-and-excite-tokens", "2,3", "--attn-res", "4,4",
+                     "--max-iter-to-alter", "1", "--excite-thresholds", "", *FAST, "--output", out)
+    assert code == 0, err
+    side = json.loads((out / "image_00000.json").read_text())
     assert side["attend_and_excite"] == {"token_indices": [2, 3], "max_iter_to_alter": 1, "thresholds": {},
                                          "scale_factor": 20.0, "attn_res": [4, 4]}
-    assert side["sag_scale"] is None and len(side["controlnets"]) == 1
 
 
 @pytest.mark.slow

@@ -139,6 +139,7 @@ DEPTH_RUN = ["--prompt", "a", "--init-image", "init.png", "--strength", "0.75", 
              *FAST]
 
 
+@pytest.mark.slow
 def test_depth_map_png16_and_npy_give_the_same_image(tiny, tmp_path, capsys, monkeypatch):
     """A 16-bit PNG is read at full precision: the same values saved as .npy (H, W, 1) give the same image."""
     root, _ = tiny

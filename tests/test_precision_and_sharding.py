@@ -38,6 +38,7 @@ def test_bf16_mode_keeps_norms_and_output_in_f32():
     assert "bf16" in hlo
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
 def test_sharded_batch_equals_single_device():
     unet = jc.UNet2DConditionModel(jc.UNet2DConditionConfig(**SMALL))
