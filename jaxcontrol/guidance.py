@@ -29,6 +29,7 @@ Conventions for `cond` (all entries are optional except what a rule reads):
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable, Sequence
 
 import jax
@@ -38,6 +39,8 @@ import numpy as np
 from .errors import ConfigError
 from .models.attention import AttentionControl
 from .models.forward import ControlNetCall, model_forward
+from .models.layers import nearest_resize
+from .models.unet import attention_layers
 from .sampler import Edited, Stateful, resolve_schedule
 from .schedulers.solvers.common import x0_eps
 
@@ -152,7 +155,9 @@ def evaluate_branches(model: ScoreFn, x, t, branches: Sequence[dict], shared: di
     the call unchanged). Sample b's rows are thus contiguous, so with the batch sharded over a
     mesh axis each device evaluates both (all) branches of its own samples and the batching
     moves no data between devices (`tests/test_cfg_layout.py`). Returns n predictions of the
-    model output's shape divided by n on the leading axis ((B, ...) each), in branch order.
+    model output's shape divided by n on the leading axis ((B, ...) each), in branch order. An
+    output that is a pytree (a score function `with_attention` returns (prediction, maps)) is
+    split leaf by leaf: n pytrees.
 
     Raises `ConfigError` when the branches differ in structure or shapes, or an array's leading
     axis is not the batch.
@@ -165,8 +170,8 @@ def evaluate_branches(model: ScoreFn, x, t, branches: Sequence[dict], shared: di
     merged = _branch_leaves(branches, b)
     t = jnp.asarray(t)
     out = model(_interleave([x] * n, n), t if t.ndim == 0 else _interleave([t] * n, n), {**(shared or {}), **merged})
-    out = out.reshape((b, n) + out.shape[1:])
-    return [out[:, k] for k in range(n)]
+    out = jax.tree_util.tree_map(lambda o: o.reshape((b, n) + o.shape[1:]), out)
+    return [jax.tree_util.tree_map(lambda o: o[:, k], out) for k in range(n)]
 
 
 def _shared(cond: dict) -> dict:
@@ -615,21 +620,6 @@ def blur(x, kernel: np.ndarray):
                                         feature_group_count=c, precision=jax.lax.Precision.HIGHEST)
 
 
-def _branch_maps(maps: dict, b: int, n: int) -> list[dict]:
-    """Maps of a batched call over n branches (rows sample-major) as one dict per branch."""
-    return [{k: v.reshape((b, n) + v.shape[1:])[:, i] for k, v in maps.items()} for i in range(n)]
-
-
-def _layers_named(config, names, where: str) -> dict:
-    from .models.unet import attention_layers
-
-    layers = {layer.name: layer for layer in attention_layers(config)}
-    missing = [n for n in names if n not in layers]
-    if missing:
-        raise ConfigError(f"{where}: the U-Net has no attention layer {missing}")
-    return layers
-
-
 def pag_layers(config, layer_ids: Sequence[str]) -> tuple[str, ...]:
     """The self-attention layers Perturbed-Attention Guidance replaces, as diffusers'
     `pag_applied_layers` selects them: every self-attention layer whose diffusers name matches
@@ -637,10 +627,6 @@ def pag_layers(config, layer_ids: Sequence[str]) -> tuple[str, ...]:
     in a number matches only a name whose last part is that number... as diffusers). "mid" is
     the mid block's self-attention; "down_blocks.1", "up_blocks.0.attentions.1" pick blocks.
     Raises `ConfigError` naming an id that selects nothing, listing the self-attention layers."""
-    import re
-
-    from .models.unet import attention_layers
-
     selfs = [layer.name for layer in attention_layers(config) if not layer.cross]
     out = []
     for layer_id in layer_ids:
@@ -701,8 +687,6 @@ class SAG:
     layer: str = "mid_block.attentions.0.transformer_blocks.0.attn1"
 
     def capture(self, config) -> tuple[str, ...]:
-        from .models.unet import attention_layers
-
         if self.layer not in {layer.name for layer in attention_layers(config) if not layer.cross}:
             raise ConfigError(f"self-attention guidance reads the self-attention map of {self.layer}, which this "
                               "U-Net does not have (a mid block without attention: mid_block_type "
@@ -735,9 +719,6 @@ def sag_mask(probs, size: tuple[int, int]):
 def sag_degrade(x0, probs, config, *, kernel_size: int = 9, sigma: float = 1.0):
     """x0 (B, h, w, C) blurred (Gaussian `kernel_size`, `sigma`, reflect padding) where `sag_mask`
     of the mid-block map `probs` is 1, nearest-resized to the latents."""
-    from .models.layers import nearest_resize
-    from .models.unet import attention_layers
-
     mid = next(layer for layer in attention_layers(config) if layer.place == "mid")
     mask = sag_mask(probs, mid.size(x0.shape[1], x0.shape[2]))
     mask = nearest_resize(mask, (x0.shape[1], x0.shape[2]))
@@ -794,14 +775,8 @@ def attention_guided(model: ScoreFn, guidance_scale, terms: Sequence, *, guidanc
             text, text_maps = probe(x, t, {**shared, **cond["cond"]})
             uncond, uncond_maps, out = None, {}, text
         else:
-            b = x.shape[0]
-            merged = _branch_leaves([cond["uncond"], cond["cond"]], b)
-            tt = jnp.asarray(t)
-            pred, maps = probe(_interleave([x, x], 2), tt if tt.ndim == 0 else _interleave([tt, tt], 2),
-                               {**shared, **merged})
-            pred = pred.reshape((b, 2) + pred.shape[1:])
-            uncond, text = pred[:, 0], pred[:, 1]
-            uncond_maps, text_maps = _branch_maps(maps, b, 2)
+            (uncond, uncond_maps), (text, text_maps) = evaluate_branches(probe, x, t, [cond["uncond"], cond["cond"]],
+                                                                         shared)
             out = uncond + guidance_scale * (text - uncond)
         ctx = AttentionContext(x, t, cond, uncond, text, uncond_maps, text_maps, model)
         for term in terms:
@@ -896,7 +871,7 @@ def attend_and_excite(model: ScoreFn, guided: ScoreFn | None = None, *, max_iter
     model = _attention_source(model, "attend_and_excite")
     thresholds = {0: 0.05, 10: 0.5, 20: 0.8} if thresholds is None else dict(thresholds)
     res = tuple(int(r) for r in attn_res)
-    layers = [layer for layer in _all_layers(model.unet_config) if layer.cross]
+    layers = [layer for layer in attention_layers(model.unet_config) if layer.cross]
     if guided is None:
         def guided(x, t, cond):
             return model(x, t, {**_shared(cond), **cond["cond"]} if "cond" in cond else cond)
@@ -958,12 +933,6 @@ def attend_and_excite(model: ScoreFn, guided: ScoreFn | None = None, *, max_iter
     return rule
 
 
-def _all_layers(config):
-    from .models.unet import attention_layers
-
-    return attention_layers(config)
-
-
 # Pix2Pix-Zero ------------------------------------------------------------------------------------
 
 
@@ -995,7 +964,7 @@ def pix2pix_zero(model: ScoreFn, guidance_scale, *, cross_attention_guidance_amo
     edited image from rows B..2B of the result.
     """
     model = _attention_source(model, "pix2pix_zero")
-    names = tuple(layer.name for layer in _all_layers(model.unet_config) if layer.name.endswith("attn2"))
+    names = tuple(layer.name for layer in attention_layers(model.unet_config) if layer.name.endswith("attn2"))
     probe = model.with_attention(AttentionControl(capture=names))
     off = isinstance(cross_attention_guidance_amount, int | float) and cross_attention_guidance_amount == 0
 
@@ -1014,12 +983,12 @@ def pix2pix_zero(model: ScoreFn, guidance_scale, *, cross_attention_guidance_amo
             return jnp.concatenate([cfg(x_ref, t, {**shared, "uncond": cond["uncond"], "cond": cond["cond"]}),
                                     cfg(x_edit, t, {**shared, "uncond": cond["uncond"], "cond": edit_cond})])
         tt = jnp.asarray(t)
-        t2 = tt if tt.ndim == 0 else _interleave([tt[:b], tt[:b]], 2)
-        ref_merged = {**shared, **_branch_leaves([cond["uncond"], cond["cond"]], b)}
-        pred, maps = probe(_interleave([x_ref, x_ref], 2), t2, ref_merged)
-        pred = pred.reshape((b, 2) + pred.shape[1:])
-        ref_out = pred[:, 0] + guidance_scale * (pred[:, 1] - pred[:, 0])
-        ref_maps = {k: jax.lax.stop_gradient(v) for k, v in maps.items()}
+        t_ref = tt if tt.ndim == 0 else tt[:b]
+        (u, u_maps), (c, c_maps) = evaluate_branches(probe, x_ref, t_ref, [cond["uncond"], cond["cond"]], shared)
+        ref_out = u + guidance_scale * (c - u)
+        # the reference maps in the edited call's row order (sample-major, unconditional first)
+        ref_maps = {n: jax.lax.stop_gradient(_interleave([u_maps[n], c_maps[n]], 2)) for n in names}
+        t2 = tt if tt.ndim == 0 else _interleave([t_ref, t_ref], 2)
         edit_merged = {**shared, **_branch_leaves([cond["uncond"], edit_cond], b)}
 
         def loss_fn(z2):  # z2 (B*2, ...): the unconditional and conditional copies, sample-major
@@ -1048,17 +1017,15 @@ def auto_corr_loss(eps, rolls):
     `rolls` (B, C, levels) int; `noise_pyramid_levels` gives the level count."""
     total = 0.0
     x = jnp.moveaxis(eps, -1, 1)  # (B, C, h, w)
-    level = 0
-    while True:
+    for level in range(len(noise_pyramid_levels(x.shape[2]))):
+        if level:  # average-pooled by 2, odd edges dropped (PyTorch's avg_pool2d)
+            h, w = x.shape[2] // 2 * 2, x.shape[3] // 2 * 2
+            x = x[:, :, :h, :w].reshape(x.shape[0], x.shape[1], h // 2, 2, w // 2, 2).mean(axis=(3, 5))
         r = rolls[:, :, level]
         rolled_h = jax.vmap(jax.vmap(lambda m, k: jnp.roll(m, k, axis=0)))(x, r)
         rolled_w = jax.vmap(jax.vmap(lambda m, k: jnp.roll(m, k, axis=1)))(x, r)
         total = total + jnp.sum(jnp.mean(x * rolled_h, axis=(2, 3)) ** 2) + jnp.sum(jnp.mean(x * rolled_w, axis=(2, 3)) ** 2)
-        if x.shape[2] <= 8:
-            return total
-        h, w = x.shape[2] // 2 * 2, x.shape[3] // 2 * 2
-        x = x[:, :, :h, :w].reshape(x.shape[0], x.shape[1], h // 2, 2, w // 2, 2).mean(axis=(3, 5))
-        level += 1
+    return total
 
 
 def noise_pyramid_levels(height: int) -> list[int]:

@@ -168,7 +168,14 @@ class CallSettings:
     pag_layers: tuple[str, ...] = ()  # Perturbed-Attention Guidance's layers (pag_scale > 0; the scale is traced)
     pag_adaptive_scale: float = 0.0
     excite: tuple | None = None  # Attend-and-Excite: (max_iter_to_alter, thresholds items, scale_factor, attn_res)
-    pix2pix_zero: str | None = None  # Pix2Pix-Zero: "generate" (from noise) or "invert" (from the input image)
+
+    @property
+    def pix2pix_zero(self) -> str | None:
+        """Pix2Pix-Zero's start (mode "pix2pix_zero"): "invert" (the input image's inversion) or
+        "generate" (from noise); None in the other modes."""
+        if self.mode != "pix2pix_zero":
+            return None
+        return "generate" if self.init_from is None else "invert"
 
     def plan(self, scheduler_config: SchedulerConfig) -> Plan:
         """The solver's plan for these settings (`schedulers.make_plan`; raises `ConfigError`)."""
@@ -296,24 +303,22 @@ def attention_rules(settings: CallSettings, plan: Plan, base, shared: dict, cfg:
     those predicts."""
     guidance_scale = shared["guidance_scale"] if cfg else 1.0
     terms = []
+    if settings.sag:
+        terms.append(G.SAG(shared["sag_scale"], plan))
+    if settings.pag_layers:
+        terms.append(G.PAG(shared["pag_scale"], settings.pag_layers, settings.pag_adaptive_scale))
     if settings.pix2pix_zero:
         model = G.pix2pix_zero(base, guidance_scale,
                                cross_attention_guidance_amount=shared["cross_attention_guidance_amount"])
-    else:
-        if settings.sag:
-            terms.append(G.SAG(shared["sag_scale"], plan))
-        if settings.pag_layers:
-            terms.append(G.PAG(shared["pag_scale"], settings.pag_layers, settings.pag_adaptive_scale))
-        if terms:
-            model = G.attention_guided(base, guidance_scale, terms, guidance_rescale=settings.guidance_rescale)
-        elif not cfg:
-            model = base
-        else:
-            model = G.classifier_free(base, guidance_scale, guidance_rescale=settings.guidance_rescale)
+    elif terms:
+        model = G.attention_guided(base, guidance_scale, terms, guidance_rescale=settings.guidance_rescale)
+    elif cfg:
+        model = G.classifier_free(base, guidance_scale, guidance_rescale=settings.guidance_rescale)
+    else:  # only with Attend-and-Excite, whose default prediction is the conditional branch alone
+        model = None
     if settings.excite:
         max_iter, thresholds, scale_factor, attn_res = settings.excite
-        model = G.attend_and_excite(base, model if terms or cfg else None,
-                                    max_iter_to_alter=max_iter, thresholds=dict(thresholds),
+        model = G.attend_and_excite(base, model, max_iter_to_alter=max_iter, thresholds=dict(thresholds),
                                     scale_factor=scale_factor, attn_res=attn_res)
     return model
 
@@ -972,6 +977,7 @@ class Pipeline:
                 raise ConfigError(f"attn_res={res}: no cross-attention layer of this U-Net works at that size for "
                                   f"{h}x{w} latents; its cross-attention maps are {sizes}")
             thresholds = {0: 0.05, 10: 0.5, 20: 0.8} if args.thresholds is None else args.thresholds
+
             def real(v, integer=False):
                 kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
                 return isinstance(v, kinds) and not isinstance(v, (bool, np.bool_))
@@ -1000,8 +1006,6 @@ class Pipeline:
                                       f"edit_source and edit_target), got {sentences!r}")
                 shared[f"{name}_ids"] = self.token_ids(list(sentences))
             shared["cross_attention_guidance_amount"] = np.float32(args.cross_attention_guidance_amount)
-            out["pix2pix_zero"] = "invert" if (args.init_image is not None or args.init_latents is not None) \
-                else "generate"
         return out
 
     def _token_mask(self, token_indices, b: int, n: int) -> np.ndarray:

@@ -132,11 +132,16 @@ def attention(
         q, k = q.astype(jnp.float32), k.astype(jnp.float32)
     if impl == "chunked":
         return _chunked_attention(q, k, v, scale, mask)
+    return jnp.einsum("bhqk,bkhd->bqhd", attention_probs(q, k, scale, mask).astype(v.dtype), v)
+
+
+def attention_probs(q: jax.Array, k: jax.Array, scale: float, mask: jax.Array | None = None) -> jax.Array:
+    """The "plain" kernel's probabilities: softmax(q k^T * scale) over keys, (B, heads, Lq, Lk)
+    float32, for q (B, Lq, heads, D) and k (B, Lk, heads, D); `mask` as in `attention`."""
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    return jax.nn.softmax(scores, axis=-1)
 
 
 def _chunked_attention(q, k, v, scale: float, mask, chunk: int = CHUNK):
@@ -282,8 +287,7 @@ class Attention(nn.Module):
         """"plain" attention whose float32 probabilities (B, heads, Lq, Lk) are sown as `probs`."""
         if self.upcast_attention:
             q, k = q.astype(jnp.float32), k.astype(jnp.float32)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
-        probs = jax.nn.softmax(scores, axis=-1)
+        probs = attention_probs(q, k, q.shape[-1] ** -0.5)
         self.sow(ATTENTION_MAPS, "probs", probs)
         return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
 
