@@ -8,7 +8,9 @@ from .convert import export_diffusers, load_checkpoint, load_model, load_single_
 from .convert.pipeline_folder import PipelineBundle, load_pipeline
 from .errors import CheckpointError, ConfigError, JaxControlError
 from . import guidance  # noqa: E402  (score-function combinators: jaxcontrol.guidance.classifier_free, ...)
-from .pipeline import AdapterInput, ControlInput, Pipeline
+from .pipeline import AdapterInput, ControlInput, LoraInput, Pipeline
+from .convert.lora_file import read_lora, save_lora
+from .models.lora import Lora
 from .sampler import sample
 from .schedulers import NoiseSchedule, SchedulerConfig, make_plan
 from .models import (
@@ -52,6 +54,8 @@ __all__ = [
     "sample",
     "AdapterInput",
     "ControlInput",
+    "Lora",
+    "LoraInput",
     "NoiseSchedule",
     "Pipeline",
     "SchedulerConfig",
@@ -60,5 +64,7 @@ __all__ = [
     "load_model",
     "load_pipeline",
     "load_single_file",
+    "read_lora",
     "save_checkpoint",
+    "save_lora",
 ]

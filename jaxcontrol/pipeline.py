@@ -37,6 +37,7 @@ from .models.vae import sample_posterior, scale_latents, split_moments, unscale_
 from .sampler import Inpaint, ddim_invert, first_nonfinite, initial_latents, noised_latents, raise_if_nonfinite, repaint, sample
 from .schedulers import SchedulerConfig, make_plan
 from .schedulers.solvers import Plan
+from .loras import LoraInput, apply_loras, as_lora_input, get_component, lora_targets, set_component  # noqa: F401
 from .tokenizer import tokenize
 
 
@@ -114,6 +115,7 @@ class CallArguments:
     edit_target: Sequence[str] | None = None
     cross_attention_guidance_amount: float = 0.1
     clip_skip: int | None = None
+    lora_scale: float = 1.0
     latents: Any = None
     output_type: str = "uint8"
 
@@ -371,6 +373,7 @@ def decode(vae, vae_params, latents):
 
 def _program(settings: CallSettings, plan: Plan, modules: dict, params: dict, per_image: dict, shared: dict,
              inverse_plan: Plan | None = None):
+    params = apply_loras(params, shared.get("lora_scales"))  # the unmerged LoRAs, at traced scales
     keys = image_keys(jax.random.wrap_key_data(shared["seed"]), per_image["index"])
     noise, known = prepare_latents(settings, plan, modules["vae"], params["vae"], per_image, keys)
     if settings.pix2pix_zero == "invert":
@@ -535,6 +538,7 @@ def check_call_arguments(args: CallArguments, *, clip_layers: int) -> None:
     integer("max_iter_to_alter", args.max_iter_to_alter, 0)
     number("scale_factor", args.scale_factor, 0.0)
     number("cross_attention_guidance_amount", args.cross_attention_guidance_amount, 0.0)
+    number("lora_scale", args.lora_scale)
     integer("repaint_jump_length", args.repaint_jump_length, 1)
     integer("repaint_jump_n_sample", args.repaint_jump_n_sample, 1)
     if args.clip_skip is not None:
@@ -557,7 +561,8 @@ class Pipeline:
     plus any number of ControlNets and T2I-Adapters, as pure JAX functions of their parameters."""
 
     def __init__(self, bundle, *, controlnets: Sequence[tuple] = (), adapters: Sequence[tuple] = (),
-                 mesh: Mesh | None = None):
+                 mesh: Mesh | None = None, loras: Sequence[Any] = (), fuse_loras: bool = False,
+                 unsafe_load_pickle: bool = False):
         for name in ("unet", "vae", "text_encoder"):
             if name not in bundle.modules:
                 raise ConfigError(f"{bundle.path}: the pipeline has no {name} (found {sorted(bundle.modules)})")
@@ -593,13 +598,20 @@ class Pipeline:
             "adapters": [place(p) for _, p in self.adapters],
         }
         self.last_settings: dict | None = None  # the resolved settings of the latest call (JSON-able)
+        self._loras: list[dict] = []  # {"lora": Lora, "scale": float, "fused": bool}, in load order
+        self._unfused_originals: dict[str, dict] = {}  # network -> {leaf path: its array before fuse_loras}
+        for spec in loras:
+            self.load_lora(spec, unsafe_load_pickle=unsafe_load_pickle)
+        if fuse_loras:
+            self.fuse_loras()
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, path, *, dtype: Any = "auto", vae_dtype: Any = "float32", param_dtype: Any = "float32",
                         controlnets: Sequence[str] = (), adapters: Sequence[str] = (),
                         attention_impl: str = "auto", mesh: Mesh | None = None,
-                        unsafe_load_pickle: bool = False, unet: str | os.PathLike | None = None) -> "Pipeline":
+                        unsafe_load_pickle: bool = False, unet: str | os.PathLike | None = None,
+                        loras: Sequence[Any] = (), fuse_loras: bool = False) -> "Pipeline":
         """Load a pipeline folder, single file or jaxcontrol checkpoint, plus extra ControlNets /
         adapters by path. `unet` replaces the pipeline's U-Net by another one's folder or file (a
         fine-tune, or a concatenation-conditioned U-Net over the same VAE and text encoder: the
@@ -610,7 +622,8 @@ class Pipeline:
         `vae_dtype` the VAE's (float32 by default, also in bf16 mode); `param_dtype` the dtype the
         weights are held in (float32 by default; "bfloat16" halves their memory). Names or dtypes;
         a name not in `platform.DTYPE_CHOICES` raises `ConfigError`. `attention_impl`: see
-        `models.attention.ATTENTION_IMPLS` ("auto" picks per platform)."""
+        `models.attention.ATTENTION_IMPLS` ("auto" picks per platform). `loras` / `fuse_loras`:
+        see `load_lora` and `fuse_loras`."""
         from .convert import load_model
         from .convert.pipeline_folder import load_pipeline
 
@@ -636,7 +649,142 @@ class Pipeline:
         cns = [load_model(p, **kw) for p in controlnets]
         ads = [load_model(p, dtype=dtype, param_dtype=param_dtype, unsafe_load_pickle=unsafe_load_pickle)
                for p in adapters]
-        return cls(bundle, controlnets=cns, adapters=ads, mesh=mesh)
+        return cls(bundle, controlnets=cns, adapters=ads, mesh=mesh, loras=loras, fuse_loras=fuse_loras,
+                   unsafe_load_pickle=unsafe_load_pickle)
+
+    # ------------------------------------------------------------------ LoRAs
+    def load_lora(self, source: Any, scale: float | None = None, *, name: str | None = None,
+                  unsafe_load_pickle: bool = False) -> str:
+        """Add a LoRA, unmerged: its deltas are added in the program at a traced scale, so
+        `set_lora_scale` and the call's `lora_scale` never recompile. `source`: a file (diffusers/
+        PEFT, older diffusers or kohya layout, see `convert.lora_file`), a folder holding
+        `pytorch_lora_weights.safetensors`, a `Lora`, a (source, scale) pair or a `LoraInput`.
+        Returns its name: `name`, else the file's stem (the folder's name for diffusers' default
+        `pytorch_lora_weights.*`), with "_2", "_3", ... added when another LoRA has it.
+
+        Raises `CheckpointError` for a file that does not fit these networks (every unknown key
+        listed, every wrong shape named with both shapes) and `ConfigError` for a duplicate name or
+        a non-finite scale; nothing is loaded then."""
+        from .convert.lora_file import read_lora
+        from .models.lora import Lora
+
+        spec = as_lora_input(source)
+        if scale is not None:
+            spec = dataclasses.replace(spec, scale=scale)
+        if name is not None:
+            spec = dataclasses.replace(spec, name=name)
+        self._check_lora_scale(spec.scale, "scale")
+        if isinstance(spec.source, Lora):
+            lora = spec.source
+            if spec.name:
+                lora = dataclasses.replace(lora, name=spec.name)
+            targets = lora_targets(self.params)
+            unknown = sorted(set(lora.weights) - set(targets))
+            if unknown:
+                raise ConfigError(f"LoRA {lora.name!r} adapts {unknown}, which this pipeline lacks (it has "
+                                  f"{sorted(targets)})")
+            from .convert.lora_file import check_lora
+
+            check_lora(lora, targets)
+        else:
+            lora = read_lora(spec.source, lora_targets(self.params), name=spec.name,
+                             unsafe_load_pickle=unsafe_load_pickle)
+        taken = {e["lora"].name for e in self._loras}
+        if lora.name in taken:
+            if spec.name is not None:
+                raise ConfigError(f"a LoRA named {lora.name!r} is already loaded; choose another name")
+            n = 2
+            while f"{lora.name}_{n}" in taken:
+                n += 1
+            lora = dataclasses.replace(lora, name=f"{lora.name}_{n}")
+        self._loras.append({"lora": lora, "scale": float(spec.scale), "fused": False})
+        self._place_loras()
+        return lora.name
+
+    @staticmethod
+    def _check_lora_scale(scale, what: str) -> None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)) or \
+                not math.isfinite(scale):
+            raise ConfigError(f"LoRA {what} must be a finite number, got {scale!r}")
+
+    def _entry(self, name: str) -> dict:
+        for e in self._loras:
+            if e["lora"].name == name:
+                return e
+        raise ConfigError(f"no LoRA named {name!r} is loaded (loaded: {[e['lora'].name for e in self._loras]})")
+
+    @property
+    def loras(self) -> list[dict]:
+        """The loaded LoRAs in order: {"name", "source", "format", "scale", "fused", "rank", "layers"}."""
+        return [{"name": e["lora"].name, "source": e["lora"].source, "format": e["lora"].format,
+                 "scale": e["scale"], "fused": e["fused"], "rank": e["lora"].rank(),
+                 "layers": e["lora"].num_layers()} for e in self._loras]
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        """Change an unmerged LoRA's scale (no recompilation). A merged one must be unfused first."""
+        self._check_lora_scale(scale, "scale")
+        e = self._entry(name)
+        if e["fused"]:
+            raise ConfigError(f"LoRA {name!r} is merged into the weights; call unfuse_loras() to change its scale")
+        e["scale"] = float(scale)
+
+    def fuse_loras(self) -> None:
+        """Merge every unmerged LoRA into the weights at its current scale (faster sampling: no
+        delta in the program). The replaced arrays are kept, so `unfuse_loras` restores the
+        original weights bit for bit."""
+        from .models.lora import merge_loras
+
+        todo = [e for e in self._loras if not e["fused"]]
+        if not todo:
+            return
+        params = {k: v for k, v in self.params.items() if k != "loras"}
+        for comp in sorted({c for e in todo for c in e["lora"].weights}):
+            entries = [e for e in todo if comp in e["lora"].weights]
+            merged, originals = merge_loras(get_component(params, comp),
+                                            [e["lora"].weights[comp] for e in entries],
+                                            np.asarray([e["scale"] for e in entries], np.float32))
+            kept = self._unfused_originals.setdefault(comp, {})
+            for path, leaf in originals.items():
+                kept.setdefault(path, leaf)  # the first fuse holds the true originals
+            params = set_component(params, comp, merged)
+        for e in todo:
+            e["fused"] = True
+        self.params = params
+        self._place_loras()
+
+    def unfuse_loras(self) -> None:
+        """Put back the weights `fuse_loras` replaced (bit for bit); the LoRAs stay loaded, unmerged."""
+        from .models.lora import unmerge_loras
+
+        params = {k: v for k, v in self.params.items() if k != "loras"}
+        for comp, originals in self._unfused_originals.items():
+            params = set_component(params, comp, unmerge_loras(get_component(params, comp), originals))
+        self._unfused_originals = {}
+        for e in self._loras:
+            e["fused"] = False
+        self.params = params
+        self._place_loras()
+
+    def unload_loras(self, names: Sequence[str] | None = None) -> None:
+        """Remove LoRAs (all by default). Merged ones are unfused first; others that were merged
+        with them stay loaded, unmerged."""
+        drop = {e["lora"].name for e in self._loras} if names is None else {self._entry(n)["lora"].name for n in names}
+        if any(e["fused"] for e in self._loras if e["lora"].name in drop):
+            self.unfuse_loras()
+        self._loras = [e for e in self._loras if e["lora"].name not in drop]
+        self._place_loras()
+
+    def _place_loras(self) -> None:
+        replicated = named(self.mesh, P())
+        unfused = [e["lora"].weights for e in self._loras if not e["fused"]]
+        params = {k: v for k, v in self.params.items() if k != "loras"}
+        if unfused:
+            params["loras"] = [jax.device_put(jax.tree_util.tree_map(jnp.asarray, w), replicated) for w in unfused]
+        self.params = params
+
+    def _lora_scales(self, lora_scale: float) -> np.ndarray | None:
+        scales = [e["scale"] * float(lora_scale) for e in self._loras if not e["fused"]]
+        return np.asarray(scales, np.float32) if scales else None
 
     @property
     def scheduler_config(self) -> SchedulerConfig:
@@ -795,6 +943,7 @@ class Pipeline:
         edit_target: Sequence[str] | None = None,
         cross_attention_guidance_amount: float = 0.1,
         clip_skip: int | None = None,
+        lora_scale: float = 1.0,
         latents: Any = None,
         output_type: str = "uint8",
     ) -> np.ndarray:
@@ -891,6 +1040,9 @@ class Pipeline:
                                      "index": np.asarray(indices, np.int32)}
         shared: dict[str, Any] = {"seed": np.asarray(jax.random.key_data(jax.random.key(args.seed))),
                                   "guidance_scale": np.float32(args.guidance_scale)}
+        lora_scales = self._lora_scales(args.lora_scale)
+        if lora_scales is not None:
+            shared["lora_scales"] = lora_scales
         if args.latents is not None:
             noise = np.asarray(args.latents, np.float32)
             if noise.shape != (b,) + latent_shape:
@@ -1172,6 +1324,8 @@ class Pipeline:
                 "start": settings.pix2pix_zero, "edit_source": list(args.edit_source),
                 "edit_target": list(args.edit_target),
                 "cross_attention_guidance_amount": float(args.cross_attention_guidance_amount)},
+            "loras": [{k: e[k] for k in ("name", "source", "format", "scale", "fused")} for e in self.loras],
+            "lora_scale": float(args.lora_scale) if self._loras else None,
             "dtype": jnp.dtype(self.unet.dtype).name, "vae_dtype": jnp.dtype(self.vae.dtype).name,
             "devices": int(self.mesh.devices.size),
         }

@@ -20,12 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..errors import CheckpointError
-from ..models.params import flatten, unflatten
+from ..models.params import flatten, torch_module_name, unflatten
 from .sources import TensorSource
 
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
-# module names that really end in _<digit> in PyTorch too (only used to print torch-style names)
-_UNDERSCORE_NAMES = {"linear_1", "linear_2"}
 MAX_LISTED = 25
 
 
@@ -42,13 +40,9 @@ def torch_module_to_flax(module_key: str) -> str:
 
 def flax_path_to_torch_key(path: str) -> str:
     """Best-effort inverse of the naming rule, for error messages and export."""
-    *modules, leaf = path.split("/")
-    parts = []
-    for m in modules:
-        match = re.fullmatch(r"(.+)_(\d+)", m)
-        parts.append(m if (match is None or m in _UNDERSCORE_NAMES) else f"{match[1]}.{match[2]}")
-    parts.append(_LEAF_TO_TORCH.get(leaf, leaf))
-    return ".".join(parts)
+    module, _, leaf = path.rpartition("/")
+    name = _LEAF_TO_TORCH.get(leaf, leaf)
+    return f"{torch_module_name(module)}.{name}" if module else name
 
 
 def torch_layout_shape(leaf: str, flax_shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
@@ -73,6 +74,20 @@ def flatten(tree: Any) -> dict[str, Any]:
     """
     flat = traverse_util.flatten_dict(tree)
     return {"/".join(map(str, path)): flat[path] for path in sorted(flat) if flat[path] is not None}
+
+
+# module names that really end in _<digit> in PyTorch too (TimestepEmbedding's linear_1 / linear_2)
+UNDERSCORE_NAMES = frozenset({"linear_1", "linear_2"})
+
+
+def torch_module_name(module_path: str) -> str:
+    """A "/"-joined Flax module path as the PyTorch module name it mirrors (list indices joined by
+    "_" become ".k"): 'down_blocks_0/attentions_1/.../to_out_0' -> 'down_blocks.0.attentions.1.....to_out.0'."""
+    parts = []
+    for m in module_path.split("/"):
+        match = re.fullmatch(r"(.+)_(\d+)", m)
+        parts.append(m if (match is None or m in UNDERSCORE_NAMES) else f"{match[1]}.{match[2]}")
+    return ".".join(parts)
 
 
 def unflatten(flat: dict[str, Any]) -> dict:
