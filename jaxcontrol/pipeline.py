@@ -562,7 +562,7 @@ class Pipeline:
 
     def __init__(self, bundle, *, controlnets: Sequence[tuple] = (), adapters: Sequence[tuple] = (),
                  mesh: Mesh | None = None, loras: Sequence[Any] = (), fuse_loras: bool = False,
-                 unsafe_load_pickle: bool = False):
+                 embeddings: Sequence[Any] = (), unsafe_load_pickle: bool = False):
         for name in ("unet", "vae", "text_encoder"):
             if name not in bundle.modules:
                 raise ConfigError(f"{bundle.path}: the pipeline has no {name} (found {sorted(bundle.modules)})")
@@ -600,6 +600,10 @@ class Pipeline:
         self.last_settings: dict | None = None  # the resolved settings of the latest call (JSON-able)
         self._loras: list[dict] = []  # {"lora": Lora, "scale": float, "fused": bool}, in load order
         self._unfused_originals: dict[str, dict] = {}  # network -> {leaf path: its array before fuse_loras}
+        self._vocabulary: dict[str, list[str]] = {}  # textual-inversion token -> the tokens it occupies
+        self._vocabulary_base = None  # (tokenizer, text encoder, its params) before any embedding
+        if embeddings:
+            self.load_textual_inversion(embeddings, unsafe_load_pickle=unsafe_load_pickle)
         for spec in loras:
             self.load_lora(spec, unsafe_load_pickle=unsafe_load_pickle)
         if fuse_loras:
@@ -611,7 +615,8 @@ class Pipeline:
                         controlnets: Sequence[str] = (), adapters: Sequence[str] = (),
                         attention_impl: str = "auto", mesh: Mesh | None = None,
                         unsafe_load_pickle: bool = False, unet: str | os.PathLike | None = None,
-                        loras: Sequence[Any] = (), fuse_loras: bool = False) -> "Pipeline":
+                        loras: Sequence[Any] = (), fuse_loras: bool = False,
+                        embeddings: Sequence[Any] = ()) -> "Pipeline":
         """Load a pipeline folder, single file or jaxcontrol checkpoint, plus extra ControlNets /
         adapters by path. `unet` replaces the pipeline's U-Net by another one's folder or file (a
         fine-tune, or a concatenation-conditioned U-Net over the same VAE and text encoder: the
@@ -623,7 +628,7 @@ class Pipeline:
         weights are held in (float32 by default; "bfloat16" halves their memory). Names or dtypes;
         a name not in `platform.DTYPE_CHOICES` raises `ConfigError`. `attention_impl`: see
         `models.attention.ATTENTION_IMPLS` ("auto" picks per platform). `loras` / `fuse_loras`:
-        see `load_lora` and `fuse_loras`."""
+        see `load_lora` and `fuse_loras`; `embeddings`: see `load_textual_inversion`."""
         from .convert import load_model
         from .convert.pipeline_folder import load_pipeline
 
@@ -650,7 +655,67 @@ class Pipeline:
         ads = [load_model(p, dtype=dtype, param_dtype=param_dtype, unsafe_load_pickle=unsafe_load_pickle)
                for p in adapters]
         return cls(bundle, controlnets=cns, adapters=ads, mesh=mesh, loras=loras, fuse_loras=fuse_loras,
-                   unsafe_load_pickle=unsafe_load_pickle)
+                   embeddings=embeddings, unsafe_load_pickle=unsafe_load_pickle)
+
+    # ------------------------------------------------------------------ textual inversion
+    def load_textual_inversion(self, embeddings: Any, token: str | None = None, *,
+                               unsafe_load_pickle: bool = False) -> list[str]:
+        """Add textual-inversion embeddings to the tokenizer and the text encoder's token table
+        (copies: the loaded weights are not touched). `embeddings`: a file or folder (diffusers'
+        `learned_embeds.safetensors`, A1111 `.pt` / `.safetensors`, see `convert.embedding_file`)
+        with an optional `token` replacing its word, a (file, token) pair, a (token, vectors)
+        pair, or a list of these. A multi-vector embedding occupies `tok`, `tok_1`, ..., written
+        out wherever a prompt says `tok`. Returns the words added.
+
+        Raises `CheckpointError` for an unreadable file and `ConfigError` for a word already in the
+        vocabulary or vectors of the wrong width; nothing is added then."""
+        from .convert.embedding_file import read_embedding
+        from .vocabulary import add_embeddings, token_table
+
+        specs = list(embeddings) if isinstance(embeddings, list) else [embeddings]
+        if token is not None and len(specs) != 1:
+            raise ConfigError("token= names one embedding; give (file, token) pairs for several")
+        pairs = []
+        for spec in specs:
+            if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str) and not isinstance(
+                    spec[1], (str, os.PathLike)):
+                pairs.append((spec[0], np.asarray(spec[1], np.float32)))
+                continue
+            source, word = (spec if isinstance(spec, tuple) and len(spec) == 2 else (spec, None))
+            pairs.append(read_embedding(source, word or token, unsafe_load_pickle=unsafe_load_pickle))
+        base = self._vocabulary_base or (self.tokenizer, self.text_encoder, token_table(self.params["text_encoder"]))
+        tokenizer, text_encoder, params, added = add_embeddings(self.tokenizer, self.text_encoder,
+                                                                self.params["text_encoder"], pairs)
+        self._vocabulary_base = base
+        self._vocabulary.update(added)
+        self.tokenizer = tokenizer
+        if text_encoder is not self.text_encoder:
+            self.text_encoder = text_encoder
+            self._programs.clear()  # the programs hold the module
+        self.params = dict(self.params, text_encoder=jax.device_put(params, named(self.mesh, P())))
+        return list(added)
+
+    def unload_textual_inversion(self) -> None:
+        """Remove every embedding: the tokenizer and the token table as they were before the first."""
+        from .models.params import flatten, unflatten
+        from .vocabulary import TOKEN_TABLE
+
+        if self._vocabulary_base is None:
+            return
+        tokenizer, text_encoder, table = self._vocabulary_base
+        self.tokenizer = tokenizer
+        if text_encoder is not self.text_encoder:
+            self.text_encoder = text_encoder
+            self._programs.clear()
+        flat = dict(flatten(self.params["text_encoder"]))
+        flat[TOKEN_TABLE] = table  # the other leaves may carry a fused LoRA since: only the table goes back
+        self.params = dict(self.params, text_encoder=unflatten(flat))
+        self._vocabulary, self._vocabulary_base = {}, None
+
+    @property
+    def embeddings(self) -> dict[str, list[str]]:
+        """The textual-inversion words loaded and the tokens each occupies."""
+        return {k: list(v) for k, v in self._vocabulary.items()}
 
     # ------------------------------------------------------------------ LoRAs
     def load_lora(self, source: Any, scale: float | None = None, *, name: str | None = None,
@@ -813,7 +878,12 @@ class Pipeline:
     # ------------------------------------------------------------------ inputs
     def token_ids(self, prompts: Sequence[str]) -> np.ndarray:
         """CLIP token ids (B, 77) int32, padded and truncated as diffusers' `encode_prompt` does."""
-        return tokenize(self.tokenizer, list(prompts)).astype(np.int32)
+        prompts = list(prompts)
+        if any(len(v) > 1 for v in self._vocabulary.values()):
+            from .vocabulary import expand_prompt
+
+            prompts = [expand_prompt(p, self.tokenizer) for p in prompts]
+        return tokenize(self.tokenizer, prompts).astype(np.int32)
 
     def prepare_controls(self, controls: Sequence[ControlInput], batch: int, height: int, width: int,
                          num_images_per_prompt: int = 1) -> list:
@@ -1326,6 +1396,7 @@ class Pipeline:
                 "cross_attention_guidance_amount": float(args.cross_attention_guidance_amount)},
             "loras": [{k: e[k] for k in ("name", "source", "format", "scale", "fused")} for e in self.loras],
             "lora_scale": float(args.lora_scale) if self._loras else None,
+            "embeddings": self.embeddings or None,
             "dtype": jnp.dtype(self.unet.dtype).name, "vae_dtype": jnp.dtype(self.vae.dtype).name,
             "devices": int(self.mesh.devices.size),
         }

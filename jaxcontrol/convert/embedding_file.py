@@ -1,0 +1,111 @@
+"""Textual-inversion embedding files: read the layouts in use, write diffusers'.
+
+* diffusers (`learned_embeds.safetensors` / `.bin`, written by `train_textual_inversion.py`): one
+  tensor named by its token, (dim,) or (n, dim).
+* A1111 `.pt` / `.bin`: a dict with `string_to_param: {"*": (n, dim)}` and `name`; its `.safetensors`:
+  one tensor `emb_params` (n, dim), named by the file (A1111 uses the file name as the word).
+* A bare tensor pickle, with the token given.
+
+Pickles go through torch's safe loader (tensors and plain containers only). SDXL embeddings
+(`clip_l` / `clip_g`) are refused by name: they belong to SDXL's two text encoders.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from ..errors import CheckpointError
+from .paths import regular_file, safe_join
+from .safetensors_file import SafetensorsFile, save_safetensors
+from .sources import PICKLE_SUFFIXES, load_pickle_state_dict, torch_tensor_to_numpy
+
+EMBEDDING_NAMES = ("learned_embeds.safetensors", "learned_embeds.bin")
+
+
+def _file(path: Path) -> Path:
+    if path.is_dir():
+        for name in EMBEDDING_NAMES:
+            candidate = safe_join(path, name, f"embedding folder {path}")
+            if candidate.is_file():
+                return candidate
+        raise CheckpointError(f"{path}: an embedding folder must hold one of {list(EMBEDDING_NAMES)}")
+    if not os.path.lexists(path):
+        raise CheckpointError(f"{path}: no such embedding file")
+    return regular_file(path)
+
+
+def _array(value, path: Path, what: str) -> np.ndarray:
+    try:
+        import torch
+
+        if isinstance(value, torch.Tensor):
+            value = torch_tensor_to_numpy(value)
+    except ImportError:  # pragma: no cover
+        pass
+    if not isinstance(value, np.ndarray):
+        raise CheckpointError(f"{path}: {what} is a {type(value).__name__}, not a tensor")
+    a = np.asarray(value, np.float32)
+    if a.ndim not in (1, 2) or a.size == 0:
+        raise CheckpointError(f"{path}: {what} has shape {a.shape}; an embedding is (dim,) or (vectors, dim)")
+    if not np.all(np.isfinite(a)):
+        raise CheckpointError(f"{path}: {what} holds NaN or infinity")
+    return a if a.ndim == 2 else a[None]
+
+
+def read_embedding(path: str | os.PathLike, token: str | None = None, *,
+                   unsafe_load_pickle: bool = False) -> tuple[str, np.ndarray]:
+    """(token, vectors (n, dim) float32) from a textual-inversion file (or a folder holding
+    `learned_embeds.safetensors`). `token` replaces the file's own word.
+
+    Raises `CheckpointError` naming the file for a layout it is not, an SDXL embedding, several
+    tensors where one is expected, a tensor of the wrong rank, NaN, or an unsafe pickle."""
+    path = _file(Path(path))
+    if path.name.endswith(".safetensors"):
+        f = SafetensorsFile(path)
+        keys = f.keys()
+        if {"clip_l", "clip_g"} & set(keys):
+            raise CheckpointError(f"{path}: an SDXL embedding (clip_l / clip_g, one per text encoder); this model "
+                                  f"has one CLIP text encoder")
+        if keys == ["emb_params"]:
+            return token or path.stem, _array(f.load("emb_params"), path, "emb_params")
+        if len(keys) != 1:
+            raise CheckpointError(f"{path}: a textual-inversion file holds one tensor named by its token (or A1111's "
+                                  f"emb_params), found {len(keys)}: {keys[:8]}")
+        return token or keys[0], _array(f.load(keys[0]), path, f"tensor {keys[0]!r}")
+    if not path.name.endswith(PICKLE_SUFFIXES):
+        raise CheckpointError(f"{path}: an embedding is a .safetensors, .bin or .pt file")
+    state = load_pickle_state_dict(path, unsafe_load_pickle=unsafe_load_pickle)
+    if not isinstance(state, Mapping):
+        if token is None:
+            raise CheckpointError(f"{path}: holds a bare tensor; give the token it stands for")
+        return token, _array(state, path, "the tensor")
+    if "string_to_param" in state:  # A1111
+        params = state["string_to_param"]
+        if not isinstance(params, Mapping) or "*" not in params:
+            raise CheckpointError(f"{path}: string_to_param must map '*' to the vectors")
+        name = state.get("name")
+        return token or (name if isinstance(name, str) and name else path.stem), _array(
+            params["*"], path, "string_to_param['*']")
+    if {"clip_l", "clip_g"} & set(state):
+        raise CheckpointError(f"{path}: an SDXL embedding (clip_l / clip_g); this model has one CLIP text encoder")
+    if len(state) != 1:
+        raise CheckpointError(f"{path}: a textual-inversion file holds one tensor named by its token (or A1111's "
+                              f"string_to_param), found keys {sorted(map(str, state))[:8]}")
+    (key, value), = state.items()
+    return token or str(key), _array(value, path, f"tensor {key!r}")
+
+
+def save_embedding(path: str | os.PathLike, token: str, vectors) -> Path:
+    """Write diffusers' `learned_embeds.safetensors` layout ({token: (n, dim) float32}), atomically;
+    a folder gets `learned_embeds.safetensors` inside."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / EMBEDDING_NAMES[0]
+    if not path.name.endswith(".safetensors"):
+        raise CheckpointError(f"{path}: an embedding is written as a .safetensors file")
+    save_safetensors(path, {token: np.asarray(vectors, np.float32)})
+    return path
