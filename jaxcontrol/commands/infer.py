@@ -22,6 +22,10 @@ Examples:
       --controlnet cn_pose --control-image pose.png --control-scale 1.0 \\
       --adapter t2i_sketch --adapter-image sketch.png --adapter-scale 0.7
 
+  # LoRAs (each with its own scale) and a textual-inversion word
+  python infer.py --model sd15 --prompt "a <my-style> house" --lora watercolor.safetensors:0.8 \\
+      --lora ./detail-lora:0.5 --embedding my-style.pt
+
   # concatenation-conditioned models: inpainting (9 channels), depth (5), InstructPix2Pix (8)
   python infer.py --model sd-inpainting --prompt "a sofa" --init-image room.png --mask mask.png
   python infer.py --model sd2-depth --prompt "a castle" --depth-map depth16.png
@@ -92,6 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention kernel (default auto: cuDNN on a GPU, Pallas flash on a TPU, chunked on the "
                         "CPU for long sequences, plain for short ones); plain (einsum), chunked (one head and 1024 "
                         "queries at a time), dot_product (XLA's attention), cudnn (GPU), tpu_flash (TPU)")
+    m.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="a LoRA (diffusers/PEFT pytorch_lora_weights.safetensors or its folder, older diffusers "
+                        "layouts, or a kohya/A1111 lora_unet_* file) at SCALE (default 1.0); repeatable, each "
+                        "with its own scale")
+    m.add_argument("--lora-mode", default="merged", choices=("merged", "unmerged"),
+                   help="merged (default): fused into the weights before sampling (fastest); unmerged: added in "
+                        "the compiled program at a traced scale (the same images, to float rounding)")
+    m.add_argument("--embedding", action="append", default=[], metavar="PATH[:TOKEN]",
+                   help="a textual-inversion embedding (diffusers learned_embeds.safetensors or its folder, A1111 "
+                        ".pt / .safetensors) under its own word or TOKEN; use the word in the prompt. Repeatable")
     m.add_argument("--unsafe-load-pickle", action="store_true",
                    help="allow arbitrary Python objects in .ckpt/.pth/.bin files: this runs code from the file; "
                         "only for files you trust")
@@ -504,6 +518,9 @@ class InferSettings:
     vae_dtype: str
     attention: str
     unsafe_load_pickle: bool
+    loras: tuple[tuple[str, float], ...]  # (path, scale) per --lora
+    lora_mode: str
+    embeddings: tuple[tuple[str, str | None], ...]  # (path, token or None) per --embedding
     # prompts and conditions
     prompts: tuple[str, ...]
     instruct: bool
@@ -572,7 +589,7 @@ class InferSettings:
 
 _RESOLVED = ("model", "unet", "controlnet_paths", "adapter_paths", "prompts", "instruct", "kind", "controls", "adapters",
              "solver", "steps", "guidance_scale", "image_indices", "output", "progress", "pag_layers",
-             "edit_sentences")
+             "edit_sentences", "loras", "embeddings")
 
 
 def resolve(args: argparse.Namespace) -> InferSettings:
@@ -608,11 +625,48 @@ def resolve(args: argparse.Namespace) -> InferSettings:
         image_indices=tuple(range(n_images)) if indices is None else indices,
         output=Path(args.output), progress=not args.no_progress,
         pag_layers=None if args.pag_layers is None else tuple(args.pag_layers),
+        loras=_loras(args.lora), embeddings=_embeddings(args.embedding),
         edit_sentences=None if not args.edit_source else (_sentences("--edit-source", args.edit_source),
                                                            _sentences("--edit-target", args.edit_target)))
     if settings.kind is not None:
         check_kind(settings, settings.kind)
     return settings
+
+
+def _loras(flags: list[str]) -> tuple[tuple[str, float], ...]:
+    """--lora PATH[:SCALE] as (path, scale); `UsageError` for a missing path or a scale that is no
+    finite number. A path that exists whole is taken whole (it may contain ':')."""
+    out = []
+    for flag in flags:
+        path, scale = flag, 1.0
+        if not Path(flag).exists() and ":" in flag:
+            path, _, text = flag.rpartition(":")
+            try:
+                scale = float(text)
+            except ValueError:
+                raise UsageError(f"--lora {flag}: {text!r} is not a scale (PATH[:SCALE], e.g. style.safetensors:0.8)"
+                                 ) from None
+            if not math.isfinite(scale):
+                raise UsageError(f"--lora {flag}: the scale must be a finite number")
+        if not Path(path).exists():
+            raise UsageError(f"--lora {path}: no such file or folder")
+        out.append((path, scale))
+    return tuple(out)
+
+
+def _embeddings(flags: list[str]) -> tuple[tuple[str, str | None], ...]:
+    """--embedding PATH[:TOKEN] as (path, token or None); `UsageError` for a missing path."""
+    out = []
+    for flag in flags:
+        path, token = flag, None
+        if not Path(flag).exists() and ":" in flag:
+            path, _, token = flag.rpartition(":")
+            if not token.strip():
+                raise UsageError(f"--embedding {flag}: empty token after ':'")
+        if not Path(path).exists():
+            raise UsageError(f"--embedding {path}: no such file or folder")
+        out.append((path, token))
+    return tuple(out)
 
 
 def _settings(args: argparse.Namespace, **resolved) -> InferSettings:
@@ -879,7 +933,7 @@ def _demo_settings(args, model, prompts, controlnets, adapters) -> InferSettings
         steps=demo.DEMO_STEPS if args.steps is None else args.steps,
         guidance_scale=demo.DEMO_GUIDANCE if args.guidance_scale is None else args.guidance_scale,
         image_indices=(), output=Path(args.output), progress=not args.no_progress, pag_layers=None,
-        edit_sentences=None)
+        edit_sentences=None, loras=(), embeddings=())
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -928,7 +982,8 @@ def run(settings: InferSettings) -> list[Path]:
     inputs = load_inputs(settings)  # images are validated before the slow model load
     t0 = time.perf_counter()
     hashes = hash_paths_in_background([settings.model, *settings.controlnet_paths, *settings.adapter_paths,
-                                       *filter(None, [settings.depth_estimator, settings.unet])])
+                                       *filter(None, [settings.depth_estimator, settings.unet]),
+                                       *(p for p, _ in settings.loras), *(p for p, _ in settings.embeddings)])
     pipe = open_pipeline(settings)
     settings = dataclasses.replace(settings, kind=pipe.kind)
     check_kind(settings, pipe.kind)  # again: the kind read before loading may have been unknown
@@ -994,7 +1049,9 @@ def open_pipeline(settings: InferSettings):
     return Pipeline.from_pretrained(settings.model, dtype=settings.dtype, vae_dtype=settings.vae_dtype,
                                     controlnets=list(settings.controlnet_paths), adapters=list(settings.adapter_paths),
                                     attention_impl=settings.attention, unsafe_load_pickle=settings.unsafe_load_pickle,
-                                    unet=settings.unet)
+                                    unet=settings.unet, loras=list(settings.loras),
+                                    fuse_loras=settings.lora_mode == "merged",
+                                    embeddings=[(p, t) if t else p for p, t in settings.embeddings])
 
 
 def fit_to_model(settings: InferSettings, pipe, init_image) -> InferSettings:
@@ -1193,6 +1250,9 @@ def _common_sidecar(settings: InferSettings, inputs: InputImages, hashes: dict) 
         "jaxcontrol_version": jaxcontrol.__version__,
         "model": {"path": settings.model, "sha256": hashes[settings.model].result()},
         "unet": None if settings.unet is None else {"path": settings.unet, "sha256": hashes[settings.unet].result()},
+        "lora_files": [{"path": p, "scale": s, "sha256": hashes[p].result()} for p, s in settings.loras],
+        "lora_mode": settings.lora_mode if settings.loras else None,
+        "embedding_files": [{"path": p, "token": t, "sha256": hashes[p].result()} for p, t in settings.embeddings],
         "negative_prompt": settings.negative_prompt,
         "scheduler": settings.scheduler or settings.solver,
         "steps": settings.steps,
