@@ -357,7 +357,7 @@ def test_manifest_errors_name_the_file_and_line(tmp_path):
     m.write_text("\n".join([
         lines[0],
         '{"image": "img/0.png", "condition": "cond/0.png"',  # line 2: broken JSON
-        '{"image": "img/1.png", "text": "no condition"}',  # line 3: missing key
+        '{"image": "img/1.png", "condition": "cond/1.png"}',  # line 3: missing key
         '{"image": "img/404.png", "condition": "cond/1.png", "text": "t"}',  # line 4: missing file
         '["not", "an", "object"]',  # line 5
     ]))
@@ -365,7 +365,7 @@ def test_manifest_errors_name_the_file_and_line(tmp_path):
         read_manifest(m)
     msg = str(e.value)
     assert f"{m}:2: invalid JSON" in msg
-    assert f"{m}:3: missing key(s) ['condition']" in msg
+    assert f"{m}:3: missing key(s) ['text']" in msg
     assert f"{m}:4: image file not found: {tmp_path / 'img' / '404.png'}" in msg
     assert f"{m}:5: expected a JSON object" in msg
     assert f"{m}:1" not in msg

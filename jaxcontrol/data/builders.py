@@ -251,7 +251,7 @@ class ControlFolder(tfds.core.GeneratorBasedBuilder):
         size = self.builder_config.image_size
         for e in entries:
             images = {}
-            for key, p in (("image", e.image), ("conditioning_image", e.condition)):
+            for key, p in (("image", e.image), ("conditioning_image", e.condition or e.image)):
                 try:
                     im = load_image(p, "RGB")
                 except ImageLoadError as err:

@@ -91,12 +91,16 @@ class ControlTransform:
         )
         out["caption"] = _text(record.get("text", ""))
         out["index"] = np.int64(record.get("index", -1))
+        if "class_image" in record:  # DreamBooth's prior preservation pairs (training.data.PairedSource)
+            out["class_pixel_values"] = self._image(record["class_image"], "class_image").astype(np.float32) / 127.5 - 1.0
+            out["class_caption"] = _text(record.get("class_text", ""))
         return out
 
 
 @dataclasses.dataclass(frozen=True)
 class TokenizeBatch:
-    """Adds "input_ids" to a batch: `tokenize_fn(list_of_captions) -> (B, L) ints`.
+    """Adds "input_ids" to a batch: `tokenize_fn(list_of_captions) -> (B, L) ints` (and
+    "class_input_ids" of "class_caption" when a batch has them).
 
     With a transformers tokenizer: `TokenizeBatch(functools.partial(jaxcontrol.tokenizer.tokenize, tok))`.
     The callable must be picklable when `num_workers > 0` (module-level functions, partials and
@@ -107,11 +111,16 @@ class TokenizeBatch:
     tokenize_fn: Callable[[list[str]], Any]
 
     def __call__(self, batch: dict) -> dict:
-        captions = [str(c) for c in np.asarray(batch["caption"]).reshape(-1)]
-        ids = np.asarray(self.tokenize_fn(captions))
-        if ids.ndim != 2 or ids.shape[0] != len(captions):
-            raise DataError(f"tokenize_fn returned shape {ids.shape} for {len(captions)} captions; expected (B, L)")
-        return {**batch, "input_ids": ids.astype(np.int32)}
+        out = dict(batch)
+        for caption_key, ids_key in (("caption", "input_ids"), ("class_caption", "class_input_ids")):
+            if caption_key not in batch:
+                continue
+            captions = [str(c) for c in np.asarray(batch[caption_key]).reshape(-1)]
+            ids = np.asarray(self.tokenize_fn(captions))
+            if ids.ndim != 2 or ids.shape[0] != len(captions):
+                raise DataError(f"tokenize_fn returned shape {ids.shape} for {len(captions)} captions; expected (B, L)")
+            out[ids_key] = ids.astype(np.int32)
+        return out
 
 
 def _allow_grain_workers() -> None:

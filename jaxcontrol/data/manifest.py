@@ -4,7 +4,9 @@ One JSON object per line, paths relative to the manifest's folder (absolute path
 
     {"image": "images/0001.png", "condition": "edges/0001.png", "text": "a red car on a bridge"}
 
-Blank lines are skipped; other keys are ignored. Every problem is reported with the manifest's path
+"condition" may be left out for text-to-image training (fine-tuning, LoRA, textual inversion,
+DreamBooth): such a record's condition image is the image itself, and the ControlNet, adapter and
+InstructPix2Pix tasks refuse manifests with such lines. Blank lines are skipped; other keys are ignored. Every problem is reported with the manifest's path
 and the 1-based line number.
 """
 
@@ -21,7 +23,8 @@ from PIL import Image
 
 from ..errors import JaxControlError
 
-REQUIRED_KEYS = ("image", "condition", "text")
+REQUIRED_KEYS = ("image", "text")
+OPTIONAL_KEYS = ("condition",)
 MAX_REPORTED = 20
 
 
@@ -39,7 +42,7 @@ class ManifestEntry:
 
     line: int  # 1-based line number in the manifest
     image: Path
-    condition: Path
+    condition: Path | None  # None: the line has no condition (text-to-image data)
     text: str
 
 
@@ -48,7 +51,7 @@ def read_manifest(path: str | os.PathLike, *, check_files: bool = True) -> list[
 
     Raises one `ManifestError` listing every problem (the first 20, each as `path:line`): the file
     missing or not UTF-8, a line that is not a JSON object, lacks "image" / "condition" / "text" or
-    has a non-string value among them, an image or condition file that does not exist (only when
+    has a non-string value among them (or a non-string "condition"), an image or condition file that does not exist (only when
     `check_files`), or no example at all.
     """
     path = Path(path)
@@ -77,12 +80,14 @@ def read_manifest(path: str | os.PathLike, *, check_files: bool = True) -> list[
         if missing:
             errors.append(f"{where}: missing key(s) {missing} (has {sorted(obj)})")
             continue
-        bad = [k for k in REQUIRED_KEYS if not isinstance(obj[k], str)]
+        bad = [k for k in REQUIRED_KEYS + OPTIONAL_KEYS if k in obj and not isinstance(obj[k], str)]
         if bad:
             errors.append(f"{where}: {bad} must be strings")
             continue
-        files = {}
+        files: dict = {"condition": None}
         for key in ("image", "condition"):
+            if key not in obj:
+                continue
             p = base / obj[key]
             if check_files and not p.is_file():
                 errors.append(f"{where}: {key} file not found: {p}")

@@ -20,7 +20,9 @@ import ml_collections
 
 from ..errors import ConfigError
 
-TASKS = ("controlnet", "adapter", "unet", "vae", "instruct_pix2pix")
+TASKS = ("controlnet", "adapter", "unet", "vae", "instruct_pix2pix", "lora", "textual_inversion", "dreambooth")
+# text-to-image tasks: their batches carry no condition image
+TEXT_TO_IMAGE_TASKS = ("unet", "lora", "textual_inversion", "dreambooth")
 INITS = ("pretrained", "scratch")
 SCHEDULES = ("constant", "cosine")
 TIMESTEP_SAMPLING = ("uniform", "cubic")
@@ -60,7 +62,9 @@ SD_SCHEDULER = dict(
 def default_config() -> ml_collections.ConfigDict:
     """Every key the trainer reads, with its default. Experiment files start from this."""
     c = ml_collections.ConfigDict()
-    c.task = "controlnet"  # what is trained: "controlnet", "adapter", "unet", "vae" or "instruct_pix2pix"
+    # what is trained: "controlnet", "adapter", "unet", "vae", "instruct_pix2pix", "lora", "textual_inversion"
+    # or "dreambooth"
+    c.task = "controlnet"
     c.seed = 0
     c.steps = 1000  # optimizer steps
     c.batch_size = 8  # global batch per optimizer step: all hosts, all accumulated micro-batches
@@ -109,6 +113,37 @@ def default_config() -> ml_collections.ConfigDict:
     # per example, one uniform draw u: u < p drops the text alone, p <= u < 2p both, 2p <= u < 3p
     # the image alone (the paper's 5% / 5% / 5% for p = 0.05, as diffusers' training script)
     c.instruct_pix2pix.conditioning_dropout_prob = 0.05
+
+    # task="lora" (and dreambooth with dreambooth.use_lora): low-rank factors on the frozen networks,
+    # exported as diffusers' pytorch_lora_weights.safetensors
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 4
+    c.lora.alpha = 0.0  # 0 = rank (multiplier 1); the delta is (alpha / rank) * down @ up
+    c.lora.unet_target_modules = ("to_q", "to_k", "to_v", "to_out.0")  # PEFT's rule: names ending so
+    c.lora.text_encoder = False  # also adapt the text encoder
+    c.lora.text_encoder_target_modules = ("q_proj", "k_proj", "v_proj", "out_proj")
+    c.lora.init_from = ""  # a LoRA file to continue from ("" = a fresh one: up factors zero)
+
+    # task="textual_inversion": new words whose embedding rows alone train (Gal et al. 2022)
+    c.textual_inversion = ml_collections.ConfigDict()
+    c.textual_inversion.placeholder_token = ""  # e.g. "<teal>"; captions use it
+    c.textual_inversion.initializer_token = ""  # a word of one token whose embedding starts every vector
+    c.textual_inversion.num_vectors = 1  # > 1: the word spans tokens tok, tok_1, ... (written out in captions)
+
+    # task="dreambooth" (Ruiz et al. 2022, as diffusers' train_dreambooth.py): the U-Net (or LoRA
+    # factors) on a few instance images, optionally with prior preservation on class images that the
+    # base model generates first (cached in class_data_dir)
+    c.dreambooth = ml_collections.ConfigDict()
+    c.dreambooth.instance_prompt = ""  # "" keeps each instance image's own caption
+    c.dreambooth.use_lora = False  # train LoRA factors (config.lora) instead of the whole U-Net
+    c.dreambooth.train_text_encoder = False  # the text encoder trains too (its LoRA with use_lora)
+    c.dreambooth.with_prior_preservation = False
+    c.dreambooth.prior_loss_weight = 1.0
+    c.dreambooth.class_prompt = ""  # what the class images show; or several, one per line
+    c.dreambooth.num_class_images = 100
+    c.dreambooth.class_data_dir = ""  # "" = WORKDIR/class_images
+    c.dreambooth.class_num_inference_steps = 25
+    c.dreambooth.class_guidance_scale = 7.5
 
     # --- the objective ------------------------------------------------------------------------
     c.loss = ml_collections.ConfigDict()
@@ -343,9 +378,69 @@ def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
         v = _get(config, key)
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
             _fail(key, f"must be a finite number >= 0, got {v!r}")
+    _check_personalization(config)
     if config.data.fill50k_edits and config.task in ("controlnet", "adapter"):
         _fail("data.fill50k_edits", f"edit triples have no outline condition for task={config.task!r}")
     return config
+
+
+def trains_text_encoder(config) -> bool:
+    """Whether a run changes what the text encoder computes (its weights, LoRA or new embeddings)."""
+    return (config.task == "textual_inversion" or (config.task == "lora" and bool(config.lora.text_encoder))
+            or (config.task == "dreambooth" and bool(config.dreambooth.train_text_encoder)))
+
+
+def uses_lora(config) -> bool:
+    """Whether the run trains LoRA factors (task="lora", or dreambooth with use_lora)."""
+    return config.task == "lora" or (config.task == "dreambooth" and bool(config.dreambooth.use_lora))
+
+
+def _check_personalization(config) -> None:
+    """The keys of the lora / textual_inversion / dreambooth tasks."""
+    lo, ti, db = config.lora, config.textual_inversion, config.dreambooth
+    if uses_lora(config):
+        if isinstance(lo.rank, bool) or not isinstance(lo.rank, int) or lo.rank < 1:
+            _fail("lora.rank", f"must be a positive integer, got {lo.rank!r}")
+        if not (isinstance(lo.alpha, (int, float)) and math.isfinite(lo.alpha) and lo.alpha >= 0):
+            _fail("lora.alpha", f"must be a finite number >= 0 (0 = rank), got {lo.alpha!r}")
+        for key in ("unet_target_modules", "text_encoder_target_modules"):
+            v = lo[key]
+            if isinstance(v, str) or not v or not all(isinstance(t, str) and t for t in v):
+                _fail(f"lora.{key}", f"must be a non-empty list of module names, got {v!r}")
+    if config.task == "lora" and config.model.init != "pretrained":
+        _fail("model.init", 'task="lora" adapts a pretrained model: set model.init="pretrained"')
+    if config.task == "textual_inversion":
+        if not str(ti.placeholder_token).strip() or str(ti.placeholder_token) != str(ti.placeholder_token).strip():
+            _fail("textual_inversion.placeholder_token", f"must be a word without spaces around it, got "
+                  f"{ti.placeholder_token!r}")
+        if not str(ti.initializer_token).strip():
+            _fail("textual_inversion.initializer_token", "is empty: give a word whose embedding starts the new one")
+        if isinstance(ti.num_vectors, bool) or not isinstance(ti.num_vectors, int) or ti.num_vectors < 1:
+            _fail("textual_inversion.num_vectors", f"must be a positive integer, got {ti.num_vectors!r}")
+    if config.task == "dreambooth":
+        if db.with_prior_preservation:
+            if not str(db.class_prompt).strip():
+                _fail("dreambooth.class_prompt", "is empty but with_prior_preservation is on")
+            if config.model.init != "pretrained":
+                _fail("model.init", "prior preservation generates class images with the pretrained model: "
+                      'set model.init="pretrained"')
+            if isinstance(db.num_class_images, bool) or not isinstance(db.num_class_images, int) or \
+                    db.num_class_images < 1:
+                _fail("dreambooth.num_class_images", f"must be a positive integer, got {db.num_class_images!r}")
+            if not (math.isfinite(db.prior_loss_weight) and db.prior_loss_weight >= 0):
+                _fail("dreambooth.prior_loss_weight", f"must be a finite number >= 0, got {db.prior_loss_weight!r}")
+            if db.class_num_inference_steps < 1 or not math.isfinite(db.class_guidance_scale):
+                _fail("dreambooth", "class_num_inference_steps must be >= 1 and class_guidance_scale finite")
+    elif config.dreambooth.with_prior_preservation or config.dreambooth.use_lora or \
+            config.dreambooth.train_text_encoder:
+        _fail("dreambooth", f"with_prior_preservation / use_lora / train_text_encoder apply to task='dreambooth', "
+              f"not {config.task!r}")
+    if config.task != "lora" and config.lora.text_encoder and not uses_lora(config):
+        _fail("lora.text_encoder", f"applies to LoRA training, not task={config.task!r}")
+    if config.data.precompute and (trains_text_encoder(config) or (
+            config.task == "dreambooth" and config.dreambooth.with_prior_preservation)):
+        _fail("data.precompute", f"task={config.task!r} with these settings trains the text encoder or its inputs "
+              "(or reads class images): captions must be encoded in the step; set data.precompute=False")
 
 
 def _unknown_keys(config, defaults, prefix: str = "") -> list[str]:

@@ -32,7 +32,42 @@ def data_dir(config, workdir) -> Path:
 def open_sources(config, workdir) -> tuple[Sequence, Sequence | None]:
     """(train source, validation source or None): random-access sources of raw records, by
     `config.data.dataset` ("fill50k" and "folder" are built under `data_dir` first, on process 0).
-    Raises `ConfigError` / `ManifestError` as the builders and `open_source` do."""
+    For task="dreambooth" the training records carry `dreambooth.instance_prompt` (when set) and,
+    with prior preservation, a class image each (`dreambooth.PairedSource`; the class images are
+    generated first). Raises `ConfigError` / `ManifestError` as the builders and `open_source` do,
+    and `ConfigError` for a ControlNet, adapter or InstructPix2Pix run on manifest lines without a
+    "condition"."""
+    train, val = _open_sources(config, workdir)
+    if config.task == "dreambooth":
+        from .dreambooth import CaptionedSource, PairedSource, class_images
+
+        if str(config.dreambooth.instance_prompt).strip():
+            train = CaptionedSource(train, str(config.dreambooth.instance_prompt))
+        if config.dreambooth.with_prior_preservation:
+            from ..data import build_folder
+
+            manifest = class_images(config, workdir)
+            classes = _once(lambda: build_folder(data_dir(config, workdir), {"train": manifest},
+                                                 image_size=int(config.data.resolution)))
+            train = PairedSource(train, classes.as_data_source("train"))
+    return train, val
+
+
+def _check_conditions(config) -> None:
+    """Tasks that read the condition image refuse manifest lines without one."""
+    from ..data.manifest import read_manifest
+
+    for key in ("train_manifest", "validation_manifest"):
+        path = config.data[key]
+        if not path:
+            continue
+        lines = [e.line for e in read_manifest(path, check_files=False) if e.condition is None]
+        if lines:
+            raise ConfigError(f"config.data.{key}: task={config.task!r} needs a condition image per example, but "
+                              f"{path} lines {lines[:10]} have no \"condition\"")
+
+
+def _open_sources(config, workdir) -> tuple[Sequence, Sequence | None]:
     from ..data import build_fill50k, build_folder, open_source
 
     d = config.data
@@ -45,6 +80,8 @@ def open_sources(config, workdir) -> tuple[Sequence, Sequence | None]:
         val = builder.as_data_source(d.validation_split) if d.validation_split in splits else None
         return builder.as_data_source(d.split), val
     if d.dataset == "folder":
+        if config.task in ("controlnet", "adapter", "instruct_pix2pix"):
+            _check_conditions(config)
         manifests = {"train": d.train_manifest}
         if d.validation_manifest:
             manifests["validation"] = d.validation_manifest
@@ -150,7 +187,7 @@ def make_train_dataset(config, source, tokenizer, *, tokenize_prompts: bool = Tr
     with `config.seed`; with `tokenize_prompts`, batches carry "input_ids" (B, L) int32. Raises
     `ConfigError` when `config.batch_size` is not a multiple of the host count."""
     from ..data import ControlTransform, TokenizeBatch, make_dataset
-    from ..tokenizer import tokenize
+    from .networks import caption_ids
 
     hosts = jax.process_count()
     if config.batch_size % hosts:
@@ -158,7 +195,7 @@ def make_train_dataset(config, source, tokenizer, *, tokenize_prompts: bool = Tr
     return make_dataset(
         source, batch_size=config.batch_size // hosts, seed=int(config.seed), shuffle=True,
         transform=ControlTransform(resolution=int(config.data.resolution)),
-        tokenize_fn=TokenizeBatch(functools.partial(tokenize, tokenizer)) if tokenize_prompts else None,
+        tokenize_fn=TokenizeBatch(functools.partial(caption_ids, tokenizer)) if tokenize_prompts else None,
         read_threads=int(config.data.read_threads), prefetch=int(config.data.prefetch),
         num_workers=int(config.data.num_workers))
 

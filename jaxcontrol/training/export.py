@@ -9,6 +9,9 @@
 | unet | `<format>/pipeline` (a StableDiffusionPipeline folder: U-Net, VAE, text encoder, tokenizer, scheduler) |
 | instruct_pix2pix | `<format>/pipeline`, the same as a StableDiffusionInstructPix2PixPipeline (8-channel U-Net) |
 | vae | `<format>/vae` (an AutoencoderKL folder, `scaling_factor` from `config.vae`) |
+| dreambooth | `<format>/pipeline` (its text encoder trained with `dreambooth.train_text_encoder`); with `use_lora` as lora |
+| lora | `lora/pytorch_lora_weights.safetensors`: diffusers' layout, which `pipe.load_lora_weights` and `Pipeline(loras=...)` read |
+| textual_inversion | `textual_inversion/learned_embeds.safetensors`: {word: (num_vectors, dim)}, diffusers' layout |
 
 A diffusers folder loads with diffusers' `from_pretrained` and with `jaxcontrol.load_model` /
 `load_pipeline`; a jaxcontrol folder with `load_model` / `load_pipeline`. A U-Net pipeline export
@@ -33,11 +36,12 @@ import jax
 import numpy as np
 
 from ..convert import export_diffusers, save_checkpoint
-from .networks import Networks, unet_params
+from .networks import Networks, lora_layers, text_encoder_params, unet_params
 
 FORMATS = ("diffusers", "jaxcontrol")
 # tasks whose export is a whole pipeline, and its diffusers class
-PIPELINE_TASKS = {"unet": "StableDiffusionPipeline", "instruct_pix2pix": "StableDiffusionInstructPix2PixPipeline"}
+PIPELINE_TASKS = {"unet": "StableDiffusionPipeline", "instruct_pix2pix": "StableDiffusionInstructPix2PixPipeline",
+                  "dreambooth": "StableDiffusionPipeline"}
 
 
 def _components(nets: Networks, params: dict, frozen: dict) -> tuple[dict[str, tuple], bool]:
@@ -46,7 +50,7 @@ def _components(nets: Networks, params: dict, frozen: dict) -> tuple[dict[str, t
         return {
             "unet": (nets.unet, unet_params(params, frozen)),
             "vae": (nets.vae, frozen["vae"]),
-            "text_encoder": (nets.text_encoder, frozen["text_encoder"]),
+            "text_encoder": (nets.text_encoder, text_encoder_params(params, frozen)),
         }, True
     out: dict[str, tuple] = {}
     if nets.task == "vae":
@@ -67,6 +71,8 @@ def export_trained(nets: Networks, params: dict, frozen: dict, out_dir: str | os
     Raises `CheckpointError` as `export_diffusers` / `save_checkpoint` do (e.g. an existing folder
     without `overwrite`)."""
     out_dir = Path(out_dir)
+    if "lora" in params or "token_embeddings" in params:  # small files in diffusers' own layouts
+        return export_personalization(nets, params, frozen, out_dir)
     if jax.process_count() > 1 and "jaxcontrol" in formats:
         return _export_multihost(nets, params, frozen, out_dir, formats=formats, dtype=dtype, overwrite=overwrite)
     comps, pipeline = _components(nets, params, frozen)
@@ -98,6 +104,30 @@ def export_trained(nets: Networks, params: dict, frozen: dict, out_dir: str | os
                 else:
                     save_checkpoint(dest, {name: comp}, dtype=dtype, overwrite=overwrite)
                 written[f"{fmt}/{name}"] = dest
+    return written
+
+
+def export_personalization(nets: Networks, params: dict, frozen: dict, out_dir: Path) -> dict[str, Path]:
+    """A trained LoRA as `lora/pytorch_lora_weights.safetensors` (diffusers' layout with its adapter
+    metadata), or a trained word as `textual_inversion/learned_embeds.safetensors`."""
+    from ..convert.embedding_file import save_embedding
+    from ..convert.lora_file import save_lora
+    from ..models.lora import Lora
+
+    host = jax.tree_util.tree_map(np.asarray, {"params": params, "frozen": {
+        k: frozen[k] for k in ("lora_multipliers",) if k in frozen}})
+    written: dict[str, Path] = {}
+    if "lora" in params:
+        weights = {comp: lora_layers(host["params"], host["frozen"], comp) for comp in host["params"]["lora"]}
+        folder = out_dir / "lora"
+        folder.mkdir(parents=True, exist_ok=True)
+        written["lora"] = save_lora(Lora("lora", weights), folder / "pytorch_lora_weights.safetensors")
+    if "token_embeddings" in params:
+        word, _ = nets.placeholder
+        folder = out_dir / "textual_inversion"
+        folder.mkdir(parents=True, exist_ok=True)
+        written["textual_inversion"] = save_embedding(folder / "learned_embeds.safetensors", word,
+                                                      host["params"]["token_embeddings"])
     return written
 
 

@@ -10,7 +10,8 @@ diffusers' `train_controlnet.py`, `train_t2i_adapter_sdxl.py` and `train_text_to
 - `drop_prompts`: replaces a fraction of the prompts by the empty prompt (classifier-free guidance);
 - `prediction_target`: the noise (epsilon) or the velocity sqrt(abar) eps - sqrt(1 - abar) x0;
 - `min_snr_weights`: min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v (Hang et al. 2023);
-- `diffusion_loss`: per-sample mean squared error in float32, weighted, averaged over the batch.
+- `diffusion_loss`: per-sample mean squared error in float32, weighted, averaged over the batch;
+- `prior_preservation_weights`: DreamBooth's instance loss + prior_loss_weight x class loss as row weights.
 """
 
 from __future__ import annotations
@@ -91,6 +92,14 @@ def min_snr_weights(schedule: NoiseSchedule, t: jax.Array, gamma: float, predict
     if prediction_type == "v_prediction":
         return clipped / (snr + 1.0)
     raise ConfigError(f"min-SNR weighting is defined for 'epsilon' and 'v_prediction', not {prediction_type!r}")
+
+
+def prior_preservation_weights(n_instance: int, n_class: int, prior_loss_weight: float) -> jax.Array:
+    """Per-row weights (n_instance + n_class,) under which `diffusion_loss`'s batch mean is
+    DreamBooth's mean(instance losses) + prior_loss_weight x mean(class losses)."""
+    b = n_instance + n_class
+    return jnp.concatenate([jnp.full((n_instance,), b / n_instance, jnp.float32),
+                            jnp.full((n_class,), prior_loss_weight * b / n_class, jnp.float32)])
 
 
 def diffusion_loss(prediction: jax.Array, target: jax.Array, weights: jax.Array | None = None) -> jax.Array:

@@ -12,10 +12,15 @@
 | unet | `unet` | VAE, text encoder |
 | vae | `vae` | (the text encoder and U-Net are built but unused) |
 | instruct_pix2pix | `unet`, its input widened by the latent channels (new ones zero) | VAE, text encoder |
+| lora | `lora`: {"unet": factors, "text_encoder": factors with `lora.text_encoder`} | U-Net, VAE, text encoder (+ `lora_multipliers`) |
+| textual_inversion | `token_embeddings` (num_vectors, dim): the new words' rows | U-Net, VAE, text encoder with the rows added (+ `placeholder_ids`) |
+| dreambooth | `unet` (+ `text_encoder` with `dreambooth.train_text_encoder`), or `lora` with `dreambooth.use_lora` | VAE (+ the rest) |
 
 "Unlocking" follows the ControlNet paper's `sd_locked=False`: the U-Net's up blocks and output
 layers (`up_blocks_*`, `conv_norm_out`, `conv_out`) train with the ControlNet, the encoder stays
-frozen. `unet_params(trainable, frozen)` puts the U-Net back together.
+frozen. `unet_params(trainable, frozen)` and `text_encoder_params(trainable, frozen)` put the
+U-Net and the text encoder back together: trained parts, LoRA deltas and new embedding rows
+included, as pure functions that the step differentiates through.
 """
 
 from __future__ import annotations
@@ -46,9 +51,11 @@ from ..models import (
     init_params,
 )
 from ..models.clip import CLIPTextConfig
+from ..models.lora import init_lora, lora_targets, with_loras
+from ..models.params import flatten, unflatten
 from ..schedulers import NoiseSchedule, SchedulerConfig
 from ..tokenizer import load_tokenizer, tokenize
-from .config import SD_SCHEDULER, to_plain
+from .config import SD_SCHEDULER, to_plain, uses_lora
 
 # the U-Net's decoder, in the ControlNet paper's "unlocked" mode
 UNET_DECODER = ("up_blocks_", "conv_norm_out", "conv_out")
@@ -69,6 +76,12 @@ class Networks:
     controlnet: ControlNetModel | None = None
     adapter: T2IAdapter | None = None
     empty_ids: np.ndarray | None = None  # (1, L) token ids of the empty prompt
+    lora_config: dict | None = None  # LoRA runs: {"rank", "alpha", "targets": {network: [modules]}}
+    placeholder: tuple[str, tuple[str, ...]] | None = None  # textual inversion: (word, the tokens it spans)
+
+    def token_ids(self, captions) -> np.ndarray:
+        """Token ids (B, L) int32 of captions, multi-vector words written out (`vocabulary.expand_prompt`)."""
+        return caption_ids(self.tokenizer, list(captions))
 
     @property
     def vae_scale_factor(self) -> int:
@@ -86,9 +99,45 @@ class Networks:
         return out
 
 
+def caption_ids(tokenizer, captions: list[str]) -> np.ndarray:
+    """`tokenize` after writing out multi-vector textual-inversion words (a no-op without them).
+    Module-level, so that `functools.partial(caption_ids, tokenizer)` pickles for grain workers."""
+    from ..vocabulary import expand_prompt
+
+    if any("_1" in t for t in getattr(tokenizer, "added_tokens_encoder", {})):
+        captions = [expand_prompt(c, tokenizer) for c in captions]
+    return tokenize(tokenizer, captions)
+
+
+def lora_layers(trainable: dict, frozen: dict, network: str) -> dict | None:
+    """The trained LoRA factors of `network` with their fixed multipliers, or None."""
+    factors = trainable.get("lora", {}).get(network)
+    if not factors:
+        return None
+    mult = frozen["lora_multipliers"][network]
+    return {m: {**dict(f), "multiplier": mult[m]} for m, f in factors.items()}
+
+
 def unet_params(trainable: dict, frozen: dict) -> dict:
-    """The U-Net's full parameter tree from its frozen and trainable parts."""
-    return {**frozen.get("unet", {}), **trainable.get("unet", {})}
+    """The U-Net's full parameter tree from its frozen and trainable parts (and trained LoRA factors)."""
+    params = {**frozen.get("unet", {}), **trainable.get("unet", {})}
+    layers = lora_layers(trainable, frozen, "unet")
+    return params if layers is None else with_loras(params, [layers], jnp.ones((1,), jnp.float32))
+
+
+def text_encoder_params(trainable: dict, frozen: dict) -> dict:
+    """The text encoder's parameters: trained or frozen, with trained LoRA factors added and the
+    trained rows of new words (`token_embeddings` at `placeholder_ids`) written into its table."""
+    params = trainable["text_encoder"] if "text_encoder" in trainable else frozen["text_encoder"]
+    if "token_embeddings" in trainable:
+        from ..vocabulary import TOKEN_TABLE
+
+        flat = dict(flatten(params))
+        table = flat[TOKEN_TABLE]
+        flat[TOKEN_TABLE] = table.at[frozen["placeholder_ids"]].set(trainable["token_embeddings"].astype(table.dtype))
+        params = unflatten(flat)
+    layers = lora_layers(trainable, frozen, "text_encoder")
+    return params if layers is None else with_loras(params, [layers], jnp.ones((1,), jnp.float32))
 
 
 def _cast(tree: Any, dtype) -> Any:
@@ -248,10 +297,80 @@ def build_networks(config, workdir: str | os.PathLike) -> tuple[Networks, dict, 
 
         nets.unet, trainable["unet"] = widen_unet_input(nets.unet, unet_p, "instruct_pix2pix",
                                                         int(nets.vae.config.latent_channels))
+    elif config.task == "textual_inversion":
+        frozen["unet"] = _cast(unet_p, frozen_dtype)
+        te_params, trainable["token_embeddings"], ids = _textual_inversion(config, nets, params["text_encoder"])
+        frozen["text_encoder"] = _cast(te_params, frozen_dtype)
+        frozen["placeholder_ids"] = np.asarray(ids, np.int32)
+    elif uses_lora(config):
+        frozen["unet"] = _cast(unet_p, frozen_dtype)
+        with_text = bool(config.lora.text_encoder) or (config.task == "dreambooth" and
+                                                       bool(config.dreambooth.train_text_encoder))
+        trainable["lora"], frozen["lora_multipliers"] = _lora(config, nets, unet_p, params["text_encoder"], with_text)
+    elif config.task == "dreambooth":
+        trainable["unet"] = unet_p
+        if config.dreambooth.train_text_encoder:
+            trainable["text_encoder"] = frozen.pop("text_encoder")
     else:
         trainable["unet"] = unet_p
     trainable = _cast(_host(trainable), jnp.float32)  # float32 master weights
     return nets, trainable, _host(frozen)
+
+
+def _lora(config, nets: Networks, unet_p: dict, te_p: dict, with_text: bool) -> tuple[dict, dict]:
+    """Fresh LoRA factors on the U-Net (and the text encoder), or those of `lora.init_from`;
+    returns (factors, multipliers) per network and records `nets.lora_config`."""
+    from ..models.lora import trainable_factors
+
+    c = config.lora
+    targets = {"unet": lora_targets(unet_p, tuple(c.unet_target_modules))}
+    if with_text:
+        targets["text_encoder"] = lora_targets(te_p, tuple(c.text_encoder_target_modules))
+    nets_params = {"unet": unet_p, "text_encoder": te_p}
+    if c.init_from:
+        from ..convert.lora_file import read_lora
+
+        lora = read_lora(c.init_from, {k: nets_params[k] for k in targets}, name="init_from")
+        layers = {comp: {m: {k: np.asarray(v) for k, v in layer.items()} for m, layer in lw.items()}
+                  for comp, lw in lora.weights.items()}
+        missing = sorted(set(targets) - set(layers))
+        if missing:
+            raise ConfigError(f"config.lora.init_from={c.init_from!r} has no LoRA for {missing}")
+    else:
+        alpha = float(c.alpha) or None
+        layers = {comp: init_lora(nets_params[comp], mods, int(c.rank), alpha, seed=int(config.seed) + 7 + k)
+                  for k, (comp, mods) in enumerate(targets.items())}
+    nets.lora_config = {"rank": int(c.rank), "alpha": float(c.alpha) or float(c.rank),
+                        "targets": {comp: sorted(layer) for comp, layer in layers.items()}}
+    factors = {comp: trainable_factors(layer) for comp, layer in layers.items()}
+    multipliers = {comp: {m: np.float32(np.asarray(layer[m]["multiplier"])) for m in layer}
+                   for comp, layer in layers.items()}
+    return factors, multipliers
+
+
+def _textual_inversion(config, nets: Networks, te_params: dict) -> tuple[dict, np.ndarray, list[int]]:
+    """The new word's tokens added to the tokenizer and the table (each row the initializer word's
+    embedding); returns (text encoder params, the trainable rows, their token ids) and updates
+    `nets.tokenizer`, `nets.text_encoder` and `nets.placeholder`."""
+    from ..vocabulary import add_embeddings, token_table
+
+    c = config.textual_inversion
+    word, n = str(c.placeholder_token), int(c.num_vectors)
+    init_ids = nets.tokenizer(str(c.initializer_token), add_special_tokens=False)["input_ids"]
+    if len(init_ids) != 1:
+        raise ConfigError(f"config.textual_inversion.initializer_token={c.initializer_token!r} is "
+                          f"{len(init_ids)} tokens; it must be a single token (diffusers' rule)")
+    row = np.asarray(token_table(te_params)[init_ids[0]], np.float32)
+    rows = np.repeat(row[None], n, axis=0)
+    try:
+        tokenizer, text_encoder, te_params, added = add_embeddings(nets.tokenizer, nets.text_encoder, te_params,
+                                                                   [(word, rows)])
+    except ConfigError as e:
+        raise ConfigError(f"config.textual_inversion.placeholder_token: {e}") from None
+    nets.tokenizer, nets.text_encoder = tokenizer, text_encoder
+    nets.placeholder = (word, tuple(added[word]))
+    ids = [int(tokenizer.convert_tokens_to_ids(t)) for t in added[word]]
+    return te_params, rows, ids
 
 
 def _controlnet(config, unet, unet_p, compute, attention_impl):

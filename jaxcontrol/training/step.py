@@ -29,17 +29,20 @@ from ..models.forward import ControlNetCall, model_forward
 from ..models.vae import sample_posterior, scale_latents, split_moments, unscale_latents
 from ..sampler import initial_latents, sample
 from . import losses
-from .config import timestep_sampling
-from .networks import Networks, unet_params
+from .config import timestep_sampling, trains_text_encoder
+from .networks import Networks, text_encoder_params, unet_params
 from .remat import remat_scope
 from .state import TrainState, update_ema
 
-DEVICE_KEYS = ("pixel_values", "latents", "input_ids", "encoder_hidden_states", "conditioning_pixel_values")
+DEVICE_KEYS = ("pixel_values", "latents", "input_ids", "encoder_hidden_states", "conditioning_pixel_values",
+               "class_pixel_values", "class_input_ids")
 
 
-def encode_prompts(nets: Networks, frozen: dict, ids: jax.Array) -> jax.Array:
-    """The frozen text encoder's last hidden state (B, 77, D) float32 for token ids (B, 77)."""
-    out = nets.text_encoder.apply({"params": frozen["text_encoder"]}, ids)
+def encode_prompts(nets: Networks, frozen: dict, ids: jax.Array, trainable: dict | None = None) -> jax.Array:
+    """The text encoder's last hidden state (B, 77, D) float32 for token ids (B, 77): frozen, or
+    with what the run trains in it (`trainable`: weights, LoRA factors, new words' rows)."""
+    params = text_encoder_params(trainable or {}, frozen)
+    out = nets.text_encoder.apply({"params": params}, ids)
     return out.last_hidden_state.astype(jnp.float32)
 
 
@@ -110,8 +113,15 @@ def make_loss_fn(nets: Networks, config) -> Callable:
     needs_cond = nets.controlnet is not None or nets.adapter is not None
     instruct = nets.task == "instruct_pix2pix"
     p_instruct = float(config.instruct_pix2pix.conditioning_dropout_prob)
+    text_trains = trains_text_encoder(config)
+    prior_weight = float(config.dreambooth.prior_loss_weight)
 
     def loss_fn(trainable, frozen, batch, key):
+        n_instance = None
+        if "class_pixel_values" in batch:  # DreamBooth's prior preservation: instance rows, then class rows
+            n_instance = batch["pixel_values"].shape[0]
+            batch = {**batch, "pixel_values": jnp.concatenate([batch["pixel_values"], batch["class_pixel_values"]]),
+                     "input_ids": jnp.concatenate([batch["input_ids"], batch["class_input_ids"]])}
         k_lat, k_noise, k_off, k_t, k_drop = jax.random.split(key, 5)
         drop_text = drop_image = None
         if instruct:
@@ -132,13 +142,15 @@ def make_loss_fn(nets: Networks, config) -> Callable:
             empty = jnp.asarray(nets.empty_ids)
             ids = losses.replace_rows(drop_text, batch["input_ids"], empty) if instruct else \
                 losses.drop_prompts(k_drop, batch["input_ids"], empty, p_empty)
-            context = encode_prompts(nets, frozen, ids)
+            context = encode_prompts(nets, frozen, ids, trainable)
         concat = None
         if instruct:
             concat = losses.replace_rows(drop_image, image_latents(nets, frozen, batch["conditioning_pixel_values"]),
                                          jnp.zeros((), jnp.float32))
             concat = jax.lax.stop_gradient(concat)
-        latents, context = jax.lax.stop_gradient(latents), jax.lax.stop_gradient(context)
+        latents = jax.lax.stop_gradient(latents)
+        if not text_trains:  # the gradient reaches the text encoder only when it (or a word of it) trains
+            context = jax.lax.stop_gradient(context)
         b = latents.shape[0]
         noise = losses.offset_noise(k_off, jax.random.normal(k_noise, latents.shape, jnp.float32), noise_offset)
         t = losses.sample_timesteps(k_t, b, schedule.num_train_timesteps, sampling)
@@ -147,6 +159,9 @@ def make_loss_fn(nets: Networks, config) -> Callable:
         cond = batch["conditioning_pixel_values"] if needs_cond else None
         pred = model_prediction(nets, config, trainable, frozen, noisy, t, context, cond, concat)
         weights = losses.min_snr_weights(schedule, t, snr_gamma, pred_type) if snr_gamma > 0 else None
+        if n_instance is not None:  # mean over instance rows + prior_loss_weight x mean over class rows
+            rows = losses.prior_preservation_weights(n_instance, b - n_instance, prior_weight)
+            weights = rows if weights is None else weights * rows
         return losses.diffusion_loss(pred, target, weights), {"timesteps": t}
 
     return loss_fn
@@ -208,8 +223,8 @@ def make_sample_fn(nets: Networks, config, plan) -> Callable:
     image_guidance = float(config.validation.image_guidance_scale)
 
     def sample_fn(trainable, frozen, ids, neg_ids, cond_images, noise, key):
-        text = encode_prompts(nets, frozen, ids)
-        neg = encode_prompts(nets, frozen, neg_ids)
+        text = encode_prompts(nets, frozen, ids, trainable)
+        neg = encode_prompts(nets, frozen, neg_ids, trainable)
         params = unet_params(trainable, frozen)
         units = []
         if nets.controlnet is not None:

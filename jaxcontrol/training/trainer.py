@@ -38,7 +38,7 @@ from ..mesh import tracing_mesh
 from ..models.vae import sample_posterior
 from ..schedulers import make_plan
 from .checkpoint import Checkpointer
-from .config import check_config, to_plain
+from .config import TEXT_TO_IMAGE_TASKS, check_config, to_plain
 from .data import device_batch, make_train_dataset, open_sources, precomputed_source, validation_examples
 from .export import export_trained
 from .logger import MetricsWriter, image_grid, to_uint8
@@ -140,7 +140,7 @@ class Run:
             self.batch_keys: tuple = ("pixel_values",)
         else:
             self.batch_keys = tuple(k for k in DEVICE_KEYS
-                                    if not (k == "conditioning_pixel_values" and config.task == "unet"))
+                                    if not (k == "conditioning_pixel_values" and config.task in TEXT_TO_IMAGE_TASKS))
 
     def _new_state(self, params) -> TrainState:
         """A fresh `TrainState` of `params` (step 0, optimizer state, the EMA if `optim.ema_decay`)."""
@@ -256,8 +256,6 @@ class Run:
         source = self.validation_source
         if source is None or len(source) == 0 or cfg.num_images < 1:
             return None
-        from ..tokenizer import tokenize
-
         examples = validation_examples(source, int(cfg.num_images), int(self.config.data.resolution))
         n = len(examples)
         nets: Networks = self.nets
@@ -271,7 +269,7 @@ class Run:
             self._plan = plan
             self._sample_fn = jax.jit(make_sample_fn(nets, self.config, plan), out_shardings=replicated(self.mesh),
                                       compiler_options=self.compiler_options)
-        ids = tokenize(nets.tokenizer, [e["caption"] for e in examples])
+        ids = nets.token_ids([e["caption"] for e in examples])
         neg = np.repeat(nets.empty_ids, n, axis=0)
         cond = np.stack([e["conditioning_pixel_values"] for e in examples]).astype(np.float32)
         res = cond.shape[1] // nets.vae_scale_factor
