@@ -279,3 +279,41 @@ def test_bad_files_are_refused_whole_naming_the_problem(tiny, pipe, tmp_path):
     before_leaves, after_leaves = jax.tree_util.tree_leaves(params_before), jax.tree_util.tree_leaves(after)
     assert len(before_leaves) == len(after_leaves)
     assert all(v.tobytes() == w.tobytes() for v, w in zip(before_leaves, after_leaves))
+
+
+def test_a_controlnet_lora_matches_peft_on_diffusers_controlnet(tmp_path):
+    """A LoRA on the ControlNet ("controlnet." keys): diffusers' ControlNet pipeline with the same
+    PEFT adapter injected gives the same images; a pipeline without a ControlNet refuses the file."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    ref = save_tiny_pipeline(tmp_path, kind="controlnet")
+    ref.scheduler = diffusers.DDIMScheduler.from_config(ref.scheduler.config)
+    ref.controlnet.add_adapter(LoraConfig(r=2, lora_alpha=3, target_modules=["to_k", "to_v", "conv2",
+                                                                               "controlnet_down_blocks.0"]))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in ref.controlnet.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    state = {f"controlnet.{k}": v.numpy() for k, v in get_peft_model_state_dict(ref.controlnet).items()}
+    meta = {"controlnet.r": 2, "controlnet.lora_alpha": 3}
+    import json
+
+    save_safetensors(tmp_path / "cn_lora.safetensors", state, {"lora_adapter_metadata": json.dumps(meta)})
+    cond = np.random.default_rng(0).random((1, H, W, 3)).astype(np.float32)
+    noise = _noise(4)
+    with torch.no_grad():
+        want = ref(PROMPTS, image=torch.from_numpy(cond.transpose(0, 3, 1, 2)), latents=noise, height=H, width=W,
+                   output_type="np", **STEPS).images
+    from jaxcontrol.pipeline import ControlInput
+
+    ours = Pipeline.from_pretrained(tmp_path / "pipeline", loras=[tmp_path / "cn_lora.safetensors"])
+    assert set(ours._loras[0]["lora"].weights) == {"controlnet"}
+    got = _ours(ours, noise, controls=[ControlInput(cond)])
+    assert _rel(got, want) < 1e-4
+    plain = Pipeline.from_pretrained(tmp_path / "pipeline")
+    assert _rel(_ours(plain, noise, controls=[ControlInput(cond)]), want) > 1e-3
+    with pytest.raises(CheckpointError, match="for controlnet; this model has"):
+        read_lora(tmp_path / "cn_lora.safetensors", {"unet": plain.params["unet"],
+                                                     "text_encoder": plain.params["text_encoder"]})

@@ -1,0 +1,246 @@
+#!/usr/bin/env python
+"""Teach the embedded model a colour it never saw (teal), once with each method: textual
+inversion, DreamBooth without and with prior preservation, and LoRA (tables + a sample grid).
+
+    python benchmarks/personalization.py                          # runs/personalization, 64 held-out outlines
+    python benchmarks/personalization.py --out docs/results       # + personalization_results.md / _samples.png
+    python benchmarks/personalization.py --tiny                   # a few steps and images (a smoke run)
+
+The training set is 16 images drawn like fill50k's: a teal (0, 128, 128) circle on a background of
+the basic palette, captioned "<teal> circle with <background> background". Each method runs
+train.py's task on the embedded model (`jaxcontrol/assets/default_model`) with the settings in
+`METHODS`; DreamBooth's prior preservation uses class images that the base model generates from
+the basic palette's own captions. Then, on held-out fill50k outlines with the embedded ControlNet:
+
+- "teal named": how often "<teal> circle with X background" gives a circle whose colour is nearest
+  to teal among the basic palette plus teal (read inside the known circle), background right too;
+- "known colours": the colour accuracy (circle and background) of the held-out captions
+  themselves, which fine-tuning must not destroy (prior preservation's purpose);
+- the wall time of each training run on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from jaxcontrol import demo, evaluation as ev  # noqa: E402
+from jaxcontrol.data.fill50k import BASIC_COLORS, draw_circle, fill50k_example  # noqa: E402
+
+TEAL = ("teal", (0, 128, 128))
+WORD = "<teal>"
+RESOLUTION = 64
+
+# method -> (task, config overrides); the common settings are in `config_for`
+METHODS = {
+    "textual inversion": ("textual_inversion", {
+        "textual_inversion.placeholder_token": WORD, "textual_inversion.initializer_token": "cyan",
+        "textual_inversion.num_vectors": 2, "optim.learning_rate": 5e-3, "optim.weight_decay": 0.0, "steps": 400}),
+    "DreamBooth": ("dreambooth", {"optim.learning_rate": 2e-4, "steps": 300}),
+    "DreamBooth + prior": ("dreambooth", {
+        "optim.learning_rate": 2e-4, "steps": 300, "dreambooth.with_prior_preservation": True,
+        "dreambooth.prior_loss_weight": 1.0, "dreambooth.num_class_images": 64}),
+    "LoRA": ("lora", {"lora.rank": 8, "lora.unet_target_modules": ("to_q", "to_k", "to_v", "to_out.0", "proj_in",
+                                                                    "proj_out", "ff.net.2"),
+                      "lora.text_encoder": True, "optim.learning_rate": 2e-3, "steps": 300}),
+}
+
+
+def training_set(folder: Path, n: int = 16, seed: int = 11) -> Path:
+    """`n` teal circles on basic-palette backgrounds (and 4 more for validation), as manifests."""
+    folder.mkdir(parents=True, exist_ok=True)
+    from PIL import Image
+
+    backgrounds = [c for c in BASIC_COLORS if np.linalg.norm(np.subtract(c[1], TEAL[1])) >= 90]
+    rng = np.random.default_rng(seed)
+    lines = {"train": [], "validation": []}
+    for split, count in (("train", n), ("validation", 4)):
+        for i in range(count):
+            name, rgb = backgrounds[int(rng.integers(len(backgrounds)))]
+            r = float(rng.uniform(0.08, 0.35)) * RESOLUTION
+            cx, cy = (float(rng.uniform(r, RESOLUTION - r)) for _ in range(2))
+            image, _ = draw_circle(RESOLUTION, (cx, cy), r, TEAL[1], rgb)
+            path = folder / f"{split}_{i:02d}.png"
+            Image.fromarray(image).save(path)
+            lines[split].append(json.dumps({"image": path.name, "text": f"{WORD} circle with {name} background"}))
+    for split, rows in lines.items():
+        (folder / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def class_prompts(count: int = 32, seed: int = 5) -> str:
+    """Captions of the basic palette (fill50k's own), one per line: the class the prior keeps."""
+    return "\n".join(fill50k_example(i, split="train", seed=seed, image_size=8, colors="basic").caption
+                     for i in range(count))
+
+
+def config_for(task: str, overrides: dict, data: Path, tiny: bool):
+    from jaxcontrol.training import default_config
+
+    c = default_config()
+    c.task = task
+    c.model.init = "pretrained"
+    c.model.pretrained_path = str(demo.DEFAULT_MODEL)
+    c.data.dataset = "folder"
+    c.data.train_manifest = str(data / "train.jsonl")
+    c.data.validation_manifest = str(data / "validation.jsonl")
+    c.data.resolution = RESOLUTION
+    c.data.read_threads = 2
+    c.batch_size = 8
+    c.optim.warmup_steps = 20
+    c.log.every = 50
+    c.log.progress_bar = False
+    c.log.tensorboard = False
+    c.checkpoint.every = 1000
+    c.checkpoint.keep = 1
+    c.validation.num_images = 4
+    c.validation.guidance_scale = demo.DEMO_GUIDANCE
+    c.export.diffusers = False
+    c.dreambooth.instance_prompt = ""  # the captions name the background too
+    c.dreambooth.class_prompt = class_prompts()
+    c.dreambooth.class_guidance_scale = demo.DEMO_GUIDANCE
+    c.dreambooth.class_num_inference_steps = demo.DEMO_STEPS
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    if tiny:
+        c.steps = 4
+        c.dreambooth.num_class_images = 8
+        c.dreambooth.class_num_inference_steps = 2
+        c.optim.warmup_steps = 0
+    return c
+
+
+def pipeline_for(method: str, summary: dict):
+    """The embedded pipeline (with its ControlNet) carrying what `method` trained."""
+    exported = summary["exported"] if summary else {}
+    if method == "base":
+        return demo.load_embedded()
+    if "textual_inversion" in exported:
+        pipe = demo.load_embedded()
+        pipe.load_textual_inversion(exported["textual_inversion"])
+        return pipe
+    if "lora" in exported:
+        pipe = demo.load_embedded()
+        pipe.load_lora(exported["lora"])
+        pipe.fuse_loras()
+        return pipe
+    return demo.load_embedded(model=exported["jaxcontrol/pipeline"])
+
+
+def generate(pipe, prompts, conds, *, steps: int, seed: int, batch: int) -> np.ndarray:
+    from jaxcontrol.pipeline import AdapterInput, ControlInput
+
+    out = []
+    for i in range(0, len(prompts), batch):
+        sl = slice(i, i + batch)
+        cond = conds[sl]
+        out.append(pipe(prompts[sl], height=RESOLUTION, width=RESOLUTION, num_inference_steps=steps,
+                        guidance_scale=demo.DEMO_GUIDANCE, seed=seed, image_indices=list(range(i, i + len(cond))),
+                        controls=[ControlInput(cond, 1.0)],
+                        adapters=[AdapterInput(cond, 0.0)] if pipe.adapters else []))
+    return np.concatenate(out)
+
+
+def scores(pipe, examples, conds, *, steps: int, seed: int, batch: int) -> tuple[dict, np.ndarray]:
+    centers = np.asarray([e.center for e in examples])
+    radii = np.asarray([e.radius for e in examples])
+    palette = tuple(BASIC_COLORS) + (TEAL,)
+    teal_prompts = [f"{WORD} circle with {e.background_color} background" for e in examples]
+    teal = generate(pipe, teal_prompts, conds, steps=steps, seed=seed, batch=batch)
+    circle, background = ev.region_colors(teal, centers, radii)
+    named = np.asarray(ev.nearest_color(np.nan_to_num(circle), palette)) == "teal"
+    bg_ok = np.asarray(ev.nearest_color(np.nan_to_num(background), palette)) == np.asarray(
+        [e.background_color for e in examples])
+    known = generate(pipe, [e.caption for e in examples], conds, steps=steps, seed=seed, batch=batch)
+    kc, kb = ev.region_colors(known, centers, radii)
+    k_ok = (np.asarray(ev.nearest_color(np.nan_to_num(kc), BASIC_COLORS)) == [e.circle_color for e in examples]) & (
+        np.asarray(ev.nearest_color(np.nan_to_num(kb), BASIC_COLORS)) == [e.background_color for e in examples])
+    return {"teal_circle": float(named.mean()), "teal_both": float((named & bg_ok).mean()),
+            "known": float(k_ok.mean())}, teal
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", default="runs/personalization")
+    ap.add_argument("--num", type=int, default=64, help="held-out outlines (default 64)")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=demo.DEMO_STEPS, help="sampling steps")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data-seed", type=int, default=7, help="fill50k seed of the held-out outlines")
+    ap.add_argument("--methods", nargs="*", default=list(METHODS), help="which methods (default all)")
+    ap.add_argument("--retrain", action="store_true", help="train again even where a finished run exists")
+    ap.add_argument("--out", help="folder for personalization_results.md and personalization_samples.png")
+    ap.add_argument("--tiny", action="store_true", help="4 training steps, 4 outlines, 2 sampling steps")
+    args = ap.parse_args(argv)
+    if args.tiny:
+        args.num, args.batch, args.steps = 4, 4, 2
+    from jaxcontrol.training import train
+
+    work = Path(args.workdir)
+    data = training_set(work / "data")
+    examples = [fill50k_example(i, split="validation", seed=args.data_seed, image_size=RESOLUTION, colors="basic")
+                for i in range(args.num)]
+    conds = np.stack([e.condition for e in examples]).astype(np.float32) / 255.0
+    rows, samples = [], {}
+    for method in ["base"] + list(args.methods):
+        summary, seconds = None, None
+        if method != "base":
+            task, overrides = METHODS[method]
+            run_dir = work / method.replace(" + ", "_").replace(" ", "_")
+            done = run_dir / "summary.json"
+            if args.retrain and run_dir.exists():
+                shutil.rmtree(run_dir)
+            if done.is_file():
+                summary = json.loads(done.read_text())
+            else:
+                t0 = time.perf_counter()
+                summary = train(config_for(task, overrides, data, args.tiny), run_dir)
+                summary["seconds"] = time.perf_counter() - t0
+                done.write_text(json.dumps(summary, indent=1))
+            seconds = summary["seconds"]
+        pipe = pipeline_for(method, summary)
+        s, teal = scores(pipe, examples, conds, steps=args.steps, seed=args.seed, batch=min(args.batch, args.num))
+        samples[method] = teal
+        rows.append((method, s, seconds))
+        print(f"{method}: {s} ({seconds and round(seconds)} s of training)", flush=True)
+    base_known = rows[0][1]["known"]
+    md = [f"Held-out set: {args.num} fill50k outlines (palette `basic`, data seed {args.data_seed}) with the embedded "
+          f"ControlNet at scale 1.0, {args.steps} steps, CFG {demo.DEMO_GUIDANCE}, seed {args.seed}. Training: 16 "
+          f"images of a teal circle captioned \"{WORD} circle with X background\", batch 8 at {RESOLUTION} px.", "",
+          "| method | teal named (circle) | teal + background | known colours | vs before | training time |",
+          "|---|---|---|---|---|---|"]
+    for method, s, seconds in rows:
+        md.append(f"| {method} | {s['teal_circle']:.1%} | {s['teal_both']:.1%} | {s['known']:.1%} | "
+                  f"{s['known'] / max(base_known, 1e-9):.0%} | {'-' if seconds is None else f'{seconds / 60:.1f} min'} |")
+    md += ["", "Settings: " + "; ".join(f"{m}: task {t}, " + ", ".join(f"{k}={v}" for k, v in o.items())
+                                       for m, (t, o) in METHODS.items() if m in args.methods)]
+    text = "\n".join(md)
+    print(text)
+    if args.out:
+        from jaxcontrol.atomic import atomic_file
+        from jaxcontrol.images import make_grid, save_png
+
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_file(out / "personalization_results.md", "w") as f:
+            f.write(text + "\n")
+        k = min(8, args.num)
+        save_png(make_grid(list(np.concatenate([samples[m][:k] for m, _, _ in rows])), columns=k),
+                 out / "personalization_samples.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
