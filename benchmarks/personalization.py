@@ -7,12 +7,13 @@ inversion, DreamBooth without and with prior preservation, and LoRA (tables + a 
     python benchmarks/personalization.py --tiny                   # a few steps and images (a smoke run)
 
 The training set is 16 images drawn like fill50k's: a teal (0, 128, 128) circle on a background of
-the basic palette, captioned "<teal> circle with <background> background". Each method runs
+the basic palette, captioned "WORD circle with <background> background", WORD being the new word
+"<teal>" for textual inversion and the rare token "k" for DreamBooth and LoRA (which add no word). Each method runs
 train.py's task on the embedded model (`jaxcontrol/assets/default_model`) with the settings in
 `METHODS`; DreamBooth's prior preservation uses class images that the base model generates from
 the basic palette's own captions. Then, on held-out fill50k outlines with the embedded ControlNet:
 
-- "teal named": how often "<teal> circle with X background" gives a circle whose colour is nearest
+- "teal named": how often "WORD circle with X background" gives a circle whose colour is nearest
   to teal among the basic palette plus teal (read inside the known circle), background right too;
 - "known colours": the colour accuracy (circle and background) of the held-out captions
   themselves, which fine-tuning must not destroy (prior preservation's purpose);
@@ -36,26 +37,30 @@ from jaxcontrol import demo, evaluation as ev  # noqa: E402
 from jaxcontrol.data.fill50k import BASIC_COLORS, draw_circle, fill50k_example  # noqa: E402
 
 TEAL = ("teal", (0, 128, 128))
-WORD = "<teal>"
 RESOLUTION = 64
+# Textual inversion adds its own word. DreamBooth and LoRA add none (as in diffusers): their word is
+# a rare token of the model's vocabulary, "k" (one token, never a word of fill50k's captions), as
+# DreamBooth's "sks"; a new string such as "<teal>" would tokenize into characters and unknown tokens.
+RARE = "k"
 
-# method -> (task, config overrides); the common settings are in `config_for`
+# method -> (task, the word its captions use, config overrides); common settings in `config_for`
 METHODS = {
-    "textual inversion": ("textual_inversion", {
-        "textual_inversion.placeholder_token": WORD, "textual_inversion.initializer_token": "cyan",
-        "textual_inversion.num_vectors": 2, "optim.learning_rate": 5e-3, "optim.weight_decay": 0.0, "steps": 400}),
-    "DreamBooth": ("dreambooth", {"optim.learning_rate": 2e-4, "steps": 300}),
-    "DreamBooth + prior": ("dreambooth", {
-        "optim.learning_rate": 2e-4, "steps": 300, "dreambooth.with_prior_preservation": True,
+    "textual inversion": ("textual_inversion", "<teal>", {
+        "textual_inversion.placeholder_token": "<teal>", "textual_inversion.initializer_token": "green",
+        "textual_inversion.num_vectors": 2, "optim.learning_rate": 2e-2, "optim.weight_decay": 0.0, "steps": 1500}),
+    "DreamBooth": ("dreambooth", RARE, {"optim.learning_rate": 3e-4, "steps": 800}),
+    "DreamBooth + prior": ("dreambooth", RARE, {
+        "optim.learning_rate": 3e-4, "steps": 800, "dreambooth.with_prior_preservation": True,
         "dreambooth.prior_loss_weight": 1.0, "dreambooth.num_class_images": 64}),
-    "LoRA": ("lora", {"lora.rank": 8, "lora.unet_target_modules": ("to_q", "to_k", "to_v", "to_out.0", "proj_in",
-                                                                    "proj_out", "ff.net.2"),
-                      "lora.text_encoder": True, "optim.learning_rate": 2e-3, "steps": 300}),
+    "LoRA": ("lora", RARE, {"lora.rank": 8, "lora.unet_target_modules": ("to_q", "to_k", "to_v", "to_out.0", "proj_in",
+                                                                          "proj_out", "ff.net.2"),
+                            "lora.text_encoder": True, "optim.learning_rate": 5e-3, "steps": 800}),
 }
 
 
-def training_set(folder: Path, n: int = 16, seed: int = 11) -> Path:
-    """`n` teal circles on basic-palette backgrounds (and 4 more for validation), as manifests."""
+def training_set(folder: Path, word: str, n: int = 16, seed: int = 11) -> Path:
+    """`n` teal circles on basic-palette backgrounds (and 4 more for validation), captioned
+    "`word` circle with X background", as manifests (the same images for every word)."""
     folder.mkdir(parents=True, exist_ok=True)
     from PIL import Image
 
@@ -70,10 +75,11 @@ def training_set(folder: Path, n: int = 16, seed: int = 11) -> Path:
             image, _ = draw_circle(RESOLUTION, (cx, cy), r, TEAL[1], rgb)
             path = folder / f"{split}_{i:02d}.png"
             Image.fromarray(image).save(path)
-            lines[split].append(json.dumps({"image": path.name, "text": f"{WORD} circle with {name} background"}))
+            lines[split].append(json.dumps({"image": path.name, "text": f"{word} circle with {name} background"}))
+    tag = "".join(ch for ch in word if ch.isalnum())
     for split, rows in lines.items():
-        (folder / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
-    return folder
+        (folder / f"{split}_{tag}.jsonl").write_text("\n".join(rows) + "\n")
+    return folder / f"train_{tag}.jsonl", folder / f"validation_{tag}.jsonl"
 
 
 def class_prompts(count: int = 32, seed: int = 5) -> str:
@@ -82,7 +88,7 @@ def class_prompts(count: int = 32, seed: int = 5) -> str:
                      for i in range(count))
 
 
-def config_for(task: str, overrides: dict, data: Path, tiny: bool):
+def config_for(task: str, overrides: dict, manifests: tuple[Path, Path], tiny: bool):
     from jaxcontrol.training import default_config
 
     c = default_config()
@@ -90,8 +96,7 @@ def config_for(task: str, overrides: dict, data: Path, tiny: bool):
     c.model.init = "pretrained"
     c.model.pretrained_path = str(demo.DEFAULT_MODEL)
     c.data.dataset = "folder"
-    c.data.train_manifest = str(data / "train.jsonl")
-    c.data.validation_manifest = str(data / "validation.jsonl")
+    c.data.train_manifest, c.data.validation_manifest = map(str, manifests)
     c.data.resolution = RESOLUTION
     c.data.read_threads = 2
     c.batch_size = 8
@@ -153,11 +158,11 @@ def generate(pipe, prompts, conds, *, steps: int, seed: int, batch: int) -> np.n
     return np.concatenate(out)
 
 
-def scores(pipe, examples, conds, *, steps: int, seed: int, batch: int) -> tuple[dict, np.ndarray]:
+def scores(pipe, word: str, examples, conds, *, steps: int, seed: int, batch: int) -> tuple[dict, np.ndarray]:
     centers = np.asarray([e.center for e in examples])
     radii = np.asarray([e.radius for e in examples])
     palette = tuple(BASIC_COLORS) + (TEAL,)
-    teal_prompts = [f"{WORD} circle with {e.background_color} background" for e in examples]
+    teal_prompts = [f"{word} circle with {e.background_color} background" for e in examples]
     teal = generate(pipe, teal_prompts, conds, steps=steps, seed=seed, batch=batch)
     circle, background = ev.region_colors(teal, centers, radii)
     named = np.asarray(ev.nearest_color(np.nan_to_num(circle), palette)) == "teal"
@@ -189,15 +194,14 @@ def main(argv=None) -> int:
     from jaxcontrol.training import train
 
     work = Path(args.workdir)
-    data = training_set(work / "data")
     examples = [fill50k_example(i, split="validation", seed=args.data_seed, image_size=RESOLUTION, colors="basic")
                 for i in range(args.num)]
     conds = np.stack([e.condition for e in examples]).astype(np.float32) / 255.0
     rows, samples = [], {}
     for method in ["base"] + list(args.methods):
-        summary, seconds = None, None
+        summary, seconds, word = None, None, RARE
         if method != "base":
-            task, overrides = METHODS[method]
+            task, word, overrides = METHODS[method]
             run_dir = work / method.replace(" + ", "_").replace(" ", "_")
             done = run_dir / "summary.json"
             if args.retrain and run_dir.exists():
@@ -206,26 +210,27 @@ def main(argv=None) -> int:
                 summary = json.loads(done.read_text())
             else:
                 t0 = time.perf_counter()
-                summary = train(config_for(task, overrides, data, args.tiny), run_dir)
+                manifests = training_set(work / "data", word)
+                summary = train(config_for(task, overrides, manifests, args.tiny), run_dir)
                 summary["seconds"] = time.perf_counter() - t0
                 done.write_text(json.dumps(summary, indent=1))
             seconds = summary["seconds"]
         pipe = pipeline_for(method, summary)
-        s, teal = scores(pipe, examples, conds, steps=args.steps, seed=args.seed, batch=min(args.batch, args.num))
+        s, teal = scores(pipe, word, examples, conds, steps=args.steps, seed=args.seed, batch=min(args.batch, args.num))
         samples[method] = teal
-        rows.append((method, s, seconds))
+        rows.append((method, word, s, seconds))
         print(f"{method}: {s} ({seconds and round(seconds)} s of training)", flush=True)
-    base_known = rows[0][1]["known"]
+    base_known = rows[0][2]["known"]
     md = [f"Held-out set: {args.num} fill50k outlines (palette `basic`, data seed {args.data_seed}) with the embedded "
           f"ControlNet at scale 1.0, {args.steps} steps, CFG {demo.DEMO_GUIDANCE}, seed {args.seed}. Training: 16 "
-          f"images of a teal circle captioned \"{WORD} circle with X background\", batch 8 at {RESOLUTION} px.", "",
-          "| method | teal named (circle) | teal + background | known colours | vs before | training time |",
-          "|---|---|---|---|---|---|"]
-    for method, s, seconds in rows:
-        md.append(f"| {method} | {s['teal_circle']:.1%} | {s['teal_both']:.1%} | {s['known']:.1%} | "
+          f"images of a teal circle captioned \"WORD circle with X background\", batch 8 at {RESOLUTION} px.", "",
+          "| method | WORD | teal named (circle) | teal + background | known colours | vs before | training time |",
+          "|---|---|---|---|---|---|---|"]
+    for method, word, s, seconds in rows:
+        md.append(f"| {method} | `{word}` | {s['teal_circle']:.1%} | {s['teal_both']:.1%} | {s['known']:.1%} | "
                   f"{s['known'] / max(base_known, 1e-9):.0%} | {'-' if seconds is None else f'{seconds / 60:.1f} min'} |")
     md += ["", "Settings: " + "; ".join(f"{m}: task {t}, " + ", ".join(f"{k}={v}" for k, v in o.items())
-                                       for m, (t, o) in METHODS.items() if m in args.methods)]
+                                       for m, (t, _, o) in METHODS.items() if m in args.methods)]
     text = "\n".join(md)
     print(text)
     if args.out:
@@ -237,7 +242,7 @@ def main(argv=None) -> int:
         with atomic_file(out / "personalization_results.md", "w") as f:
             f.write(text + "\n")
         k = min(8, args.num)
-        save_png(make_grid(list(np.concatenate([samples[m][:k] for m, _, _ in rows])), columns=k),
+        save_png(make_grid(list(np.concatenate([samples[m][:k] for m, *_ in rows])), columns=k),
                  out / "personalization_samples.png")
     return 0
 

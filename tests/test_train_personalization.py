@@ -230,3 +230,27 @@ def test_initializer_word_of_several_tokens_and_a_taken_word_are_refused(tiny, t
     c.textual_inversion.placeholder_token = "red"
     with pytest.raises(ConfigError, match="placeholder_token.*already"):
         Run(c, tmp_path / "b")
+
+
+@pytest.mark.slow
+def test_dreambooth_variants_train_the_text_encoder_or_lora_and_export_them(tiny, tmp_path):
+    from safetensors.numpy import load_file
+
+    from jaxcontrol.convert import load_model
+
+    c = _config(tiny, "dreambooth", **{"dreambooth.instance_prompt": "a sks square",
+                                       "dreambooth.train_text_encoder": True, "optim.learning_rate": 1e-2,
+                                       "steps": 2, "export.jaxcontrol": True})
+    summary = train(c, tmp_path / "full")
+    with Run(c, tmp_path / "full") as run:
+        assert set(run.state.params) == {"unet", "text_encoder"} and "text_encoder" not in run.frozen
+    _, base = load_model(tiny / "pipeline" / "text_encoder")
+    _, tuned = load_model(summary["exported"]["jaxcontrol/pipeline"] + "/text_encoder")
+    diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+               for a, b in zip(jax.tree_util.tree_leaves(base), jax.tree_util.tree_leaves(tuned)))
+    assert diff > 1e-4  # the exported pipeline carries the trained text encoder
+    c = _config(tiny, "dreambooth", **{"dreambooth.instance_prompt": "a sks square", "dreambooth.use_lora": True,
+                                       "dreambooth.train_text_encoder": True, "steps": 2})
+    summary = train(c, tmp_path / "lora")
+    keys = load_file(summary["exported"]["lora"]).keys()
+    assert any(k.startswith("unet.") for k in keys) and any(k.startswith("text_encoder.") for k in keys)

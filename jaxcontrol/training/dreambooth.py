@@ -87,10 +87,13 @@ def _generate(config, folder: Path, names: list[str], blocks: Sequence[int], set
 
     from PIL import Image
 
-    from ..pipeline import Pipeline
+    import jax
+
+    from ..pipeline import Pipeline, default_mesh
 
     t0 = time.perf_counter()
-    pipe = Pipeline.from_pretrained(config.model.pretrained_path)
+    # this process's devices only: the other processes wait at a barrier, not in the program
+    pipe = Pipeline.from_pretrained(config.model.pretrained_path, mesh=default_mesh(jax.local_devices()))
     prompts, n, res = settings["prompts"], len(names), settings["resolution"]
     done = 0
     for block in blocks:
