@@ -7,7 +7,7 @@ inversion, DreamBooth without and with prior preservation, and LoRA (tables + a 
     python benchmarks/personalization.py --tiny                   # a few steps and images (a smoke run)
 
 The training set is 16 images drawn like fill50k's: a teal (0, 128, 128) circle on a background of
-the basic palette, captioned "WORD circle with <background> background", WORD being the new word
+the basic palette (each background in turn), captioned "WORD circle with <background> background", WORD being the new word
 "<teal>" for textual inversion and the rare token "k" for DreamBooth and LoRA (which add no word). Each method runs
 train.py's task on the embedded model (`jaxcontrol/assets/default_model`) with the settings in
 `METHODS`; DreamBooth's prior preservation uses class images that the base model generates from
@@ -17,7 +17,10 @@ the basic palette's own captions. Then, on held-out fill50k outlines with the em
   to teal among the basic palette plus teal (read inside the known circle), background right too;
 - "known colours": the colour accuracy (circle and background) of the held-out captions
   themselves, which fine-tuning must not destroy (prior preservation's purpose);
-- the wall time of each training run on this machine.
+- the wall time of each training run on this machine (the first run with prior preservation also
+  generates the class images).
+
+"LoRA + prior" is task dreambooth with `use_lora`: LoRA factors with DreamBooth's prior loss.
 """
 
 from __future__ import annotations
@@ -44,17 +47,22 @@ RESOLUTION = 64
 RARE = "k"
 
 # method -> (task, the word its captions use, config overrides); common settings in `config_for`
+LORA_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.2")
 METHODS = {
     "textual inversion": ("textual_inversion", "<teal>", {
-        "textual_inversion.placeholder_token": "<teal>", "textual_inversion.initializer_token": "green",
-        "textual_inversion.num_vectors": 2, "optim.learning_rate": 2e-2, "optim.weight_decay": 0.0, "steps": 1500}),
-    "DreamBooth": ("dreambooth", RARE, {"optim.learning_rate": 3e-4, "steps": 800}),
+        "textual_inversion.placeholder_token": "<teal>", "textual_inversion.initializer_token": "cyan",
+        "textual_inversion.num_vectors": 2, "optim.learning_rate": 5e-3, "optim.weight_decay": 0.0, "steps": 600}),
+    "DreamBooth": ("dreambooth", RARE, {"optim.learning_rate": 2e-4, "steps": 600}),
     "DreamBooth + prior": ("dreambooth", RARE, {
-        "optim.learning_rate": 3e-4, "steps": 800, "dreambooth.with_prior_preservation": True,
+        "optim.learning_rate": 2e-4, "steps": 600, "dreambooth.with_prior_preservation": True,
         "dreambooth.prior_loss_weight": 1.0, "dreambooth.num_class_images": 64}),
-    "LoRA": ("lora", RARE, {"lora.rank": 8, "lora.unet_target_modules": ("to_q", "to_k", "to_v", "to_out.0", "proj_in",
-                                                                          "proj_out", "ff.net.2"),
-                            "lora.text_encoder": True, "optim.learning_rate": 5e-3, "steps": 800}),
+    "LoRA": ("lora", RARE, {"lora.rank": 8, "lora.unet_target_modules": LORA_MODULES, "lora.text_encoder": True,
+                            "optim.learning_rate": 2e-3, "steps": 600}),
+    "LoRA + prior": ("dreambooth", RARE, {
+        "dreambooth.use_lora": True, "dreambooth.train_text_encoder": True, "lora.rank": 8,
+        "lora.unet_target_modules": LORA_MODULES, "optim.learning_rate": 2e-3, "steps": 600,
+        "dreambooth.with_prior_preservation": True, "dreambooth.prior_loss_weight": 1.0,
+        "dreambooth.num_class_images": 64}),
 }
 
 
@@ -68,8 +76,8 @@ def training_set(folder: Path, word: str, n: int = 16, seed: int = 11) -> Path:
     rng = np.random.default_rng(seed)
     lines = {"train": [], "validation": []}
     for split, count in (("train", n), ("validation", 4)):
-        for i in range(count):
-            name, rgb = backgrounds[int(rng.integers(len(backgrounds)))]
+        for i in range(count):  # every background in turn, so that no background is missing
+            name, rgb = backgrounds[(i + (3 if split == "validation" else 0)) % len(backgrounds)]
             r = float(rng.uniform(0.08, 0.35)) * RESOLUTION
             cx, cy = (float(rng.uniform(r, RESOLUTION - r)) for _ in range(2))
             image, _ = draw_circle(RESOLUTION, (cx, cy), r, TEAL[1], rgb)
@@ -88,7 +96,7 @@ def class_prompts(count: int = 32, seed: int = 5) -> str:
                      for i in range(count))
 
 
-def config_for(task: str, overrides: dict, manifests: tuple[Path, Path], tiny: bool):
+def config_for(task: str, overrides: dict, manifests: tuple[Path, Path], tiny: bool, class_dir: Path):
     from jaxcontrol.training import default_config
 
     c = default_config()
@@ -111,6 +119,7 @@ def config_for(task: str, overrides: dict, manifests: tuple[Path, Path], tiny: b
     c.export.diffusers = False
     c.dreambooth.instance_prompt = ""  # the captions name the background too
     c.dreambooth.class_prompt = class_prompts()
+    c.dreambooth.class_data_dir = str(class_dir)  # generated once, shared by the runs with prior preservation
     c.dreambooth.class_guidance_scale = demo.DEMO_GUIDANCE
     c.dreambooth.class_num_inference_steps = demo.DEMO_STEPS
     for key, value in overrides.items():
@@ -211,7 +220,7 @@ def main(argv=None) -> int:
             else:
                 t0 = time.perf_counter()
                 manifests = training_set(work / "data", word)
-                summary = train(config_for(task, overrides, manifests, args.tiny), run_dir)
+                summary = train(config_for(task, overrides, manifests, args.tiny, work / "class_images"), run_dir)
                 summary["seconds"] = time.perf_counter() - t0
                 done.write_text(json.dumps(summary, indent=1))
             seconds = summary["seconds"]
