@@ -138,7 +138,24 @@ def build_readme_models(root: Path) -> Path:
 
     Image.fromarray(fill50k_example(0, image_size=64, colors="basic").image).save(root / "circle.png")
     _concat_models(root, vae, text, CLIPTokenizer.from_pretrained(tok))
+    _lora_and_embedding(root)
     return root
+
+
+def _lora_and_embedding(root: Path) -> None:
+    """The README's LoRA (diffusers' layout, on the tiny U-Net) and A1111 embedding (a .pt)."""
+    import jax.numpy as jnp
+    import torch
+
+    import jaxcontrol
+    from jaxcontrol.models.lora import Lora, init_lora, lora_targets
+
+    _, unet = jaxcontrol.load_model(root / "stable-diffusion-v1-5" / "unet")
+    layers = init_lora(unet, lora_targets(unet, ["to_q", "to_v"]), rank=2, seed=0)
+    layers = {m: {**v, "up": jnp.full(v["up"].shape, 0.05, jnp.float32)} for m, v in layers.items()}
+    jaxcontrol.save_lora(Lora("watercolor", {"unet": layers}), root / "watercolor.safetensors")
+    vectors = torch.randn(2, TEXT["hidden_size"], generator=torch.Generator().manual_seed(0))
+    torch.save({"string_to_param": {"*": vectors}, "name": "<my-style>"}, root / "my-style.pt")
 
 
 def _concat_models(root: Path, vae, text, tokenizer) -> None:

@@ -152,6 +152,7 @@ def test_merge_unmerge_is_bit_exact_and_with_loras_is_differentiable(pipe, tiny)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(g_layers))
 
 
+@pytest.mark.slow
 def test_a_lora_written_here_loads_in_diffusers_and_matches(tiny, tmp_path):
     root, _, _, _ = tiny
     ours = Pipeline.from_pretrained(root / "pipeline")
@@ -182,6 +183,7 @@ def test_a_lora_written_here_loads_in_diffusers_and_matches(tiny, tmp_path):
         np.testing.assert_allclose(_deltas(back, targets)[k], v, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_two_loras_each_with_its_own_scale_match_diffusers_set_adapters(tiny, tmp_path):
     root, path, _, _ = tiny
     ref = _reference(root)
@@ -281,6 +283,7 @@ def test_bad_files_are_refused_whole_naming_the_problem(tiny, pipe, tmp_path):
     assert all(v.tobytes() == w.tobytes() for v, w in zip(before_leaves, after_leaves))
 
 
+@pytest.mark.slow
 def test_a_controlnet_lora_matches_peft_on_diffusers_controlnet(tmp_path):
     """A LoRA on the ControlNet ("controlnet." keys): diffusers' ControlNet pipeline with the same
     PEFT adapter injected gives the same images; a pipeline without a ControlNet refuses the file."""

@@ -118,6 +118,7 @@ def test_lora_trains_only_factors_and_its_export_loads_in_diffusers_with_our_out
         np.testing.assert_allclose(np.asarray(v), te[k], atol=1e-6, err_msg=k)
 
 
+@pytest.mark.slow
 def test_textual_inversion_trains_the_new_rows_only_and_resumes_exactly(tiny, tmp_path):
     c = _config(tiny, "textual_inversion", **{"textual_inversion.placeholder_token": "<teal>",
                                               "textual_inversion.initializer_token": "blue",
