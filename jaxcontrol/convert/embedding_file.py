@@ -19,23 +19,11 @@ from typing import Mapping
 import numpy as np
 
 from ..errors import CheckpointError
-from .paths import regular_file, safe_join
+from .paths import file_or_named_in_folder
 from .safetensors_file import SafetensorsFile, save_safetensors
 from .sources import PICKLE_SUFFIXES, load_pickle_state_dict, torch_tensor_to_numpy
 
 EMBEDDING_NAMES = ("learned_embeds.safetensors", "learned_embeds.bin")
-
-
-def _file(path: Path) -> Path:
-    if path.is_dir():
-        for name in EMBEDDING_NAMES:
-            candidate = safe_join(path, name, f"embedding folder {path}")
-            if candidate.is_file():
-                return candidate
-        raise CheckpointError(f"{path}: an embedding folder must hold one of {list(EMBEDDING_NAMES)}")
-    if not os.path.lexists(path):
-        raise CheckpointError(f"{path}: no such embedding file")
-    return regular_file(path)
 
 
 def _array(value, path: Path, what: str) -> np.ndarray:
@@ -63,7 +51,7 @@ def read_embedding(path: str | os.PathLike, token: str | None = None, *,
 
     Raises `CheckpointError` naming the file for a layout it is not, an SDXL embedding, several
     tensors where one is expected, a tensor of the wrong rank, NaN, or an unsafe pickle."""
-    path = _file(Path(path))
+    path = file_or_named_in_folder(path, EMBEDDING_NAMES, "embedding")
     if path.name.endswith(".safetensors"):
         f = SafetensorsFile(path)
         keys = f.keys()

@@ -39,7 +39,7 @@ import numpy as np
 from ..errors import CheckpointError
 from ..models.lora import Lora
 from ..models.params import flatten, torch_module_name
-from .paths import safe_join
+from .paths import file_or_named_in_folder
 from .safetensors_file import SafetensorsFile, save_safetensors
 from .sources import PICKLE_SUFFIXES, open_weights
 from .state_dict import torch_module_to_flax
@@ -60,18 +60,6 @@ _UNSUPPORTED = [
 ]
 _MAX_LISTED = 20
 _TE_PROC = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
-
-
-def _lora_file(path: Path) -> Path:
-    if path.is_dir():
-        for name in LORA_WEIGHT_NAMES:
-            candidate = safe_join(path, name, f"LoRA folder {path}")
-            if candidate.is_file():
-                return candidate
-        raise CheckpointError(f"{path}: a LoRA folder must hold one of {list(LORA_WEIGHT_NAMES)}")
-    if not os.path.lexists(path):
-        raise CheckpointError(f"{path}: no such LoRA file")
-    return path
 
 
 def _parse_key(key: str) -> tuple[str, str, str] | None:
@@ -171,7 +159,7 @@ def read_lora(path: str | os.PathLike, targets: Mapping[str, Any], *, name: str 
     shape and the shapes that would fit), a down factor without its up factor (or the reverse),
     or ranks that disagree. Pickles (`.bin`, `.pt`) go through torch's safe loader."""
     given = Path(path)
-    path = _lora_file(given)
+    path = file_or_named_in_folder(given, LORA_WEIGHT_NAMES, "LoRA")
     # diffusers' default file name says nothing: such a LoRA is named after its folder
     name = name or (path.parent.name if path.name in LORA_WEIGHT_NAMES else path.stem)
     metadata: Mapping[str, str] = {}

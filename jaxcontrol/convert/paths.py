@@ -87,6 +87,23 @@ def safe_join(root: str | os.PathLike, entry: Any, what: str, *, single: bool = 
     return check_inside(Path(root) / entry, root, what)
 
 
+def file_or_named_in_folder(path: str | os.PathLike, names: tuple[str, ...], what: str) -> Path:
+    """`path` itself when it is a file, or the first of `names` inside it when it is a folder
+    (diffusers' `pytorch_lora_weights.safetensors`, `learned_embeds.safetensors`, ...). Raises
+    `CheckpointError` naming `what` for a missing path, a folder holding none of `names`, or a
+    path that is not a regular file (a FIFO would block)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in names:
+            candidate = safe_join(path, name, f"{what} folder {path}")
+            if candidate.is_file():
+                return regular_file(candidate)
+        raise CheckpointError(f"{path}: a {what} folder must hold one of {list(names)}")
+    if not os.path.lexists(path):
+        raise CheckpointError(f"{path}: no such {what} file")
+    return regular_file(path)
+
+
 def regular_file(path: str | os.PathLike, what: str | None = None) -> Path:
     """`path` if it is a regular file (after links); a FIFO, device, socket or folder is refused
     before anything opens it (opening a FIFO blocks forever)."""
