@@ -177,8 +177,7 @@ def read_lora(path: str | os.PathLike, targets: Mapping[str, Any], *, name: str 
                 raise CheckpointError(f"{path}: key {key!r} is {what}, not a plain LoRA; only LoRA "
                                       f"(down/up factor pairs, also on convolutions) is supported")
     meta = _metadata(metadata, path)
-    kernels = {comp: {p.rpartition("/")[0]: tuple(np.shape(v) if not hasattr(v, "shape") else v.shape)
-                      for p, v in flatten(tree).items() if p.endswith("/kernel")}
+    kernels = {comp: {p.rpartition("/")[0]: tuple(v.shape) for p, v in flatten(tree).items() if p.endswith("/kernel")}
                for comp, tree in targets.items()}
     biases = {comp: {p.rpartition("/")[0] for p in flatten(tree) if p.endswith("/bias")}
               for comp, tree in targets.items()}

@@ -110,12 +110,7 @@ def with_loras(params: Mapping, layers: Sequence[Mapping], scales) -> dict:
     and `vmap` apply, and `scales` (one per LoRA) may be traced. No LoRAs: `params` unchanged."""
     if not layers:
         return params
-    deltas = _deltas(params, layers, scales)
-    flat = dict(flatten(params))
-    for path, d in deltas.items():
-        w = flat[path]
-        flat[path] = (jnp.asarray(w, jnp.float32) + d).astype(w.dtype)
-    return unflatten(flat)
+    return merge_loras(params, layers, scales)[0]
 
 
 def merge_loras(params: Mapping, layers: Sequence[Mapping], scales) -> tuple[dict, dict]:
