@@ -21,6 +21,11 @@ def smoke_config(data_dir, *, tensorboard: bool | None = False, **overrides):
     config.mesh.num_devices = 1
     if tensorboard is not None:
         config.log.tensorboard = tensorboard
+    return set_keys(config, overrides)
+
+
+def set_keys(config, overrides: dict):
+    """`config` with each dotted key of `overrides` ({"a.b": value}) set; returns it."""
     for key, value in overrides.items():
         node = config
         *parents, leaf = key.split(".")

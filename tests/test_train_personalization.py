@@ -17,6 +17,7 @@ from jaxcontrol.training import losses
 from jaxcontrol.training.networks import text_encoder_params, unet_params
 from jaxcontrol.training.step import DEVICE_KEYS
 from jaxcontrol.testing.pipeline_parity import save_tiny_pipeline
+from _smoke import set_keys
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -58,13 +59,7 @@ def _config(tiny, task, **overrides):
     c.validation.at_end = False
     c.export.jaxcontrol = False
     c.compiler_options = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return set_keys(c, overrides)
 
 
 def _reference(tiny):
@@ -211,13 +206,7 @@ def test_dreambooth_with_prior_preservation_generates_and_caches_class_images(ti
 def test_config_errors_name_the_key(tiny, overrides, key):
     from jaxcontrol.training import check_config
 
-    c = _config(tiny, "unet")
-    for k, v in overrides.items():
-        node = c
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
+    c = set_keys(_config(tiny, "unet"), overrides)
     with pytest.raises(ConfigError, match=f"config.{key}"):
         check_config(c)
 
