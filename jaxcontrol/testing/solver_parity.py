@@ -234,6 +234,26 @@ def run_diffusers_float64(class_name: str, config: dict, steps: int, x_nchw: np.
     return lat.numpy()
 
 
+# torch's vectorised float32 transcendentals on the CPU are not always correctly rounded, and how
+# far off they are depends on the instruction set (AVX2 vs AVX-512): diffusers' sigmas differ from
+# numpy's by up to a few ulp on some machines, and Karras-type timesteps interpolated from them by
+# up to two. The final samples (`rel_err`) are compared as strictly everywhere.
+SIGMA_MAX_ULP = 8
+TIMESTEP_MAX_ULP = 2
+
+
+def _timesteps_equal(ours, ref) -> bool:
+    """Equal timesteps: exactly for integer ones, to `TIMESTEP_MAX_ULP` float32 ulp for fractional
+    (Karras) ones."""
+    ours = np.asarray(ours).astype(ref.dtype)
+    if len(ours) != len(ref):
+        return False
+    if not np.issubdtype(ref.dtype, np.floating):
+        return bool(np.array_equal(ours, ref))
+    a, b = ours.astype(np.float32).view(np.int32).astype(np.int64), ref.astype(np.float32).view(np.int32)
+    return bool(np.max(np.abs(a - b), initial=0) <= TIMESTEP_MAX_ULP)
+
+
 def run_case(case: SolverCase, *, seed: int = 0, shape=(2, 4, 6, 6)) -> dict:
     """Our sampler and diffusers' loop on the same noise; the comparison figures."""
     config = {**SD_BETAS, **case.config, "_class_name": case.class_name}
@@ -250,12 +270,11 @@ def run_case(case: SolverCase, *, seed: int = 0, shape=(2, 4, 6, 6)) -> dict:
         "rel_err": float(np.abs(ours - ref).max() / np.abs(ref).max()),
         "ours_finite": bool(np.isfinite(ours).all()),
         "ref_finite": bool(np.isfinite(ref).all()),
-        "timesteps_equal": len(plan.timesteps) == len(ref_t) and np.array_equal(
-            np.asarray(plan.timesteps).astype(ref_t.dtype), ref_t),
+        # Karras-type timesteps are interpolated from those sigmas (float32): one ulp off at most
+        "timesteps_equal": _timesteps_equal(plan.timesteps, ref_t),
         "sigmas_equal": None if ref_sigmas is None or plan.sigmas is None else bool(
             np.array_equal(plan.sigmas, ref_sigmas)),
-        # torch's vectorised float32 sqrt on the CPU is not always correctly rounded (on AVX-512
-        # about 0.7% of results are 1 ulp off numpy's), so sigmas may differ by one ulp there
+        # within SIGMA_MAX_ULP (see there)
         "sigmas_max_ulp": None if ref_sigmas is None or plan.sigmas is None else int(
             np.max(np.abs(plan.sigmas.view(np.int32).astype(np.int64) - ref_sigmas.astype(np.float32).view(np.int32)))),
         "evals": plan.num_evals,
