@@ -523,8 +523,9 @@ def unet_prediction(unet, params, *, controlnets: Sequence[ControlNetUnit] = (),
 
     Reads `cond["text"]`, `cond["control"]` (one image per unit), `cond["control_mask"]`
     (optional, per sample), `cond["adapter"]` (optional features, computed once per sample by
-    `adapter_features`; they apply while step < int(num_inference_steps * factor)) and
-    `cond["concat"]` (the extra input channels of a concatenation-conditioned U-Net).
+    `adapter_features`; they apply while step < int(num_inference_steps * factor)),
+    `cond["concat"]` (the extra input channels of a concatenation-conditioned U-Net) and
+    `cond["added"]` (SDXL's {"text_embeds", "time_ids"}, for a text_time U-Net and ControlNet-XL).
 
     The returned function also has `with_attention(control)`: the same score function with an
     `AttentionControl` on the U-Net's attention layers, returning (prediction, maps) (`maps`:
@@ -554,7 +555,7 @@ def unet_prediction(unet, params, *, controlnets: Sequence[ControlNetUnit] = (),
             active = (step.index < int(step.num_inference_steps * adapter_conditioning_factor)).astype(jnp.float32)
             feats = tuple(f * active for f in feats)
         return model_forward(unet, params, x, t, cond["text"], controlnets=calls, adapter_features=feats,
-                             concat=cond.get("concat"), attention=attention)
+                             concat=cond.get("concat"), attention=attention, added=cond.get("added"))
 
     def predict(x, t, cond):
         return forward(x, t, cond)

@@ -118,6 +118,19 @@ class CallArguments:
     lora_scale: float = 1.0
     latents: Any = None
     output_type: str = "uint8"
+    # SDXL (diffusers' names): the second encoder's prompts, the micro-conditioning, the hand-off
+    prompt_2: str | Sequence[str] | None = None
+    negative_prompt_2: str | Sequence[str] | None = None
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    negative_original_size: tuple[int, int] | None = None
+    negative_crops_coords_top_left: tuple[int, int] = (0, 0)
+    negative_target_size: tuple[int, int] | None = None
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
+    denoising_start: float | None = None
+    denoising_end: float | None = None
 
     @classmethod
     def of(cls, options: dict) -> "CallArguments":
@@ -170,6 +183,9 @@ class CallSettings:
     pag_layers: tuple[str, ...] = ()  # Perturbed-Attention Guidance's layers (pag_scale > 0; the scale is traced)
     pag_adaptive_scale: float = 0.0
     excite: tuple | None = None  # Attend-and-Excite: (max_iter_to_alter, thresholds items, scale_factor, attn_res)
+    zero_negative: bool = False  # SDXL's force_zeros_for_empty_prompt without a negative prompt: zero embeddings
+    denoising_start: float | None = None  # SDXL's hand-off: start from the given latents at this fraction
+    denoising_end: float | None = None  # stop at this fraction of the schedule (the base's part of a hand-off)
 
     @property
     def pix2pix_zero(self) -> str | None:
@@ -182,6 +198,7 @@ class CallSettings:
     def plan(self, scheduler_config: SchedulerConfig) -> Plan:
         """The solver's plan for these settings (`schedulers.make_plan`; raises `ConfigError`)."""
         return make_plan(scheduler_config, self.num_inference_steps, self.solver, strength=self.strength,
+                         denoising_start=self.denoising_start, denoising_end=self.denoising_end,
                          **dict(self.scheduler_options))
 
 
@@ -199,6 +216,56 @@ def encode_prompt(text_encoder, params, ids, clip_skip: int | None):
         hidden = out.hidden_states[-(clip_skip + 1)]
         return text_encoder.apply({"params": params}, hidden, method=text_encoder.apply_final_layer_norm)
     return out.last_hidden_state
+
+
+# SDXL's text encoders and the suffix of their token ids in the per-image inputs ("ids", "ids_2")
+TEXT_ENCODERS = (("text_encoder", ""), ("text_encoder_2", "_2"))
+
+
+def encode_prompt_xl(modules: dict, params: dict, ids: dict, clip_skip: int | None):
+    """SDXL's text conditioning (diffusers' `StableDiffusionXLPipeline.encode_prompt`): each
+    encoder's penultimate hidden state (`clip_skip` more layers back), no final norm, concatenated
+    along channels -> (B, 77, D1 + D2), and the pooled, projected embedding of the first encoder
+    with a projection (the second, OpenCLIP bigG) -> (B, P). `ids` maps encoder name -> (B, 77)."""
+    layer = -((clip_skip or 0) + 2)
+    states, pooled = [], None
+    for name, _ in TEXT_ENCODERS:
+        if modules.get(name) is None:
+            continue
+        out = modules[name].apply({"params": params[name]}, ids[name])
+        states.append(out.hidden_states[layer])
+        if pooled is None and out.text_embeds is not None:
+            pooled = out.text_embeds
+    return jnp.concatenate(states, axis=-1), pooled
+
+
+def is_xl(unet) -> bool:
+    """Whether `unet` is SDXL-type (`addition_embed_type="text_time"`: pooled text and micro-conditioning)."""
+    return getattr(unet.config, "addition_embed_type", None) == "text_time"
+
+
+def encode_text(modules: dict, params: dict, source: dict, prefix: str, clip_skip: int | None = None):
+    """(text (B, 77, D), pooled (B, P) or None) for the token ids `source[prefix]` (and, for SDXL,
+    `source[prefix + "_2"]`): `encode_prompt` for SD-1/2, `encode_prompt_xl` for SDXL."""
+    if not is_xl(modules["unet"]):
+        return encode_prompt(modules["text_encoder"], params["text_encoder"], source[prefix], clip_skip), None
+    ids = {name: source.get(prefix + suffix) for name, suffix in TEXT_ENCODERS}
+    return encode_prompt_xl(modules, params, ids, clip_skip)
+
+
+def text_branch(settings: CallSettings, modules: dict, params: dict, per_image: dict, prefix: str = "ids",
+                clip_skip: int | None = None, zero: bool = False) -> dict:
+    """One guidance branch's text conditioning from the per-image token ids `prefix` ("ids",
+    "neg_ids"): {"text": (B, 77, D)}, and for SDXL also {"added": {"text_embeds", "time_ids"}}
+    with the branch's micro-conditioning ids (`per_image["time_ids"]` / `["neg_time_ids"]`).
+    `zero`: SDXL's zeroed negative embeddings (`force_zeros_for_empty_prompt`)."""
+    text, pooled = encode_text(modules, params, per_image, prefix, clip_skip)
+    if pooled is None:
+        return {"text": text}
+    if zero:
+        text, pooled = jnp.zeros_like(text), jnp.zeros_like(pooled)
+    time_ids = per_image["neg_time_ids" if prefix.startswith("neg") else "time_ids"]
+    return {"text": text, "added": {"text_embeds": pooled, "time_ids": time_ids}}
 
 
 def image_keys(seed_key, index):
@@ -248,8 +315,8 @@ def score_function(settings: CallSettings, plan: Plan, modules: dict, params: di
                    concat=None):
     """The guidance stack and its `cond`: U-Net + ControlNets + adapter features (+ the `concat`
     channels), then CFG (with guess mode; InstructPix2Pix's three branches), then CLIP guidance."""
-    text = encode_prompt(modules["text_encoder"], params["text_encoder"], per_image["ids"], settings.clip_skip)
-    branch = {"text": text}
+    branch = text_branch(settings, modules, params, per_image, "ids", settings.clip_skip)
+    text = branch["text"]
     if concat is not None:
         branch["concat"] = concat
     units = [G.ControlNetUnit(m, p, shared["control_scales"][k], *settings.control_windows[k], settings.guess_mode)
@@ -266,8 +333,9 @@ def score_function(settings: CallSettings, plan: Plan, modules: dict, params: di
     model = G.unet_prediction(modules["unet"], params["unet"], controlnets=units,
                               adapter_conditioning_factor=settings.adapter_conditioning_factor)
     if settings.do_cfg:
-        uncond = dict(branch, text=encode_prompt(modules["text_encoder"], params["text_encoder"],
-                                                 per_image["neg_ids"], settings.clip_skip))
+        # diffusers encodes the negative prompt without clip_skip (SD and SDXL alike)
+        uncond = dict(branch, **text_branch(settings, modules, params, per_image, "neg_ids",
+                                            zero=settings.zero_negative))
         if settings.guess_mode and units:
             b = text.shape[0]
             branch["control_mask"], uncond["control_mask"] = jnp.ones((b,)), jnp.zeros((b,))
@@ -283,7 +351,7 @@ def score_function(settings: CallSettings, plan: Plan, modules: dict, params: di
             model = attention_rules(settings, plan, model, shared, False)
             cond = {"cond": branch}
     if settings.pix2pix_zero:
-        directions = [encode_prompt(modules["text_encoder"], params["text_encoder"], shared[k], settings.clip_skip)
+        directions = [encode_text(modules, params, shared, k, settings.clip_skip)[0]
                       for k in ("edit_source_ids", "edit_target_ids")]
         cond["edit_direction"] = G.edit_direction(*directions)
     if settings.excite:
@@ -329,11 +397,11 @@ def invert_latents(settings: CallSettings, inverse_plan: Plan, modules: dict, pa
                    known, shared: dict):
     """Pix2Pix-Zero's start: the clean latents DDIM-inverted under the prompt (no CFG) with its
     noise regularisers (`guidance.regularized_inversion`)."""
-    text = encode_prompt(modules["text_encoder"], params["text_encoder"], per_image["ids"], settings.clip_skip)
+    branch = text_branch(settings, modules, params, per_image, "ids", settings.clip_skip)
     base = G.unet_prediction(modules["unet"], params["unet"])
     key = jax.random.fold_in(jax.random.wrap_key_data(shared["seed"]), 3 << 20)
     rule = G.regularized_inversion(base, inverse_plan, key=key)
-    return ddim_invert(rule, inverse_plan, known, {"text": text})
+    return ddim_invert(rule, inverse_plan, known, branch)
 
 
 def denoise(settings: CallSettings, plan: Plan, model, cond, noise, known, per_image: dict, keys):
@@ -352,6 +420,8 @@ def denoise(settings: CallSettings, plan: Plan, model, cond, noise, known, per_i
     if settings.mode == "txt2img":
         return sample(model, plan, initial_latents(plan, noise), cond, **checked)
     if settings.mode == "img2img":
+        if settings.denoising_start is not None:  # SDXL's hand-off: the latents are already at the level
+            return sample(model, plan, jnp.asarray(known, jnp.float32), cond, **checked)
         return sample(model, plan, noised_latents(plan, known, noise), cond, **checked)
     if settings.mode == "inpaint":
         start = initial_latents(plan, noise) if plan.begin_index == 0 else noised_latents(plan, known, noise)
@@ -461,6 +531,15 @@ def _prompt_batch(prompt, negative_prompt, num_images_per_prompt: int) -> tuple[
             [n for n in negatives for _ in range(num_images_per_prompt)])
 
 
+def _second_prompts(value, n: int, num_images_per_prompt: int, what: str) -> list[str]:
+    """SDXL's `prompt_2` / `negative_prompt_2`: one string for all `n` prompts or one per prompt,
+    each repeated `num_images_per_prompt` times as the prompts are."""
+    texts = [value] * n if isinstance(value, str) else list(value)
+    if len(texts) != n or not all(isinstance(t, str) for t in texts):
+        raise ConfigError(f"{what} must be a string or {n} strings (one per prompt), got {value!r}")
+    return [t for t in texts for _ in range(num_images_per_prompt)]
+
+
 def _image_indices(image_indices, b: int) -> list[int]:
     """Each image's index (its noise and step keys derive from (seed, index)); 0..b-1 by default."""
     indices = list(range(b)) if image_indices is None else list(image_indices)
@@ -563,14 +642,19 @@ class Pipeline:
     def __init__(self, bundle, *, controlnets: Sequence[tuple] = (), adapters: Sequence[tuple] = (),
                  mesh: Mesh | None = None, loras: Sequence[Any] = (), fuse_loras: bool = False,
                  embeddings: Sequence[Any] = (), unsafe_load_pickle: bool = False):
-        for name in ("unet", "vae", "text_encoder"):
+        for name in ("unet", "vae"):
             if name not in bundle.modules:
                 raise ConfigError(f"{bundle.path}: the pipeline has no {name} (found {sorted(bundle.modules)})")
-        if bundle.tokenizer is None:
-            raise ConfigError(f"{bundle.path}: the pipeline has no tokenizer")
         self.bundle = bundle
-        self.unet, self.vae, self.text_encoder = bundle.unet, bundle.vae, bundle.text_encoder
-        self.tokenizer = bundle.tokenizer
+        self.unet, self.vae = bundle.unet, bundle.vae
+        self.text_encoder = bundle.modules.get("text_encoder")
+        self.text_encoder_2 = bundle.modules.get("text_encoder_2")
+        self.tokenizer = bundle.tokenizers.get("tokenizer")
+        self.tokenizer_2 = bundle.tokenizers.get("tokenizer_2")
+        self.xl = is_xl(self.unet)
+        self.requires_aesthetics_score = self._check_text_encoders(bundle)
+        self.force_zeros_for_empty_prompt = bool(getattr(bundle, "options", {}).get("force_zeros_for_empty_prompt",
+                                                                                  self.xl))
         self._programs: dict[CallSettings, tuple[Callable, Plan]] = {}  # the compile cache
         self.scheduler_config = SchedulerConfig.from_dict(bundle.scheduler_config or {"_class_name": "PNDMScheduler"})
         own_cn = bundle.modules.get("controlnet")
@@ -593,7 +677,7 @@ class Pipeline:
         self.params = {
             "unet": place(bundle.params["unet"]),
             "vae": place(bundle.params["vae"]),
-            "text_encoder": place(bundle.params["text_encoder"]),
+            **{name: place(bundle.params[name]) for name, _ in TEXT_ENCODERS if bundle.modules.get(name) is not None},
             "controlnets": [place(p) for _, p in self.controlnets],
             "adapters": [place(p) for _, p in self.adapters],
         }
@@ -608,6 +692,54 @@ class Pipeline:
             self.load_lora(spec, unsafe_load_pickle=unsafe_load_pickle)
         if fuse_loras:
             self.fuse_loras()
+
+    def _check_text_encoders(self, bundle) -> bool:
+        """The text encoders and tokenizers the U-Net needs, their widths checked against it (a
+        `ConfigError` naming the fields). Returns SDXL's `requires_aesthetics_score`: whether the
+        micro-conditioning is (original size, crop, aesthetic score) (the refiner) rather than
+        (original size, crop, target size) (the base): `model_index.json`'s flag, else the width
+        of the U-Net's `add_embedding` says which."""
+        where = bundle.path
+        if not self.xl:
+            if self.text_encoder is None:
+                raise ConfigError(f"{where}: the pipeline has no text_encoder (found {sorted(bundle.modules)})")
+            if self.tokenizer is None:
+                raise ConfigError(f"{where}: the pipeline has no tokenizer")
+            if self.text_encoder_2 is not None:
+                raise ConfigError(f"{where}: a text_encoder_2 is an SDXL component, but the U-Net has no SDXL "
+                                  f"text_time embedding (addition_embed_type={self.unet.config.addition_embed_type!r})")
+            return False
+        encoders = [(n, bundle.modules.get(n)) for n, _ in TEXT_ENCODERS if bundle.modules.get(n) is not None]
+        if not encoders:
+            raise ConfigError(f"{where}: an SDXL U-Net needs text_encoder_2 (and text_encoder for the base model); "
+                              f"found {sorted(bundle.modules)}")
+        for name, _ in encoders:
+            tok = "tokenizer" + name[len("text_encoder"):]
+            if bundle.tokenizers.get(tok) is None:
+                raise ConfigError(f"{where}: {name} has no {tok}")
+        pooled = [m for _, m in encoders if getattr(m, "with_projection", False)]
+        if not pooled:
+            raise ConfigError(f"{where}: an SDXL U-Net needs a text encoder with a projection "
+                              f"(CLIPTextModelWithProjection, text_encoder_2) for its pooled text embedding")
+        cfg = self.unet.config
+        width = sum(int(m.config.hidden_size) for _, m in encoders)
+        if width != cfg.cross_attention_dims[0]:
+            raise ConfigError(f"{where}: the text encoders' hidden sizes add up to {width} "
+                              f"({', '.join(f'{n} {m.config.hidden_size}' for n, m in encoders)}), but the U-Net's "
+                              f"cross_attention_dim is {cfg.cross_attention_dim}")
+        room = cfg.projection_class_embeddings_input_dim - int(pooled[0].config.projection_dim)
+        flag = getattr(bundle, "options", {}).get("requires_aesthetics_score")
+        count = 5 if flag else 6
+        if flag is None:
+            count = 5 if room == 5 * cfg.addition_time_embed_dim else 6
+        if room != count * cfg.addition_time_embed_dim:
+            raise ConfigError(
+                f"{where}: the U-Net's projection_class_embeddings_input_dim={cfg.projection_class_embeddings_input_dim}"
+                f" should be the pooled width {pooled[0].config.projection_dim} plus {count} time ids x "
+                f"addition_time_embed_dim={cfg.addition_time_embed_dim} = "
+                f"{int(pooled[0].config.projection_dim) + count * cfg.addition_time_embed_dim}"
+                + ("" if flag is None else f" (requires_aesthetics_score={flag})"))
+        return count == 5
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -876,14 +1008,28 @@ class Pipeline:
         return self.vae.config.latent_channels
 
     # ------------------------------------------------------------------ inputs
-    def token_ids(self, prompts: Sequence[str]) -> np.ndarray:
-        """CLIP token ids (B, 77) int32, padded and truncated as diffusers' `encode_prompt` does."""
+    def token_ids(self, prompts: Sequence[str], tokenizer: Any = None) -> np.ndarray:
+        """CLIP token ids (B, 77) int32, padded and truncated as diffusers' `encode_prompt` does, by
+        `tokenizer` (default: the pipeline's first; SDXL's second is `tokenizer_2`)."""
         prompts = list(prompts)
-        if any(len(v) > 1 for v in self._vocabulary.values()):
+        tokenizer = tokenizer or self.tokenizer or self.tokenizer_2
+        if any(len(v) > 1 for v in self._vocabulary.values()) and tokenizer is self.tokenizer:
             from .vocabulary import expand_prompt
 
-            prompts = [expand_prompt(p, self.tokenizer) for p in prompts]
-        return tokenize(self.tokenizer, prompts).astype(np.int32)
+            prompts = [expand_prompt(p, tokenizer) for p in prompts]
+        return tokenize(tokenizer, prompts).astype(np.int32)
+
+    def prompt_ids(self, prompts: Sequence[str], key: str = "ids", prompts_2: Sequence[str] | None = None) -> dict:
+        """{key: ids} for SD-1/2; for SDXL the ids of each text encoder the pipeline has, under
+        `key` (tokenizer, `prompts`) and `key + "_2"` (tokenizer_2, `prompts_2`, default `prompts`)."""
+        if not self.xl:
+            return {key: self.token_ids(prompts)}
+        out = {}
+        if self.text_encoder is not None:
+            out[key] = self.token_ids(prompts, self.tokenizer)
+        if self.text_encoder_2 is not None:
+            out[key + "_2"] = self.token_ids(prompts if prompts_2 is None else prompts_2, self.tokenizer_2)
+        return out
 
     def prepare_controls(self, controls: Sequence[ControlInput], batch: int, height: int, width: int,
                          num_images_per_prompt: int = 1) -> list:
@@ -967,6 +1113,7 @@ class Pipeline:
 
     def _modules(self) -> dict:
         return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder,
+                "text_encoder_2": self.text_encoder_2,
                 "controlnets": tuple(m for m, _ in self.controlnets), "adapters": tuple(m for m, _ in self.adapters)}
 
     # ------------------------------------------------------------------ the call
@@ -1016,6 +1163,18 @@ class Pipeline:
         lora_scale: float = 1.0,
         latents: Any = None,
         output_type: str = "uint8",
+        prompt_2: str | Sequence[str] | None = None,
+        negative_prompt_2: str | Sequence[str] | None = None,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+        negative_target_size: tuple[int, int] | None = None,
+        aesthetic_score: float = 6.0,
+        negative_aesthetic_score: float = 2.5,
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
     ) -> np.ndarray:
         """Generate images. Returns uint8 (B, H, W, 3), float [0, 1] with `output_type="float"`,
         or the final latents with `output_type="latent"`.
@@ -1046,6 +1205,16 @@ class Pipeline:
         `cross_attention_guidance_amount`: the prompt is the caption; from `init_image` (or
         `init_latents`) the start is its regularised DDIM inversion, else the generated image is
         edited.
+
+        SDXL models (a U-Net with `addition_embed_type="text_time"`; diffusers' names and
+        defaults): `prompt_2` / `negative_prompt_2` go to the second text encoder (default: the
+        prompt / negative prompt); without a negative prompt the negative embeddings are zeros
+        when the model says `force_zeros_for_empty_prompt` (SDXL base does). The micro-conditioning
+        `original_size`, `crops_coords_top_left`, `target_size` (the refiner's
+        `aesthetic_score`) and their `negative_*` counterparts default to the image size and (0, 0).
+        The base -> refiner hand-off: `denoising_end=f` with `output_type="latent"` stops after the
+        first f of the schedule; the refiner called with those latents as `init_latents` and
+        `denoising_start=f` runs the rest, without adding noise.
 
         Raises `ConfigError` for invalid arguments (naming the argument) and `NonFiniteError`
         when sampling or decoding produced NaN or infinity (naming solver, step and images).
@@ -1080,10 +1249,11 @@ class Pipeline:
             args = CallArguments.of(options)
         elif options:
             raise ConfigError(f"pass the options as `args` or as keywords, not both (got {sorted(options)})")
-        check_call_arguments(args, clip_layers=self.text_encoder.config.num_hidden_layers)
+        check_call_arguments(args, clip_layers=self._clip_layers())
+        self._check_xl_arguments(args)
         prompts, negatives = _prompt_batch(prompt, negative_prompt, args.num_images_per_prompt)
         b = len(prompts)
-        height, width = self._image_size(args.height, args.width)
+        height, width = self._image_size(args.height, args.width, args.init_latents)
         f = self.vae_scale_factor
         latent_shape = (height // f, width // f, self.latent_channels)
         self.check_memory(b, height, width, do_cfg=args.guidance_scale > 1.0)
@@ -1106,8 +1276,20 @@ class Pipeline:
         if self.adapters and not args.adapters:
             raise ConfigError(f"{len(self.adapters)} adapters are loaded: give an adapter image for each")
 
-        per_image: dict[str, Any] = {"ids": self.token_ids(prompts), "neg_ids": self.token_ids(negatives),
-                                     "index": np.asarray(indices, np.int32)}
+        per_image: dict[str, Any] = {"index": np.asarray(indices, np.int32)}
+        if self.xl:  # diffusers: prompt_2 defaults to prompt, negative_prompt_2 to negative_prompt
+            n = len(prompts) // args.num_images_per_prompt
+            prompts_2 = prompts if args.prompt_2 is None else _second_prompts(
+                args.prompt_2, n, args.num_images_per_prompt, "prompt_2")
+            negatives_2 = negatives if args.negative_prompt_2 is None else _second_prompts(
+                args.negative_prompt_2, n, args.num_images_per_prompt, "negative_prompt_2")
+            per_image.update(self.prompt_ids(prompts, "ids", prompts_2))
+            per_image.update(self.prompt_ids(negatives, "neg_ids", negatives_2))
+            per_image["time_ids"], per_image["neg_time_ids"] = self._time_ids(args, mode, height, width, b)
+            self._last_time_ids = (per_image["time_ids"][0], per_image["neg_time_ids"][0])
+        else:
+            per_image.update(self.prompt_ids(prompts, "ids"))
+            per_image.update(self.prompt_ids(negatives, "neg_ids"))
         shared: dict[str, Any] = {"seed": np.asarray(jax.random.key_data(jax.random.key(args.seed))),
                                   "guidance_scale": np.float32(args.guidance_scale)}
         lora_scales = self._lora_scales(args.lora_scale)
@@ -1133,7 +1315,7 @@ class Pipeline:
         settings = CallSettings(
             num_inference_steps=int(args.num_inference_steps), latent_shape=latent_shape, solver=args.scheduler,
             scheduler_options=tuple(sorted((args.scheduler_options or {}).items())), mode=mode,
-            strength=_strength(args.strength, mode),
+            strength=1.0 if args.denoising_start is not None else _strength(args.strength, mode),
             do_cfg=do_cfg, guidance_rescale=float(args.guidance_rescale),
             clip_skip=args.clip_skip,
             guess_mode=self._guess_mode(args.guess_mode),
@@ -1145,8 +1327,88 @@ class Pipeline:
                 "latents" if args.init_latents is not None else "images"),
             given_noise=args.latents is not None, clip_guide=clip_key, output_type=args.output_type,
             kind=self.kind, masked_from=None if self.kind != "inpaint" else (
-                "latents" if args.masked_image_latents is not None else "images"), **attention)
+                "latents" if args.masked_image_latents is not None else "images"),
+            zero_negative=self.xl and negative_prompt is None and self.force_zeros_for_empty_prompt,
+            denoising_start=None if args.denoising_start is None else float(args.denoising_start),
+            denoising_end=None if args.denoising_end is None else float(args.denoising_end), **attention)
         return settings, per_image, shared, indices
+
+    def _clip_layers(self) -> int:
+        """The largest `clip_skip`: the text encoder's depth (SD), one less for SDXL, whose
+        embeddings already come from the penultimate layer of the shallower encoder."""
+        if not self.xl:
+            return self.text_encoder.config.num_hidden_layers
+        return min(m.config.num_hidden_layers for m in (self.text_encoder, self.text_encoder_2) if m is not None) - 1
+
+    def _check_xl_arguments(self, args: CallArguments) -> None:
+        """SDXL-only arguments on an SD-1/2 pipeline, the micro-conditioning's types, and the
+        hand-off fractions: `ConfigError` naming the argument."""
+        xl_only = {"prompt_2": None, "negative_prompt_2": None, "original_size": None,
+                   "crops_coords_top_left": (0, 0), "target_size": None, "negative_original_size": None,
+                   "negative_crops_coords_top_left": (0, 0), "negative_target_size": None,
+                   "aesthetic_score": 6.0, "negative_aesthetic_score": 2.5}
+        if not self.xl:
+            given = [k for k, default in xl_only.items() if getattr(args, k) != default
+                     and not (isinstance(getattr(args, k), list | tuple) and tuple(getattr(args, k)) == default)]
+            if given:
+                raise ConfigError(f"{given} apply to SDXL models only (a U-Net with addition_embed_type='text_time'); "
+                                  f"this U-Net has addition_embed_type={self.unet.config.addition_embed_type!r}")
+        for name in ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
+                     "negative_crops_coords_top_left", "negative_target_size"):
+            value = getattr(args, name)
+            if value is None:
+                continue
+            ok = isinstance(value, list | tuple) and len(value) == 2 and all(
+                isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
+                and np.isfinite(v) and v >= 0 for v in value)
+            if not ok:
+                raise ConfigError(f"{name} must be a (height, width) / (top, left) pair of numbers >= 0, got {value!r}")
+        for name in ("aesthetic_score", "negative_aesthetic_score"):
+            value = getattr(args, name)
+            if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating) \
+                    or not np.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        for name in ("denoising_start", "denoising_end"):
+            value = getattr(args, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating) \
+                    or not 0.0 < float(value) < 1.0:
+                raise ConfigError(f"{name} must be a fraction strictly between 0 and 1 (or None), got {value!r}")
+        if args.denoising_start is not None and args.init_image is None and args.init_latents is None:
+            raise ConfigError("denoising_start continues from given latents (the base model's output with "
+                              "denoising_end, output_type='latent'): pass them as init_latents (or init_image)")
+        if args.denoising_start is not None and args.denoising_end is not None \
+                and float(args.denoising_end) <= float(args.denoising_start):
+            raise ConfigError(f"denoising_end={args.denoising_end} must be greater than "
+                              f"denoising_start={args.denoising_start}")
+        if args.denoising_start is not None and args.strength is not None:
+            raise ConfigError("strength does not apply with denoising_start: the start is the fraction itself "
+                              "(diffusers ignores strength there)")
+
+    def _time_ids(self, args: CallArguments, mode: str, height: int, width: int, b: int) -> tuple:
+        """SDXL's micro-conditioning, (b, 6) (original size, crop top-left, target size) or, with
+        `requires_aesthetics_score` (the refiner), (b, 5) (original size, crop, aesthetic score),
+        for the prompt and for the negative branch, float32, by diffusers' rules: sizes default
+        to (height, width); in text-to-image the negative ids are the positive ones unless both
+        negative sizes are given; from an image (img2img, inpainting) each negative size defaults
+        to the positive one."""
+        size = (int(height), int(width))
+        original = tuple(args.original_size or size)
+        target = tuple(args.target_size or size)
+        crop, neg_crop = tuple(args.crops_coords_top_left), tuple(args.negative_crops_coords_top_left)
+        if self.requires_aesthetics_score:
+            pos = original + crop + (float(args.aesthetic_score),)
+            neg = tuple(args.negative_original_size or original) + neg_crop + (float(args.negative_aesthetic_score),)
+        elif mode == "txt2img":
+            pos = original + crop + target
+            neg = pos
+            if args.negative_original_size is not None and args.negative_target_size is not None:
+                neg = tuple(args.negative_original_size) + neg_crop + tuple(args.negative_target_size)
+        else:  # diffusers' img2img / inpainting pipelines pair the negative sizes with the positive crop
+            pos = original + crop + target
+            neg = tuple(args.negative_original_size or original) + crop + tuple(args.negative_target_size or target)
+        return (np.tile(np.asarray(pos, np.float32), (b, 1)), np.tile(np.asarray(neg, np.float32), (b, 1)))
 
     def _attention_inputs(self, per_image: dict, shared: dict, args: CallArguments, b: int, mode: str,
                           do_cfg: bool, latent_shape: tuple) -> dict:
@@ -1226,7 +1488,7 @@ class Pipeline:
                         or not all(isinstance(x, str) for x in sentences)):
                     raise ConfigError(f"{name} must be a non-empty list of sentences (Pix2Pix-Zero needs both "
                                       f"edit_source and edit_target), got {sentences!r}")
-                shared[f"{name}_ids"] = self.token_ids(list(sentences))
+                shared.update(self.prompt_ids(list(sentences), f"{name}_ids"))
             shared["cross_attention_guidance_amount"] = np.float32(args.cross_attention_guidance_amount)
         return out
 
@@ -1311,12 +1573,19 @@ class Pipeline:
             per_image["edit_images"] = img * 2.0 - 1.0
             shared["image_guidance_scale"] = np.float32(self._image_guidance_scale(args))
 
-    def _image_size(self, height, width) -> tuple[int, int]:
-        """The call's pixel size: the U-Net's `sample_size` x the VAE factor unless given."""
+    def _image_size(self, height, width, init_latents=None) -> tuple[int, int]:
+        """The call's pixel size: the size of `init_latents` (B, h, w, C) x the VAE factor when
+        they are given (diffusers' img2img takes the size of its latents), else the U-Net's
+        `sample_size` x the VAE factor, unless given."""
         f = self.vae_scale_factor
         sample_size = getattr(self.unet.config, "sample_size", 64) or 64
-        height = height or sample_size * f
-        width = width or sample_size * f
+        shape = np.shape(init_latents) if init_latents is not None else ()
+        if len(shape) in (3, 4):
+            sample_h, sample_w = shape[-3:-1]
+        else:
+            sample_h = sample_w = sample_size
+        height = height or sample_h * f
+        width = width or sample_w * f
         if height % f or width % f:
             raise ConfigError(f"height and width must be multiples of {f}, got {height}x{width}")
         if height <= 0 or width <= 0:
@@ -1397,6 +1666,11 @@ class Pipeline:
             "loras": [{k: e[k] for k in ("name", "source", "format", "scale", "fused")} for e in self.loras],
             "lora_scale": float(args.lora_scale) if self._loras else None,
             "embeddings": self.embeddings or None,
+            "sdxl": None if not self.xl else {
+                "time_ids": [float(v) for v in self._last_time_ids[0]],
+                "negative_time_ids": [float(v) for v in self._last_time_ids[1]],
+                "zero_negative": settings.zero_negative, "requires_aesthetics_score": self.requires_aesthetics_score},
+            "denoising_start": settings.denoising_start, "denoising_end": settings.denoising_end,
             "dtype": jnp.dtype(self.unet.dtype).name, "vae_dtype": jnp.dtype(self.vae.dtype).name,
             "devices": int(self.mesh.devices.size),
         }

@@ -30,6 +30,7 @@ from .pipeline_index import (  # noqa: F401  (re-exported: this module's public 
     TOKENIZERS,
     PipelineBundle,
     index_components,
+    index_options,
     multi_folders,
     read_model_index,
     read_scheduler_config,
@@ -111,4 +112,5 @@ def load_pipeline(
         missing = set(components) - set(modules) - set(tokenizers) - set(configs)
         if missing:
             raise ConfigError(f"{folder}: requested components {sorted(missing)} are not in model_index.json")
-    return PipelineBundle(folder, index.get("_class_name", ""), modules, params, configs, tokenizers, tuple(skipped))
+    return PipelineBundle(folder, index.get("_class_name", ""), modules, params, configs, tokenizers, tuple(skipped),
+                          index_options(index))

@@ -36,6 +36,9 @@ class PipelineBundle:
     configs: dict[str, dict]  # name -> the component's raw config.json / scheduler_config.json
     tokenizers: dict[str, Any]
     skipped: tuple[str, ...] = ()
+    # the pipeline's own settings from model_index.json (SDXL's force_zeros_for_empty_prompt,
+    # requires_aesthetics_score): its entries that are not components and not "_"-prefixed
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __getattr__(self, name: str) -> Any:
         modules = self.__dict__.get("modules", {})
@@ -52,6 +55,12 @@ class PipelineBundle:
     def scheduler_config(self) -> dict | None:
         """The raw `scheduler_config.json` dict (diffusers field names, `_class_name` kept), or None."""
         return self.configs.get(SCHEDULER)
+
+
+def index_options(index: dict) -> dict:
+    """`model_index.json`'s settings: the entries that are neither components ([library, class]
+    pairs) nor "_"-prefixed metadata, e.g. {"force_zeros_for_empty_prompt": True}."""
+    return {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)}
 
 
 def read_model_index(folder: Path) -> dict:

@@ -310,13 +310,22 @@ class _UNetFields(ModelConfig):
                 )
             if t == CROSS_ATTN_DOWN and ch // heads == 0:
                 raise ConfigError(f"{source}: block {i} has {ch} channels but {heads} attention heads")
+        if self.addition_embed_type == "text_time":
+            for name in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+                if getattr(self, name) is None:
+                    raise ConfigError(f"{source}: addition_embed_type='text_time' (SDXL) needs {name}, which is None")
+            if self.projection_class_embeddings_input_dim <= self.addition_time_embed_dim:
+                raise ConfigError(
+                    f"{source}: projection_class_embeddings_input_dim={self.projection_class_embeddings_input_dim} "
+                    f"leaves no room for the pooled text embedding next to time ids of "
+                    f"addition_time_embed_dim={self.addition_time_embed_dim}")
 
 
 _UNSUPPORTED_EMBEDDINGS = {
     "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,),
     "class_embed_type": (None,),
-    "addition_embed_type": (None,),
+    "addition_embed_type": (None, "text_time"),
     "num_class_embeds": (None,),
     "resnet_time_scale_shift": ("default", "scale_shift"),
 }

@@ -21,7 +21,7 @@ from .attention import AttentionControl, check_attention_impl
 from .configs import ControlNetConfig, controlnet_config_from_unet
 from .layers import conv
 from .params import flatten, init_params, unflatten
-from .unet import embed_time, encoder_blocks
+from .unet import dummy_added_conditions, embed_added_conditions, embed_time, encoder_blocks
 
 Dtype = Any
 
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from .unet import UNet2DConditionModel
 
 # subtrees a ControlNet copies from its U-Net (diffusers' `ControlNetModel.from_unet`)
-SHARED_WITH_UNET = ("conv_in", "time_embedding", "mid_block")
+SHARED_WITH_UNET = ("conv_in", "time_embedding", "add_embedding", "mid_block")
 # layers that start at zero so a fresh ControlNet leaves the U-Net unchanged
 ZERO_INITIALISED = ("controlnet_down_blocks_", "controlnet_mid_block", "controlnet_cond_embedding/conv_out")
 
@@ -66,6 +66,8 @@ class ControlNetModel(nn.Module):
       conditioning_scale: scalar or (B,), multiplies every residual.
       guess_mode: scale the residuals by logspace(-1, 0) from the first skip (0.1) to mid (1.0)
         (ignored with `global_pool_conditions`).
+      added_cond_kwargs: SDXL's {"text_embeds", "time_ids"} for addition_embed_type="text_time"
+        (ControlNet-XL), as for the U-Net.
     Returns (down, mid) in `dtype`: a tuple with one residual per U-Net skip connection (the skip's
     shape) and the mid-block residual, for the U-Net's `down_block_additional_residuals` /
     `mid_block_additional_residual`; with `global_pool_conditions`, spatial means (B, 1, 1, C).
@@ -88,6 +90,7 @@ class ControlNetModel(nn.Module):
         controlnet_cond: jax.Array,
         conditioning_scale: float | jax.Array = 1.0,
         guess_mode: bool = False,
+        added_cond_kwargs: dict | None = None,
     ) -> tuple[tuple[jax.Array, ...], jax.Array]:
         cfg = self.config
         check_attention_impl(self.attention_impl)
@@ -106,6 +109,9 @@ class ControlNetModel(nn.Module):
         context = encoder_hidden_states.astype(self.dtype)
 
         emb = embed_time(self, cfg, timesteps, batch, None)
+        added = embed_added_conditions(self, cfg, batch, added_cond_kwargs)
+        if added is not None:
+            emb = emb + added
         x = conv(cfg.block_out_channels[0], 3, name="conv_in", **kw)(sample.astype(self.dtype))
         hint = ControlNetConditioningEmbedding(
             cfg.block_out_channels[0], cfg.conditioning_embedding_out_channels,
@@ -154,12 +160,14 @@ class ControlNetModel(nn.Module):
         cfg = self.config
         down = 2 ** (cfg.num_blocks - 1)
         hint = down * 2 ** (len(cfg.conditioning_embedding_out_channels) - 1)
-        return (
+        args = (
             jnp.zeros((1, down, down, cfg.in_channels)),
             jnp.zeros((1,)),
             jnp.zeros((1, 1, cfg.cross_attention_dim)),
             jnp.zeros((1, hint, hint, cfg.conditioning_channels)),
         )
+        added = dummy_added_conditions(cfg)
+        return args if added is None else args + (1.0, False, added)
 
 
 def controlnet_from_unet(

@@ -19,7 +19,7 @@ diffusers' ControlNet and T2I-Adapter pipelines combine them:
   scaling, while ControlNets see the latents alone (diffusers' inpainting ControlNet pipeline).
 
 Shapes: `x` (B, h, w, C) latents (NHWC), `t` (B,) or scalar timesteps, `text` (B, 77, D) encoder
-hidden states, control images (B, H, W, 3) in [0, 1] at pixel size. Returns the U-Net's output
+hidden states, `added` SDXL's pooled text embeddings and micro-conditioning ids, control images (B, H, W, 3) in [0, 1] at pixel size. Returns the U-Net's output
 (B, h, w, C) in its `prediction_type` (epsilon, v or sample).
 """
 
@@ -61,20 +61,25 @@ def _no_scope(name: str) -> ContextManager:
 
 
 def controlnet_residuals(controlnets: Sequence[ControlNetCall], x, t, text, *,
-                         scope: Callable[[str], ContextManager] = _no_scope, concat: jax.Array | None = None):
+                         scope: Callable[[str], ContextManager] = _no_scope, concat: jax.Array | None = None,
+                         added: dict | None = None):
     """The summed (down residuals, mid residual) of `controlnets` for this step; None for none.
 
     A ControlNet sees the latents `x`, or `x` with the `concat` channels when it was made with
-    that input width (`in_channels`), e.g. copied from an inpainting U-Net."""
+    that input width (`in_channels`), e.g. copied from an inpainting U-Net. `added`: SDXL's
+    `added_cond_kwargs`, given to the ControlNets that have an additional embedding (ControlNet-XL)."""
     down, mid = None, None
     for c in controlnets:
         sample = x
         width = getattr(getattr(c.module, "config", None), "in_channels", x.shape[-1])
         if concat is not None and width == x.shape[-1] + concat.shape[-1]:
             sample = jnp.concatenate([x, concat.astype(x.dtype)], axis=-1)
+        extra = {}
+        if added is not None and getattr(getattr(c.module, "config", None), "addition_embed_type", None):
+            extra["added_cond_kwargs"] = added
         with scope("controlnet"):
             d, m = c.module.apply({"params": c.params}, sample, t, text, c.image, conditioning_scale=c.scale,
-                                  guess_mode=c.guess_mode)
+                                  guess_mode=c.guess_mode, **extra)
         if c.mid_block_only:
             d = tuple(jnp.zeros_like(r) for r in d)
         down = d if down is None else tuple(a + r for a, r in zip(down, d))
@@ -103,7 +108,7 @@ def concat_channels(unet, x, concat) -> jax.Array:
 def model_forward(unet, params, x, t, text, *, controlnets: Sequence[ControlNetCall] = (),
                   adapter_features: Sequence[jax.Array] | None = None,
                   scope: Callable[[str], ContextManager] = _no_scope, concat: jax.Array | None = None,
-                  attention: AttentionControl | None = None):
+                  attention: AttentionControl | None = None, added: dict | None = None):
     """The U-Net's prediction for latents `x` at timesteps `t`, steered by `controlnets` and
     T2I-Adapter `adapter_features`, with `concat` channels for concatenation-conditioned U-Nets
     (see the module docstring for shapes).
@@ -112,13 +117,18 @@ def model_forward(unet, params, x, t, text, *, controlnets: Sequence[ControlNetC
     "controlnet" or "unet"; training passes one that rematerialises the chosen blocks
     (`training.remat.remat_scope`). It does not change values.
 
+    `added`: SDXL's `added_cond_kwargs` ({"text_embeds": (B, P), "time_ids": (B, K)}) for a U-Net
+    (and ControlNets) with `addition_embed_type="text_time"`.
+
     `attention`: an `AttentionControl` for the U-Net's attention layers (not the ControlNets'):
     then the result is (prediction, maps), `maps` a dict from each captured layer's diffusers
     name to its probabilities (B, heads, Lq, Lk) float32 (empty when nothing is captured). Names
     the U-Net does not have raise `ValueError` listing its layers.
     """
     kwargs: dict[str, Any] = {}
-    residuals = controlnet_residuals(controlnets, x, t, text, scope=scope, concat=concat)
+    residuals = controlnet_residuals(controlnets, x, t, text, scope=scope, concat=concat, added=added)
+    if added is not None:
+        kwargs["added_cond_kwargs"] = added
     if residuals is not None:
         kwargs.update(down_block_additional_residuals=residuals[0], mid_block_additional_residual=residuals[1])
     if adapter_features is not None:

@@ -65,6 +65,55 @@ def embed_time(
     )(t_emb, None if timestep_cond is None else timestep_cond.astype(module.dtype))
 
 
+def embed_added_conditions(
+    module: nn.Module,
+    config: _UNetFields,
+    batch: int,
+    added_cond_kwargs: dict | None,
+) -> jax.Array | None:
+    """The additional embedding (built inside `module`'s compact scope) that `addition_embed_type`
+    adds to the time embedding, (batch, time_embed_dim) in `module.dtype`, or None without one.
+
+    "text_time" (SDXL): `added_cond_kwargs["text_embeds"]` (batch, P), the pooled text embedding,
+    and `added_cond_kwargs["time_ids"]` (batch, K), the micro-conditioning (original size, crop
+    top-left, target size; or the refiner's original size, crop, aesthetic score), each id
+    Fourier-embedded to `addition_time_embed_dim`, concatenated after the text and fed to the
+    `add_embedding` MLP; P + K * addition_time_embed_dim must be
+    `projection_class_embeddings_input_dim`. Raises `ValueError` for a missing key, a wrong shape,
+    or `added_cond_kwargs` given to a model without an additional embedding."""
+    kind = config.addition_embed_type
+    if kind is None:
+        if added_cond_kwargs:
+            raise ValueError(
+                f"added_cond_kwargs {sorted(added_cond_kwargs)} given, but this model has no additional "
+                f"embedding (addition_embed_type=None): they are used by SDXL-type models (\"text_time\")")
+        return None
+    need = {"text_embeds", "time_ids"}
+    given = dict(added_cond_kwargs or {})
+    if not need <= set(given):
+        raise ValueError(
+            f"this model has addition_embed_type={kind!r}: added_cond_kwargs must hold 'text_embeds' (batch, "
+            f"pooled width) and 'time_ids' (batch, number of ids); missing {sorted(need - set(given))}")
+    text_embeds, time_ids = jnp.asarray(given["text_embeds"]), jnp.asarray(given["time_ids"])
+    dim = config.addition_time_embed_dim
+    for name, value in (("text_embeds", text_embeds), ("time_ids", time_ids)):
+        if value.ndim != 2 or value.shape[0] != batch:
+            raise ValueError(f"added_cond_kwargs[{name!r}] must have shape ({batch}, n), got {tuple(value.shape)}")
+    width = text_embeds.shape[1] + time_ids.shape[1] * dim
+    if width != config.projection_class_embeddings_input_dim:
+        raise ValueError(
+            f"added_cond_kwargs: text_embeds {tuple(text_embeds.shape)} and time_ids {tuple(time_ids.shape)} give "
+            f"{text_embeds.shape[1]} + {time_ids.shape[1]} x {dim} = {width} inputs to add_embedding, but the "
+            f"model's projection_class_embeddings_input_dim is {config.projection_class_embeddings_input_dim}")
+    time_embeds = timestep_embedding(
+        time_ids.reshape(-1), dim, flip_sin_to_cos=config.flip_sin_to_cos, freq_shift=config.freq_shift
+    ).reshape(batch, -1)
+    features = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds], axis=-1).astype(module.dtype)
+    return TimestepEmbedding(
+        config.time_embed_dim, dtype=module.dtype, param_dtype=module.param_dtype, name="add_embedding"
+    )(features)
+
+
 def encoder_blocks(module: nn.Module, config: _UNetFields) -> tuple[list[DownBlock], MidBlock | None]:
     """The down blocks and mid block (None when `mid_block_type` is None) that the U-Net and the
     ControlNet share (same names, same params); call inside `module`'s compact scope."""
@@ -115,6 +164,8 @@ class UNet2DConditionModel(nn.Module):
       down_intrablock_additional_residuals: T2I-Adapter features, shapes from
         `adapter_feature_shapes`; a feature of the mid block's output shape left over is added there.
       timestep_cond: (B, time_cond_proj_dim), required when the config sets that (LCM).
+      added_cond_kwargs: {"text_embeds": (B, P), "time_ids": (B, K)} for SDXL's
+        addition_embed_type="text_time" (see `embed_added_conditions`).
     Returns (B, H, W, out_channels) float32. Raises `ValueError` for a sample that is not NHWC with
     `in_channels`, one ControlNet residual without the other, a wrong residual count or shape, an
     adapter feature of the wrong shape, bad timesteps, a missing `timestep_cond`, or an unknown
@@ -137,6 +188,7 @@ class UNet2DConditionModel(nn.Module):
         mid_block_additional_residual: jax.Array | None = None,
         down_intrablock_additional_residuals: Sequence[jax.Array] | None = None,
         timestep_cond: jax.Array | None = None,
+        added_cond_kwargs: dict | None = None,
     ) -> jax.Array:
         cfg = self.config
         check_attention_impl(self.attention_impl)
@@ -160,6 +212,9 @@ class UNet2DConditionModel(nn.Module):
             self, cfg, timesteps, batch, timestep_cond,
             cond_proj_dim=cfg.time_cond_proj_dim, post_act_fn=cfg.timestep_post_act,
         )
+        added = embed_added_conditions(self, cfg, batch, added_cond_kwargs)
+        if added is not None:
+            emb = emb + added
         if cfg.time_embedding_act_fn is not None:
             emb = get_activation(cfg.time_embedding_act_fn)(emb)
 
@@ -250,7 +305,23 @@ class UNet2DConditionModel(nn.Module):
         )
         if cfg.time_cond_proj_dim is not None:
             args += (None, None, None, jnp.zeros((1, cfg.time_cond_proj_dim)))
+        added = dummy_added_conditions(cfg)
+        if added is not None:
+            args += (None,) * (7 - len(args)) + (added,)
         return args
+
+
+def dummy_added_conditions(config: _UNetFields) -> dict | None:
+    """Zero `added_cond_kwargs` of batch 1 for a config with an additional embedding, else None:
+    text_embeds of the width that leaves room for `time_ids` of 6 ids (SDXL base's layout; only
+    the total width shapes the params)."""
+    if config.addition_embed_type is None:
+        return None
+    ids = 6
+    pooled = config.projection_class_embeddings_input_dim - ids * config.addition_time_embed_dim
+    if pooled < 1:
+        ids, pooled = 1, config.projection_class_embeddings_input_dim - config.addition_time_embed_dim
+    return {"text_embeds": jnp.zeros((1, pooled)), "time_ids": jnp.zeros((1, ids))}
 
 
 def _check_adapter_feature(k: int, block: int, got: tuple, expected: tuple) -> None:

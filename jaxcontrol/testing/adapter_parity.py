@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import torch
 
 from ..convert import load_model, load_multi_adapter
-from .parity import TINY_ADAPTER_TEST, Row
+from .parity import TINY_ADAPTER_TEST, TINY_SDXL_TEST, Row, sdxl_added_conditions
 from .reference import nchw_to_nhwc, randomize_, rel_err
 
 # --- configs -----------------------------------------------------------------------------------
@@ -41,14 +41,15 @@ FULL_DOWNSCALING_UNET = dict(
     cross_attention_dim=32,
 )
 FULL_DOWNSCALING_ADAPTER = dict(in_channels=3, channels=(32, 32, 32, 64), num_res_blocks=2, downscale_factor=8)
-# SDXL's adapter layout in miniature: the U-Net of diffusers' SDXL full-downscaling adapter test without
-# its text_time embedding (which jaxcontrol's U-Net does not implement), and an XL adapter with a 4th
-# level, which the U-Net adds after its mid block, as SDXL's (320, 640, 1280, 1280) adapter does.
+# SDXL's adapter layout in miniature: the U-Net of diffusers' SDXL full-downscaling adapter test (text_time
+# embedding included), and an XL adapter with a 4th level, which the U-Net adds after its mid block, as
+# SDXL's (320, 640, 1280, 1280) adapter does.
 XL_STYLE_UNET = dict(
     block_out_channels=(32, 32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     attention_head_dim=2, use_linear_projection=True, cross_attention_dim=64,
+    addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
 )
 XL_STYLE_ADAPTER = dict(
     in_channels=3, channels=(32, 32, 64, 64), num_res_blocks=2, downscale_factor=16, adapter_type="full_adapter_xl"
@@ -102,6 +103,9 @@ ADAPTER_CASES: dict[str, AdapterCase] = {
                     unet=FULL_DOWNSCALING_UNET, latent_hw=(9, 9)),
         AdapterCase("unet-xl-style", (XL_STYLE_ADAPTER,), (144, 144), unet=XL_STYLE_UNET,
                     latent_hw=(18, 18)),
+        # diffusers' SDXL adapter pipeline test: its U-Net and full_adapter_xl, image 64 -> latents 32
+        AdapterCase("unet-sdxl-tiny-adapter", (TINY_ADAPTER_XL,), (64, 64), unet=TINY_SDXL_TEST,
+                    latent_hw=(32, 32)),
     )
 }
 ADAPTER_ONLY_CASES = tuple(n for n, c in ADAPTER_CASES.items() if c.unet is None)
@@ -150,9 +154,12 @@ def run_adapter_case(case: AdapterCase, workdir: str | Path | None = None, seed:
             x = torch.randn(b, t_unet.config.in_channels, lh, lw, generator=g)
             t = torch.tensor([999, 10, 500, 1][:b], dtype=torch.long)
             ctx = torch.randn(b, case.seq, t_unet.config.cross_attention_dim, generator=g)
+            added = sdxl_added_conditions(dict(t_unet.config), b, g)
+            extra = {} if added is None else {"added_cond_kwargs": added}
             with torch.no_grad():
                 # diffusers' U-Net pops from the list it is given: pass a copy
-                ref_unet = t_unet(x, t, ctx, down_intrablock_additional_residuals=[f.clone() for f in ref_feats]).sample
+                ref_unet = t_unet(x, t, ctx, down_intrablock_additional_residuals=[f.clone() for f in ref_feats],
+                                  **extra).sample
         del t_unet, t_adapter, t_adapters
 
         jimages = [jnp.asarray(nchw_to_nhwc(im)) for im in images]
@@ -172,8 +179,9 @@ def run_adapter_case(case: AdapterCase, workdir: str | Path | None = None, seed:
         if case.unet is not None:
             unet, uparams = load_model(tmp / "unet")
             jx, jt, jctx = jnp.asarray(nchw_to_nhwc(x)), jnp.asarray(t.numpy()), jnp.asarray(ctx.numpy())
+            jextra = {k: {n: jnp.asarray(v.numpy()) for n, v in a.items()} for k, a in extra.items()}
             out = jax.jit(
-                lambda p, f: unet.apply({"params": p}, jx, jt, jctx, down_intrablock_additional_residuals=f)
+                lambda p, f: unet.apply({"params": p}, jx, jt, jctx, down_intrablock_additional_residuals=f, **jextra)
             )(uparams, list(feats))
             err, mag, rel = rel_err(out, ref_unet)
             rows.append(Row(case.name, "unet+adapter", "plain", err, mag, rel, case.tol))

@@ -46,6 +46,24 @@ SD2_STYLE = dict(
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     attention_head_dim=(2, 4, 4), use_linear_projection=True, upcast_attention=True, cross_attention_dim=48,
 )
+# diffusers' tests/pipelines/stable_diffusion_xl/test_stable_diffusion_xl.py::get_dummy_components:
+# SDXL's text_time embedding, per-block transformer depth, linear projections
+TINY_SDXL_TEST = dict(
+    block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+    addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+    cross_attention_dim=64, norm_num_groups=1,
+)
+# Stable Diffusion XL base 1.0 (sd_xl_base.yaml through diffusers' converter)
+SDXL = dict(
+    block_out_channels=(320, 640, 1280), layers_per_block=2, sample_size=128,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+    cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
 # Stable Diffusion 1.5 (v1-inference.yaml through diffusers' converter)
 SD15 = dict(
     block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8,
@@ -83,6 +101,10 @@ CASES: dict[str, Case] = {
              attention_impls=("auto",)),
         Case("sd2-style-odd-size", SD2_STYLE, None, (13, 10), 1e-4, attention_impls=("plain",)),
         Case("sd15-full", SD15, dict(), (16, 16), 1e-3, batch=2, seq=77, slow=True, attention_impls=("auto", "plain")),
+        Case("tiny-sdxl-test", TINY_SDXL_TEST, dict(conditioning_embedding_out_channels=(16, 32)), (16, 16), 1e-4,
+             attention_impls=("auto",)),
+        # the full SDXL U-Net (2.57 B parameters) and ControlNet-XL: see `run_case` for the staging
+        Case("sdxl-full", SDXL, dict(), (16, 16), 1e-3, batch=1, seq=77, slow=True, attention_impls=("auto",)),
     )
 }
 QUICK_CASES = tuple(n for n, c in CASES.items() if not c.slow)
@@ -113,6 +135,7 @@ def controlnet_fields(unet_config: dict, extra: dict) -> dict:
         "cross_attention_dim", "attention_head_dim", "use_linear_projection", "upcast_attention",
         "only_cross_attention", "transformer_layers_per_block", "resnet_time_scale_shift", "flip_sin_to_cos",
         "freq_shift", "norm_eps", "act_fn", "downsample_padding", "mid_block_scale_factor",
+        "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
     )
     return {k: unet_config[k] for k in shared if k in unet_config} | extra
 
@@ -161,26 +184,29 @@ def run_case(
         t = torch.tensor([999, 10, 500, 1][:b], dtype=torch.long)
         ctx = torch.randn(b, case.seq, ctx_dim, generator=g)
         feats = [torch.randn(s, generator=g) for s in adapter_feature_shapes(dict(t_unet.config), b, (h, w))]
+        added = sdxl_added_conditions(dict(t_unet.config), b, g)
+        extra = {} if added is None else {"added_cond_kwargs": added}
 
         refs: dict[str, Any] = {}
         with torch.no_grad():
-            refs["unet"] = t_unet(x, t, ctx).sample
+            refs["unet"] = t_unet(x, t, ctx, **extra).sample
             refs["unet+t2i-features"] = t_unet(
-                x, t, ctx, down_intrablock_additional_residuals=[f.clone() for f in feats]
+                x, t, ctx, down_intrablock_additional_residuals=[f.clone() for f in feats], **extra
             ).sample
             if t_cn is not None:
                 factor = 2 ** (len(t_cn.config.conditioning_embedding_out_channels) - 1)
                 cond = torch.rand(b, t_cn.config.conditioning_channels, h * factor, w * factor, generator=g)
-                down, mid = t_cn(x, t, ctx, cond, conditioning_scale=0.7, return_dict=False)
+                down, mid = t_cn(x, t, ctx, cond, conditioning_scale=0.7, return_dict=False, **extra)
                 refs["controlnet-down"] = down
                 refs["controlnet-mid"] = mid
                 refs["unet+controlnet"] = t_unet(
-                    x, t, ctx, down_block_additional_residuals=down, mid_block_additional_residual=mid
+                    x, t, ctx, down_block_additional_residuals=down, mid_block_additional_residual=mid, **extra
                 ).sample
         del t_unet, t_cn
 
         jx, jt, jctx = jnp.asarray(nchw_to_nhwc(x)), jnp.asarray(t.numpy()), jnp.asarray(ctx.numpy())
         jfeats = [jnp.asarray(nchw_to_nhwc(f)) for f in feats]
+        jextra = {k: {n: jnp.asarray(v.numpy()) for n, v in a.items()} for k, a in extra.items()}
         rows = []
 
         def add(component, impl, ours, ref):
@@ -190,24 +216,36 @@ def run_case(
         for impl in attention_impls or case.attention_impls:
             unet, params = load_model(tmp / "unet", attention_impl=impl)
             run_unet = jax.jit(lambda p, *a, **k: unet.apply({"params": p}, *a, **k))
-            add("unet", impl, run_unet(params, jx, jt, jctx), refs["unet"])
-            add("unet+t2i-features", impl, run_unet(params, jx, jt, jctx, down_intrablock_additional_residuals=jfeats),
+            add("unet", impl, run_unet(params, jx, jt, jctx, **jextra), refs["unet"])
+            add("unet+t2i-features", impl,
+                run_unet(params, jx, jt, jctx, down_intrablock_additional_residuals=jfeats, **jextra),
                 refs["unet+t2i-features"])
             if case.controlnet is not None:
                 cn, cparams = load_model(tmp / "controlnet", attention_impl=impl)
                 jcond = jnp.asarray(nchw_to_nhwc(cond))
                 run_cn = jax.jit(lambda p, *a, **k: cn.apply({"params": p}, *a, **k))
-                jdown, jmid = run_cn(cparams, jx, jt, jctx, jcond, conditioning_scale=0.7)
+                jdown, jmid = run_cn(cparams, jx, jt, jctx, jcond, conditioning_scale=0.7, **jextra)
                 worst = max((rel_err(o, r) for o, r in zip(jdown, refs["controlnet-down"])), key=lambda e: e[2])
                 rows.append(Row(case.name, "controlnet-down (worst of %d)" % len(jdown), impl, *worst, case.tol))
                 add("controlnet-mid", impl, jmid, refs["controlnet-mid"])
                 add("unet+controlnet", impl,
                     run_unet(params, jx, jt, jctx, down_block_additional_residuals=jdown,
-                             mid_block_additional_residual=jmid),
+                             mid_block_additional_residual=jmid, **jextra),
                     refs["unet+controlnet"])
                 del cparams
             del params
         return rows
+
+
+def sdxl_added_conditions(unet_config: dict, batch: int, generator: torch.Generator) -> dict | None:
+    """SDXL's `added_cond_kwargs` for a text_time U-Net config (else None): random pooled text
+    embeddings and 6 micro-conditioning ids per sample (sizes, crop corners) as torch tensors."""
+    if unet_config.get("addition_embed_type") != "text_time":
+        return None
+    pooled = unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
+    ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0], [768.0, 1344.0, 16.0, 48.0, 1024.0, 1024.0],
+                        [512.0, 512.0, 0.0, 0.0, 896.0, 1152.0], [64.0, 64.0, 3.0, 5.0, 1024.0, 1024.0]])
+    return {"text_embeds": torch.randn(batch, pooled, generator=generator), "time_ids": ids[:batch].clone()}
 
 
 def format_table(rows: Sequence[Row]) -> str:

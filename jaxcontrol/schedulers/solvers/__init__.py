@@ -11,6 +11,7 @@ and a `SOLVER_TABLE` row; from outside the package, `register(solver, spec)` doe
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any, Iterator
 
@@ -130,13 +131,18 @@ def make_plan(
     solver: str | None = None,
     *,
     strength: float = 1.0,
+    denoising_start: float | None = None,
+    denoising_end: float | None = None,
     **options: Any,
 ) -> Plan:
     """The plan for `num_inference_steps` steps of `solver` under a diffusers scheduler config.
 
     `solver` defaults to the config's own class (`PNDMScheduler` -> "pndm"); aliases such as
     "dpmpp_2m_karras" or "euler_a" are accepted. `strength` < 1 starts part-way, as diffusers'
-    img2img pipelines do. Extra `options` go to the planner (`eta` for DDIM; `s_churn`... for Euler).
+    img2img pipelines do. `denoising_end` / `denoising_start` (fractions in (0, 1), SDXL's base ->
+    refiner hand-off) keep only the evaluations at timesteps >= / < the cutoff
+    round(N * (1 - fraction)), as diffusers' SDXL pipelines do (see `hand_off`).
+    Extra `options` go to the planner (`eta` for DDIM; `s_churn`... for Euler).
     Raises `ConfigError` for an unknown solver or option, a field value the solver does not
     support, or a schedule it cannot sample.
     """
@@ -154,9 +160,61 @@ def make_plan(
             begin = strength_start(num_inference_steps, strength)
             if begin >= num_inference_steps:
                 raise ConfigError(f"strength={strength} with {num_inference_steps} steps leaves no step to run")
+    if denoising_start is not None:
+        if strength != 1.0:
+            raise ConfigError("strength and denoising_start do not combine: denoising_start sets the start")
+        if hooks.strength_sets_timesteps:
+            raise ConfigError(f"denoising_start is not supported by the {name} solver (it picks its own timesteps)")
     try:
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # Plan refuses non-finite rows
-            return hooks.plan(cfg, num_inference_steps, begin=begin, **options)
+            plan = hooks.plan(cfg, num_inference_steps, begin=begin, **options)
+            if denoising_start is None and denoising_end is None:
+                return plan
+            return hand_off(plan, hooks, cfg, num_inference_steps, options, denoising_start, denoising_end)
     except TypeError as e:
         raise ConfigError(f"solver {name!r} does not take options {sorted(options)}: {e}") from e
+
+
+def _cutoff(plan: Plan, fraction: float) -> int:
+    n = plan.schedule.num_train_timesteps
+    return int(round(n - fraction * n))
+
+
+def hand_off(plan: Plan, hooks, cfg, num_inference_steps: int, options: dict, start: float | None,
+             end: float | None) -> Plan:
+    """`plan` cut for SDXL's ensemble of expert denoisers (diffusers' `denoising_start` /
+    `denoising_end`): with the cutoff c = round(N - fraction * N), `end` keeps the evaluations at
+    timesteps >= c (the base's part), `start` those at timesteps < c (the refiner's; for a
+    second-order solver an even count grows by one, as diffusers does). Raises `ConfigError`
+    when nothing is left to run."""
+    ts = np.asarray(plan.timesteps)
+    begin, stop = 0, len(ts)
+    if start is not None:
+        count = int(np.sum(ts < _cutoff(plan, start)))
+        if hooks.name == "heun" and count % 2 == 0:  # diffusers: scheduler.order == 2
+            count += 1
+        begin = len(ts) - count
+    if end is not None:
+        stop = int(np.sum(ts >= _cutoff(plan, end)))
+    if stop <= begin:
+        raise ConfigError(f"denoising_start={start} / denoising_end={end} leave no step of the "
+                          f"{num_inference_steps} to run")
+    if begin:
+        # the step whose first evaluation is `begin` (Heun's steps take two evaluations): its plan
+        # starts there with the solver's own start-up (multistep solvers restart at first order)
+        count, late = len(ts) - begin, plan
+        for step in range(1, num_inference_steps):
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                late = hooks.plan(cfg, num_inference_steps, begin=step, **options)
+            if len(late.timesteps) <= count:
+                break
+        if len(late.timesteps) != count:
+            raise ConfigError(f"denoising_start={start}: the {hooks.name} solver cannot start at evaluation "
+                              f"{begin} of {len(ts)} (no step begins there)")
+        plan = late
+        stop -= begin
+    if stop < len(plan.timesteps):
+        plan = dataclasses.replace(plan, timesteps=np.asarray(plan.timesteps)[:stop],
+                                   rows={k: np.asarray(v)[:stop] for k, v in plan.rows.items()})
+    return plan
 

@@ -1,0 +1,241 @@
+"""SDXL: the text_time U-Net inputs, the two text encoders, the micro-conditioning and the base ->
+refiner hand-off, against diffusers' SDXL pipelines on tiny random folders (saved by diffusers).
+
+Network parity (the tiny SDXL U-Net, ControlNet-XL and Adapter-XL on the SDXL U-Net) runs in
+test_unet_parity.py / test_adapter.py through the "tiny-sdxl-test" and "unet-sdxl-tiny-adapter" cases.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcontrol.errors import ConfigError
+from jaxcontrol.models import UNet2DConditionModel
+from jaxcontrol.models.configs import UNet2DConditionConfig
+from jaxcontrol.pipeline import AdapterInput, ControlInput, Pipeline
+from jaxcontrol.schedulers import make_plan
+from jaxcontrol.testing.parity import TINY_SDXL_TEST
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from jaxcontrol.testing.sdxl_parity import save_tiny_sdxl_pipeline  # noqa: E402
+
+H = W = 16  # pixels; latents 8x8 (VAE factor 2)
+PROMPTS = ["a red circle", "a green square"]
+
+
+def _nhwc(t):
+    return t.numpy().transpose(0, 2, 3, 1)
+
+
+def _rel(ours, ref):
+    ref = _nhwc(ref) if hasattr(ref, "numpy") else ref
+    return float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-6))
+
+
+def _noise(b, seed=0):
+    return torch.randn(b, 4, H // 2, W // 2, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def xl(tmp_path_factory):
+    """kind -> (our Pipeline, diffusers' pipeline), built on first use."""
+    cache = {}
+
+    def get(kind, seed=0):
+        if kind not in cache:
+            root = tmp_path_factory.mktemp(kind)
+            ref = save_tiny_sdxl_pipeline(root, kind=kind, seed=seed)
+            cache[kind] = (Pipeline.from_pretrained(root / "pipeline"), ref)
+        return cache[kind]
+
+    return get
+
+
+def test_base_pipeline_prompts_negatives_and_micro_conditioning(xl):
+    ours, ref = xl("base")
+    assert ours.xl and ours.force_zeros_for_empty_prompt and not ours.requires_aesthetics_score
+    common = dict(height=H, width=W, num_inference_steps=4, guidance_scale=5.0)
+    # no negative prompt: force_zeros_for_empty_prompt zeroes the negative embeddings
+    noise = _noise(2)
+    with torch.no_grad():
+        want = ref(PROMPTS, latents=noise, output_type="np", **common).images
+    got = ours(PROMPTS, latents=_nhwc(noise), output_type="float", **common)
+    assert _rel(got, want) < 1e-4
+    assert ours.last_settings["sdxl"]["time_ids"] == [16, 16, 0, 0, 16, 16]
+    # negative prompts, a second prompt for text_encoder_2, clip_skip, and every micro-conditioning id
+    # (batch 1: diffusers' text-to-image pipeline pairs the negative ids with the wrong rows beyond one image)
+    kw = dict(negative_prompt=["a blue circle"], prompt_2=["a yellow square"], negative_prompt_2=["a square"],
+              clip_skip=1, original_size=(32, 24), crops_coords_top_left=(3, 5), target_size=(16, 8),
+              negative_original_size=(8, 8), negative_crops_coords_top_left=(1, 2), negative_target_size=(16, 16))
+    noise = _noise(1, seed=3)
+    with torch.no_grad():
+        want = ref(PROMPTS[:1], latents=noise, output_type="np", **common, **kw).images
+    got = ours(PROMPTS[:1], latents=_nhwc(noise), output_type="float", **common, **kw)
+    assert _rel(got, want) < 1e-4
+    assert ours.last_settings["sdxl"]["negative_time_ids"] == [8, 8, 1, 2, 16, 16]
+
+
+def test_base_to_refiner_hand_off(xl):
+    base, ref_base = xl("base")
+    refiner, ref_refiner = xl("refiner", seed=3)
+    assert refiner.requires_aesthetics_score and refiner.text_encoder is None
+    noise = _noise(1)
+    common = dict(num_inference_steps=10, guidance_scale=5.0)
+    with torch.no_grad():
+        lat = ref_base(PROMPTS[:1], height=H, width=W, latents=noise, output_type="latent", denoising_end=0.7,
+                       **common).images
+        want = ref_refiner(PROMPTS[:1], image=lat, denoising_start=0.7, output_type="np", aesthetic_score=7.0,
+                           **common).images
+    ours_lat = base(PROMPTS[:1], height=H, width=W, latents=_nhwc(noise), output_type="latent", denoising_end=0.7,
+                    **common)
+    assert _rel(ours_lat, lat) < 1e-4
+    assert base.last_settings["timesteps"] == [901, 801, 701, 601, 501, 401, 301]
+    got = refiner(PROMPTS[:1], init_latents=ours_lat, denoising_start=0.7, output_type="float", aesthetic_score=7.0,
+                  **common)
+    assert refiner.last_settings["timesteps"] == [201, 101, 1]
+    assert refiner.last_settings["sdxl"]["time_ids"] == [16, 16, 0, 0, 7.0]
+    assert _rel(got, want) < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("solver,cls", [("heun", "HeunDiscreteScheduler"),
+                                        ("dpmpp_2m", "DPMSolverMultistepScheduler")])
+def test_hand_off_with_other_solvers(xl, solver, cls):
+    """Heun (two evaluations a step: an even count grows by one) and DPM-Solver++ (restarts at first order)."""
+    base, ref_base = xl("base")
+    refiner, ref_refiner = xl("refiner", seed=3)
+    saved = [p.scheduler for p in (ref_base, ref_refiner)]
+    try:
+        for pipe in (ref_base, ref_refiner):
+            pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config)
+        _hand_off(base, ref_base, refiner, ref_refiner, solver)
+    finally:  # the fixture's pipelines are shared with the other tests
+        ref_base.scheduler, ref_refiner.scheduler = saved
+
+
+def _hand_off(base, ref_base, refiner, ref_refiner, solver):
+    noise = _noise(1)
+    common = dict(num_inference_steps=10, guidance_scale=5.0)
+    with torch.no_grad():
+        lat = ref_base(PROMPTS[:1], height=H, width=W, latents=noise, output_type="latent", denoising_end=0.7,
+                       **common).images
+        want = ref_refiner(PROMPTS[:1], image=lat, denoising_start=0.7, output_type="np", **common).images
+    got_lat = base(PROMPTS[:1], height=H, width=W, latents=_nhwc(noise), output_type="latent", denoising_end=0.7,
+                   scheduler=solver, **common)
+    assert _rel(got_lat, lat) < 1e-4
+    got = refiner(PROMPTS[:1], init_latents=got_lat, denoising_start=0.7, output_type="float", scheduler=solver,
+                  **common)
+    ours_ts = [float(t) for t in refiner.last_settings["timesteps"]]
+    assert ours_ts == [float(t) for t in ref_refiner.scheduler.timesteps[-len(ours_ts):]]
+    assert ours_ts[0] < 400  # the refiner's part only
+    assert _rel(got, want) < 1e-4
+
+
+def test_controlnet_xl_pipeline_with_window(xl):
+    ours, ref = xl("controlnet")
+    g = torch.Generator().manual_seed(1)
+    image = torch.rand(2, 3, H, W, generator=g)
+    noise = _noise(2)
+    common = dict(height=H, width=W, num_inference_steps=4, guidance_scale=5.0)
+    with torch.no_grad():
+        want = ref(PROMPTS, image=image, controlnet_conditioning_scale=0.7, control_guidance_end=0.75,
+                   latents=noise, output_type="np", **common).images
+    got = ours(PROMPTS, controls=[ControlInput(_nhwc(image), 0.7, 0.0, 0.75)], latents=_nhwc(noise),
+               output_type="float", **common)
+    assert _rel(got, want) < 1e-4
+
+
+@pytest.mark.slow
+def test_multi_controlnet_xl_pipeline(xl):
+    ours, ref = xl("multi-controlnet")
+    g = torch.Generator().manual_seed(1)
+    image = torch.rand(2, 3, H, W, generator=g)
+    noise = _noise(2)
+    common = dict(height=H, width=W, num_inference_steps=4, guidance_scale=5.0)
+    with torch.no_grad():
+        want = ref(PROMPTS, image=[image, image.flip(-1)], controlnet_conditioning_scale=[0.7, 0.4],
+                   latents=noise, output_type="np", **common).images
+    flipped = _nhwc(image.flip(-1))
+    got = ours(PROMPTS, controls=[ControlInput(_nhwc(image), 0.7), ControlInput(flipped, 0.4)],
+               latents=_nhwc(noise), output_type="float", **common)
+    assert _rel(got, want) < 1e-4
+
+
+def test_adapter_xl_pipeline(xl):
+    ours, ref = xl("adapter")
+    g = torch.Generator().manual_seed(1)
+    image = torch.rand(2, 3, H, W, generator=g)
+    noise = _noise(2)
+    common = dict(height=H, width=W, num_inference_steps=4, guidance_scale=5.0)
+    with torch.no_grad():
+        want = ref(PROMPTS, image=image, adapter_conditioning_scale=0.8, adapter_conditioning_factor=0.5,
+                   latents=noise, output_type="np", **common).images
+    got = ours(PROMPTS, adapters=[AdapterInput(_nhwc(image), 0.8)], adapter_conditioning_factor=0.5,
+               latents=_nhwc(noise), output_type="float", **common)
+    assert _rel(got, want) < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["img2img", "refiner"])
+def test_img2img_and_refiner_from_latents(xl, kind):
+    ours, ref = xl(kind, seed=3 if kind == "refiner" else 0)
+    g = torch.Generator().manual_seed(2)
+    lat = torch.randn(1, 4, H // 2, W // 2, generator=g)
+    common = dict(num_inference_steps=5, strength=0.6, guidance_scale=5.0)
+    with torch.no_grad():
+        want = ref(PROMPTS[:1], image=lat, generator=torch.Generator().manual_seed(5), output_type="np",
+                   **common).images
+    # diffusers draws the img2img noise first from the generator: the same draw, given to us
+    noise = diffusers.utils.torch_utils.randn_tensor(lat.shape, generator=torch.Generator().manual_seed(5))
+    got = ours(PROMPTS[:1], init_latents=_nhwc(lat), latents=_nhwc(noise), output_type="float", **common)
+    assert _rel(got, want) < 1e-4
+
+
+def test_unet_text_time_inputs_are_checked():
+    config = UNet2DConditionConfig.from_dict(TINY_SDXL_TEST)
+    unet = UNet2DConditionModel(config)
+    x, t, ctx = jnp.zeros((2, 8, 8, 4)), jnp.zeros((2,)), jnp.zeros((2, 3, 64))
+    params = unet.init(__import__("jax").random.key(0), *unet.dummy_inputs())["params"]
+    assert params["add_embedding"]["linear_1"]["kernel"].shape == (80, 128)
+    ok = {"text_embeds": jnp.zeros((2, 32)), "time_ids": jnp.zeros((2, 6))}
+    assert unet.apply({"params": params}, x, t, ctx, added_cond_kwargs=ok).shape == (2, 8, 8, 4)
+    with pytest.raises(ValueError, match="missing \\['time_ids'\\]"):
+        unet.apply({"params": params}, x, t, ctx, added_cond_kwargs={"text_embeds": ok["text_embeds"]})
+    with pytest.raises(ValueError, match="projection_class_embeddings_input_dim is 80"):
+        unet.apply({"params": params}, x, t, ctx, added_cond_kwargs={**ok, "time_ids": jnp.zeros((2, 5))})
+    with pytest.raises(ValueError, match="must have shape \\(2, n\\)"):
+        unet.apply({"params": params}, x, t, ctx, added_cond_kwargs={**ok, "text_embeds": jnp.zeros((1, 32))})
+    with pytest.raises(ConfigError, match="needs addition_time_embed_dim"):
+        UNet2DConditionConfig.from_dict({**TINY_SDXL_TEST, "addition_time_embed_dim": None})
+    with pytest.raises(ConfigError, match="addition_embed_type='text'"):
+        UNet2DConditionConfig.from_dict({**TINY_SDXL_TEST, "addition_embed_type": "text"})
+
+
+def test_sdxl_arguments_are_checked(xl, tmp_path):
+    ours, _ = xl("base")
+    for kw, match in [
+        (dict(original_size=(16,)), "original_size must be a \\(height, width\\)"),
+        (dict(crops_coords_top_left="0,0"), "crops_coords_top_left must be"),
+        (dict(aesthetic_score=float("nan")), "aesthetic_score must be a finite number"),
+        (dict(denoising_end=1.0), "denoising_end must be a fraction"),
+        (dict(denoising_start=0.5), "pass them as init_latents"),
+        (dict(prompt_2=["a", "b", "c"]), "prompt_2 must be a string or 2 strings"),
+        (dict(init_latents=np.zeros((1, 8, 8, 4), np.float32), denoising_start=0.5, strength=0.3),
+         "strength does not apply with denoising_start"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            ours.check_inputs(PROMPTS, height=H, width=W, **kw)
+    with pytest.raises(ConfigError, match="leave no step"):
+        make_plan(ours.scheduler_config, 4, denoising_end=0.01)
+
+
+def test_sd_pipeline_refuses_sdxl_arguments(tmp_path):
+    from jaxcontrol.testing.pipeline_parity import save_tiny_pipeline
+
+    save_tiny_pipeline(tmp_path, kind="sd")
+    pipe = Pipeline.from_pretrained(tmp_path / "pipeline")
+    assert not pipe.xl
+    with pytest.raises(ConfigError, match="apply to SDXL models only"):
+        pipe.check_inputs(PROMPTS, height=H, width=W, original_size=(32, 32))
