@@ -65,6 +65,8 @@ def unet_to_ldm(sd: dict, lpb: int) -> dict:
             new = "input_blocks.0.0." + k[8:]
         elif k.startswith("time_embedding.linear_"):
             new = f"time_embed.{0 if k[22] == '1' else 2}.{k.split('.')[-1]}"
+        elif k.startswith("add_embedding.linear_"):  # SDXL's pooled text + size embedding
+            new = f"label_emb.0.{0 if k[21] == '1' else 2}.{k.split('.')[-1]}"
         elif k.startswith("conv_norm_out."):
             new = "out.0." + k.split(".")[-1]
         elif k.startswith("conv_out."):

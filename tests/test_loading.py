@@ -187,7 +187,8 @@ def test_folder_errors(torch_unet, tmp_path):
     [
         (dict(_class_name="UNet3DConditionModel"), "model class 'UNet3DConditionModel' is not supported"),
         (dict(class_embed_type="timestep"), "class_embed_type='timestep' is not supported"),
-        (dict(addition_embed_type="text_time"), "addition_embed_type='text_time' is not supported"),
+        (dict(addition_embed_type="text_image"), "addition_embed_type='text_image' is not supported"),
+        (dict(addition_embed_type="text_time"), "'text_time' \\(SDXL\\) needs addition_time_embed_dim"),
         (dict(down_block_types=["SimpleCrossAttnDownBlock2D", "DownBlock2D"]), "down block type"),
         (dict(block_out_channels=[8, 16, 32]), "block_out_channels has 3 entries"),
         (dict(norm_num_groups=3), "not divisible by norm_num_groups=3"),

@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", metavar="DIR",
                    help="a tokenizer folder to copy into a converted pipeline (single files hold none; without one "
                         "the pipeline cannot encode prompts)")
+    p.add_argument("--tokenizer-2", metavar="DIR",
+                   help="SDXL's second tokenizer folder (OpenCLIP bigG's, `tokenizer_2/` of a diffusers SDXL folder) "
+                        "to copy into a converted SDXL pipeline; single files hold none")
     p.add_argument("--set", dest="set_", action="append", default=[], metavar="COMPONENT.FIELD=VALUE",
                    help="set one config field of a component (diffusers field names; VALUE is JSON, or a string), "
                         "e.g. --set controlnet.global_pool_conditions=true (repeatable)")
@@ -183,7 +186,8 @@ def _main(argv: list[str] | None) -> int:
     report = convert(
         src, args.dest, format=args.format, dtype=args.dtype, components=args.component,
         unsafe_load_pickle=args.unsafe_load_pickle, ema=args.ema, prediction_type=args.prediction_type,
-        overrides=overrides, configs=configs, tokenizer=args.tokenizer, kind=args.kind, overwrite=args.overwrite,
+        overrides=overrides, configs=configs, tokenizer=args.tokenizer, tokenizer_2=args.tokenizer_2, kind=args.kind,
+        overwrite=args.overwrite,
         progress=None if args.no_progress else progress,
     )
     print(format_summary(report))

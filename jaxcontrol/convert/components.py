@@ -95,6 +95,8 @@ class Checkpoint:
     scheduler_config: dict | None = None
     prediction_type: str | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
+    # the pipeline's settings, written into model_index.json (SDXL's force_zeros_for_empty_prompt, ...)
+    options: dict = dataclasses.field(default_factory=dict)
 
     @property
     def description(self) -> str:

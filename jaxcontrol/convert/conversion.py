@@ -79,6 +79,7 @@ def convert(
     tokenizer: str | os.PathLike | None = None,
     kind: str | None = None,
     overwrite: bool = False,
+    tokenizer_2: str | os.PathLike | None = None,
     progress: Progress | None = None,
 ) -> ConversionReport:
     """Convert `src` (single file or folder, format detected) to `dest` (`format` "jaxcontrol" or "diffusers").
@@ -105,7 +106,7 @@ def convert(
         raise CheckpointError(f"{dest.parent}: not writable; cannot create {dest.name} there")
     ckpt = read_checkpoint(src, unsafe_load_pickle=unsafe_load_pickle, ema=ema, prediction_type=prediction_type,
                            overrides=overrides, configs=configs, components=components, tokenizer=tokenizer,
-                           kind=kind)
+                           kind=kind, tokenizer_2=tokenizer_2)
     param_dtype = DTYPES[dtype]
     rows: list[ComponentReport] = []
     single = len(ckpt.components) == 1
@@ -125,10 +126,10 @@ def convert(
         if format == "jaxcontrol":
             writer.finish(pipeline_class=ckpt.pipeline_class, tokenizers=ckpt.tokenizers,
                           scheduler_config=ckpt.scheduler_config, prediction_type=ckpt.prediction_type,
-                          source={"file": Path(src).name, "format": ckpt.format})
+                          source={"file": Path(src).name, "format": ckpt.format}, options=ckpt.options)
         else:
             writer.finish(pipeline_class=ckpt.pipeline_class, tokenizers=ckpt.tokenizers,
-                          scheduler_config=ckpt.scheduler_config)
+                          scheduler_config=ckpt.scheduler_config, options=ckpt.options)
     for name in ckpt.tokenizers if ckpt.pipeline_class else ():
         rows.append(ComponentReport(name, "tokenizer (copied)", 0, "-", dest / name))
     return ConversionReport(Path(src), ckpt.format, ckpt.description, dest, format, dtype, rows,

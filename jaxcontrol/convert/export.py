@@ -41,7 +41,11 @@ _TRANSFORMERS_MODEL_TYPES = {
 _EMPTY_SLOTS = ("safety_checker", "feature_extractor", "image_encoder")
 # pipelines whose slots differ: Depth2Img has a depth estimator (MiDaS in an LDM file, not converted)
 # and no safety checker, so no requires_safety_checker either
-_CLASS_SLOTS = {"StableDiffusionDepth2ImgPipeline": ("depth_estimator", "feature_extractor")}
+# SDXL's pipelines have no safety checker; the refiner (img2img) has no first text encoder either
+_CLASS_SLOTS = {"StableDiffusionDepth2ImgPipeline": ("depth_estimator", "feature_extractor"),
+                "StableDiffusionXLPipeline": ("image_encoder", "feature_extractor"),
+                "StableDiffusionXLImg2ImgPipeline": ("text_encoder", "tokenizer", "image_encoder", "feature_extractor"),
+                "StableDiffusionXLInpaintPipeline": ("text_encoder", "tokenizer", "image_encoder", "feature_extractor")}
 # model_index.json's `_diffusers_version`: the release this layout was checked against (diffusers'
 # StableDiffusionInpaintPipeline.from_pretrained fails without the field)
 DIFFUSERS_VERSION = "0.42.1"
@@ -151,12 +155,13 @@ class DiffusersWriter:
         return n
 
     def finish(self, *, pipeline_class: str | None, tokenizers: Mapping[str, Path] | None = None,
-               scheduler_config: Mapping[str, Any] | None = None) -> None:
+               scheduler_config: Mapping[str, Any] | None = None, options: Mapping[str, Any] | None = None) -> None:
         """Write the pipeline's `model_index.json`, the tokenizer folders and `scheduler/scheduler_config.json`.
 
         Does nothing for a single component. `pipeline_class` defaults to "DiffusionPipeline"; a
         StableDiffusion* pipeline gets empty safety_checker/feature_extractor/image_encoder slots,
-        StableDiffusionDepth2ImgPipeline empty depth_estimator/feature_extractor ones. Raises
+        StableDiffusionDepth2ImgPipeline empty depth_estimator/feature_extractor ones; `options` (the
+        pipeline's settings, e.g. SDXL's force_zeros_for_empty_prompt) go in as they are. Raises
         `CheckpointError` for a tokenizer name that is not a plain folder name, or a tokenizer folder
         that cannot be copied.
         """
@@ -182,6 +187,7 @@ class DiffusersWriter:
             for slot in _EMPTY_SLOTS:
                 index.setdefault(slot, [None, None])
             index["requires_safety_checker"] = False
+        index.update(options or {})
         (self.root / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 

@@ -16,6 +16,8 @@ from ..errors import CheckpointError, ConfigError
 FORMATS = {
     "ldm-sd1": "LDM single file, Stable Diffusion 1.x",
     "ldm-sd2": "LDM single file, Stable Diffusion 2.x",
+    "ldm-sdxl": "LDM single file, Stable Diffusion XL base",
+    "ldm-sdxl-refiner": "LDM single file, Stable Diffusion XL refiner",
     "ldm-unet": "LDM U-Net state dict",
     "ldm-vae": "LDM VAE state dict",
     "controlnet-v1.0": "ControlNet v1.0 (whole ControlLDM)",
@@ -31,6 +33,12 @@ FORMATS = {
 
 # the single-file formats that hold a Stable Diffusion U-Net (and possibly its VAE and text encoder)
 STABLE_DIFFUSION_FORMATS = ("ldm-sd1", "ldm-sd2", "controlnet-v1.0")
+
+# the single-file formats of SDXL (generative-models' `DiffusionEngine`: `conditioner.embedders.*`)
+SDXL_FORMATS = ("ldm-sdxl", "ldm-sdxl-refiner")
+SDXL_TEXT_PREFIX = "conditioner.embedders.0.transformer."  # the base's CLIP ViT-L (transformers names)
+SDXL_TEXT2_PREFIX = "conditioner.embedders.1.model."  # the base's OpenCLIP ViT-bigG
+SDXL_REFINER_TEXT_PREFIX = "conditioner.embedders.0.model."  # the refiner's OpenCLIP ViT-bigG
 
 # key prefixes of an LDM `LatentDiffusion` / ControlNet `ControlLDM` file
 SD_TEXT_PREFIX = "cond_stage_model.transformer."  # CLIP ViT-L (transformers names)
@@ -57,15 +65,26 @@ def detect_format(keys: Iterable[str], origin: str = "checkpoint") -> str:
     """The format of a single-file checkpoint, from its key names alone (a key of `FORMATS`).
 
     An SD-1 file whose U-Net turns out to cross-attend at width 1024 is SD-2 (`read_single_file`
-    refines `ldm-sd1` once shapes are read). Raises `ConfigError` for SDXL / class-conditioned
-    files and `CheckpointError` (listing some keys) for a layout none of the formats explains.
+    refines `ldm-sd1` once shapes are read). Raises `ConfigError` for class-conditioned files
+    other than SDXL base and refiner, and `CheckpointError` (listing some keys) for a layout none of the formats explains.
     """
     keys = list(keys)
     ks = set(keys)
-    if has_prefix(keys, "conditioner.embedders.") or has_prefix(keys, UNET_PREFIX + "label_emb."):
+    if has_prefix(keys, "conditioner.embedders."):
+        if has_prefix(keys, SDXL_TEXT_PREFIX) and has_prefix(keys, SDXL_TEXT2_PREFIX):
+            return "ldm-sdxl"
+        if has_prefix(keys, SDXL_REFINER_TEXT_PREFIX) and not has_prefix(keys, "conditioner.embedders.1."):
+            return "ldm-sdxl-refiner"
+        embedders = sorted({".".join(k.split(".")[:4]) for k in keys if k.startswith("conditioner.embedders.")})
         raise ConfigError(
-            f"{origin}: this is an SDXL (or other class-conditioned) checkpoint; jaxcontrol converts SD-1.x / SD-2.x "
-            f"U-Nets, their ControlNets and T2I-Adapters"
+            f"{origin}: a generative-models checkpoint with text encoders {embedders}: jaxcontrol reads SDXL base "
+            f"(CLIP ViT-L at {SDXL_TEXT_PREFIX}*, OpenCLIP bigG at {SDXL_TEXT2_PREFIX}*) and the SDXL refiner "
+            f"(OpenCLIP bigG at {SDXL_REFINER_TEXT_PREFIX}*)")
+    if has_prefix(keys, UNET_PREFIX + "label_emb."):
+        raise ConfigError(
+            f"{origin}: a class-conditioned U-Net (label_emb.*) without SDXL's text encoders "
+            f"(conditioner.embedders.*): SD-2 unCLIP and the x4 upscaler are not supported; an SDXL U-Net alone "
+            f"converts from its diffusers folder, or from the whole SDXL file"
         )
     if has_prefix(keys, UNET_PREFIX):
         if has_prefix(keys, CONTROL_PREFIX):

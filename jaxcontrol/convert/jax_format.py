@@ -83,7 +83,7 @@ class JaxcontrolWriter:
 
     def finish(self, *, pipeline_class: str | None = None, tokenizers: Mapping[str, Path] | None = None,
                scheduler_config: Mapping[str, Any] | None = None, prediction_type: str | None = None,
-               source: Mapping[str, Any] | None = None) -> None:
+               source: Mapping[str, Any] | None = None, options: Mapping[str, Any] | None = None) -> None:
         """Write the manifest `jaxcontrol.json` listing the added components.
 
         For a pipeline (`pipeline_class` set) also copy the tokenizer folders and write
@@ -110,6 +110,8 @@ class JaxcontrolWriter:
                 (self.root / "scheduler" / "scheduler_config.json").write_text(
                     json.dumps(dict(scheduler_config), indent=2, sort_keys=True) + "\n")
                 manifest["scheduler"] = "scheduler/scheduler_config.json"
+        if options:
+            manifest["options"] = dict(options)
         if source:
             manifest["source"] = dict(source)
         (self.root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -237,8 +239,11 @@ def read_jaxcontrol(path: str | os.PathLike) -> Checkpoint:
     if manifest.get("scheduler"):
         file = safe_join(path, manifest["scheduler"], f"{where}: scheduler")
         scheduler = read_json(file, "scheduler config")
+    options = manifest.get("options") or {}
+    if not isinstance(options, dict):
+        raise CheckpointError(f"{where}: options must be a JSON object, got {options!r}")
     return Checkpoint(path, "jaxcontrol", comps, pipeline_class=manifest.get("pipeline_class"), tokenizers=tokenizers,
-                      scheduler_config=scheduler, prediction_type=manifest.get("prediction_type"))
+                      scheduler_config=scheduler, prediction_type=manifest.get("prediction_type"), options=options)
 
 
 def load_checkpoint(
@@ -282,7 +287,8 @@ def load_checkpoint(
     if ckpt.scheduler_config is not None:
         configs["scheduler"] = ckpt.scheduler_config
     tokenizers = {k: load_tokenizer(v) for k, v in ckpt.tokenizers.items()}
-    return PipelineBundle(ckpt.path, ckpt.pipeline_class or "", modules, params, configs, tokenizers)
+    return PipelineBundle(ckpt.path, ckpt.pipeline_class or "", modules, params, configs, tokenizers,
+                          options=dict(ckpt.options))
 
 
 def load_jaxcontrol_model(path: str | os.PathLike, *, subfolder: str | None = None, dtype: Any = jnp.float32,

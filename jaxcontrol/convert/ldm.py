@@ -87,14 +87,17 @@ def unet_layout(keys: Iterable[str]) -> tuple[int, int]:
     return levels, (n_inputs - levels) // levels
 
 
-def ldm_unet_to_diffusers(keys: list[str], origin: str, *, controlnet: bool = False) -> dict[str, str]:
+def ldm_unet_to_diffusers(keys: list[str], origin: str, *, controlnet: bool = False,
+                          xl: bool = False) -> dict[str, str]:
     """Map the keys of an LDM `UNetModel` (or a `ControlNet`, with `controlnet=True`) to diffusers names.
 
     `keys` carry no prefix (`input_blocks.1.0.in_layers.0.weight`). Any key outside the known layout
     raises a `CheckpointError` listing it, so a file from a different architecture is never half-read.
+    `xl`: an SDXL U-Net, whose `label_emb.0.0` / `label_emb.0.2` (the pooled text and size
+    embedding) are diffusers' `add_embedding.linear_1` / `linear_2`.
     """
     what = "ControlNet" if controlnet else "U-Net"
-    if any(k.startswith("label_emb.") for k in keys):
+    if not xl and any(k.startswith("label_emb.") for k in keys):
         raise ConfigError(
             f"{origin}: this {what} is class-conditioned (label_emb.*: SDXL, SD-2 unCLIP or the x4 upscaler); "
             f"jaxcontrol implements the SD-1.x / SD-2.x text-to-image U-Net only"
@@ -112,7 +115,9 @@ def ldm_unet_to_diffusers(keys: list[str], origin: str, *, controlnet: bool = Fa
     bad = []
     for k in keys:
         new = None
-        if k.startswith("time_embed.0."):
+        if xl and (m := re.fullmatch(r"label_emb\.0\.([02])\.(weight|bias)", k)):
+            new = f"add_embedding.linear_{int(m[1]) // 2 + 1}.{m[2]}"
+        elif k.startswith("time_embed.0."):
             new = "time_embedding.linear_1." + k[len("time_embed.0."):]
         elif k.startswith("time_embed.2."):
             new = "time_embedding.linear_2." + k[len("time_embed.2."):]
@@ -214,10 +219,14 @@ def infer_unet_config(source: TensorSource, *, controlnet: bool = False) -> tupl
         cross = shape(to_k)[1]
         config["cross_attention_dim"] = cross
         config["use_linear_projection"] = len(shape(proj_in)) == 2
-        depths = [_count(keys, rf"down_blocks\.{b}\.attentions\.0\.transformer_blocks\.(\d+)\.") or 1 for b in range(n)]
-        config["transformer_layers_per_block"] = depths[0] if len(set(depths)) == 1 else depths
-        # head counts are not stored in the weights: SD-1.x uses 8 heads, SD-2.x 64 channels per head
-        if cross == 1024:
+        config["transformer_layers_per_block"] = _transformer_depths(keys, n, has_attn)
+        xl = "add_embedding.linear_1.weight" in source
+        # head counts are not stored in the weights: SD-1.x uses 8 heads, SD-2.x and SDXL 64 channels per head
+        if xl:
+            config["attention_head_dim"] = [max(1, c // 64) for c in block_out]
+            notes.append(f"{what}: attention heads not stored in the weights; assumed SDXL's 64 channels per head "
+                         f"({config['attention_head_dim']})")
+        elif cross == 1024:
             config["attention_head_dim"] = [max(1, c // 64) for c in block_out]
             notes.append(f"{what}: attention heads not stored in the weights; assumed SD-2.x's 64 channels per head "
                          f"({config['attention_head_dim']})")
@@ -226,6 +235,9 @@ def infer_unet_config(source: TensorSource, *, controlnet: bool = False) -> tupl
             notes.append(f"{what}: attention heads not stored in the weights; assumed SD-1.x's 8 heads")
     if "time_embedding.cond_proj.weight" in source:
         config["time_cond_proj_dim"] = shape("time_embedding.cond_proj.weight")[1]
+    if "add_embedding.linear_1.weight" in source:  # SDXL: pooled text + 256-wide Fourier features per size id
+        config.update(addition_embed_type="text_time", addition_time_embed_dim=256,
+                      projection_class_embeddings_input_dim=shape("add_embedding.linear_1.weight")[1])
     if controlnet:
         try:
             cond_in = shape("controlnet_cond_embedding.conv_in.weight")
@@ -245,8 +257,24 @@ def infer_unet_config(source: TensorSource, *, controlnet: bool = False) -> tupl
         config["up_block_types"] = [
             CROSS_ATTN_UP if f"up_blocks.{b}.attentions.0.proj_in.weight" in source else PLAIN_UP for b in range(nu)
         ]
-        config["sample_size"] = 64
+        config["sample_size"] = 128 if "add_embedding.linear_1.weight" in source else 64
     return config, notes
+
+
+def _transformer_depths(keys, n: int, has_attn: list[bool]) -> int | list[int]:
+    """`transformer_layers_per_block`: the transformer blocks in each down block's attentions. Blocks
+    without attention get 1, except a last one, whose entry the mid block also uses (diffusers
+    takes the mid block's depth from the last entry); one depth everywhere is written as an int,
+    as diffusers' own configs do (SDXL base: [1, 2, 10]; its refiner: 4)."""
+    depths = [_count(keys, rf"down_blocks\.{b}\.attentions\.0\.transformer_blocks\.(\d+)\.") for b in range(n)]
+    mid = _count(keys, r"mid_block\.attentions\.0\.transformer_blocks\.(\d+)\.")
+    used = {d for d, a in zip(depths, has_attn) if a} | ({mid} if mid else set())
+    if len(used) == 1:
+        return used.pop()
+    out = [d if a else 1 for d, a in zip(depths, has_attn)]
+    if mid and not has_attn[-1]:
+        out[-1] = mid
+    return out
 
 
 # --- VAE (ldm.models.autoencoder.AutoencoderKL) -------------------------------------------------
@@ -337,17 +365,21 @@ _OPENCLIP_LAYER = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "ml
                    "attn.out_proj": "self_attn.out_proj"}
 
 
-def openclip_text_to_diffusers(source: TensorSource, keys: list[str], origin: str) -> tuple[dict[str, Spec], list[str]]:
+def openclip_text_to_diffusers(source: TensorSource, keys: list[str], origin: str, *,
+                               sdxl: bool = False) -> tuple[dict[str, Spec], list[str]]:
     """Spec for an OpenCLIP text tower (SD-2.x's `cond_stage_model.model.*`, prefix removed).
 
     SD-2.x conditions on the penultimate layer, so, like diffusers, the last transformer layer is
     dropped and the result is a `CLIPTextModel` with one layer fewer whose `final_layer_norm` is
     OpenCLIP's `ln_final`. The fused `attn.in_proj_*` is split into q, k and v on load.
+    `sdxl` (SDXL's OpenCLIP bigG, `conditioner.embedders.*.model.*`): every layer is kept (the
+    pipeline reads the penultimate hidden state itself) and OpenCLIP's `text_projection` (width,
+    projection), applied as x @ P, becomes a `CLIPTextModelWithProjection`'s `text_projection.weight` P^T.
     """
     layers = sorted({int(m[1]) for k in keys if (m := re.match(r"transformer\.resblocks\.(\d+)\.", k))})
     if not layers:
         raise CheckpointError(f"{origin}: no OpenCLIP text transformer (transformer.resblocks.*)")
-    last = layers[-1]
+    last = layers[-1] if not sdxl else None
     spec: dict[str, Spec] = {}
     dropped, bad = [], []
     for k in keys:
@@ -377,12 +409,22 @@ def openclip_text_to_diffusers(source: TensorSource, keys: list[str], origin: st
             for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
                 spec[f"text_model.encoder.layers.{i}.self_attn.{name}.{leaf}"] = (
                     k, (d,) + s[1:], (lambda a, j=j, d=d: a[j * d:(j + 1) * d]))
+        elif sdxl and k == "text_projection":
+            s = tuple(source.shape(k))
+            if len(s) != 2:
+                raise CheckpointError(f"{origin}: {k} has shape {s}; expected (width, projection)")
+            spec["text_projection.weight"] = (k, (s[1], s[0]), lambda a: np.ascontiguousarray(np.asarray(a).T))
         elif k in ("text_projection", "logit_scale", "attn_mask") or k.startswith("visual."):
             dropped.append(k)
         else:
             bad.append(k)
     if bad:
         raise _unrecognised("OpenCLIP text encoder", origin, bad)
+    if sdxl:
+        if "text_projection.weight" not in spec:
+            raise CheckpointError(f"{origin}: SDXL's OpenCLIP text encoder has no text_projection (its pooled "
+                                  f"embedding needs it)")
+        return spec, [f"text_encoder_2: OpenCLIP bigG, all {len(layers)} layers, with its text projection"]
     notes = [f"text encoder: OpenCLIP layer {last} of {last + 1} dropped (SD-2.x conditions on the penultimate layer)"]
     return spec, notes
 

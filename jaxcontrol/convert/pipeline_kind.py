@@ -22,7 +22,7 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..models.kinds import EXTRA_CHANNELS, KINDS, unet_kind
 from .components import Checkpoint
-from .formats import STABLE_DIFFUSION_FORMATS, UNET_PREFIX
+from .formats import SDXL_FORMATS, STABLE_DIFFUSION_FORMATS, UNET_PREFIX
 
 KIND_CHOICES = ("auto",) + KINDS
 
@@ -69,7 +69,7 @@ def _latent_channels(ckpt: Checkpoint) -> int:
 
 def conv_in_key(ckpt: Checkpoint) -> str:
     """The name of the U-Net's first convolution weight as the checkpoint itself spells it."""
-    if ckpt.format in STABLE_DIFFUSION_FORMATS:
+    if ckpt.format in STABLE_DIFFUSION_FORMATS + SDXL_FORMATS:
         return UNET_PREFIX + "input_blocks.0.0.weight"
     if ckpt.format == "ldm-unet":
         return "input_blocks.0.0.weight"
@@ -124,7 +124,13 @@ def resolve_kind(ckpt: Checkpoint, kind: str | None = None) -> str | None:
             f"latents match no model kind jaxcontrol samples (expected one of {_known_shapes(config, latent)}); "
             f"convert the U-Net alone with --component unet (no pipeline class is then written)")
     cls = ckpt.pipeline_class
-    if ckpt.format in STABLE_DIFFUSION_FORMATS or cls in _GENERIC:
+    if ckpt.format in SDXL_FORMATS:  # SDXL files: text-to-image (base), img2img (refiner) or inpainting
+        if found == "inpaint":
+            ckpt.pipeline_class = "StableDiffusionXLInpaintPipeline"
+        elif found != "text2image":
+            raise ConfigError(f"{ckpt.path}: {key} of shape {shape} makes the SDXL U-Net a {found!r} model, which "
+                              f"jaxcontrol has no SDXL pipeline for (text-to-image and inpainting)")
+    elif ckpt.format in STABLE_DIFFUSION_FORMATS or cls in _GENERIC:
         controlnet = "controlnet" in ckpt.components
         new = pipeline_class_for(found, controlnet=controlnet)
         if new is None:

@@ -43,6 +43,7 @@ from .formats import (  # noqa: F401  (re-exported: this module's public names b
     FORMATS,
     SD2_TEXT_PREFIX,
     SD_TEXT_PREFIX,
+    SDXL_FORMATS,
     STABLE_DIFFUSION_FORMATS,
     UNET_PREFIX,
     VAE_PREFIX,
@@ -62,6 +63,7 @@ from .single_file_components import (
     controlnet_from_ldm,
     from_diffusers_state_dict,
     openclip_text_from_ldm,
+    sdxl_text_encoders,
     skipped_note,
     unet_from_ldm,
     vae_from_ldm,
@@ -94,6 +96,11 @@ def read_parts(fmt: str, source: TensorSource, origin: str, *, ema: bool | None 
         elif has_prefix(keys, SD2_TEXT_PREFIX):
             parts.append(openclip_text_from_ldm(source, origin))
         return parts
+    if fmt in SDXL_FORMATS:
+        parts = [unet_from_ldm(source, UNET_PREFIX, origin, ema=ema, xl=True)]
+        if has_prefix(keys, VAE_PREFIX):
+            parts.append(vae_from_ldm(source, VAE_PREFIX, origin))
+        return parts + sdxl_text_encoders(source, origin, refiner=fmt == "ldm-sdxl-refiner")
     if fmt in ("controlnet-v1.1", "controlnet-bare"):
         prefix = CONTROL_PREFIX if fmt == "controlnet-v1.1" else ""
         return [controlnet_from_ldm(source, prefix, origin, file_name=file_name)]
@@ -169,6 +176,34 @@ def _complete_stable_diffusion(ckpt: Checkpoint, global_step: int | None, predic
         ckpt.scheduler_config = default_scheduler_config("ldm-sd2" if sd2 else "ldm-sd1", prediction_type)
 
 
+def sdxl_scheduler_config() -> dict:
+    """The scheduler config SDXL base 1.0 and its refiner ship with (Euler, "leading", epsilon)."""
+    return {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+            "beta_end": 0.012, "beta_schedule": "scaled_linear", "trained_betas": None, "steps_offset": 1,
+            "prediction_type": "epsilon", "timestep_spacing": "leading", "interpolation_type": "linear",
+            "use_karras_sigmas": False, "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True,
+            "clip_sample": False}
+
+
+def _complete_sdxl(ckpt: Checkpoint, prediction_type: str | None) -> None:
+    """SDXL's pipeline class and settings (the base: text-to-image, zero negative embeddings for an
+    empty negative prompt; the refiner: img2img with the aesthetic score), its VAE scaling factor
+    (0.13025) and Euler scheduler, when the file holds a pipeline (more than the U-Net)."""
+    comps = ckpt.components
+    refiner = ckpt.format == "ldm-sdxl-refiner"
+    ckpt.prediction_type = prediction_type or "epsilon"
+    if "vae" in comps:
+        comps["vae"].config.update(scaling_factor=0.13025, force_upcast=True, sample_size=1024)
+    if len(comps) > 1:
+        ckpt.pipeline_class = "StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline"
+        ckpt.options = {"force_zeros_for_empty_prompt": not refiner, "requires_aesthetics_score": refiner}
+        ckpt.scheduler_config = {**sdxl_scheduler_config(), "prediction_type": ckpt.prediction_type}
+        ckpt.notes.append("SDXL: VAE scaling_factor 0.13025 (force_upcast), Euler scheduler, "
+                          + ("the refiner's aesthetic-score conditioning" if refiner else
+                             "zero negative embeddings for an empty negative prompt (force_zeros_for_empty_prompt)")
+                          + "; the tokenizers are not in the file: pass them (--tokenizer, tokenizer_2)")
+
+
 def depth_estimator_note(keys: list[str]) -> tuple[frozenset[str], list[str]]:
     """The `depth_model.*` keys of an LDM depth file (SD-2's 512-depth-ema) and the note saying they are skipped.
 
@@ -200,6 +235,8 @@ def read_single_file(path: Path, source: TensorSource, facts: dict, *, ema: bool
     ckpt = Checkpoint(path, fmt, {p.component.name: p.component for p in parts}, prediction_type=prediction_type,
                       notes=[note for p in parts for note in p.notes])
     used = set().union(*(p.used for p in parts))
+    if fmt in SDXL_FORMATS:
+        _complete_sdxl(ckpt, prediction_type)
     if fmt in STABLE_DIFFUSION_FORMATS:
         _complete_stable_diffusion(ckpt, facts.get("global_step"), prediction_type, kind)
         depth, notes = depth_estimator_note(source.keys())
@@ -340,6 +377,7 @@ def read_checkpoint(
     components: Iterable[str] | None = None,
     tokenizer: str | os.PathLike | None = None,
     kind: str | None = None,
+    tokenizer_2: str | os.PathLike | None = None,
 ) -> Checkpoint:
     """Open `path` (a single file or a folder), detect its format and describe its components, lazily.
 
@@ -351,6 +389,7 @@ def read_checkpoint(
       configs: `{component: config dict}` replacing the inferred config (shapes are still checked).
       components: keep only these components.
       tokenizer: a tokenizer folder to carry along (single files hold none).
+      tokenizer_2: SDXL's second tokenizer folder (OpenCLIP bigG's; single files hold none).
       kind: the U-Net's kind ("text2image", "inpaint", "depth", "instruct_pix2pix"; None or "auto":
         from the width of its first convolution, `pipeline_kind.resolve_kind`). A kind the width
         contradicts is refused; the pipeline class written names the kind (StableDiffusionInpaintPipeline, ...).
@@ -370,15 +409,21 @@ def read_checkpoint(
         _set_prediction_type(ckpt, prediction_type)
     if tokenizer is not None:
         ckpt.tokenizers["tokenizer"] = _tokenizer_folder(tokenizer)
+    if tokenizer_2 is not None:
+        ckpt.tokenizers["tokenizer_2"] = _tokenizer_folder(tokenizer_2)
     _check_names(ckpt, overrides, configs)
     _select(ckpt, components)
     _apply_overrides(ckpt, overrides, configs)
     resolve_kind(ckpt, kind)
-    if "text_encoder" not in ckpt.components:
-        ckpt.tokenizers = {}
-    elif not ckpt.tokenizers and ckpt.pipeline_class:
-        ckpt.notes.append("no tokenizer in this checkpoint: pass a tokenizer folder (--tokenizer) to make the "
-                          "converted pipeline usable for text-to-image")
+    # a tokenizer travels with its text encoder ("tokenizer" with "text_encoder", "tokenizer_2" with "text_encoder_2")
+    ckpt.tokenizers = {k: v for k, v in ckpt.tokenizers.items() if "text_encoder" + k[len("tokenizer"):]
+                       in ckpt.components}
+    missing = [t for t in ("tokenizer", "tokenizer_2") if "text_encoder" + t[len("tokenizer"):] in ckpt.components
+               and t not in ckpt.tokenizers]
+    if missing and ckpt.pipeline_class:
+        flags = " and ".join(f"--{t.replace('_', '-')}" for t in missing)
+        ckpt.notes.append(f"no {' / '.join(missing)} in this checkpoint: pass the folder ({flags}) to make the "
+                          f"converted pipeline usable for text-to-image")
     return ckpt
 
 
@@ -412,4 +457,5 @@ def load_single_file(
     if ckpt.scheduler_config is not None:
         configs["scheduler"] = ckpt.scheduler_config
     tokenizers = {k: load_tokenizer(v) for k, v in ckpt.tokenizers.items()}
-    return PipelineBundle(ckpt.path, ckpt.pipeline_class or "", modules, params, configs, tokenizers)
+    return PipelineBundle(ckpt.path, ckpt.pipeline_class or "", modules, params, configs, tokenizers,
+                          options=dict(ckpt.options))

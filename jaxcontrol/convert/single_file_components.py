@@ -19,7 +19,16 @@ from ..errors import CheckpointError
 from ..models.clip import normalize_clip_keys
 from . import ldm
 from .components import Component
-from .formats import EMA_PREFIX, SD2_TEXT_PREFIX, SD_TEXT_PREFIX, adapter_prefix, diffusers_class_of
+from .formats import (
+    EMA_PREFIX,
+    SD2_TEXT_PREFIX,
+    SD_TEXT_PREFIX,
+    SDXL_REFINER_TEXT_PREFIX,
+    SDXL_TEXT2_PREFIX,
+    SDXL_TEXT_PREFIX,
+    adapter_prefix,
+    diffusers_class_of,
+)
 from .model_types import MODEL_TYPES, vae_legacy_names
 from .sources import TensorSource
 
@@ -74,15 +83,17 @@ def _ema_source(source: TensorSource, mapping: dict[str, str], ema_keys: list[st
     return ldm.derive(source, spec, f"{origin} [unet]")
 
 
-def unet_from_ldm(source: TensorSource, prefix: str, origin: str, *, ema: bool | None = False) -> Part:
+def unet_from_ldm(source: TensorSource, prefix: str, origin: str, *, ema: bool | None = False,
+                  xl: bool = False) -> Part:
     """An LDM `openaimodel.UNetModel` under `prefix` as a diffusers `UNet2DConditionModel` named "unet".
 
     With `ema`, the weights are the file's EMA copy (`model_ema.*`; `CheckpointError` if it has
     none or only part of one); without, a note says when the file holds one. The EMA keys are
     accounted for either way. Unknown keys under `prefix` raise `CheckpointError` naming them.
+    `xl`: SDXL's U-Net (its `label_emb` is the text_time embedding).
     """
     inner = keys_under(source, prefix)
-    mapping = ldm.ldm_unet_to_diffusers(inner, f"{origin} [{prefix}*]")
+    mapping = ldm.ldm_unet_to_diffusers(inner, f"{origin} [{prefix}*]", xl=xl)
     ema_keys = [k for k in source.keys() if k.startswith(EMA_PREFIX)]
     notes = []
     if ema:
@@ -136,6 +147,32 @@ def clip_text_from_ldm(source: TensorSource, origin: str) -> Part:
     config, notes = ldm.infer_clip_text_config(sub, hidden_act="quick_gelu")
     used = frozenset(SD_TEXT_PREFIX + k for k in inner)
     return Part(Component("text_encoder", config, sub, ignore=_CLIP_IGNORE), used, tuple(notes))
+
+
+def sdxl_text_encoders(source: TensorSource, origin: str, *, refiner: bool) -> list[Part]:
+    """SDXL's text encoders: the base's CLIP ViT-L (`conditioner.embedders.0.transformer.`, quick_gelu)
+    as "text_encoder" and OpenCLIP bigG (`conditioner.embedders.1.model.`, gelu, every layer and the
+    projection) as "text_encoder_2", a `CLIPTextModelWithProjection`; the refiner has bigG alone
+    (`conditioner.embedders.0.model.`)."""
+    parts = []
+    if not refiner:
+        inner = keys_under(source, SDXL_TEXT_PREFIX)
+        sub = normalize_clip_keys(source.renamed({SDXL_TEXT_PREFIX + k: k for k in inner}, f"{origin} [text_encoder]"))
+        config, notes = ldm.infer_clip_text_config(sub, hidden_act="quick_gelu")
+        parts.append(Part(Component("text_encoder", config, sub, ignore=_CLIP_IGNORE),
+                          frozenset(SDXL_TEXT_PREFIX + k for k in inner), tuple(notes)))
+    prefix = SDXL_REFINER_TEXT_PREFIX if refiner else SDXL_TEXT2_PREFIX
+    inner = keys_under(source, prefix)
+    spec, notes = ldm.openclip_text_to_diffusers(source.renamed({prefix + k: k for k in inner}), inner,
+                                                 f"{origin} [{prefix}*]", sdxl=True)
+    sub = ldm.derive(source, {new: (prefix + old, s, fn) for new, (old, s, fn) in spec.items()},
+                     f"{origin} [text_encoder_2]")
+    config, inferred = ldm.infer_clip_text_config(sub, hidden_act="gelu")
+    config["_class_name"] = "CLIPTextModelWithProjection"
+    parts.append(Part(Component("text_encoder_2", config, sub, ignore=_CLIP_IGNORE),
+                      frozenset(prefix + k for k in inner), tuple(notes + [n.replace("text encoder:", "text_encoder_2:")
+                                                                          for n in inferred])))
+    return parts
 
 
 def openclip_text_from_ldm(source: TensorSource, origin: str) -> Part:

@@ -65,7 +65,9 @@ def save_tiny_sdxl_pipeline(folder: str | Path, *, kind: str = "base", seed: int
     if kind == "base":
         pipe = diffusers.StableDiffusionXLPipeline(**common)
     elif kind in ("img2img", "refiner"):
-        pipe = diffusers.StableDiffusionXLImg2ImgPipeline(**common, requires_aesthetics_score=refiner)
+        # as stabilityai/stable-diffusion-xl-refiner-1.0's model_index.json: no zeroed negative embeddings
+        pipe = diffusers.StableDiffusionXLImg2ImgPipeline(**common, requires_aesthetics_score=refiner,
+                                                          force_zeros_for_empty_prompt=not refiner)
     elif kind == "inpaint":
         pipe = diffusers.StableDiffusionXLInpaintPipeline(**common)
     elif kind == "controlnet":
