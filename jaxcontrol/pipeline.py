@@ -1249,7 +1249,7 @@ class Pipeline:
             args = CallArguments.of(options)
         elif options:
             raise ConfigError(f"pass the options as `args` or as keywords, not both (got {sorted(options)})")
-        check_call_arguments(args, clip_layers=self._clip_layers())
+        check_call_arguments(args, clip_layers=self.max_clip_skip())
         self._check_xl_arguments(args)
         prompts, negatives = _prompt_batch(prompt, negative_prompt, args.num_images_per_prompt)
         b = len(prompts)
@@ -1333,7 +1333,7 @@ class Pipeline:
             denoising_end=None if args.denoising_end is None else float(args.denoising_end), **attention)
         return settings, per_image, shared, indices
 
-    def _clip_layers(self) -> int:
+    def max_clip_skip(self) -> int:
         """The largest `clip_skip`: the text encoder's depth (SD), one less for SDXL, whose
         embeddings already come from the penultimate layer of the shallower encoder."""
         if not self.xl:

@@ -138,6 +138,11 @@ def build_readme_models(root: Path) -> Path:
 
     Image.fromarray(fill50k_example(0, image_size=64, colors="basic").image).save(root / "circle.png")
     _concat_models(root, vae, text, CLIPTokenizer.from_pretrained(tok))
+    from jaxcontrol.testing.sdxl_parity import save_tiny_sdxl_pipeline
+
+    for kind, name in (("base", "stable-diffusion-xl-base-1.0"), ("refiner", "stable-diffusion-xl-refiner-1.0")):
+        save_tiny_sdxl_pipeline(root / f"_{kind}", kind=kind)
+        (root / f"_{kind}" / "pipeline").rename(root / name)
     _lora_and_embedding(root)
     return root
 
@@ -232,7 +237,10 @@ def test_readme_python_blocks_run(group, readme_models, tmp_path, monkeypatch):
     ns = {"__name__": "docs_example"}
     for i in README_GROUPS[group]:
         exec(compile(blocks[i], f"README.md[python block {i}]", "exec"), ns)
-    if "images" in ns:  # Pipeline, then the score-function API
+    if "refined" in ns:  # SDXL: base -> refiner
+        assert ns["latents"].shape == (1, 32, 32, 4) and ns["refined"].shape == (1, 64, 64, 3)
+        assert ns["refined"].dtype == np.uint8
+    elif "images" in ns:  # Pipeline, then the score-function API
         images = np.asarray(ns["images"])
         assert images.dtype == np.uint8 and images.shape == (1, 64, 64, 3)
         assert np.isfinite(np.asarray(ns["x"])).all() and ns["x"].shape == (1, 8, 8, 4)

@@ -5,6 +5,8 @@ Network parity (the tiny SDXL U-Net, ControlNet-XL and Adapter-XL on the SDXL U-
 test_unet_parity.py / test_adapter.py through the "tiny-sdxl-test" and "unet-sdxl-tiny-adapter" cases.
 """
 
+import json
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -239,3 +241,23 @@ def test_sd_pipeline_refuses_sdxl_arguments(tmp_path):
     assert not pipe.xl
     with pytest.raises(ConfigError, match="apply to SDXL models only"):
         pipe.check_inputs(PROMPTS, height=H, width=W, original_size=(32, 32))
+
+
+def test_infer_cli_on_an_sdxl_folder(xl, tmp_path):
+    """infer.py on an SDXL folder: micro-conditioning flags reach the pipeline (sidecar), no negative
+    prompt zeroes the negative embeddings, and the image equals the Pipeline's own."""
+    from jaxcontrol.commands.infer import main
+
+    ours, _ = xl("base")
+    folder = ours.bundle.path
+    out = tmp_path / "out"
+    assert main(["--model", str(folder), "--prompt", "a red circle", "--prompt-2", "a square", "--steps", "3",
+                 "--height", "16", "--width", "16", "--original-size", "32,24", "--crops-coords-top-left", "2,4",
+                 "--guidance-scale", "5", "--output", str(out), "--no-progress"]) == 0
+    side = json.loads((out / "image_00000.json").read_text())
+    assert side["sdxl"]["time_ids"] == [32, 24, 2, 4, 16, 16] and side["sdxl"]["zero_negative"] is True
+    assert side["negative_prompt"] is None
+    want = ours(["a red circle"], height=16, width=16, num_inference_steps=3, guidance_scale=5.0, prompt_2="a square",
+                original_size=(32, 24), crops_coords_top_left=(2, 4))
+    got = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(out / "image_00000.png"))
+    assert np.array_equal(got, want[0])

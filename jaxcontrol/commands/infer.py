@@ -112,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = ap.add_argument_group("prompts")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompt-file", help="a text file with one prompt per line")
-    p.add_argument("--negative-prompt", default="", help="the negative prompt (unconditional branch of CFG)")
+    p.add_argument("--negative-prompt", default=None,
+                   help="the negative prompt (unconditional branch of CFG; default none: \"\" for SD, zero "
+                        "embeddings for an SDXL model that says force_zeros_for_empty_prompt, as diffusers)")
     p.add_argument("--instruct", action="append", default=[],
                    help="an InstructPix2Pix model's edit instruction, e.g. \"make it red\" (repeatable): the "
                         "prompt, by its name; give --instruct or --prompt / --prompt-file, not both. Only with an "
@@ -144,6 +146,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="turn control and adapter images into Canny edge maps first (JAX, on the device)")
     a.add_argument("--canny-low", type=int, default=100, help="Canny low threshold (default 100)")
     a.add_argument("--canny-high", type=int, default=200, help="Canny high threshold (default 200)")
+    x = ap.add_argument_group("SDXL (a U-Net with the text_time embedding; diffusers' argument names)")
+    x.add_argument("--prompt-2", default=None, help="the prompt for the second text encoder (default: --prompt)")
+    x.add_argument("--negative-prompt-2", default=None,
+                   help="the negative prompt for the second text encoder (default: --negative-prompt)")
+    for flag, what in (("original-size", "H,W"), ("target-size", "H,W"), ("crops-coords-top-left", "TOP,LEFT")):
+        for neg in ("", "negative-"):
+            x.add_argument(f"--{neg}{flag}", type=_pair(f"--{neg}{flag}"), metavar=what,
+                           default=(0, 0) if flag.startswith("crops") else None,
+                           help=f"micro-conditioning {neg.replace('-', ' ')}{flag.replace('-', '_')} (default: "
+                                + ("0,0" if flag.startswith("crops") else "the image size") + ")")
+    x.add_argument("--aesthetic-score", type=float, default=6.0, help="the refiner's aesthetic score (default 6)")
+    x.add_argument("--negative-aesthetic-score", type=float, default=2.5,
+                   help="the refiner's negative aesthetic score (default 2.5)")
     s = ap.add_argument_group("sampling")
     s.add_argument("--scheduler", choices=solver_choices(),
                    help="solver (default: the model's own scheduler class)")
@@ -524,7 +539,7 @@ class InferSettings:
     # prompts and conditions
     prompts: tuple[str, ...]
     instruct: bool
-    negative_prompt: str
+    negative_prompt: str | None  # None: not given (SDXL may zero the negative embeddings)
     controls: tuple[ControlSpec, ...]
     control_resize_mode: str
     guess_mode: bool
@@ -558,6 +573,17 @@ class InferSettings:
     depth_map: str | None  # a depth map file (depth models)
     depth_estimator: str | None  # a DPT folder estimating the depth of init_image (depth models)
     image_guidance_scale: float | None  # InstructPix2Pix; None: the pipeline's default
+    # SDXL
+    prompt_2: str | None
+    negative_prompt_2: str | None
+    original_size: tuple[int, int] | None
+    target_size: tuple[int, int] | None
+    crops_coords_top_left: tuple[int, int]
+    negative_original_size: tuple[int, int] | None
+    negative_target_size: tuple[int, int] | None
+    negative_crops_coords_top_left: tuple[int, int]
+    aesthetic_score: float
+    negative_aesthetic_score: float
     clip_model: str | None
     clip_guidance_scale: float
     clip_prompt: str | None
@@ -1061,9 +1087,9 @@ def fit_to_model(settings: InferSettings, pipe, init_image) -> InferSettings:
 
     Raises `UsageError` for a --clip-skip deeper than the text encoder, --eta with a solver other
     than DDIM, or a size the VAE's downscale factor does not divide."""
-    layers = pipe.text_encoder.config.num_hidden_layers
+    layers = pipe.max_clip_skip()
     if settings.clip_skip is not None and settings.clip_skip > layers:
-        raise UsageError(f"--clip-skip {settings.clip_skip}: the text encoder has {layers} layers (at most {layers})")
+        raise UsageError(f"--clip-skip {settings.clip_skip}: at most {layers} with this model's text encoder(s)")
     solver = pipe.scheduler_config.resolve(settings.scheduler)[0]
     if settings.eta and solver != "ddim":
         raise UsageError(f"--eta {settings.eta} applies to the DDIM solver only; this run uses {solver!r} "
@@ -1203,7 +1229,36 @@ def _call_arguments(settings: InferSettings, inputs: InputImages, clip) -> dict:
         attn_res=attn_res(settings.attn_res),
         edit_source=None if settings.edit_sentences is None else list(settings.edit_sentences[0]),
         edit_target=None if settings.edit_sentences is None else list(settings.edit_sentences[1]),
-        cross_attention_guidance_amount=settings.cross_attention_guidance_amount)
+        cross_attention_guidance_amount=settings.cross_attention_guidance_amount,
+        **xl_arguments(settings))
+
+
+def xl_arguments(settings: InferSettings) -> dict:
+    """The SDXL flags given (not at their defaults) as `Pipeline.__call__` keywords; an SD model
+    refuses them by name (ConfigError)."""
+    out = {}
+    defaults = dict(prompt_2=None, negative_prompt_2=None, original_size=None, target_size=None,
+                    crops_coords_top_left=(0, 0), negative_original_size=None, negative_target_size=None,
+                    negative_crops_coords_top_left=(0, 0), aesthetic_score=6.0, negative_aesthetic_score=2.5)
+    for name, default in defaults.items():
+        value = getattr(settings, name)
+        if value != default:
+            out[name] = value
+    return out
+
+
+def _pair(flag: str):
+    """An argparse type: "A,B" (or "AxB") as a pair of non-negative ints, naming `flag` when malformed."""
+    def parse(text: str) -> tuple[int, int]:
+        parts = text.replace("x", ",").split(",")
+        try:
+            pair = tuple(int(v) for v in parts)
+        except ValueError:
+            pair = ()
+        if len(pair) != 2 or min(pair) < 0:
+            raise argparse.ArgumentTypeError(f"{flag} takes two non-negative integers, e.g. 1024,1024; got {text!r}")
+        return pair
+    return parse
 
 
 def write_outputs(settings: InferSettings, inputs: InputImages, results: list[tuple], hashes: dict) -> list[Path]:
