@@ -48,6 +48,13 @@ CLIP_L14_TEXT = dict(
     max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
     bos_token_id=49406, pad_token_id=1, eos_token_id=49407,
 )
+# SDXL's text_encoder_2, OpenCLIP ViT-bigG/14 as transformers holds it (stable-diffusion-xl-base-1.0's
+# config: gelu, legacy pooling ids), with its projection: the pooled embedding SDXL conditions on
+OPENCLIP_BIGG_TEXT = dict(
+    vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+    max_position_embeddings=77, projection_dim=1280, hidden_act="gelu", bos_token_id=0, pad_token_id=1,
+    eos_token_id=2,
+)
 CLIP_B32_VISION = dict(
     image_size=224, patch_size=32, hidden_size=768, intermediate_size=3072, num_attention_heads=12,
     num_hidden_layers=12, projection_dim=512, hidden_act="quick_gelu",
@@ -87,6 +94,7 @@ CLIP_CASES: dict[str, ClipCase] = {
         ClipCase("tiny-vision", "vision", TINY_VISION, True, attention_impls=("plain", "dot_product")),
         ClipCase("tiny-vision-gelu", "vision", TINY_VISION | dict(hidden_act="gelu"), False),
         ClipCase("clip-l14-text", "text", CLIP_L14_TEXT, True, slow=True, clip_skip=True),
+        ClipCase("openclip-bigg-text", "text", OPENCLIP_BIGG_TEXT, True, slow=True, clip_skip=True),
         ClipCase("clip-b32-vision", "vision", CLIP_B32_VISION, True, slow=True),
         ClipCase("clip-l14-vision", "vision", CLIP_L14_VISION, True, slow=True, batch=1),
     )

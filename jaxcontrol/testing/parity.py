@@ -163,46 +163,51 @@ def run_case(
 ) -> list[Row]:
     """Rows for one case: the U-Net alone, with T2I-Adapter features and (with a ControlNet) the
     ControlNet's residuals and the U-Net fed with them, for each attention kernel. The random
-    diffusers models are saved under a temporary folder in `workdir` (default: the system's)."""
+    diffusers models are saved under a temporary folder in `workdir` (default: the system's).
+
+    Staged so that one network is in memory at a time, on either side (the full SDXL U-Net is
+    10.3 GB in float32): the ControlNet runs first, then the U-Net with its residuals; PyTorch's
+    models are freed before JAX loads."""
     from diffusers import ControlNetModel as TorchControlNet
     from diffusers import UNet2DConditionModel as TorchUNet
 
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         tmp = Path(tmp)
-        torch.manual_seed(seed)
-        t_unet = randomize_(TorchUNet(**case.unet), seed)
-        t_unet.save_pretrained(tmp / "unet")
-        t_cn = None
-        if case.controlnet is not None:
-            t_cn = randomize_(TorchControlNet(**controlnet_fields(case.unet, case.controlnet)), seed + 1)
-            t_cn.save_pretrained(tmp / "controlnet")
-
+        with torch.device("meta"):  # the config alone: nothing allocated
+            config = dict(TorchUNet(**case.unet).config)
         g = torch.Generator().manual_seed(seed + 2)
         b, (h, w) = case.batch, case.latent_hw
-        ctx_dim = t_unet.config.cross_attention_dim
-        x = torch.randn(b, t_unet.config.in_channels, h, w, generator=g)
+        x = torch.randn(b, config["in_channels"], h, w, generator=g)
         t = torch.tensor([999, 10, 500, 1][:b], dtype=torch.long)
-        ctx = torch.randn(b, case.seq, ctx_dim, generator=g)
-        feats = [torch.randn(s, generator=g) for s in adapter_feature_shapes(dict(t_unet.config), b, (h, w))]
-        added = sdxl_added_conditions(dict(t_unet.config), b, g)
+        ctx = torch.randn(b, case.seq, config["cross_attention_dim"], generator=g)
+        feats = [torch.randn(s, generator=g) for s in adapter_feature_shapes(config, b, (h, w))]
+        added = sdxl_added_conditions(config, b, g)
         extra = {} if added is None else {"added_cond_kwargs": added}
 
         refs: dict[str, Any] = {}
+        down = mid = None
         with torch.no_grad():
+            if case.controlnet is not None:
+                torch.manual_seed(seed + 1)
+                t_cn = randomize_(TorchControlNet(**controlnet_fields(case.unet, case.controlnet)), seed + 1)
+                t_cn.save_pretrained(tmp / "controlnet")
+                factor = 2 ** (len(t_cn.config.conditioning_embedding_out_channels) - 1)
+                cond = torch.rand(b, t_cn.config.conditioning_channels, h * factor, w * factor, generator=g)
+                down, mid = t_cn(x, t, ctx, cond, conditioning_scale=0.7, return_dict=False, **extra)
+                refs["controlnet-down"], refs["controlnet-mid"] = down, mid
+                del t_cn
+            torch.manual_seed(seed)
+            t_unet = randomize_(TorchUNet(**case.unet), seed)
+            t_unet.save_pretrained(tmp / "unet")
             refs["unet"] = t_unet(x, t, ctx, **extra).sample
             refs["unet+t2i-features"] = t_unet(
                 x, t, ctx, down_intrablock_additional_residuals=[f.clone() for f in feats], **extra
             ).sample
-            if t_cn is not None:
-                factor = 2 ** (len(t_cn.config.conditioning_embedding_out_channels) - 1)
-                cond = torch.rand(b, t_cn.config.conditioning_channels, h * factor, w * factor, generator=g)
-                down, mid = t_cn(x, t, ctx, cond, conditioning_scale=0.7, return_dict=False, **extra)
-                refs["controlnet-down"] = down
-                refs["controlnet-mid"] = mid
+            if down is not None:
                 refs["unet+controlnet"] = t_unet(
                     x, t, ctx, down_block_additional_residuals=down, mid_block_additional_residual=mid, **extra
                 ).sample
-        del t_unet, t_cn
+            del t_unet
 
         jx, jt, jctx = jnp.asarray(nchw_to_nhwc(x)), jnp.asarray(t.numpy()), jnp.asarray(ctx.numpy())
         jfeats = [jnp.asarray(nchw_to_nhwc(f)) for f in feats]
@@ -214,26 +219,28 @@ def run_case(
             rows.append(Row(case.name, component, impl, err, mag, rel, case.tol))
 
         for impl in attention_impls or case.attention_impls:
+            jdown = jmid = None
+            if case.controlnet is not None:
+                cn, cparams = load_model(tmp / "controlnet", attention_impl=impl)
+                jcond = jnp.asarray(nchw_to_nhwc(cond))
+                run_cn = jax.jit(lambda p, *a, **k: cn.apply({"params": p}, *a, **k))
+                jdown, jmid = run_cn(cparams, jx, jt, jctx, jcond, conditioning_scale=0.7, **jextra)
+                del cparams, run_cn
+                worst = max((rel_err(o, r) for o, r in zip(jdown, refs["controlnet-down"])), key=lambda e: e[2])
+                rows.append(Row(case.name, "controlnet-down (worst of %d)" % len(jdown), impl, *worst, case.tol))
+                add("controlnet-mid", impl, jmid, refs["controlnet-mid"])
             unet, params = load_model(tmp / "unet", attention_impl=impl)
             run_unet = jax.jit(lambda p, *a, **k: unet.apply({"params": p}, *a, **k))
             add("unet", impl, run_unet(params, jx, jt, jctx, **jextra), refs["unet"])
             add("unet+t2i-features", impl,
                 run_unet(params, jx, jt, jctx, down_intrablock_additional_residuals=jfeats, **jextra),
                 refs["unet+t2i-features"])
-            if case.controlnet is not None:
-                cn, cparams = load_model(tmp / "controlnet", attention_impl=impl)
-                jcond = jnp.asarray(nchw_to_nhwc(cond))
-                run_cn = jax.jit(lambda p, *a, **k: cn.apply({"params": p}, *a, **k))
-                jdown, jmid = run_cn(cparams, jx, jt, jctx, jcond, conditioning_scale=0.7, **jextra)
-                worst = max((rel_err(o, r) for o, r in zip(jdown, refs["controlnet-down"])), key=lambda e: e[2])
-                rows.append(Row(case.name, "controlnet-down (worst of %d)" % len(jdown), impl, *worst, case.tol))
-                add("controlnet-mid", impl, jmid, refs["controlnet-mid"])
+            if jdown is not None:
                 add("unet+controlnet", impl,
                     run_unet(params, jx, jt, jctx, down_block_additional_residuals=jdown,
                              mid_block_additional_residual=jmid, **jextra),
                     refs["unet+controlnet"])
-                del cparams
-            del params
+            del params, run_unet
         return rows
 
 
