@@ -51,7 +51,7 @@ def _controlnet_index(component: str) -> int | None:
 
 def lora_targets(params: Mapping) -> dict[str, Any]:
     """The networks of pipeline `params` a LoRA may adapt, by diffusers' component name."""
-    out = {"unet": params["unet"], "text_encoder": params["text_encoder"]}
+    out = {name: params[name] for name in ("unet", "text_encoder", "text_encoder_2") if name in params}
     for k, p in enumerate(params.get("controlnets", ())):
         out["controlnet" if k == 0 else f"controlnet_{k}"] = p
     return out
@@ -61,7 +61,7 @@ def get_component(params: Mapping, component: str):
     k = _controlnet_index(component)
     if k is not None:
         return params["controlnets"][k]
-    if component in ("unet", "text_encoder"):
+    if component in ("unet", "text_encoder", "text_encoder_2") and component in params:
         return params[component]
     raise ConfigError(f"a pipeline has no network {component!r} for a LoRA")
 

@@ -804,6 +804,10 @@ class Pipeline:
         from .convert.embedding_file import read_embedding
         from .vocabulary import add_embeddings, token_table
 
+        if self.xl:
+            raise ConfigError("textual inversion into an SDXL pipeline (two text encoders, one embedding each) is "
+                              "not supported yet; SD-1/2 embeddings do not fit SDXL's encoders either")
+
         specs = list(embeddings) if isinstance(embeddings, list) else [embeddings]
         if token is not None and len(specs) != 1:
             raise ConfigError("token= names one embedding; give (file, token) pairs for several")

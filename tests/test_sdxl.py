@@ -261,3 +261,29 @@ def test_infer_cli_on_an_sdxl_folder(xl, tmp_path):
                 original_size=(32, 24), crops_coords_top_left=(2, 4))
     got = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(out / "image_00000.png"))
     assert np.array_equal(got, want[0])
+
+
+@pytest.mark.parametrize("kind", ["base", pytest.param("refiner", marks=pytest.mark.slow)])
+def test_sdxl_peft_lora_matches_diffusers(tmp_path, kind):
+    """A PEFT LoRA on the U-Net and both text encoders (diffusers' SDXL save_lora_weights), applied by
+    diffusers and by us (merged), gives the same images."""
+    from jaxcontrol.testing.lora_parity import save_peft_lora
+
+    ref = save_tiny_sdxl_pipeline(tmp_path / "model", kind=kind, seed=4)
+    path, _ = save_peft_lora(ref, tmp_path / "lora", unet_rank=4, text_rank=2, std=0.1)
+    ours = Pipeline.from_pretrained(tmp_path / "model" / "pipeline", loras=[path], fuse_loras=True)
+    lora = ours._loras[0]["lora"]
+    assert set(lora.weights) == ({"unet", "text_encoder_2"} if kind == "refiner"
+                                 else {"unet", "text_encoder", "text_encoder_2"})
+    noise = _noise(1, seed=5)
+    common = dict(num_inference_steps=3, guidance_scale=5.0, negative_prompt=["a square"])
+    with torch.no_grad():
+        if kind == "refiner":
+            want = ref(PROMPTS[:1], image=noise, denoising_start=0.5, output_type="np", **common).images
+        else:
+            want = ref(PROMPTS[:1], height=H, width=W, latents=noise, output_type="np", **common).images
+    if kind == "refiner":
+        got = ours(PROMPTS[:1], init_latents=_nhwc(noise), denoising_start=0.5, output_type="float", **common)
+    else:
+        got = ours(PROMPTS[:1], height=H, width=W, latents=_nhwc(noise), output_type="float", **common)
+    assert _rel(got, want) < 1e-4

@@ -33,17 +33,20 @@ def add_peft_loras(pipe, *, seed: int = 0, unet_rank: int = 4, unet_alpha: float
     ucfg = LoraConfig(r=unet_rank, lora_alpha=unet_alpha, target_modules=UNET_TARGETS,
                       rank_pattern={"ff.net.2": max(1, unet_rank // 2)}, alpha_pattern={"proj_in": 3})
     tcfg = LoraConfig(r=text_rank, lora_alpha=text_alpha, target_modules=TEXT_TARGETS)
+    # SDXL pipelines: both text encoders (the refiner has the second alone)
+    texts = [n for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None]
     pipe.unet.add_adapter(ucfg, adapter_name=adapter_name)
-    pipe.text_encoder.add_adapter(tcfg, adapter_name=adapter_name)
+    for n in texts:
+        getattr(pipe, n).add_adapter(tcfg, adapter_name=adapter_name)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for model in (pipe.unet, pipe.text_encoder):
+        for model in [pipe.unet] + [getattr(pipe, n) for n in texts]:
             for name, p in model.named_parameters():
                 if "lora_" in name and f".{adapter_name}." in name:
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
-    states = {"unet": get_peft_model_state_dict(pipe.unet, adapter_name=adapter_name),
-              "text_encoder": get_peft_model_state_dict(pipe.text_encoder, adapter_name=adapter_name)}
-    return states, {"unet": _metadata(ucfg), "text_encoder": _metadata(tcfg)}
+    states = {"unet": get_peft_model_state_dict(pipe.unet, adapter_name=adapter_name)}
+    states.update({n: get_peft_model_state_dict(getattr(pipe, n), adapter_name=adapter_name) for n in texts})
+    return states, {"unet": _metadata(ucfg), **{n: _metadata(tcfg) for n in texts}}
 
 
 def save_peft_lora(pipe, folder: str | Path, **kwargs) -> tuple[Path, dict[str, np.ndarray]]:
@@ -53,9 +56,14 @@ def save_peft_lora(pipe, folder: str | Path, **kwargs) -> tuple[Path, dict[str, 
 
     states, meta = add_peft_loras(pipe, **kwargs)
     folder = Path(folder)
-    diffusers.StableDiffusionPipeline.save_lora_weights(
-        folder, unet_lora_layers=states["unet"], text_encoder_lora_layers=states["text_encoder"],
-        unet_lora_adapter_metadata=meta["unet"], text_encoder_lora_adapter_metadata=meta["text_encoder"])
+    if "text_encoder_2" in states:  # SDXL's loader class writes the second encoder's layers too
+        diffusers.StableDiffusionXLPipeline.save_lora_weights(
+            folder, **{f"{n}_lora_layers": states[n] for n in states},
+            **{f"{n}_lora_adapter_metadata": meta[n] for n in meta})
+    else:
+        diffusers.StableDiffusionPipeline.save_lora_weights(
+            folder, unet_lora_layers=states["unet"], text_encoder_lora_layers=states["text_encoder"],
+            unet_lora_adapter_metadata=meta["unet"], text_encoder_lora_adapter_metadata=meta["text_encoder"])
     from safetensors.numpy import load_file
 
     path = folder / "pytorch_lora_weights.safetensors"
