@@ -61,7 +61,7 @@ def sdxl_single_file(pipe, refiner: bool = False) -> dict:
     return contiguous(state)
 
 
-@pytest.fixture(scope="module", params=["base", "refiner"])
+@pytest.fixture(scope="module", params=["base", pytest.param("refiner", marks=pytest.mark.slow)])
 def xl(request, tmp_path_factory):
     kind = request.param
     root = tmp_path_factory.mktemp(kind)

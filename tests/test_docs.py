@@ -229,7 +229,9 @@ def test_readme_examples_cover_every_block():
     assert len(README_GROUPS) >= 2 and sum(README_GROUPS, []) == list(range(len(python_blocks("README.md"))))
 
 
-@pytest.mark.parametrize("group", range(len(README_GROUPS)))
+@pytest.mark.parametrize("group", [  # SDXL's base -> refiner example compiles two more pipelines: slow
+    pytest.param(g, marks=[pytest.mark.slow] if any("denoising_end" in python_blocks("README.md")[i] for i in grp)
+                 else []) for g, grp in enumerate(README_GROUPS)])
 def test_readme_python_blocks_run(group, readme_models, tmp_path, monkeypatch):
     """Each README example (its blocks in order, one namespace) runs on the tiny models."""
     monkeypatch.chdir(_workdir(readme_models, tmp_path / "cwd"))

@@ -135,6 +135,7 @@ def _hand_off(base, ref_base, refiner, ref_refiner, solver):
     assert _rel(got, want) < 1e-4
 
 
+@pytest.mark.slow  # ControlNet-XL itself: the tiny-sdxl-test parity case (fast)
 def test_controlnet_xl_pipeline_with_window(xl):
     ours, ref = xl("controlnet")
     g = torch.Generator().manual_seed(1)
@@ -165,6 +166,7 @@ def test_multi_controlnet_xl_pipeline(xl):
     assert _rel(got, want) < 1e-4
 
 
+@pytest.mark.slow  # Adapter-XL on the SDXL U-Net: the unet-sdxl-tiny-adapter parity case (fast)
 def test_adapter_xl_pipeline(xl):
     ours, ref = xl("adapter")
     g = torch.Generator().manual_seed(1)

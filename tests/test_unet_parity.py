@@ -29,3 +29,10 @@ def test_parity(name, tmp_path):
 def test_parity_full_sd15(tmp_path):
     """The full SD-1.5 U-Net (859.5M) and ControlNet (361M), random weights, 16x16 latents, 77x768 context."""
     _check("sd15-full", tmp_path)
+
+
+@pytest.mark.slow
+def test_parity_full_sdxl(tmp_path):
+    """The full SDXL U-Net (2.57B) and ControlNet-XL, random weights, 16x16 latents, 77x2048 context and
+    the text_time inputs; staged so that one network is in memory at a time (peak 13.2 GB measured)."""
+    _check("sdxl-full", tmp_path)
