@@ -748,11 +748,13 @@ class Pipeline:
                         attention_impl: str = "auto", mesh: Mesh | None = None,
                         unsafe_load_pickle: bool = False, unet: str | os.PathLike | None = None,
                         loras: Sequence[Any] = (), fuse_loras: bool = False,
-                        embeddings: Sequence[Any] = ()) -> "Pipeline":
+                        embeddings: Sequence[Any] = (), vae: str | os.PathLike | None = None) -> "Pipeline":
         """Load a pipeline folder, single file or jaxcontrol checkpoint, plus extra ControlNets /
         adapters by path. `unet` replaces the pipeline's U-Net by another one's folder or file (a
         fine-tune, or a concatenation-conditioned U-Net over the same VAE and text encoder: the
         pipeline's kind follows its input width). Raises `ConfigError` when that is not a U-Net.
+        `vae` replaces the VAE likewise (e.g. SDXL's fp16-fix VAE); it must have the latent channels
+        of the one it replaces (`ConfigError` otherwise).
 
         `dtype` is the compute dtype of the U-Net, ControlNets, adapters and text encoder: "auto"
         (default) is bfloat16 on a GPU or TPU and float32 on the CPU (`jaxcontrol.platform`);
@@ -783,6 +785,18 @@ class Pipeline:
                     raise ConfigError(f"unet={os.fspath(unet)!r} has {field}={have}, but {os.fspath(path)!r} needs "
                                       f"{want} (its text encoder's width / its VAE's latent channels)")
             bundle.modules["unet"], bundle.params["unet"] = module, params
+        if vae is not None:
+            from .models import AutoencoderKL
+
+            module, params = load_model(vae, dtype=vae_dtype, param_dtype=param_dtype,
+                                        unsafe_load_pickle=unsafe_load_pickle)
+            if not isinstance(module, AutoencoderKL):
+                raise ConfigError(f"vae={os.fspath(vae)!r} is a {type(module).__name__}, not an AutoencoderKL")
+            have, want = module.config.latent_channels, bundle.modules["vae"].config.latent_channels
+            if have != want:
+                raise ConfigError(f"vae={os.fspath(vae)!r} has latent_channels={have}, but {os.fspath(path)!r}'s "
+                                  f"U-Net works on {want}-channel latents")
+            bundle.modules["vae"], bundle.params["vae"] = module, params
         cns = [load_model(p, **kw) for p in controlnets]
         ads = [load_model(p, dtype=dtype, param_dtype=param_dtype, unsafe_load_pickle=unsafe_load_pickle)
                for p in adapters]

@@ -255,8 +255,9 @@ def test_infer_cli_on_an_sdxl_folder(xl, tmp_path):
     out = tmp_path / "out"
     assert main(["--model", str(folder), "--prompt", "a red circle", "--prompt-2", "a square", "--steps", "3",
                  "--height", "16", "--width", "16", "--original-size", "32,24", "--crops-coords-top-left", "2,4",
-                 "--guidance-scale", "5", "--output", str(out), "--no-progress"]) == 0
+                 "--guidance-scale", "5", "--vae", str(folder / "vae"), "--output", str(out), "--no-progress"]) == 0
     side = json.loads((out / "image_00000.json").read_text())
+    assert side["vae"]["path"] == str(folder / "vae") and len(side["vae"]["sha256"]) == 64
     assert side["sdxl"]["time_ids"] == [32, 24, 2, 4, 16, 16] and side["sdxl"]["zero_negative"] is True
     assert side["negative_prompt"] is None
     want = ours(["a red circle"], height=16, width=16, num_inference_steps=3, guidance_scale=5.0, prompt_2="a square",
@@ -289,3 +290,38 @@ def test_sdxl_peft_lora_matches_diffusers(tmp_path, kind):
     else:
         got = ours(PROMPTS[:1], height=H, width=W, latents=_nhwc(noise), output_type="float", **common)
     assert _rel(got, want) < 1e-4
+
+
+@pytest.mark.slow
+def test_replacement_vae_like_the_fp16_fix(xl, tmp_path):
+    """`vae=` swaps the VAE (as users swap in SDXL's fp16-fix VAE): the same images as diffusers with it."""
+    from jaxcontrol.testing.pipeline_parity import VAE_TINY
+    from jaxcontrol.testing.reference import randomize_
+
+    ours, ref = xl("base")
+    other = randomize_(diffusers.AutoencoderKL(**VAE_TINY, scaling_factor=0.13025, force_upcast=False), 11)
+    other.save_pretrained(tmp_path / "vae")
+    swapped = Pipeline.from_pretrained(ours.bundle.path, vae=tmp_path / "vae")
+    noise = _noise(1)
+    saved = ref.vae
+    try:
+        ref.vae = other
+        with torch.no_grad():
+            want = ref(PROMPTS[:1], height=H, width=W, num_inference_steps=3, guidance_scale=5.0, latents=noise,
+                       output_type="np").images
+    finally:
+        ref.vae = saved
+    got = swapped(PROMPTS[:1], height=H, width=W, num_inference_steps=3, guidance_scale=5.0, latents=_nhwc(noise),
+                  output_type="float")
+    assert _rel(got, want) < 1e-4
+
+
+def test_replacement_vae_is_checked(xl, tmp_path):
+    from jaxcontrol.testing.pipeline_parity import VAE_TINY
+
+    ours, ref = xl("base")
+    diffusers.AutoencoderKL(**{**VAE_TINY, "latent_channels": 8}).save_pretrained(tmp_path / "vae8")
+    with pytest.raises(ConfigError, match="latent_channels=8"):
+        Pipeline.from_pretrained(ours.bundle.path, vae=tmp_path / "vae8")
+    with pytest.raises(ConfigError, match="not an AutoencoderKL"):
+        Pipeline.from_pretrained(ours.bundle.path, vae=ours.bundle.path / "unet")

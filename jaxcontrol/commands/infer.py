@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(default: the embedded demo model, jaxcontrol/assets/; then --control-image "
                                    "and --adapter-image without --controlnet / --adapter use its ControlNet and "
                                    "T2I-Adapter)")
+    m.add_argument("--vae", help="a VAE (diffusers AutoencoderKL folder or file) in place of the model's own, with "
+                                 "its latent channels, e.g. SDXL's fp16-fix VAE")
     m.add_argument("--unet", help="a U-Net (diffusers folder, jaxcontrol checkpoint or file) in place of the model's "
                                   "own, over its VAE and text encoder: a fine-tune, or a concatenation-conditioned "
                                   "U-Net (the model's kind follows its input width). Default: the model's; with "
@@ -527,6 +529,7 @@ class InferSettings:
     # the networks
     model: str
     unet: str | None  # a U-Net replacing the model's (--unet, or the embedded editor for --instruct)
+    vae: str | None  # a VAE replacing the model's (--vae)
     controlnet_paths: tuple[str, ...]
     adapter_paths: tuple[str, ...]
     dtype: str
@@ -631,6 +634,8 @@ def resolve(args: argparse.Namespace) -> InferSettings:
     (`check_kind`; where the kind can be read from the model's configs without loading weights).
     """
     check_flags(args)
+    if args.vae is not None and not Path(args.vae).exists():
+        raise UsageError(f"--vae {args.vae}: no such file or folder")
     prompts = _prompts(args)
     model = _model_path(args.model)
     unet = _unet_path(args)
@@ -1008,7 +1013,7 @@ def run(settings: InferSettings) -> list[Path]:
     inputs = load_inputs(settings)  # images are validated before the slow model load
     t0 = time.perf_counter()
     hashes = hash_paths_in_background([settings.model, *settings.controlnet_paths, *settings.adapter_paths,
-                                       *filter(None, [settings.depth_estimator, settings.unet]),
+                                       *filter(None, [settings.depth_estimator, settings.unet, settings.vae]),
                                        *(p for p, _ in settings.loras), *(p for p, _ in settings.embeddings)])
     pipe = open_pipeline(settings)
     settings = dataclasses.replace(settings, kind=pipe.kind)
@@ -1075,7 +1080,7 @@ def open_pipeline(settings: InferSettings):
     return Pipeline.from_pretrained(settings.model, dtype=settings.dtype, vae_dtype=settings.vae_dtype,
                                     controlnets=list(settings.controlnet_paths), adapters=list(settings.adapter_paths),
                                     attention_impl=settings.attention, unsafe_load_pickle=settings.unsafe_load_pickle,
-                                    unet=settings.unet, loras=list(settings.loras),
+                                    unet=settings.unet, vae=settings.vae, loras=list(settings.loras),
                                     fuse_loras=settings.lora_mode == "merged",
                                     embeddings=[(p, t) if t else p for p, t in settings.embeddings])
 
@@ -1305,6 +1310,7 @@ def _common_sidecar(settings: InferSettings, inputs: InputImages, hashes: dict) 
         "jaxcontrol_version": jaxcontrol.__version__,
         "model": {"path": settings.model, "sha256": hashes[settings.model].result()},
         "unet": None if settings.unet is None else {"path": settings.unet, "sha256": hashes[settings.unet].result()},
+        "vae": None if settings.vae is None else {"path": settings.vae, "sha256": hashes[settings.vae].result()},
         "lora_files": [{"path": p, "scale": s, "sha256": hashes[p].result()} for p, s in settings.loras],
         "lora_mode": settings.lora_mode if settings.loras else None,
         "embedding_files": [{"path": p, "token": t, "sha256": hashes[p].result()} for p, t in settings.embeddings],
