@@ -1521,7 +1521,7 @@ class Pipeline:
             if len(rows) * n != b:
                 raise ConfigError(f"token_indices has {len(rows)} lists for {b // n} prompts")
             rows = [r for r in rows for _ in range(n)]
-        return G.token_mask(rows, b, self.tokenizer.model_max_length)
+        return G.token_mask(rows, b, (self.tokenizer or self.tokenizer_2).model_max_length)
 
     def _image_guidance_scale(self, args: CallArguments) -> float:
         return 1.5 if args.image_guidance_scale is None else float(args.image_guidance_scale)

@@ -152,7 +152,9 @@ def test_attention_layers_and_bad_names(tiny):
         G.pag_layers(unet.config, ["down_blocks.5"])
 
 
-@pytest.mark.parametrize("guidance_scale", [5.0, pytest.param(1.0, marks=pytest.mark.slow)])
+# the pipeline-level SAG parity (test_pipeline_attention.py) stays in the fast set
+@pytest.mark.slow
+@pytest.mark.parametrize("guidance_scale", [5.0, 1.0])
 def test_sag_matches_diffusers(tiny, guidance_scale):
     _, _, (unet, params) = tiny
     pe, ne, lat = _inputs(1)

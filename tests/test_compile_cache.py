@@ -53,6 +53,7 @@ def tiny(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # two full infer.py runs (70 s); the cache directory and its off switch stay in the fast set
 def test_a_second_infer_run_compiles_nothing(tiny, tmp_path):
     """The first run writes compiled programs; the second, with the same settings, finds every one
     (a miss would write its entry again or add one: the listing and mtimes stay the same)."""

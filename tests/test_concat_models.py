@@ -85,7 +85,7 @@ def test_kinds_follow_the_input_width_and_the_pipeline_class():
         unet_kind(9, pipeline_class="StableDiffusionDepth2ImgPipeline")
 
 
-@pytest.mark.parametrize("strength", [1.0, 0.75])
+@pytest.mark.parametrize("strength", [pytest.param(1.0, marks=pytest.mark.slow), 0.75])
 def test_inpainting_model_matches_diffusers(folders, strength):
     path, ref_pipe = folders["inpaint"]
     noise, images, masks, masked = _latents(2, 0), _images(2, 1), _masks(2), _latents(2, 2)
@@ -167,7 +167,7 @@ def test_depth_model_matches_diffusers(folders):
     assert _rel(ours, ref) < 1e-4
 
 
-@pytest.mark.parametrize("guidance_scale,image_guidance_scale", [(6.0, 1.7), (1.0, 1.5)])
+@pytest.mark.parametrize("guidance_scale,image_guidance_scale", [pytest.param(6.0, 1.7, marks=pytest.mark.slow), (1.0, 1.5)])
 def test_instruct_pix2pix_matches_diffusers(folders, guidance_scale, image_guidance_scale):
     path, ref_pipe = folders["instruct-pix2pix"]
     noise, images = _latents(2, 14), _images(2, 15)

@@ -110,6 +110,7 @@ def test_sdxl_single_file_equals_the_diffusers_models(xl):
                                 f"{name} (diffusers from_single_file)")
 
 
+@pytest.mark.slow  # the tensors are compared in the fast test above
 def test_sdxl_single_file_converts_and_samples_like_diffusers(xl, tmp_path):
     refiner = xl["kind"] == "refiner"
     heads = {k: v for k, v in HEADS.items() if not (refiner and k == "text_encoder")}

@@ -104,6 +104,7 @@ def test_demo_resolves_the_demo_defaults(model):
 def _fake_pipe(solver="pndm", layers=12):
     return types.SimpleNamespace(
         text_encoder=types.SimpleNamespace(config=types.SimpleNamespace(num_hidden_layers=layers)),
+        max_clip_skip=lambda: layers,
         scheduler_config=types.SimpleNamespace(resolve=lambda name: (name or solver, {})),
         vae_scale_factor=8, unet=types.SimpleNamespace(config=types.SimpleNamespace(sample_size=64)))
 

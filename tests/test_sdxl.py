@@ -198,19 +198,26 @@ def test_img2img_and_refiner_from_latents(xl, kind):
 
 
 def test_unet_text_time_inputs_are_checked():
+    import jax
+
     config = UNet2DConditionConfig.from_dict(TINY_SDXL_TEST)
     unet = UNet2DConditionModel(config)
     x, t, ctx = jnp.zeros((2, 8, 8, 4)), jnp.zeros((2,)), jnp.zeros((2, 3, 64))
-    params = unet.init(__import__("jax").random.key(0), *unet.dummy_inputs())["params"]
+    # shapes only (eval_shape traces, nothing runs): the checks are made while tracing
+    params = jax.eval_shape(lambda: unet.init(jax.random.key(0), *unet.dummy_inputs()))["params"]
     assert params["add_embedding"]["linear_1"]["kernel"].shape == (80, 128)
     ok = {"text_embeds": jnp.zeros((2, 32)), "time_ids": jnp.zeros((2, 6))}
-    assert unet.apply({"params": params}, x, t, ctx, added_cond_kwargs=ok).shape == (2, 8, 8, 4)
+
+    def apply(added):
+        return jax.eval_shape(lambda p: unet.apply({"params": p}, x, t, ctx, added_cond_kwargs=added), params)
+
+    assert apply(ok).shape == (2, 8, 8, 4)
     with pytest.raises(ValueError, match="missing \\['time_ids'\\]"):
-        unet.apply({"params": params}, x, t, ctx, added_cond_kwargs={"text_embeds": ok["text_embeds"]})
+        apply({"text_embeds": ok["text_embeds"]})
     with pytest.raises(ValueError, match="projection_class_embeddings_input_dim is 80"):
-        unet.apply({"params": params}, x, t, ctx, added_cond_kwargs={**ok, "time_ids": jnp.zeros((2, 5))})
+        apply({**ok, "time_ids": jnp.zeros((2, 5))})
     with pytest.raises(ValueError, match="must have shape \\(2, n\\)"):
-        unet.apply({"params": params}, x, t, ctx, added_cond_kwargs={**ok, "text_embeds": jnp.zeros((1, 32))})
+        apply({**ok, "text_embeds": jnp.zeros((1, 32))})
     with pytest.raises(ConfigError, match="needs addition_time_embed_dim"):
         UNet2DConditionConfig.from_dict({**TINY_SDXL_TEST, "addition_time_embed_dim": None})
     with pytest.raises(ConfigError, match="addition_embed_type='text'"):

@@ -476,7 +476,8 @@ def test_trainer_precompute_splits_batches_over_the_local_devices(data_dir, tmp_
     assert batch == 8
     x = np.random.default_rng(0).uniform(-1, 1, (8, 8, 8, 3)).astype(np.float32)
     one = jax.jit(lambda p, x: nets.vae.apply({"params": p}, x, method=nets.vae.encode))
-    np.testing.assert_allclose(images(x), np.asarray(one(frozen["vae"], x)), rtol=1e-5, atol=1e-6)
+    # 8 devices vs one: XLA may fuse differently; one element in 4096 was seen 1.3e-6 off
+    np.testing.assert_allclose(images(x), np.asarray(one(frozen["vae"], x)), rtol=1e-5, atol=1e-5)
 
     out = precomputed_source(config, tmp_path, source, nets, frozen)
     assert len(out) == len(source) and not list(tmp_path.glob(".*parts*"))

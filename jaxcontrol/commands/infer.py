@@ -1094,7 +1094,8 @@ def fit_to_model(settings: InferSettings, pipe, init_image) -> InferSettings:
     than DDIM, or a size the VAE's downscale factor does not divide."""
     layers = pipe.max_clip_skip()
     if settings.clip_skip is not None and settings.clip_skip > layers:
-        raise UsageError(f"--clip-skip {settings.clip_skip}: at most {layers} with this model's text encoder(s)")
+        raise UsageError(f"--clip-skip {settings.clip_skip}: the text encoder has {layers} layers to skip at most "
+                         f"(SDXL: one fewer than its shallower encoder, whose penultimate layer it uses already)")
     solver = pipe.scheduler_config.resolve(settings.scheduler)[0]
     if settings.eta and solver != "ddim":
         raise UsageError(f"--eta {settings.eta} applies to the DDIM solver only; this run uses {solver!r} "
