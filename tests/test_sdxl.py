@@ -332,3 +332,30 @@ def test_replacement_vae_is_checked(xl, tmp_path):
         Pipeline.from_pretrained(ours.bundle.path, vae=tmp_path / "vae8")
     with pytest.raises(ConfigError, match="not an AutoencoderKL"):
         Pipeline.from_pretrained(ours.bundle.path, vae=ours.bundle.path / "unet")
+
+
+@pytest.mark.slow
+def test_inpainting_with_the_base_unet_matches_diffusers(xl, monkeypatch):
+    """StableDiffusionXLInpaintPipeline over the 4-channel base U-Net (blending the known latents at
+    each step), with the VAE's mode on both sides (diffusers samples the posterior with the
+    generator; patched to its mode) and the same noise."""
+    import diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_inpaint as inpaint_module
+
+    ours, _ = xl("base")
+    ref = save_tiny_sdxl_pipeline(ours.bundle.path.parent / "_inpaint", kind="inpaint")
+    monkeypatch.setattr(inpaint_module, "retrieve_latents", lambda out, generator=None, sample_mode="sample":
+                        out.latent_dist.mode())
+    g = torch.Generator().manual_seed(3)
+    image = torch.rand(1, 3, H, W, generator=g)
+    mask = (torch.rand(1, 1, H, W, generator=g) > 0.5).float()
+    common = dict(num_inference_steps=5, strength=0.7, guidance_scale=5.0)
+    with torch.no_grad():
+        want = ref(PROMPTS[:1], image=image, mask_image=mask, height=H, width=W, output_type="np",
+                   generator=torch.Generator().manual_seed(5), **common).images
+        lat = ref.vae.encode(image * 2 - 1).latent_dist.mode() * ref.vae.config.scaling_factor
+    noise = diffusers.utils.torch_utils.randn_tensor(lat.shape, generator=torch.Generator().manual_seed(5))
+    mine = Pipeline.from_pretrained(ours.bundle.path.parent / "_inpaint" / "pipeline")
+    got = mine(PROMPTS[:1], init_latents=_nhwc(lat), mask=_nhwc(mask), latents=_nhwc(noise), height=H, width=W,
+               output_type="float", **common)
+    assert mine.last_settings["mode"] == "inpaint"
+    assert _rel(got, want) < 1e-4
