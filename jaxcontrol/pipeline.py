@@ -748,13 +748,16 @@ class Pipeline:
                         attention_impl: str = "auto", mesh: Mesh | None = None,
                         unsafe_load_pickle: bool = False, unet: str | os.PathLike | None = None,
                         loras: Sequence[Any] = (), fuse_loras: bool = False,
-                        embeddings: Sequence[Any] = (), vae: str | os.PathLike | None = None) -> "Pipeline":
+                        embeddings: Sequence[Any] = (), vae: str | os.PathLike | None = None,
+                        variant: str | None = None) -> "Pipeline":
         """Load a pipeline folder, single file or jaxcontrol checkpoint, plus extra ControlNets /
         adapters by path. `unet` replaces the pipeline's U-Net by another one's folder or file (a
         fine-tune, or a concatenation-conditioned U-Net over the same VAE and text encoder: the
         pipeline's kind follows its input width). Raises `ConfigError` when that is not a U-Net.
         `vae` replaces the VAE likewise (e.g. SDXL's fp16-fix VAE); it must have the latent channels
-        of the one it replaces (`ConfigError` otherwise).
+        of the one it replaces (`ConfigError` otherwise). `variant` ("fp16", ...) reads a diffusers
+        folder's variant weights (`diffusion_pytorch_model.fp16.safetensors`), as diffusers'
+        `from_pretrained(variant=)` does.
 
         `dtype` is the compute dtype of the U-Net, ControlNets, adapters and text encoder: "auto"
         (default) is bfloat16 on a GPU or TPU and float32 on the CPU (`jaxcontrol.platform`);
@@ -768,7 +771,8 @@ class Pipeline:
 
         dtype, vae_dtype, param_dtype = to_dtype(dtype), to_dtype(vae_dtype), to_dtype(param_dtype)
         bundle = load_pipeline(path, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
-                               component_kwargs={"vae": {"dtype": vae_dtype}}, unsafe_load_pickle=unsafe_load_pickle)
+                               component_kwargs={"vae": {"dtype": vae_dtype}}, unsafe_load_pickle=unsafe_load_pickle,
+                               variant=variant)
         kw = dict(dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
                   unsafe_load_pickle=unsafe_load_pickle)
         if unet is not None:

@@ -359,3 +359,22 @@ def test_inpainting_with_the_base_unet_matches_diffusers(xl, monkeypatch):
                output_type="float", **common)
     assert mine.last_settings["mode"] == "inpaint"
     assert _rel(got, want) < 1e-4
+
+
+@pytest.mark.slow
+def test_fp16_variant_folder(xl, tmp_path):
+    """A folder saved with variant="fp16" (as stabilityai's SDXL repositories ship) loads with
+    `variant="fp16"` and samples like diffusers loading the same variant in float32."""
+    _, ref = xl("base")
+    ref.save_pretrained(tmp_path / "xl", variant="fp16", safe_serialization=True)
+    assert (tmp_path / "xl" / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    theirs = diffusers.StableDiffusionXLPipeline.from_pretrained(tmp_path / "xl", variant="fp16",
+                                                                 torch_dtype=torch.float32)
+    ours = Pipeline.from_pretrained(tmp_path / "xl", variant="fp16")
+    noise = _noise(1)
+    with torch.no_grad():
+        want = theirs(PROMPTS[:1], height=H, width=W, num_inference_steps=3, guidance_scale=5.0, latents=noise,
+                      output_type="np").images
+    got = ours(PROMPTS[:1], height=H, width=W, num_inference_steps=3, guidance_scale=5.0, latents=_nhwc(noise),
+               output_type="float")
+    assert _rel(got, want) < 1e-4
