@@ -20,7 +20,7 @@ import dataclasses
 import functools
 import math
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -531,6 +531,26 @@ def _prompt_batch(prompt, negative_prompt, num_images_per_prompt: int) -> tuple[
             [n for n in negatives for _ in range(num_images_per_prompt)])
 
 
+# the `CallArguments` only SDXL models take (diffusers' SDXL pipelines' names)
+XL_ARGUMENTS = ("prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size",
+                "negative_original_size", "negative_crops_coords_top_left", "negative_target_size",
+                "aesthetic_score", "negative_aesthetic_score")
+
+
+def given_xl_arguments(values: Any) -> dict:
+    """The SDXL-only arguments of `values` (a `CallArguments`, or anything with those attributes,
+    such as infer.py's settings) that differ from `CallArguments`' defaults (pairs compared as
+    tuples), by name."""
+    defaults = {f.name: f.default for f in dataclasses.fields(CallArguments) if f.name in XL_ARGUMENTS}
+    out = {}
+    for name, default in defaults.items():
+        value = getattr(values, name)
+        if value != default and not (isinstance(value, list | tuple) and isinstance(default, tuple)
+                                     and tuple(value) == default):
+            out[name] = value
+    return out
+
+
 def _second_prompts(value, n: int, num_images_per_prompt: int, what: str) -> list[str]:
     """SDXL's `prompt_2` / `negative_prompt_2`: one string for all `n` prompts or one per prompt,
     each repeated `num_images_per_prompt` times as the prompts are."""
@@ -622,6 +642,13 @@ def check_call_arguments(args: CallArguments, *, clip_layers: int) -> None:
     integer("repaint_jump_n_sample", args.repaint_jump_n_sample, 1)
     if args.clip_skip is not None:
         integer("clip_skip", args.clip_skip, 0, clip_layers)
+    number("aesthetic_score", args.aesthetic_score)
+    number("negative_aesthetic_score", args.negative_aesthetic_score)
+    for name in ("denoising_start", "denoising_end"):
+        v = getattr(args, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating))
+                              or not 0.0 < float(v) < 1.0):
+            raise ConfigError(f"{name} must be a fraction strictly between 0 and 1 (or None), got {v!r}")
     if args.output_type not in ("uint8", "float", "latent"):
         raise ConfigError(f"output_type must be 'uint8', 'float' or 'latent', got {args.output_type!r}")
     for k, c in enumerate(args.controls):
@@ -652,9 +679,9 @@ class Pipeline:
         self.tokenizer = bundle.tokenizers.get("tokenizer")
         self.tokenizer_2 = bundle.tokenizers.get("tokenizer_2")
         self.xl = is_xl(self.unet)
-        self.requires_aesthetics_score = self._check_text_encoders(bundle)
-        self.force_zeros_for_empty_prompt = bool(getattr(bundle, "options", {}).get("force_zeros_for_empty_prompt",
-                                                                                  self.xl))
+        options = getattr(bundle, "options", {})  # model_index.json's settings
+        self.requires_aesthetics_score = self._check_text_encoders(bundle, options)
+        self.force_zeros_for_empty_prompt = bool(options.get("force_zeros_for_empty_prompt", self.xl))
         self._programs: dict[CallSettings, tuple[Callable, Plan]] = {}  # the compile cache
         self.scheduler_config = SchedulerConfig.from_dict(bundle.scheduler_config or {"_class_name": "PNDMScheduler"})
         own_cn = bundle.modules.get("controlnet")
@@ -693,7 +720,7 @@ class Pipeline:
         if fuse_loras:
             self.fuse_loras()
 
-    def _check_text_encoders(self, bundle) -> bool:
+    def _check_text_encoders(self, bundle, options: Mapping) -> bool:
         """The text encoders and tokenizers the U-Net needs, their widths checked against it (a
         `ConfigError` naming the fields). Returns SDXL's `requires_aesthetics_score`: whether the
         micro-conditioning is (original size, crop, aesthetic score) (the refiner) rather than
@@ -728,7 +755,7 @@ class Pipeline:
                               f"({', '.join(f'{n} {m.config.hidden_size}' for n, m in encoders)}), but the U-Net's "
                               f"cross_attention_dim is {cfg.cross_attention_dim}")
         room = cfg.projection_class_embeddings_input_dim - int(pooled[0].config.projection_dim)
-        flag = getattr(bundle, "options", {}).get("requires_aesthetics_score")
+        flag = options.get("requires_aesthetics_score")
         count = 5 if flag else 6
         if flag is None:
             count = 5 if room == 5 * cfg.addition_time_embed_dim else 6
@@ -1308,7 +1335,6 @@ class Pipeline:
             per_image.update(self.prompt_ids(prompts, "ids", prompts_2))
             per_image.update(self.prompt_ids(negatives, "neg_ids", negatives_2))
             per_image["time_ids"], per_image["neg_time_ids"] = self._time_ids(args, mode, height, width, b)
-            self._last_time_ids = (per_image["time_ids"][0], per_image["neg_time_ids"][0])
         else:
             per_image.update(self.prompt_ids(prompts, "ids"))
             per_image.update(self.prompt_ids(negatives, "neg_ids"))
@@ -1363,15 +1389,11 @@ class Pipeline:
         return min(m.config.num_hidden_layers for m in (self.text_encoder, self.text_encoder_2) if m is not None) - 1
 
     def _check_xl_arguments(self, args: CallArguments) -> None:
-        """SDXL-only arguments on an SD-1/2 pipeline, the micro-conditioning's types, and the
-        hand-off fractions: `ConfigError` naming the argument."""
-        xl_only = {"prompt_2": None, "negative_prompt_2": None, "original_size": None,
-                   "crops_coords_top_left": (0, 0), "target_size": None, "negative_original_size": None,
-                   "negative_crops_coords_top_left": (0, 0), "negative_target_size": None,
-                   "aesthetic_score": 6.0, "negative_aesthetic_score": 2.5}
+        """SDXL-only arguments on an SD-1/2 pipeline, the micro-conditioning's types, and what the
+        hand-off's fractions need besides (`check_call_arguments` checks their ranges):
+        `ConfigError` naming the argument."""
         if not self.xl:
-            given = [k for k, default in xl_only.items() if getattr(args, k) != default
-                     and not (isinstance(getattr(args, k), list | tuple) and tuple(getattr(args, k)) == default)]
+            given = list(given_xl_arguments(args))
             if given:
                 raise ConfigError(f"{given} apply to SDXL models only (a U-Net with addition_embed_type='text_time'); "
                                   f"this U-Net has addition_embed_type={self.unet.config.addition_embed_type!r}")
@@ -1385,18 +1407,6 @@ class Pipeline:
                 and np.isfinite(v) and v >= 0 for v in value)
             if not ok:
                 raise ConfigError(f"{name} must be a (height, width) / (top, left) pair of numbers >= 0, got {value!r}")
-        for name in ("aesthetic_score", "negative_aesthetic_score"):
-            value = getattr(args, name)
-            if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating) \
-                    or not np.isfinite(value):
-                raise ConfigError(f"{name} must be a finite number, got {value!r}")
-        for name in ("denoising_start", "denoising_end"):
-            value = getattr(args, name)
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating) \
-                    or not 0.0 < float(value) < 1.0:
-                raise ConfigError(f"{name} must be a fraction strictly between 0 and 1 (or None), got {value!r}")
         if args.denoising_start is not None and args.init_image is None and args.init_latents is None:
             raise ConfigError("denoising_start continues from given latents (the base model's output with "
                               "denoising_end, output_type='latent'): pass them as init_latents (or init_image)")
@@ -1688,14 +1698,20 @@ class Pipeline:
             "loras": [{k: e[k] for k in ("name", "source", "format", "scale", "fused")} for e in self.loras],
             "lora_scale": float(args.lora_scale) if self._loras else None,
             "embeddings": self.embeddings or None,
-            "sdxl": None if not self.xl else {
-                "time_ids": [float(v) for v in self._last_time_ids[0]],
-                "negative_time_ids": [float(v) for v in self._last_time_ids[1]],
-                "zero_negative": settings.zero_negative, "requires_aesthetics_score": self.requires_aesthetics_score},
+            "sdxl": None if not self.xl else self._resolved_xl(settings, args),
             "denoising_start": settings.denoising_start, "denoising_end": settings.denoising_end,
             "dtype": jnp.dtype(self.unet.dtype).name, "vae_dtype": jnp.dtype(self.vae.dtype).name,
             "devices": int(self.mesh.devices.size),
         }
+
+    def _resolved_xl(self, settings: CallSettings, args: CallArguments) -> dict:
+        """The SDXL part of `_resolved`: the micro-conditioning the call ran with (as `check_inputs`
+        computed it) and how its negative branch was made."""
+        h, w, _ = settings.latent_shape
+        f = self.vae_scale_factor
+        pos, neg = self._time_ids(args, settings.mode, h * f, w * f, 1)
+        return {"time_ids": [float(v) for v in pos[0]], "negative_time_ids": [float(v) for v in neg[0]],
+                "zero_negative": settings.zero_negative, "requires_aesthetics_score": self.requires_aesthetics_score}
 
     # ------------------------------------------------------------------ sharding helpers
     @staticmethod

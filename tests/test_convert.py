@@ -135,26 +135,17 @@ def clip_to_ldm(sd: dict) -> dict:
     return {"cond_stage_model.transformer.text_model." + k.removeprefix("text_model."): v for k, v in sd.items()}
 
 
-def clip_to_openclip(sd: dict, extra_layer_seed: int = 5) -> dict:
-    """transformers CLIPTextModel -> OpenCLIP text tower (`cond_stage_model.model.*`), plus one more final layer.
-
-    SD-2.x conditions on the penultimate layer, so the file's last layer must be dropped on import.
-    """
+def openclip_tower(sd: dict, prefix: str) -> dict:
+    """transformers CLIPTextModel keys -> an OpenCLIP text tower's (embeddings, every layer with q/k/v
+    fused into `attn.in_proj_*`, `ln_final`) under `prefix`; no projection."""
     sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
-    p = "cond_stage_model.model."
     n = len({k.split(".")[2] for k in sd if k.startswith("encoder.layers.")})
-    out = {p + "token_embedding.weight": sd["embeddings.token_embedding.weight"],
-           p + "positional_embedding": sd["embeddings.position_embedding.weight"],
-           p + "ln_final.weight": sd["final_layer_norm.weight"], p + "ln_final.bias": sd["final_layer_norm.bias"]}
-    g = torch.Generator().manual_seed(extra_layer_seed)
-    hidden = sd["embeddings.token_embedding.weight"].shape[1]
-    for i in range(n + 1):
-        r = f"{p}transformer.resblocks.{i}."
-        if i == n:  # the extra last layer: random, shaped like the others
-            for k in [k for k in out if k.startswith(f"{p}transformer.resblocks.0.")]:
-                out[k.replace("resblocks.0.", f"resblocks.{n}.")] = torch.randn(out[k].shape, generator=g)
-            continue
-        L = f"encoder.layers.{i}."
+    out = {prefix + "token_embedding.weight": sd["embeddings.token_embedding.weight"],
+           prefix + "positional_embedding": sd["embeddings.position_embedding.weight"],
+           prefix + "ln_final.weight": sd["final_layer_norm.weight"],
+           prefix + "ln_final.bias": sd["final_layer_norm.bias"]}
+    for i in range(n):
+        r, L = f"{prefix}transformer.resblocks.{i}.", f"encoder.layers.{i}."
         for leaf in ("weight", "bias"):
             out[r + f"attn.in_proj_{leaf}"] = torch.cat([sd[L + f"self_attn.{x}_proj.{leaf}"] for x in "qkv"])
             out[r + f"attn.out_proj.{leaf}"] = sd[L + f"self_attn.out_proj.{leaf}"]
@@ -162,6 +153,22 @@ def clip_to_openclip(sd: dict, extra_layer_seed: int = 5) -> dict:
             out[r + f"ln_2.{leaf}"] = sd[L + f"layer_norm2.{leaf}"]
             out[r + f"mlp.c_fc.{leaf}"] = sd[L + f"mlp.fc1.{leaf}"]
             out[r + f"mlp.c_proj.{leaf}"] = sd[L + f"mlp.fc2.{leaf}"]
+    return out
+
+
+def clip_to_openclip(sd: dict, extra_layer_seed: int = 5) -> dict:
+    """transformers CLIPTextModel -> OpenCLIP text tower (`cond_stage_model.model.*`), plus one more final layer.
+
+    SD-2.x conditions on the penultimate layer, so the file's last layer must be dropped on import.
+    """
+    p = "cond_stage_model.model."
+    out = openclip_tower(sd, p)
+    n = len({k.removeprefix("text_model.").split(".")[2] for k in sd if ".layers." in k})
+    g = torch.Generator().manual_seed(extra_layer_seed)
+    hidden = out[p + "token_embedding.weight"].shape[1]
+    # the extra last layer: random, shaped like the others
+    for k in [k for k in out if k.startswith(f"{p}transformer.resblocks.0.")]:
+        out[k.replace("resblocks.0.", f"resblocks.{n}.")] = torch.randn(out[k].shape, generator=g)
     out[p + "text_projection"] = torch.randn(hidden, hidden, generator=g)
     out[p + "logit_scale"] = torch.tensor(4.6)
     return out

@@ -16,7 +16,8 @@ import jaxcontrol as jc
 from jaxcontrol.convert import convert, read_checkpoint
 from jaxcontrol.pipeline import Pipeline
 from jaxcontrol.testing.sdxl_parity import save_tiny_sdxl_pipeline
-from test_convert import assert_same_tensors, contiguous, torch_names, unet_to_ldm, vae_to_ldm
+from test_convert import (assert_same_tensors, contiguous, openclip_tower, torch_names, unet_to_ldm,
+                          vae_to_ldm)
 
 # what the tiny models' weights cannot tell, given as a user would: SDXL and CLIP use 64 channels per
 # head and 256-wide size features, these are narrower; the group counts; and diffusers' tiny SDXL
@@ -30,21 +31,9 @@ HEADS = {"unet": {"attention_head_dim": [2, 4], "addition_time_embed_dim": 8, "n
 def clip_to_openclip_xl(sd: dict, prefix: str) -> dict:
     """transformers CLIPTextModelWithProjection -> OpenCLIP text tower keys under `prefix` (every layer
     kept, `text_projection` stored as OpenCLIP's (width, projection) matrix, applied as x @ P)."""
-    sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
-    out = {prefix + "token_embedding.weight": sd["embeddings.token_embedding.weight"],
-           prefix + "positional_embedding": sd["embeddings.position_embedding.weight"],
-           prefix + "ln_final.weight": sd["final_layer_norm.weight"], prefix + "ln_final.bias": sd["final_layer_norm.bias"],
-           prefix + "text_projection": sd["text_projection.weight"].T, prefix + "logit_scale": torch.tensor(4.6)}
-    n = len({k.split(".")[2] for k in sd if k.startswith("encoder.layers.")})
-    for i in range(n):
-        r, L = f"{prefix}transformer.resblocks.{i}.", f"encoder.layers.{i}."
-        for leaf in ("weight", "bias"):
-            out[r + f"attn.in_proj_{leaf}"] = torch.cat([sd[L + f"self_attn.{x}_proj.{leaf}"] for x in "qkv"])
-            out[r + f"attn.out_proj.{leaf}"] = sd[L + f"self_attn.out_proj.{leaf}"]
-            out[r + f"ln_1.{leaf}"] = sd[L + f"layer_norm1.{leaf}"]
-            out[r + f"ln_2.{leaf}"] = sd[L + f"layer_norm2.{leaf}"]
-            out[r + f"mlp.c_fc.{leaf}"] = sd[L + f"mlp.fc1.{leaf}"]
-            out[r + f"mlp.c_proj.{leaf}"] = sd[L + f"mlp.fc2.{leaf}"]
+    out = openclip_tower({k: v for k, v in sd.items() if k != "text_projection.weight"}, prefix)
+    out[prefix + "text_projection"] = sd["text_projection.weight"].T
+    out[prefix + "logit_scale"] = torch.tensor(4.6)
     return out
 
 

@@ -135,50 +135,45 @@ def _hand_off(base, ref_base, refiner, ref_refiner, solver):
     assert _rel(got, want) < 1e-4
 
 
+def _image(b=2, seed=1):
+    return torch.rand(b, 3, H, W, generator=torch.Generator().manual_seed(seed))
+
+
+def _text_to_image_rel(ours, ref, ref_kw: dict, our_kw: dict, b: int = 2, steps: int = 4) -> float:
+    """Relative difference of text-to-image runs of ours and diffusers' pipeline on the same noise,
+    each with its own keywords for the rest (control images, adapters, ...)."""
+    noise = _noise(b)
+    common = dict(height=H, width=W, num_inference_steps=steps, guidance_scale=5.0)
+    with torch.no_grad():
+        want = ref(PROMPTS[:b], latents=noise, output_type="np", **common, **ref_kw).images
+    got = ours(PROMPTS[:b], latents=_nhwc(noise), output_type="float", **common, **our_kw)
+    return _rel(got, want)
+
+
 @pytest.mark.slow  # ControlNet-XL itself: the tiny-sdxl-test parity case (fast)
 def test_controlnet_xl_pipeline_with_window(xl):
-    ours, ref = xl("controlnet")
-    g = torch.Generator().manual_seed(1)
-    image = torch.rand(2, 3, H, W, generator=g)
-    noise = _noise(2)
-    common = dict(height=H, width=W, num_inference_steps=4, guidance_scale=5.0)
-    with torch.no_grad():
-        want = ref(PROMPTS, image=image, controlnet_conditioning_scale=0.7, control_guidance_end=0.75,
-                   latents=noise, output_type="np", **common).images
-    got = ours(PROMPTS, controls=[ControlInput(_nhwc(image), 0.7, 0.0, 0.75)], latents=_nhwc(noise),
-               output_type="float", **common)
-    assert _rel(got, want) < 1e-4
+    image = _image()
+    assert _text_to_image_rel(*xl("controlnet"),
+                              dict(image=image, controlnet_conditioning_scale=0.7, control_guidance_end=0.75),
+                              dict(controls=[ControlInput(_nhwc(image), 0.7, 0.0, 0.75)])) < 1e-4
 
 
 @pytest.mark.slow
 def test_multi_controlnet_xl_pipeline(xl):
-    ours, ref = xl("multi-controlnet")
-    g = torch.Generator().manual_seed(1)
-    image = torch.rand(2, 3, H, W, generator=g)
-    noise = _noise(2)
-    common = dict(height=H, width=W, num_inference_steps=4, guidance_scale=5.0)
-    with torch.no_grad():
-        want = ref(PROMPTS, image=[image, image.flip(-1)], controlnet_conditioning_scale=[0.7, 0.4],
-                   latents=noise, output_type="np", **common).images
-    flipped = _nhwc(image.flip(-1))
-    got = ours(PROMPTS, controls=[ControlInput(_nhwc(image), 0.7), ControlInput(flipped, 0.4)],
-               latents=_nhwc(noise), output_type="float", **common)
-    assert _rel(got, want) < 1e-4
+    image = _image()
+    flipped = image.flip(-1)
+    assert _text_to_image_rel(*xl("multi-controlnet"),
+                              dict(image=[image, flipped], controlnet_conditioning_scale=[0.7, 0.4]),
+                              dict(controls=[ControlInput(_nhwc(image), 0.7), ControlInput(_nhwc(flipped), 0.4)])
+                              ) < 1e-4
 
 
 @pytest.mark.slow  # Adapter-XL on the SDXL U-Net: the unet-sdxl-tiny-adapter parity case (fast)
 def test_adapter_xl_pipeline(xl):
-    ours, ref = xl("adapter")
-    g = torch.Generator().manual_seed(1)
-    image = torch.rand(2, 3, H, W, generator=g)
-    noise = _noise(2)
-    common = dict(height=H, width=W, num_inference_steps=4, guidance_scale=5.0)
-    with torch.no_grad():
-        want = ref(PROMPTS, image=image, adapter_conditioning_scale=0.8, adapter_conditioning_factor=0.5,
-                   latents=noise, output_type="np", **common).images
-    got = ours(PROMPTS, adapters=[AdapterInput(_nhwc(image), 0.8)], adapter_conditioning_factor=0.5,
-               latents=_nhwc(noise), output_type="float", **common)
-    assert _rel(got, want) < 1e-4
+    image = _image()
+    assert _text_to_image_rel(*xl("adapter"),
+                              dict(image=image, adapter_conditioning_scale=0.8, adapter_conditioning_factor=0.5),
+                              dict(adapters=[AdapterInput(_nhwc(image), 0.8)], adapter_conditioning_factor=0.5)) < 1e-4
 
 
 @pytest.mark.slow
@@ -309,18 +304,12 @@ def test_replacement_vae_like_the_fp16_fix(xl, tmp_path):
     other = randomize_(diffusers.AutoencoderKL(**VAE_TINY, scaling_factor=0.13025, force_upcast=False), 11)
     other.save_pretrained(tmp_path / "vae")
     swapped = Pipeline.from_pretrained(ours.bundle.path, vae=tmp_path / "vae")
-    noise = _noise(1)
     saved = ref.vae
     try:
         ref.vae = other
-        with torch.no_grad():
-            want = ref(PROMPTS[:1], height=H, width=W, num_inference_steps=3, guidance_scale=5.0, latents=noise,
-                       output_type="np").images
+        assert _text_to_image_rel(swapped, ref, {}, {}, b=1, steps=3) < 1e-4
     finally:
         ref.vae = saved
-    got = swapped(PROMPTS[:1], height=H, width=W, num_inference_steps=3, guidance_scale=5.0, latents=_nhwc(noise),
-                  output_type="float")
-    assert _rel(got, want) < 1e-4
 
 
 def test_replacement_vae_is_checked(xl, tmp_path):
@@ -371,10 +360,4 @@ def test_fp16_variant_folder(xl, tmp_path):
     theirs = diffusers.StableDiffusionXLPipeline.from_pretrained(tmp_path / "xl", variant="fp16",
                                                                  torch_dtype=torch.float32)
     ours = Pipeline.from_pretrained(tmp_path / "xl", variant="fp16")
-    noise = _noise(1)
-    with torch.no_grad():
-        want = theirs(PROMPTS[:1], height=H, width=W, num_inference_steps=3, guidance_scale=5.0, latents=noise,
-                      output_type="np").images
-    got = ours(PROMPTS[:1], height=H, width=W, num_inference_steps=3, guidance_scale=5.0, latents=_nhwc(noise),
-               output_type="float")
-    assert _rel(got, want) < 1e-4
+    assert _text_to_image_rel(ours, theirs, {}, {}, b=1, steps=3) < 1e-4

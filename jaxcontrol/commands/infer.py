@@ -1210,7 +1210,7 @@ def _as_file_image(img):
 
 def _call_arguments(settings: InferSettings, inputs: InputImages, clip) -> dict:
     """The `Pipeline.__call__` keyword arguments every batch shares."""
-    from jaxcontrol.pipeline import AdapterInput, ControlInput
+    from jaxcontrol.pipeline import AdapterInput, ControlInput, given_xl_arguments
 
     return dict(
         height=settings.height, width=settings.width, num_inference_steps=settings.steps,
@@ -1236,21 +1236,7 @@ def _call_arguments(settings: InferSettings, inputs: InputImages, clip) -> dict:
         edit_source=None if settings.edit_sentences is None else list(settings.edit_sentences[0]),
         edit_target=None if settings.edit_sentences is None else list(settings.edit_sentences[1]),
         cross_attention_guidance_amount=settings.cross_attention_guidance_amount,
-        **xl_arguments(settings))
-
-
-def xl_arguments(settings: InferSettings) -> dict:
-    """The SDXL flags given (not at their defaults) as `Pipeline.__call__` keywords; an SD model
-    refuses them by name (ConfigError)."""
-    out = {}
-    defaults = dict(prompt_2=None, negative_prompt_2=None, original_size=None, target_size=None,
-                    crops_coords_top_left=(0, 0), negative_original_size=None, negative_target_size=None,
-                    negative_crops_coords_top_left=(0, 0), aesthetic_score=6.0, negative_aesthetic_score=2.5)
-    for name, default in defaults.items():
-        value = getattr(settings, name)
-        if value != default:
-            out[name] = value
-    return out
+        **given_xl_arguments(settings))  # the SDXL flags given; an SD model refuses them by name
 
 
 def _pair(flag: str):

@@ -140,51 +140,44 @@ def vae_from_ldm(source: TensorSource, prefix: str, origin: str) -> Part:
     return Part(Component("vae", config, sub), frozenset(prefix + k for k in inner), tuple(notes))
 
 
-def clip_text_from_ldm(source: TensorSource, origin: str) -> Part:
-    """SD-1.x's `FrozenCLIPEmbedder` (transformers names under `cond_stage_model.transformer.`), quick_gelu."""
-    inner = keys_under(source, SD_TEXT_PREFIX)
-    sub = normalize_clip_keys(source.renamed({SD_TEXT_PREFIX + k: k for k in inner}, f"{origin} [text_encoder]"))
+def clip_text_from_ldm(source: TensorSource, origin: str, prefix: str = SD_TEXT_PREFIX) -> Part:
+    """A CLIP ViT-L text encoder in transformers names under `prefix` (SD-1.x's `FrozenCLIPEmbedder`
+    at `cond_stage_model.transformer.`, SDXL base's first encoder), quick_gelu, as "text_encoder"."""
+    inner = keys_under(source, prefix)
+    sub = normalize_clip_keys(source.renamed({prefix + k: k for k in inner}, f"{origin} [text_encoder]"))
     config, notes = ldm.infer_clip_text_config(sub, hidden_act="quick_gelu")
-    used = frozenset(SD_TEXT_PREFIX + k for k in inner)
+    used = frozenset(prefix + k for k in inner)
     return Part(Component("text_encoder", config, sub, ignore=_CLIP_IGNORE), used, tuple(notes))
 
 
-def sdxl_text_encoders(source: TensorSource, origin: str, *, refiner: bool) -> list[Part]:
-    """SDXL's text encoders: the base's CLIP ViT-L (`conditioner.embedders.0.transformer.`, quick_gelu)
-    as "text_encoder" and OpenCLIP bigG (`conditioner.embedders.1.model.`, gelu, every layer and the
-    projection) as "text_encoder_2", a `CLIPTextModelWithProjection`; the refiner has bigG alone
-    (`conditioner.embedders.0.model.`)."""
-    parts = []
-    if not refiner:
-        inner = keys_under(source, SDXL_TEXT_PREFIX)
-        sub = normalize_clip_keys(source.renamed({SDXL_TEXT_PREFIX + k: k for k in inner}, f"{origin} [text_encoder]"))
-        config, notes = ldm.infer_clip_text_config(sub, hidden_act="quick_gelu")
-        parts.append(Part(Component("text_encoder", config, sub, ignore=_CLIP_IGNORE),
-                          frozenset(SDXL_TEXT_PREFIX + k for k in inner), tuple(notes)))
-    prefix = SDXL_REFINER_TEXT_PREFIX if refiner else SDXL_TEXT2_PREFIX
+def openclip_text_from_ldm(source: TensorSource, origin: str, prefix: str = SD2_TEXT_PREFIX, *,
+                           sdxl: bool = False) -> Part:
+    """An OpenCLIP text tower under `prefix`, gelu: SD-2.x's `FrozenOpenCLIPEmbedder`
+    (`cond_stage_model.model.`) as a "text_encoder" `CLIPTextModel` one layer short; with `sdxl`,
+    SDXL's bigG with every layer and its projection as a "text_encoder_2"
+    `CLIPTextModelWithProjection` (see `ldm.openclip_text_to_diffusers`)."""
+    name = "text_encoder_2" if sdxl else "text_encoder"
     inner = keys_under(source, prefix)
     spec, notes = ldm.openclip_text_to_diffusers(source.renamed({prefix + k: k for k in inner}), inner,
-                                                 f"{origin} [{prefix}*]", sdxl=True)
+                                                 f"{origin} [{prefix}*]", sdxl=sdxl)
     sub = ldm.derive(source, {new: (prefix + old, s, fn) for new, (old, s, fn) in spec.items()},
-                     f"{origin} [text_encoder_2]")
+                     f"{origin} [{name}]")
     config, inferred = ldm.infer_clip_text_config(sub, hidden_act="gelu")
-    config["_class_name"] = "CLIPTextModelWithProjection"
-    parts.append(Part(Component("text_encoder_2", config, sub, ignore=_CLIP_IGNORE),
-                      frozenset(prefix + k for k in inner), tuple(notes + [n.replace("text encoder:", "text_encoder_2:")
-                                                                          for n in inferred])))
-    return parts
+    if sdxl:
+        config["_class_name"] = "CLIPTextModelWithProjection"
+        inferred = [n.replace("text encoder:", "text_encoder_2:") for n in inferred]
+    used = frozenset(prefix + k for k in inner)
+    return Part(Component(name, config, sub, ignore=_CLIP_IGNORE), used, tuple(notes + inferred))
 
 
-def openclip_text_from_ldm(source: TensorSource, origin: str) -> Part:
-    """SD-2.x's `FrozenOpenCLIPEmbedder` (`cond_stage_model.model.`) as a `CLIPTextModel` one layer short, gelu."""
-    inner = keys_under(source, SD2_TEXT_PREFIX)
-    spec, notes = ldm.openclip_text_to_diffusers(source.renamed({SD2_TEXT_PREFIX + k: k for k in inner}), inner,
-                                                 f"{origin} [{SD2_TEXT_PREFIX}*]")
-    sub = ldm.derive(source, {new: (SD2_TEXT_PREFIX + old, s, fn) for new, (old, s, fn) in spec.items()},
-                     f"{origin} [text_encoder]")
-    config, inferred = ldm.infer_clip_text_config(sub, hidden_act="gelu")
-    used = frozenset(SD2_TEXT_PREFIX + k for k in inner)
-    return Part(Component("text_encoder", config, sub, ignore=_CLIP_IGNORE), used, tuple(notes + inferred))
+def sdxl_text_encoders(source: TensorSource, origin: str, *, refiner: bool) -> list[Part]:
+    """SDXL's text encoders: the base's CLIP ViT-L (`conditioner.embedders.0.transformer.`) as
+    "text_encoder" and OpenCLIP bigG (`conditioner.embedders.1.model.`) as "text_encoder_2"; the
+    refiner has bigG alone (`conditioner.embedders.0.model.`)."""
+    if refiner:
+        return [openclip_text_from_ldm(source, origin, SDXL_REFINER_TEXT_PREFIX, sdxl=True)]
+    return [clip_text_from_ldm(source, origin, SDXL_TEXT_PREFIX),
+            openclip_text_from_ldm(source, origin, SDXL_TEXT2_PREFIX, sdxl=True)]
 
 
 def adapter_from_t2i(source: TensorSource, origin: str, *, light: bool) -> Part:

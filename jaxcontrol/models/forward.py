@@ -19,8 +19,9 @@ diffusers' ControlNet and T2I-Adapter pipelines combine them:
   scaling, while ControlNets see the latents alone (diffusers' inpainting ControlNet pipeline).
 
 Shapes: `x` (B, h, w, C) latents (NHWC), `t` (B,) or scalar timesteps, `text` (B, 77, D) encoder
-hidden states, `added` SDXL's pooled text embeddings and micro-conditioning ids, control images (B, H, W, 3) in [0, 1] at pixel size. Returns the U-Net's output
-(B, h, w, C) in its `prediction_type` (epsilon, v or sample).
+hidden states, `added` SDXL's pooled text embeddings and micro-conditioning ids, control images
+(B, H, W, 3) in [0, 1] at pixel size. Returns the U-Net's output (B, h, w, C) in its
+`prediction_type` (epsilon, v or sample).
 """
 
 from __future__ import annotations
@@ -71,11 +72,12 @@ def controlnet_residuals(controlnets: Sequence[ControlNetCall], x, t, text, *,
     down, mid = None, None
     for c in controlnets:
         sample = x
-        width = getattr(getattr(c.module, "config", None), "in_channels", x.shape[-1])
+        config = getattr(c.module, "config", None)
+        width = getattr(config, "in_channels", x.shape[-1])
         if concat is not None and width == x.shape[-1] + concat.shape[-1]:
             sample = jnp.concatenate([x, concat.astype(x.dtype)], axis=-1)
         extra = {}
-        if added is not None and getattr(getattr(c.module, "config", None), "addition_embed_type", None):
+        if added is not None and getattr(config, "addition_embed_type", None):
             extra["added_cond_kwargs"] = added
         with scope("controlnet"):
             d, m = c.module.apply({"params": c.params}, sample, t, text, c.image, conditioning_scale=c.scale,

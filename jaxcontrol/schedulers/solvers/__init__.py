@@ -203,9 +203,8 @@ def hand_off(plan: Plan, hooks, cfg, num_inference_steps: int, options: dict, st
         # the step whose first evaluation is `begin` (Heun's steps take two evaluations): its plan
         # starts there with the solver's own start-up (multistep solvers restart at first order)
         count, late = len(ts) - begin, plan
-        for step in range(1, num_inference_steps):
-            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-                late = hooks.plan(cfg, num_inference_steps, begin=step, **options)
+        for step in range(1, num_inference_steps):  # (make_plan's np.errstate is in force here)
+            late = hooks.plan(cfg, num_inference_steps, begin=step, **options)
             if len(late.timesteps) <= count:
                 break
         if len(late.timesteps) != count:
