@@ -56,7 +56,8 @@ class ControlTransform:
 
     "image" (uint8) -> "pixel_values" float32 in [-1, 1]; "conditioning_image" (uint8) ->
     "conditioning_pixel_values" float32 in [0, 1]; "text" -> "caption" (str); "index" kept.
-    Precomputed records: "latents" kept, "text_embeddings" -> "encoder_hidden_states".
+    Precomputed records: "latents" kept, "text_embeddings" -> "encoder_hidden_states" (and SDXL's
+    "pooled_text_embeddings" -> "text_embeds").
     `resolution` resizes (shorter side, bilinear) and centre-crops images that are not already
     resolution x resolution, as torchvision's Resize + CenterCrop in diffusers' script.
     1-channel images are repeated to RGB; a missing "text" gives "", a missing "index" -1.
@@ -84,6 +85,8 @@ class ControlTransform:
             out["latents"] = np.asarray(record["latents"])
         if "text_embeddings" in record:
             out["encoder_hidden_states"] = np.asarray(record["text_embeddings"])
+        if "pooled_text_embeddings" in record:  # SDXL
+            out["text_embeds"] = np.asarray(record["pooled_text_embeddings"])
         if "conditioning_image" not in record:
             raise DataError(f"record has no 'conditioning_image' (keys: {sorted(record)})")
         out["conditioning_pixel_values"] = (
@@ -109,14 +112,18 @@ class TokenizeBatch:
     """
 
     tokenize_fn: Callable[[list[str]], Any]
+    tokenize_fn_2: Callable[[list[str]], Any] | None = None  # SDXL's second tokenizer: "input_ids_2"
 
     def __call__(self, batch: dict) -> dict:
         out = dict(batch)
-        for caption_key, ids_key in (("caption", "input_ids"), ("class_caption", "class_input_ids")):
+        jobs = [("caption", "input_ids", self.tokenize_fn), ("class_caption", "class_input_ids", self.tokenize_fn)]
+        if self.tokenize_fn_2 is not None:
+            jobs.append(("caption", "input_ids_2", self.tokenize_fn_2))
+        for caption_key, ids_key, fn in jobs:
             if caption_key not in batch:
                 continue
             captions = [str(c) for c in np.asarray(batch[caption_key]).reshape(-1)]
-            ids = np.asarray(self.tokenize_fn(captions))
+            ids = np.asarray(fn(captions))
             if ids.ndim != 2 or ids.shape[0] != len(captions):
                 raise DataError(f"tokenize_fn returned shape {ids.shape} for {len(captions)} captions; expected (B, L)")
             out[ids_key] = ids.astype(np.int32)

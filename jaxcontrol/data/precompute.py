@@ -51,6 +51,11 @@ def _record_bytes(fields: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
+def _layout(a: np.ndarray | None) -> dict | None:
+    """What meta.json records of an encoded field: its per-example shape and dtype."""
+    return None if a is None else {"shape": list(a.shape[1:]), "dtype": str(a.dtype)}
+
+
 def _check_batch(name: str, out, n: int) -> np.ndarray:
     a = np.asarray(out)
     if a.ndim < 1 or a.shape[0] != n:
@@ -145,16 +150,20 @@ def precompute_share(
             pixels = np.stack([e["pixel_values"] for e in examples])
             latents = _check_batch("encode_images", encode_images(pixels), batch_size)[:real]
             captions = [e["caption"] for e in examples]
-            text = None
+            text = pooled = None
             if encode_text is not None:
-                text = _check_batch("encode_text", encode_text(captions), batch_size)[:real]
+                encoded = encode_text(captions)
+                if isinstance(encoded, tuple):  # SDXL: (states, pooled)
+                    encoded, pooled = encoded
+                    pooled = _check_batch("encode_text (pooled)", pooled, batch_size)[:real]
+                text = _check_batch("encode_text", encoded, batch_size)[:real]
             if "latents" not in part:
                 part.update({
-                    "latents": {"shape": list(latents.shape[1:]), "dtype": str(latents.dtype)},
-                    "text_embeddings": None if text is None else {"shape": list(text.shape[1:]),
-                                                                  "dtype": str(text.dtype)},
+                    "latents": _layout(latents), "text_embeddings": _layout(text),
                     "conditioning_image": {"shape": list(examples[0]["conditioning_pixel_values"].shape)},
                 })
+                if pooled is not None:
+                    part["pooled_text_embeddings"] = _layout(pooled)
             for j, i in enumerate(idx):
                 if current is None or not current.start <= i < current.stop:
                     if writer is not None:
@@ -170,6 +179,8 @@ def precompute_share(
                 }
                 if text is not None:
                     fields["text_embeddings"] = text[j]
+                if pooled is not None:
+                    fields["pooled_text_embeddings"] = pooled[j]
                 writer.write(_record_bytes(fields))
             if bar is not None:
                 bar.update(real)
@@ -204,7 +215,9 @@ def merge_parts(directory: str | os.PathLike, process_count: int, resolution: in
     described = [part for part in parts if "latents" in part]
     if not described:
         raise DataError(f"{directory}: no process encoded any example")
-    keys = ("latents", "text_embeddings", "conditioning_image")
+    keys = ("latents", "text_embeddings", "conditioning_image", "pooled_text_embeddings")
+    parts = [{"pooled_text_embeddings": None, **part} for part in parts]
+    described = [{"pooled_text_embeddings": None, **part} for part in described]
     if any(part["count"] != n or part["records_per_shard"] != per_file for part in parts):
         raise DataError(f"{directory}: the parts disagree on the example count or records_per_shard")
     for part in described[1:]:
@@ -212,7 +225,8 @@ def merge_parts(directory: str | os.PathLike, process_count: int, resolution: in
             raise DataError(f"{directory}: process {part['process']} encoded {[part[k] for k in keys]}, "
                             f"process {described[0]['process']} {[described[0][k] for k in keys]}")
     meta = {"format_version": FORMAT_VERSION, "count": n, "num_shards": len(names),
-            **{k: described[0][k] for k in keys}, "resolution": resolution}
+            **{k: described[0][k] for k in keys if described[0][k] is not None or k != "pooled_text_embeddings"},
+            "resolution": resolution}
     (directory / "meta.json").write_text(json.dumps(meta, indent=1))
     for p in range(process_count):
         (directory / f"part-{p:05d}.json").unlink()
@@ -249,7 +263,9 @@ def precompute_latents(
 
     `encode_images` takes pixel values (B, H, W, 3) float32 in [-1, 1] with B = `batch_size`;
     `encode_text` the captions (a list of B strings). Each must return an array whose first axis
-    is B; what follows is stored per example as it is (any shape and dtype). `resolution` is
+    is B; what follows is stored per example as it is (any shape and dtype). `encode_text` may
+    return a pair (states, pooled) instead, as SDXL's two encoders give: the pooled embeddings are
+    stored as "pooled_text_embeddings". `resolution` is
     `ControlTransform`'s. Returns a `PrecomputedSource` over the result. (One process; see
     `precompute_share` to split the work over several.)
 

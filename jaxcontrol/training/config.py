@@ -77,7 +77,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.unet = ml_collections.ConfigDict(dict(TINY_UNET))  # scratch: U-Net config.json fields
     c.model.vae = ml_collections.ConfigDict(dict(TINY_VAE))  # scratch: AutoencoderKL fields
     c.model.text_encoder = ml_collections.ConfigDict(dict(TINY_TEXT_ENCODER))  # scratch: CLIPTextConfig fields
-    c.model.vae_path = ""  # scratch: load the VAE from this folder instead of building it
+    c.model.vae_path = ""  # a VAE folder to use instead of building one (scratch) or the pipeline's (e.g. SDXL's fp16-fix VAE)
     c.model.text_encoder_path = ""  # scratch: load the text encoder from this folder
     c.model.tokenizer_path = ""  # scratch: tokenizer folder; "" writes a word-level CLIP tokenizer
     c.model.scheduler = ml_collections.ConfigDict({k: v for k, v in SD_SCHEDULER.items() if k != "_class_name"})
@@ -100,6 +100,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.adapter.downscale_factor = 8
     c.adapter.adapter_type = "full_adapter"
     c.adapter.conditioning_scale = 1.0
+
+    # SDXL (a pretrained pipeline whose U-Net has addition_embed_type="text_time"; tasks controlnet,
+    # adapter and vae): the micro-conditioning every training example gets, as diffusers' SDXL
+    # ControlNet and adapter scripts build add_time_ids. (0, 0) sizes mean data.resolution square.
+    c.sdxl = ml_collections.ConfigDict()
+    c.sdxl.original_size = (0, 0)  # (height, width)
+    c.sdxl.crops_coords_top_left = (0, 0)  # (top, left)
+    c.sdxl.target_size = (0, 0)  # (height, width)
 
     c.vae = ml_collections.ConfigDict()  # task="vae": the autoencoder itself (model.vae / model.vae_path)
     c.vae.reconstruction_loss = "mse"  # "mse" or "l1", per pixel in [-1, 1]
@@ -378,6 +386,13 @@ def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
         v = _get(config, key)
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
             _fail(key, f"must be a finite number >= 0, got {v!r}")
+    for key in ("sdxl.original_size", "sdxl.crops_coords_top_left", "sdxl.target_size"):
+        v = _get(config, key)
+        if isinstance(v, str) or len(tuple(v)) != 2 or not all(
+                isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v):
+            _fail(key, f"must be two integers >= 0, got {v!r}")
+        if key.endswith("size") and (0 in tuple(v)) and any(v):
+            _fail(key, f"must be (0, 0) (data.resolution square) or two sizes > 0, got {tuple(v)}")
     _check_personalization(config)
     if config.data.fill50k_edits and config.task in ("controlnet", "adapter"):
         _fail("data.fill50k_edits", f"edit triples have no outline condition for task={config.task!r}")

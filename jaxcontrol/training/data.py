@@ -140,7 +140,32 @@ def precomputed_source(config, workdir, source, nets, frozen) -> Any:
         if index == 0:
             finish_precompute(shared, out, count, int(config.data.resolution))
     _sync("jaxcontrol_precompute_done")  # every host, so that none waits alone
-    return PrecomputedSource(out)
+    source = PrecomputedSource(out)
+    check_precomputed(source.meta, nets, config, out)
+    return source
+
+
+def check_precomputed(meta: dict, nets, config, where) -> None:
+    """An earlier encoding reused must fit this run: the resolution, the VAE's latent channels,
+    the text width the U-Net takes and, for SDXL, the pooled embeddings. `ConfigError` naming
+    the folder and what differs (delete it, or set data.precomputed_dir elsewhere, to re-encode)."""
+    problems = []
+    res = meta.get("resolution")
+    if res is not None and int(res) != int(config.data.resolution):
+        problems.append(f"resolution {res}, the run's data.resolution is {config.data.resolution}")
+    latents = (meta.get("latents") or {}).get("shape")
+    channels = 2 * int(nets.vae.config.latent_channels)
+    if latents and int(latents[-1]) != channels:
+        problems.append(f"latent moments of {latents[-1]} channels, the VAE gives {channels}")
+    text = (meta.get("text_embeddings") or {}).get("shape")
+    width = int(nets.unet.config.cross_attention_dims[0])
+    if text and int(text[-1]) != width:
+        problems.append(f"text embeddings {int(text[-1])} wide, the U-Net takes {width}")
+    if text and nets.xl and not meta.get("pooled_text_embeddings"):
+        problems.append("no pooled text embeddings, which SDXL's U-Net takes")
+    if problems:
+        raise ConfigError(f"{where}: the precomputed dataset does not fit this run ({'; '.join(problems)}); "
+                          "delete it or set config.data.precomputed_dir to another folder to encode again")
 
 
 def _sync(name: str) -> None:
@@ -154,8 +179,8 @@ def local_encoders(nets, frozen, batch_per_device: int = 0) -> tuple[Callable, C
     """(encode_images, encode_text, batch_size) for precomputation on this process's devices.
 
     `encode_images`: pixels (B, H, W, 3) float32 in [-1, 1] -> VAE posterior moments (B, h, w, 2C)
-    float32; `encode_text`: B captions -> last hidden states (B, 77, D) float32; both numpy in and
-    out. Both are jitted once over a one-axis mesh of `jax.local_devices()` with the batch split
+    float32; `encode_text`: B captions -> last hidden states (B, 77, D) float32 (SDXL: the pair
+    (states, pooled (B, P)) of `step.encode_prompts_xl`); both numpy in and out. Both are jitted once over a one-axis mesh of `jax.local_devices()` with the batch split
     over it and the encoders' parameters replicated; B = `batch_size` is the smallest multiple of
     the local device count that is at least 8 (or `batch_per_device` per device when given).
     """
@@ -169,23 +194,41 @@ def local_encoders(nets, frozen, batch_per_device: int = 0) -> tuple[Callable, C
     split, whole = NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())
     per_device = batch_per_device or -(-8 // len(devices))
     batch_size = per_device * len(devices)
-    vae, text = nets.vae, nets.text_encoder
+    vae = nets.vae
     vp = jax.device_put(frozen["vae"], whole)
-    tp = jax.device_put(frozen["text_encoder"], whole)
     images = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode).astype(jnp.float32),
                      in_shardings=(whole, split), out_shardings=split)
-    ids = jax.jit(lambda p, i: text.apply({"params": p}, i).last_hidden_state.astype(jnp.float32),
-                  in_shardings=(whole, split), out_shardings=split)
-    # placed explicitly: with several processes jit refuses numpy inputs for a sharding that splits them
-    return (lambda x: np.asarray(images(vp, jax.device_put(np.asarray(x, np.float32), split))),
-            lambda caps: np.asarray(ids(tp, jax.device_put(np.asarray(tokenize(nets.tokenizer, caps)), split))),
-            batch_size)
+
+    def put(a):  # placed explicitly: with several processes jit refuses numpy inputs for a sharding that splits them
+        return jax.device_put(np.asarray(a), split)
+
+    if nets.xl:  # (states, pooled) of both encoders
+        from .step import encode_prompts_xl
+
+        names = ("text_encoder", "text_encoder_2")
+        tp = jax.device_put({k: frozen[k] for k in names}, whole)
+        xl = jax.jit(lambda p, i, i2: encode_prompts_xl(nets, p, i, i2), in_shardings=(whole, split, split),
+                     out_shardings=split)
+
+        def encode_text(caps):
+            text, pooled = xl(tp, put(tokenize(nets.tokenizer, caps)), put(tokenize(nets.tokenizer_2, caps)))
+            return np.asarray(text), np.asarray(pooled)
+    else:
+        text_encoder = nets.text_encoder
+        tp = jax.device_put(frozen["text_encoder"], whole)
+        ids = jax.jit(lambda p, i: text_encoder.apply({"params": p}, i).last_hidden_state.astype(jnp.float32),
+                      in_shardings=(whole, split), out_shardings=split)
+
+        def encode_text(caps):
+            return np.asarray(ids(tp, put(tokenize(nets.tokenizer, caps))))
+    return (lambda x: np.asarray(images(vp, put(np.asarray(x, np.float32)))), encode_text, batch_size)
 
 
-def make_train_dataset(config, source, tokenizer, *, tokenize_prompts: bool = True):
+def make_train_dataset(config, source, tokenizer, *, tokenize_prompts: bool = True, tokenizer_2=None):
     """The grain dataset of per-host batches (`batch_size / process_count` examples each), shuffled
-    with `config.seed`; with `tokenize_prompts`, batches carry "input_ids" (B, L) int32. Raises
-    `ConfigError` when `config.batch_size` is not a multiple of the host count."""
+    with `config.seed`; with `tokenize_prompts`, batches carry "input_ids" (B, L) int32 (and, given
+    SDXL's `tokenizer_2`, "input_ids_2"). Raises `ConfigError` when `config.batch_size` is not a
+    multiple of the host count."""
     from ..data import ControlTransform, TokenizeBatch, make_dataset
     from .networks import caption_ids
 
@@ -195,7 +238,9 @@ def make_train_dataset(config, source, tokenizer, *, tokenize_prompts: bool = Tr
     return make_dataset(
         source, batch_size=config.batch_size // hosts, seed=int(config.seed), shuffle=True,
         transform=ControlTransform(resolution=int(config.data.resolution)),
-        tokenize_fn=TokenizeBatch(functools.partial(caption_ids, tokenizer)) if tokenize_prompts else None,
+        tokenize_fn=TokenizeBatch(functools.partial(caption_ids, tokenizer),
+                                  None if tokenizer_2 is None else functools.partial(caption_ids, tokenizer_2))
+        if tokenize_prompts else None,
         read_threads=int(config.data.read_threads), prefetch=int(config.data.prefetch),
         num_workers=int(config.data.num_workers))
 

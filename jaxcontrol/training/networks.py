@@ -78,10 +78,32 @@ class Networks:
     empty_ids: np.ndarray | None = None  # (1, L) token ids of the empty prompt
     lora_config: dict | None = None  # LoRA runs: {"rank", "alpha", "targets": {network: [modules]}}
     placeholder: tuple[str, tuple[str, ...]] | None = None  # textual inversion: (word, the tokens it spans)
+    # SDXL (a U-Net with addition_embed_type="text_time"): the second text encoder (OpenCLIP bigG,
+    # with projection) and its tokenizer, the micro-conditioning every training example gets
+    # (original size, crop top-left, target size: (6,) float32), and the pipeline's rule for the
+    # empty negative prompt at validation
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+    empty_ids_2: np.ndarray | None = None  # (1, L) the empty prompt by tokenizer_2
+    time_ids: np.ndarray | None = None
+    force_zeros_for_empty_prompt: bool = True
+    pipeline_options: dict = dataclasses.field(default_factory=dict)  # model_index.json settings, for the export
+
+    @property
+    def xl(self) -> bool:
+        """Whether the U-Net is SDXL's (two text encoders, pooled text and micro-conditioning)."""
+        return getattr(self.unet.config, "addition_embed_type", None) == "text_time"
 
     def token_ids(self, captions) -> np.ndarray:
         """Token ids (B, L) int32 of captions, multi-vector words written out (`vocabulary.expand_prompt`)."""
         return caption_ids(self.tokenizer, list(captions))
+
+    def prompt_ids(self, captions) -> dict[str, np.ndarray]:
+        """{"input_ids": (B, L)} and, for SDXL, {"input_ids_2": (B, L)} by the second tokenizer."""
+        out = {"input_ids": self.token_ids(captions)}
+        if self.tokenizer_2 is not None:
+            out["input_ids_2"] = caption_ids(self.tokenizer_2, list(captions))
+        return out
 
     @property
     def vae_scale_factor(self) -> int:
@@ -150,21 +172,44 @@ def _host(tree: Any) -> Any:
     return jax.tree_util.tree_map(np.asarray, tree)
 
 
-def _load_pretrained(path: str, kw: dict):
-    from ..convert.jax_format import is_jaxcontrol_checkpoint
+# the networks a run reads of a pretrained pipeline (SDXL's second text encoder where it has one),
+# and what else of a diffusers folder (a jaxcontrol checkpoint brings its tokenizers and scheduler)
+PRETRAINED_NETWORKS = ("unet", "vae", "text_encoder", "text_encoder_2")
+PRETRAINED_EXTRAS = ("tokenizer", "tokenizer_2", "scheduler")
 
-    nets = ("unet", "vae", "text_encoder")
-    if Path(path).is_file() or is_jaxcontrol_checkpoint(path):
-        bundle = load_pipeline(path, components=nets, **kw)
-    else:
-        bundle = load_pipeline(path, components=nets + ("tokenizer", "scheduler"), **kw)
-    missing = [n for n in nets if n not in bundle.modules]
+
+def _pretrained_components(path: str) -> tuple[str, ...] | None:
+    """What to load of `path`: the networks (and, for a diffusers folder, tokenizers and
+    scheduler) that it lists; None for a single file, which holds its networks only."""
+    from ..convert.jax_format import is_jaxcontrol_checkpoint, read_manifest
+    from ..convert.pipeline_index import index_components, read_model_index
+
+    folder = Path(path)
+    if folder.is_file():
+        return None
+    if is_jaxcontrol_checkpoint(folder):
+        names = set(read_manifest(folder)["components"])
+        return tuple(n for n in PRETRAINED_NETWORKS if n in names)
+    names = {name for name, _, _ in index_components(folder, read_model_index(folder))}
+    return tuple(n for n in PRETRAINED_NETWORKS + PRETRAINED_EXTRAS if n in names)
+
+
+def _load_pretrained(path: str, kw: dict):
+    """(modules, params, tokenizers, scheduler config, model_index options) of a pretrained pipeline."""
+    bundle = load_pipeline(path, components=_pretrained_components(path), **kw)
+    missing = [n for n in ("unet", "vae") if n not in bundle.modules]
+    if "text_encoder" not in bundle.modules:
+        if "text_encoder_2" in bundle.modules:
+            raise ConfigError(f"config.model.pretrained_path={path!r} has text_encoder_2 alone (an SDXL refiner); "
+                              "training reads both of SDXL's text encoders, as diffusers' SDXL training scripts "
+                              "do: give the base model's pipeline")
+        missing.append("text_encoder")
     if missing:
         raise ConfigError(f"config.model.pretrained_path={path!r}: no {missing} in that pipeline")
     if bundle.tokenizer is None:
         raise ConfigError(f"config.model.pretrained_path={path!r}: the pipeline has no tokenizer")
     scheduler = bundle.scheduler_config or dict(SD_SCHEDULER)
-    return bundle.modules, bundle.params, bundle.tokenizer, scheduler
+    return bundle.modules, bundle.params, dict(bundle.tokenizers), scheduler, dict(bundle.options)
 
 
 def _scratch_words(config) -> list[str]:
@@ -239,7 +284,11 @@ def _scratch(config, workdir, compute, attention_impl):
         if config.task != "vae" or name == "vae":
             params[name] = init_params(modules[name], seed + i + 1)
     scheduler = {"_class_name": "DDPMScheduler", **to_plain(config.model.scheduler)}
-    return modules, params, scratch_tokenizer(config, workdir), scheduler
+    if modules["unet"].config.addition_embed_type is not None:
+        raise ConfigError(f"config.model.unet.addition_embed_type={modules['unet'].config.addition_embed_type!r}: "
+                          'a from-scratch run builds an SD-1/2-style model; SDXL trains from a pretrained '
+                          'pipeline (model.init="pretrained")')
+    return modules, params, {"tokenizer": scratch_tokenizer(config, workdir)}, scheduler, {}
 
 
 def build_networks(config, workdir: str | os.PathLike) -> tuple[Networks, dict, dict]:
@@ -256,9 +305,11 @@ def build_networks(config, workdir: str | os.PathLike) -> tuple[Networks, dict, 
     attention_impl = config.model.attention_impl
     if config.model.init == "pretrained":
         kw = dict(dtype=compute, param_dtype=jnp.float32, attention_impl=attention_impl)
-        modules, params, tokenizer, scheduler = _load_pretrained(config.model.pretrained_path, kw)
+        modules, params, tokenizers, scheduler, options = _load_pretrained(config.model.pretrained_path, kw)
+        if config.model.vae_path:  # e.g. SDXL's fp16-fix VAE, as diffusers' --pretrained_vae_model_name_or_path
+            modules["vae"], params["vae"] = _replacement_vae(config.model.vae_path, modules["vae"], kw)
     else:
-        modules, params, tokenizer, scheduler = _scratch(config, workdir, compute, attention_impl)
+        modules, params, tokenizers, scheduler, options = _scratch(config, workdir, compute, attention_impl)
 
     sched_cfg = SchedulerConfig.from_dict(scheduler)
     _, resolved = sched_cfg.resolve("ddpm")
@@ -269,10 +320,12 @@ def build_networks(config, workdir: str | os.PathLike) -> tuple[Networks, dict, 
     scheduler = {**scheduler, "prediction_type": prediction_type}
     nets = Networks(
         task=config.task, unet=modules["unet"], vae=modules["vae"], text_encoder=modules["text_encoder"],
-        tokenizer=tokenizer, scheduler_config=scheduler, schedule=NoiseSchedule.from_config(resolved),
-        prediction_type=prediction_type,
+        tokenizer=tokenizers["tokenizer"], scheduler_config=scheduler, schedule=NoiseSchedule.from_config(resolved),
+        prediction_type=prediction_type, pipeline_options=options,
     )
-    nets.empty_ids = tokenize(tokenizer, [""])
+    nets.empty_ids = tokenize(nets.tokenizer, [""])
+    if nets.xl:
+        _setup_xl(config, nets, modules, tokenizers, options)
     _check_sizes(config, nets)
 
     trainable: dict[str, Any] = {}
@@ -281,6 +334,8 @@ def build_networks(config, workdir: str | os.PathLike) -> tuple[Networks, dict, 
         return nets, _cast(_host(trainable), jnp.float32), {}
     unet_p = params["unet"]
     frozen = {"vae": _cast(params["vae"], frozen_dtype), "text_encoder": _cast(params["text_encoder"], frozen_dtype)}
+    if nets.xl:
+        frozen["text_encoder_2"] = _cast(params["text_encoder_2"], frozen_dtype)
     if config.task == "controlnet":
         nets.controlnet, trainable["controlnet"] = _controlnet(config, nets.unet, unet_p, compute, attention_impl)
         if config.controlnet.unlock_unet:
@@ -315,6 +370,72 @@ def build_networks(config, workdir: str | os.PathLike) -> tuple[Networks, dict, 
         trainable["unet"] = unet_p
     trainable = _cast(_host(trainable), jnp.float32)  # float32 master weights
     return nets, trainable, _host(frozen)
+
+
+# what an SDXL run can train (as diffusers' train_controlnet_sdxl.py and train_t2i_adapter_sdxl.py)
+XL_TASKS = ("controlnet", "adapter", "vae")
+
+
+def _setup_xl(config, nets: Networks, modules: dict, tokenizers: dict, options: dict) -> None:
+    """SDXL's second text encoder and tokenizer, and the run's micro-conditioning, into `nets`.
+    Raises `ConfigError` for a task SDXL training does not cover, or a pipeline without them."""
+    if config.task not in XL_TASKS:
+        raise ConfigError(f"config.task={config.task!r} is not supported on an SDXL model "
+                          f"(U-Net addition_embed_type='text_time'); SDXL runs train {list(XL_TASKS)}")
+    if config.task == "vae":
+        return
+    missing = [n for n, v in (("text_encoder_2", modules.get("text_encoder_2")),
+                              ("tokenizer_2", tokenizers.get("tokenizer_2"))) if v is None]
+    if missing:
+        raise ConfigError(f"config.model.pretrained_path={config.model.pretrained_path!r}: an SDXL U-Net, but the "
+                          f"pipeline has no {missing}")
+    nets.text_encoder_2, nets.tokenizer_2 = modules["text_encoder_2"], tokenizers["tokenizer_2"]
+    nets.empty_ids_2 = tokenize(nets.tokenizer_2, [""])
+    nets.force_zeros_for_empty_prompt = bool(options.get("force_zeros_for_empty_prompt", True))
+    nets.time_ids = xl_time_ids(config)
+    _check_xl_widths(config, nets)
+
+
+def xl_time_ids(config) -> np.ndarray:
+    """SDXL's micro-conditioning for every training example, (6,) float32: `sdxl.original_size`,
+    `sdxl.crops_coords_top_left`, `sdxl.target_size` (a size of (0, 0) is data.resolution square),
+    as diffusers' SDXL ControlNet / adapter scripts build `add_time_ids`."""
+    res = (int(config.data.resolution),) * 2
+    original = tuple(int(v) for v in config.sdxl.original_size)
+    target = tuple(int(v) for v in config.sdxl.target_size)
+    crop = tuple(int(v) for v in config.sdxl.crops_coords_top_left)
+    return np.asarray((original if any(original) else res) + crop + (target if any(target) else res), np.float32)
+
+
+def _check_xl_widths(config, nets: Networks) -> None:
+    """The two encoders' widths and the projection must add up to what the U-Net takes."""
+    u = nets.unet.config
+    widths = (int(nets.text_encoder.config.hidden_size), int(nets.text_encoder_2.config.hidden_size))
+    if sum(widths) != int(u.cross_attention_dims[0]):
+        raise ConfigError(f"SDXL: the text encoders' widths {widths} add up to {sum(widths)}, but the U-Net's "
+                          f"cross_attention_dim is {u.cross_attention_dim}")
+    if not getattr(nets.text_encoder_2, "with_projection", False):
+        raise ConfigError("SDXL: text_encoder_2 has no projection (a CLIPTextModelWithProjection gives the pooled "
+                          "text embedding)")
+    pooled = int(nets.text_encoder_2.config.projection_dim)
+    expect = int(u.projection_class_embeddings_input_dim)
+    got = pooled + len(nets.time_ids) * int(u.addition_time_embed_dim)
+    if got != expect:
+        raise ConfigError(f"SDXL: pooled text ({pooled}) plus {len(nets.time_ids)} micro-conditioning values x "
+                          f"addition_time_embed_dim {u.addition_time_embed_dim} = {got}, but the U-Net's "
+                          f"projection_class_embeddings_input_dim is {expect} (a refiner's U-Net takes the "
+                          "aesthetic score instead: train on the base model)")
+
+
+def _replacement_vae(path: str, vae, kw: dict):
+    """config.model.vae_path for a pretrained run: a VAE folder in place of the pipeline's."""
+    module, params = load_model(path, **kw)
+    if not isinstance(module, AutoencoderKL):
+        raise ConfigError(f"config.model.vae_path={path!r} is a {type(module).__name__}, not an AutoencoderKL")
+    if module.config.latent_channels != vae.config.latent_channels:
+        raise ConfigError(f"config.model.vae_path={path!r} has {module.config.latent_channels} latent channels, "
+                          f"the pipeline's VAE {vae.config.latent_channels}")
+    return module, params
 
 
 def _lora(config, nets: Networks, unet_p: dict, te_p: dict, with_text: bool) -> tuple[dict, dict]:
@@ -442,6 +563,10 @@ def _check_sizes(config, nets: Networks) -> None:
                 f"{len(config.controlnet.conditioning_embedding_out_channels)} entries, so the control image is "
                 f"embedded at 1/{hint} of its size, but the VAE's latents are 1/{f} of the image; "
                 f"give {int(np.log2(f)) + 1} entries")
-    if config.task == "adapter" and not config.adapter.init_from and int(config.adapter.downscale_factor) != f:
-        raise ConfigError(f"config.adapter.downscale_factor={config.adapter.downscale_factor} must equal the VAE's "
-                          f"factor {f} (the adapter's first feature is at latent resolution)")
+    if config.task == "adapter" and not config.adapter.init_from:
+        xl = config.adapter.adapter_type == "full_adapter_xl"  # its first feature is at half the latents' size
+        if int(config.adapter.downscale_factor) != f * (2 if xl else 1):
+            where = "half the latent resolution (full_adapter_xl)" if xl else "latent resolution"
+            raise ConfigError(f"config.adapter.downscale_factor={config.adapter.downscale_factor} must be "
+                              f"{f * (2 if xl else 1)} for the VAE's factor {f} (the adapter's first feature is at "
+                              f"{where})")

@@ -27,6 +27,7 @@ import optax
 from ..guidance import ControlNetUnit, adapter_features, classifier_free, instruct_pix2pix, unet_prediction
 from ..models.forward import ControlNetCall, model_forward
 from ..models.vae import sample_posterior, scale_latents, split_moments, unscale_latents
+from ..pipeline import encode_prompt_xl
 from ..sampler import initial_latents, sample
 from . import losses
 from .config import timestep_sampling, trains_text_encoder
@@ -34,8 +35,8 @@ from .networks import Networks, text_encoder_params, unet_params
 from .remat import remat_scope
 from .state import TrainState, update_ema
 
-DEVICE_KEYS = ("pixel_values", "latents", "input_ids", "encoder_hidden_states", "conditioning_pixel_values",
-               "class_pixel_values", "class_input_ids")
+DEVICE_KEYS = ("pixel_values", "latents", "input_ids", "input_ids_2", "encoder_hidden_states", "text_embeds",
+               "conditioning_pixel_values", "class_pixel_values", "class_input_ids")
 
 
 def encode_prompts(nets: Networks, frozen: dict, ids: jax.Array, trainable: dict | None = None) -> jax.Array:
@@ -46,11 +47,28 @@ def encode_prompts(nets: Networks, frozen: dict, ids: jax.Array, trainable: dict
     return out.last_hidden_state.astype(jnp.float32)
 
 
+def encode_prompts_xl(nets: Networks, frozen: dict, ids: jax.Array, ids_2: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """SDXL's text conditioning of token ids by its two frozen encoders, as its pipeline encodes a
+    prompt (`pipeline.encode_prompt_xl`): (penultimate states concatenated (B, 77, D1 + D2), pooled
+    projection of the second (B, P)), float32."""
+    modules = {"text_encoder": nets.text_encoder, "text_encoder_2": nets.text_encoder_2}
+    text, pooled = encode_prompt_xl(modules, frozen, {"text_encoder": ids, "text_encoder_2": ids_2}, None)
+    return text.astype(jnp.float32), pooled.astype(jnp.float32)
+
+
+def xl_added(nets: Networks, pooled: jax.Array) -> dict:
+    """SDXL's `added_cond_kwargs` for a batch: the pooled text and the run's micro-conditioning."""
+    time_ids = jnp.broadcast_to(jnp.asarray(nets.time_ids, jnp.float32), (pooled.shape[0], len(nets.time_ids)))
+    return {"text_embeds": pooled, "time_ids": time_ids}
+
+
 def model_prediction(nets: Networks, config, trainable: dict, frozen: dict, noisy: jax.Array, t: jax.Array,
-                     context: jax.Array, cond: jax.Array | None, concat: jax.Array | None = None) -> jax.Array:
+                     context: jax.Array, cond: jax.Array | None, concat: jax.Array | None = None,
+                     added: dict | None = None) -> jax.Array:
     """The trained model's prediction for `noisy` latents: U-Net plus ControlNet / adapter, per the
-    task, through the one `model_forward` that sampling uses too. The blocks `config.remat` names
-    are rematerialised, and with `config.remat.attention` every attention layer."""
+    task, through the one `model_forward` that sampling uses too (`added`: SDXL's pooled text and
+    micro-conditioning). The blocks `config.remat` names are rematerialised, and with
+    `config.remat.attention` every attention layer."""
     calls = []
     if nets.controlnet is not None:  # small_scale: the paper's small-scale training, the mid block only
         calls.append(ControlNetCall(nets.controlnet, trainable["controlnet"], cond,
@@ -64,7 +82,7 @@ def model_prediction(nets: Networks, config, trainable: dict, frozen: dict, nois
         return remat_scope(getattr(config.remat, name), config.remat.policy, attention=bool(getattr(config.remat, "attention", False)))
 
     return model_forward(nets.unet, unet_params(trainable, frozen), noisy, t, context, controlnets=calls,
-                         adapter_features=feats, scope=scope, concat=concat)
+                         adapter_features=feats, scope=scope, concat=concat, added=added)
 
 
 def image_latents(nets: Networks, frozen: dict, images: jax.Array) -> jax.Array:
@@ -101,7 +119,8 @@ def make_vae_loss_fn(nets: Networks, config) -> Callable:
 
 
 def make_loss_fn(nets: Networks, config) -> Callable:
-    """(trainable, frozen, micro_batch, key) -> (loss, aux): the whole objective of one micro-batch."""
+    """(trainable, frozen, micro_batch, key) -> (loss, aux): the whole objective of one micro-batch;
+    aux holds the draws ({"timesteps", "noise"}), so that a test can recompute the loss elsewhere."""
     if nets.task == "vae":
         return make_vae_loss_fn(nets, config)
     schedule = nets.schedule
@@ -114,6 +133,7 @@ def make_loss_fn(nets: Networks, config) -> Callable:
     instruct = nets.task == "instruct_pix2pix"
     p_instruct = float(config.instruct_pix2pix.conditioning_dropout_prob)
     text_trains = trains_text_encoder(config)
+    xl = nets.xl
     prior_weight = float(config.dreambooth.prior_loss_weight)
 
     def loss_fn(trainable, frozen, batch, key):
@@ -132,12 +152,20 @@ def make_loss_fn(nets: Networks, config) -> Callable:
         else:
             moments = nets.vae.apply({"params": frozen["vae"]}, batch["pixel_values"], method=nets.vae.encode)
         latents = scale_latents(sample_posterior(moments, k_lat), nets.vae.config)
+        pooled = None
         if "encoder_hidden_states" in batch:
             context = batch["encoder_hidden_states"].astype(jnp.float32)
+            pooled = batch["text_embeds"].astype(jnp.float32) if xl else None
             if instruct:
                 context = losses.replace_rows(drop_text, context, frozen["empty_prompt"])
-            elif p_empty:
+            elif p_empty:  # the same rows of both (k_drop draws one uniform per row)
                 context = losses.drop_prompts(k_drop, context, frozen.get("empty_prompt"), p_empty)
+                if xl:
+                    pooled = losses.drop_prompts(k_drop, pooled, frozen.get("empty_pooled"), p_empty)
+        elif xl:  # as diffusers' SDXL scripts: a dropped caption is "" for both tokenizers
+            ids = losses.drop_prompts(k_drop, batch["input_ids"], jnp.asarray(nets.empty_ids), p_empty)
+            ids_2 = losses.drop_prompts(k_drop, batch["input_ids_2"], jnp.asarray(nets.empty_ids_2), p_empty)
+            context, pooled = encode_prompts_xl(nets, frozen, ids, ids_2)
         else:
             empty = jnp.asarray(nets.empty_ids)
             ids = losses.replace_rows(drop_text, batch["input_ids"], empty) if instruct else \
@@ -157,12 +185,13 @@ def make_loss_fn(nets: Networks, config) -> Callable:
         noisy = schedule.add_noise(latents, noise, t)
         target = losses.prediction_target(schedule, latents, noise, t, pred_type)
         cond = batch["conditioning_pixel_values"] if needs_cond else None
-        pred = model_prediction(nets, config, trainable, frozen, noisy, t, context, cond, concat)
+        added = None if pooled is None else xl_added(nets, jax.lax.stop_gradient(pooled))
+        pred = model_prediction(nets, config, trainable, frozen, noisy, t, context, cond, concat, added)
         weights = losses.min_snr_weights(schedule, t, snr_gamma, pred_type) if snr_gamma > 0 else None
         if n_instance is not None:  # mean over instance rows + prior_loss_weight x mean over class rows
             rows = losses.prior_preservation_weights(n_instance, b - n_instance, prior_weight)
             weights = rows if weights is None else weights * rows
-        return losses.diffusion_loss(pred, target, weights), {"timesteps": t}
+        return losses.diffusion_loss(pred, target, weights), {"timesteps": t, "noise": noise}
 
     return loss_fn
 
@@ -218,20 +247,31 @@ def jit_train_step(train_step: Callable, state_sharding: Any, frozen_sharding: A
 
 
 def make_sample_fn(nets: Networks, config, plan) -> Callable:
-    """(trainable, frozen, ids, negative_ids, cond_images, noise, key) -> images (B, H, W, 3) in [-1, 1]."""
+    """(trainable, frozen, ids, negative_ids, cond_images, noise, key) -> images (B, H, W, 3) in [-1, 1].
+
+    `ids` / `negative_ids`: token ids (B, 77), or for SDXL `Networks.prompt_ids`' dict of both
+    tokenizers'. SDXL's negative branch is zero, as its pipeline makes an empty negative prompt
+    with `force_zeros_for_empty_prompt` (the validation's negative prompt is empty)."""
     guidance = float(config.validation.guidance_scale)
     image_guidance = float(config.validation.image_guidance_scale)
 
+    def branch(frozen, trainable, ids, zero=False):
+        if not nets.xl:
+            return {"text": encode_prompts(nets, frozen, ids, trainable)}
+        text, pooled = encode_prompts_xl(nets, frozen, ids["input_ids"], ids["input_ids_2"])
+        if zero:
+            text, pooled = jnp.zeros_like(text), jnp.zeros_like(pooled)
+        return {"text": text, "added": xl_added(nets, pooled)}
+
     def sample_fn(trainable, frozen, ids, neg_ids, cond_images, noise, key):
-        text = encode_prompts(nets, frozen, ids, trainable)
-        neg = encode_prompts(nets, frozen, neg_ids, trainable)
+        branch_c = branch(frozen, trainable, ids)
+        branch_u = branch(frozen, trainable, neg_ids, zero=nets.force_zeros_for_empty_prompt)
         params = unet_params(trainable, frozen)
         units = []
         if nets.controlnet is not None:
             units = [ControlNetUnit(nets.controlnet, trainable["controlnet"],
                                     scale=float(config.controlnet.conditioning_scale))]
         model = unet_prediction(nets.unet, params, controlnets=units)
-        branch_c, branch_u = {"text": text}, {"text": neg}
         if units:
             branch_c["control"] = branch_u["control"] = (cond_images,)
         if nets.adapter is not None:

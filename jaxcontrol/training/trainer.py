@@ -132,8 +132,13 @@ class Run:
             train_source = precomputed_source(config, self.workdir, train_source, self.nets, frozen)
             has_text = train_source.meta.get("text_embeddings") is not None
             if has_text and (config.loss.proportion_empty_prompts > 0 or config.task == "instruct_pix2pix"):
-                frozen["empty_prompt"] = np.asarray(self._encode_text_host(frozen, self.nets.empty_ids))
-        self.dataset = make_train_dataset(config, train_source, self.nets.tokenizer, tokenize_prompts=not has_text)
+                empty = self._empty_prompt_host(frozen)
+                if self.nets.xl:
+                    frozen["empty_prompt"], frozen["empty_pooled"] = (np.asarray(a) for a in empty)
+                else:
+                    frozen["empty_prompt"] = np.asarray(empty)
+        self.dataset = make_train_dataset(config, train_source, self.nets.tokenizer, tokenize_prompts=not has_text,
+                                          tokenizer_2=self.nets.tokenizer_2)
         self.iterator = iter(self.dataset)
         self.train_source = train_source
         if config.task == "vae":
@@ -203,9 +208,14 @@ class Run:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _encode_text_host(self, frozen, ids):
-        te = self.nets.text_encoder
-        return te.apply({"params": frozen["text_encoder"]}, jnp.asarray(ids)).last_hidden_state
+    def _empty_prompt_host(self, frozen):
+        """The frozen text conditioning of the empty prompt: (1, 77, D), or for SDXL (states, pooled)."""
+        nets = self.nets
+        if nets.xl:
+            from .step import encode_prompts_xl
+
+            return encode_prompts_xl(nets, frozen, jnp.asarray(nets.empty_ids), jnp.asarray(nets.empty_ids_2))
+        return nets.text_encoder.apply({"params": frozen["text_encoder"]}, jnp.asarray(nets.empty_ids)).last_hidden_state
 
     def compile_step(self, batch: dict):
         """`step_fn` compiled ahead of time for `batch`'s shapes (a `jax.stages.Compiled`, called like
@@ -269,8 +279,10 @@ class Run:
             self._plan = plan
             self._sample_fn = jax.jit(make_sample_fn(nets, self.config, plan), out_shardings=replicated(self.mesh),
                                       compiler_options=self.compiler_options)
-        ids = nets.token_ids([e["caption"] for e in examples])
-        neg = np.repeat(nets.empty_ids, n, axis=0)
+        if nets.xl:
+            ids, neg = nets.prompt_ids([e["caption"] for e in examples]), nets.prompt_ids([""] * n)
+        else:
+            ids, neg = nets.token_ids([e["caption"] for e in examples]), np.repeat(nets.empty_ids, n, axis=0)
         cond = np.stack([e["conditioning_pixel_values"] for e in examples]).astype(np.float32)
         res = cond.shape[1] // nets.vae_scale_factor
         key = jax.random.key(int(cfg.seed))
