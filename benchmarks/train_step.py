@@ -4,6 +4,13 @@
     .venv/bin/python benchmarks/train_step.py --size 512 --batch 2 --steps 5
     .venv/bin/python benchmarks/train_step.py --tiny      # tiny U-Net / VAE, 32x32 images, one step (seconds)
     .venv/bin/python benchmarks/train_step.py --side jax --set remat.unet=none --set model.attention_impl=chunked
+    .venv/bin/python benchmarks/train_step.py --arch sdxl-reduced --size 128   # ControlNet-XL (see ARCHS)
+
+`--arch sdxl` / `sdxl-reduced` trains a ControlNet-XL as diffusers' `train_controlnet_sdxl.py`:
+both networks also take the pooled text embedding and the micro-conditioning ids of the image
+size. The full SDXL step (frozen 2.57B U-Net, 1.25B ControlNet-XL with gradients and Adam
+moments: 28 GiB before activations) does not fit a 24 GiB host; `sdxl-reduced` keeps SDXL's
+layout and widths with 4 instead of 10 transformer layers per block at the lowest resolution.
 
 `--set KEY=VALUE` overrides a key of `jaxcontrol.training.default_config()` for jaxcontrol's side
 (`remat.*`, `model.attention_impl`, `precision.*`, `compiler_options.*`); without it the step runs
@@ -43,8 +50,41 @@ TINY_VAE = dict(block_out_channels=(32, 32, 32, 32), down_block_types=("DownEnco
                 up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, sample_size=32)
 
 
-def _configs(tiny: bool) -> tuple[dict, dict]:
-    return (TINY_UNET, TINY_VAE) if tiny else (SD15_UNET, SD15_VAE)
+# SDXL base's U-Net (sd_xl_base.yaml through diffusers' converter); its VAE has SD's layout
+SDXL_UNET = dict(block_out_channels=(320, 640, 1280), layers_per_block=2, sample_size=128,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+                 cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816)
+# what fits a 24 GiB host: SDXL's layout and widths with 4 transformer layers per block at the
+# lowest resolution instead of 10 (1.32B U-Net, 0.63B ControlNet; the full model's frozen U-Net,
+# ControlNet, its gradients and Adam moments alone are 28 GiB in float32)
+SDXL_REDUCED_UNET = dict(SDXL_UNET, transformer_layers_per_block=(1, 2, 4))
+# --arch tiny-sdxl: diffusers' tiny SDXL test U-Net (its ControlNet-XL hint encoder needs 8x images)
+TINY_SDXL_UNET = dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=32,
+                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                      up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                      use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                      transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+                      cross_attention_dim=64, norm_num_groups=1)
+ARCHS = {"sd15": (SD15_UNET, SD15_VAE, "SD-1.5"), "tiny": (TINY_UNET, TINY_VAE, "tiny"),
+         "sdxl": (SDXL_UNET, SD15_VAE, "SDXL"),
+         "sdxl-reduced": (SDXL_REDUCED_UNET, SD15_VAE, "SDXL layout, transformer_layers_per_block (1, 2, 4)"),
+         "tiny-sdxl": (TINY_SDXL_UNET, TINY_VAE, "diffusers' tiny SDXL test")}
+
+
+def _configs(arch: str) -> tuple[dict, dict]:
+    return ARCHS[arch][:2]
+
+
+def _is_xl(unet_config: dict) -> bool:
+    return unet_config.get("addition_embed_type") == "text_time"
+
+
+def _time_ids(size: int) -> list[float]:
+    """SDXL's micro-conditioning for a size x size image (original, crop, target), as the scripts build it."""
+    return [float(size), float(size), 0.0, 0.0, float(size), float(size)]
 
 
 def _status(field: str) -> int:
@@ -64,16 +104,21 @@ def _reset_peak() -> bool:
         return False
 
 
-def _inputs(size: int, batch: int, seed: int = 0):
+def _inputs(size: int, batch: int, unet_config: dict, seed: int = 0):
+    """Precomputed latents (posterior moments), text embeddings (and SDXL's pooled ones), control images."""
     import numpy as np
 
     g = np.random.default_rng(seed)
     lat = size // 8
-    return dict(
+    out = dict(
         moments=g.standard_normal((batch, lat, lat, 8), dtype=np.float32) * 0.5,
-        context=g.standard_normal((batch, 77, 768), dtype=np.float32),
+        context=g.standard_normal((batch, 77, unet_config["cross_attention_dim"]), dtype=np.float32),
         cond=g.random((batch, size, size, 3), dtype=np.float32),
     )
+    if _is_xl(unet_config):
+        pooled = unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
+        out["pooled"] = g.standard_normal((batch, pooled), dtype=np.float32)
+    return out
 
 
 def _override(config, assignments) -> None:
@@ -95,7 +140,7 @@ def _override(config, assignments) -> None:
         node[leaf] = value
 
 
-def run_jax(size: int, batch: int, steps: int, tiny: bool = False, overrides: tuple = (),
+def run_jax(size: int, batch: int, steps: int, arch: str = "sd15", overrides: tuple = (),
             compile_only: bool = False) -> dict:
     import jax
     import jax.numpy as jnp
@@ -118,7 +163,7 @@ def run_jax(size: int, batch: int, steps: int, tiny: bool = False, overrides: tu
     _override(config, overrides)
     config.task, config.batch_size = "controlnet", batch
     xla_note = use_cpu_memory_scheduler(bool(config.xla_cpu_memory_scheduler))  # as train.py, before JAX starts
-    unet_config, vae_config = _configs(tiny)
+    unet_config, vae_config = _configs(arch)
     unet = UNet2DConditionModel(UNet2DConditionConfig(**unet_config), attention_impl=config.model.attention_impl)
     if compile_only:  # shapes only: nothing is allocated or run
         unet_params = param_shapes(unet)
@@ -130,7 +175,8 @@ def run_jax(size: int, batch: int, steps: int, tiny: bool = False, overrides: tu
     config.optim.learning_rate, config.optim.weight_decay, config.optim.max_grad_norm = 1e-5, 1e-2, 1.0
     nets = Networks(task="controlnet", unet=unet, vae=AutoencoderKL(AutoencoderKLConfig(**vae_config)),
                     text_encoder=None, tokenizer=None, scheduler_config={}, prediction_type="epsilon",
-                    schedule=NoiseSchedule(make_betas(1000, 0.00085, 0.012, "scaled_linear")), controlnet=cn)
+                    schedule=NoiseSchedule(make_betas(1000, 0.00085, 0.012, "scaled_linear")), controlnet=cn,
+                    time_ids=np.asarray(_time_ids(size), np.float32) if _is_xl(unet_config) else None)
     sched = learning_rate_schedule(config.optim, 1000)
     tx = make_optimizer(config.optim, sched)
     mesh = make_mesh(1, 1, jax.devices()[:1])
@@ -139,9 +185,11 @@ def run_jax(size: int, batch: int, steps: int, tiny: bool = False, overrides: tu
     frozen = {"unet": unet_params}
     frozen_sh = param_shardings(frozen, mesh, shard=False)
     bsh = batch_sharding(mesh, ("data", "fsdp"), leading=1)
-    x = _inputs(size, batch)
+    x = _inputs(size, batch, unet_config)
     b = {"latents": x["moments"][None], "encoder_hidden_states": x["context"][None],
          "conditioning_pixel_values": x["cond"][None]}
+    if "pooled" in x:
+        b["text_embeds"] = x["pooled"][None]
     if compile_only:
         state = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
                                        state_sh)
@@ -198,7 +246,7 @@ def _temp_bytes(compiled) -> int | None:
         return None
 
 
-def run_torch(size: int, batch: int, steps: int, tiny: bool = False) -> dict:
+def run_torch(size: int, batch: int, steps: int, arch: str = "sd15") -> dict:
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -208,14 +256,19 @@ def run_torch(size: int, batch: int, steps: int, tiny: bool = False) -> dict:
     base = _status("VmRSS")
     t0 = time.perf_counter()
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**_configs(tiny)[0])
+    unet_config = _configs(arch)[0]
+    unet = UNet2DConditionModel(**unet_config)
     controlnet = ControlNetModel.from_unet(unet)
     unet.requires_grad_(False)
     unet.eval()
     controlnet.train()
     opt = torch.optim.AdamW(controlnet.parameters(), lr=1e-5, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    x = _inputs(size, batch)
+    x = _inputs(size, batch, unet_config)
+    added = {}
+    if "pooled" in x:  # train_controlnet_sdxl.py's unet_added_conditions, to the ControlNet and the U-Net
+        added = {"added_cond_kwargs": {"text_embeds": torch.from_numpy(x["pooled"]),
+                                       "time_ids": torch.tensor([_time_ids(size)] * batch)}}
     moments = torch.from_numpy(np.ascontiguousarray(x["moments"].transpose(0, 3, 1, 2)))
     context = torch.from_numpy(x["context"])
     cond = torch.from_numpy(np.ascontiguousarray(x["cond"].transpose(0, 3, 1, 2)))
@@ -230,9 +283,10 @@ def run_torch(size: int, batch: int, steps: int, tiny: bool = False) -> dict:
         noise = torch.randn_like(latents)
         t = torch.randint(0, 1000, (latents.shape[0],)).long()
         noisy = scheduler.add_noise(latents, noise, t)
-        down, mid = controlnet(noisy, t, encoder_hidden_states=context, controlnet_cond=cond, return_dict=False)
+        down, mid = controlnet(noisy, t, encoder_hidden_states=context, controlnet_cond=cond, return_dict=False,
+                               **added)
         pred = unet(noisy, t, encoder_hidden_states=context, down_block_additional_residuals=down,
-                    mid_block_additional_residual=mid, return_dict=False)[0]
+                    mid_block_additional_residual=mid, return_dict=False, **added)[0]
         loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
@@ -255,7 +309,7 @@ def run_torch(size: int, batch: int, steps: int, tiny: bool = False) -> dict:
 
 def child(which: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", which, "--size", str(args.size), "--batch", str(args.batch),
-           "--steps", str(args.steps)] + (["--tiny"] if args.tiny else [])
+           "--steps", str(args.steps), "--arch", args.arch]
     cmd += [f"--set={item}" for item in args.set] + (["--compile-only"] if args.compile_only else [])
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     env.pop("XLA_FLAGS", None)  # one CPU device, as a user would have
@@ -277,6 +331,8 @@ def main() -> None:
     p.add_argument("--child", choices=("jax", "torch"), help=argparse.SUPPRESS)
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--tiny", action="store_true", help="tiny U-Net and VAE, 32x32 images, batch 1, one timed step")
+    p.add_argument("--arch", choices=sorted(ARCHS), default="sd15",
+                   help="the U-Net (and ControlNet) layout; sdxl-reduced is what fits 24 GiB (see ARCHS)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of jaxcontrol's default training config (repeatable)")
     p.add_argument("--side", choices=("both", "jax", "torch"), default="both", help="run one side only")
@@ -284,16 +340,19 @@ def main() -> None:
                    help="jaxcontrol only: compile the step from shapes (nothing allocated) and report XLA's buffer "
                         "assignment and the compiler's peak memory")
     args = p.parse_args()
-    if args.tiny:
+    if args.tiny and not args.child:
         args.size, args.batch, args.steps = 32, 1, 1
+        args.arch = "tiny-sdxl" if "sdxl" in args.arch else "tiny"
     if args.child:
         if args.child == "jax":
-            result = run_jax(args.size, args.batch, args.steps, args.tiny, tuple(args.set), args.compile_only)
+            result = run_jax(args.size, args.batch, args.steps, args.arch, tuple(args.set), args.compile_only)
         else:
-            result = run_torch(args.size, args.batch, args.steps, args.tiny)
+            result = run_torch(args.size, args.batch, args.steps, args.arch)
         print(json.dumps(result))
         return
-    print(f"ControlNet training step, {'tiny' if args.tiny else 'SD-1.5'} architecture, {args.size}x{args.size} images "
+    xl = _is_xl(_configs(args.arch)[0])
+    print(f"{'ControlNet-XL' if xl else 'ControlNet'} training step, {ARCHS[args.arch][2]} architecture, "
+          f"{args.size}x{args.size} images "
           f"({args.size // 8}x{args.size // 8} latents), batch {args.batch}, float32, {os.cpu_count()} CPU cores",
           flush=True)
     if args.compile_only:

@@ -32,6 +32,8 @@ RUNS = {
     "pipeline_memory.py": (["--tiny"], "peak RSS", True),
     "pipeline_throughput.py": (["--tiny"], "images/s", True),
     "sampler_speed.py": (["--tiny"], "compile vs first", False),
+    # two networks in four processes plus a ControlNet-XL training step (about 90 s)
+    "sdxl.py": (["--tiny"], "| max rel err vs diffusers |", True),
     "solver_parity.py": (["--quick"], "worst error / bound", False),
     "train_step.py": (["--tiny"], "samples/s", True),
     "unet_speed.py": (["--tiny"], "torch/this", True),

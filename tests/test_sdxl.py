@@ -350,6 +350,74 @@ def test_inpainting_with_the_base_unet_matches_diffusers(xl, monkeypatch):
     assert _rel(got, want) < 1e-4
 
 
+def test_pag_and_guidance_rescale_match_diffusers_sdxl_pipelines(xl):
+    """Perturbed-attention guidance against diffusers' StableDiffusionXLPAGPipeline, and
+    guidance_rescale against StableDiffusionXLPipeline's, on the same noise."""
+    ours, ref = xl("base")
+    parts = {k: getattr(ref, k) for k in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet",
+                                          "scheduler")}
+    pag = diffusers.StableDiffusionXLPAGPipeline(**parts, pag_applied_layers=["mid"])
+    pag.set_progress_bar_config(disable=True)
+    noise = _noise(2)
+    common = dict(height=H, width=W, num_inference_steps=4, guidance_scale=5.0)
+    with torch.no_grad():
+        want_pag = pag(PROMPTS, latents=noise, pag_scale=3.0, output_type="np", **common).images
+        want_rescale = ref(PROMPTS, latents=noise, guidance_rescale=0.7, output_type="np", **common).images
+        plain = ref(PROMPTS, latents=noise, output_type="np", **common).images
+    got = ours(PROMPTS, latents=_nhwc(noise), output_type="float", pag_scale=3.0, pag_applied_layers=["mid"], **common)
+    assert _rel(got, want_pag) < 1e-4 and _rel(want_pag, plain) > 1e-3
+    got = ours(PROMPTS, latents=_nhwc(noise), output_type="float", guidance_rescale=0.7, **common)
+    assert _rel(got, want_rescale) < 1e-4 and _rel(want_rescale, plain) > 1e-3
+
+
+@pytest.mark.slow  # (about 80 s; PAG above exercises the attention machinery on SDXL in the fast suite)
+@pytest.mark.parametrize("options", [
+    dict(sag_scale=0.75),
+    dict(token_indices=[[2], [2]], max_iter_to_alter=2, attn_res=(4, 4)),
+    dict(edit_source=["a red circle"], edit_target=["a blue circle"]),
+], ids=["sag", "attend-and-excite", "pix2pix-zero"])
+def test_attention_techniques_run_on_sdxl(xl, options):
+    """The techniques diffusers has no SDXL pipeline for run on the SDXL U-Net (two encoders,
+    pooled text and micro-conditioning in every branch) and change the image."""
+    ours, _ = xl("base")
+    noise = _nhwc(_noise(2))
+    common = dict(height=H, width=W, num_inference_steps=4, guidance_scale=5.0, scheduler="ddim", latents=noise,
+                  output_type="float")
+    plain = ours(PROMPTS, **common)
+    got = ours(PROMPTS, **common, **options)
+    assert np.isfinite(got).all() and _rel(got, plain) > 1e-4
+
+
+def test_nine_channel_inpainting_unet_matches_diffusers(xl):
+    """StableDiffusionXLInpaintPipeline over a 9-channel inpainting U-Net (as
+    diffusers/stable-diffusion-xl-1.0-inpainting-0.1): mask and masked-image latents concatenated,
+    img2img micro-conditioning, strength 0.75; diffusers' VAE draws and start noise fixed to ours."""
+    import sys
+
+    ours, ref = xl("inpaint-9ch")
+    assert ours.xl and ours.kind == "inpaint"
+    g = torch.Generator().manual_seed(3)
+    image = torch.rand(1, 3, H, W, generator=g)
+    mask = (torch.rand(1, 1, H, W, generator=g) > 0.5).float()
+    known, masked, noise = (torch.randn(1, 4, H // 2, W // 2, generator=g) for _ in range(3))
+    module = sys.modules[type(ref).__module__]
+    saved = module.retrieve_latents, module.randn_tensor
+    sf = ref.vae.config.scaling_factor
+    module.retrieve_latents = lambda *a, **k: known / sf
+    module.randn_tensor = lambda shape, **k: noise.clone()
+    common = dict(height=H, width=W, num_inference_steps=5, strength=0.75, guidance_scale=5.0)
+    try:
+        with torch.no_grad():
+            want = ref(PROMPTS[:1], image=image, mask_image=mask, masked_image_latents=masked, output_type="np",
+                       aesthetic_score=6.0, **common).images
+    finally:
+        module.retrieve_latents, module.randn_tensor = saved
+    got = ours(PROMPTS[:1], init_latents=_nhwc(known), mask=_nhwc(mask), masked_image_latents=_nhwc(masked),
+               latents=_nhwc(noise), output_type="float", **common)
+    assert ours.last_settings["mode"] == "inpaint"
+    assert _rel(got, want) < 1e-4
+
+
 @pytest.mark.slow
 def test_fp16_variant_folder(xl, tmp_path):
     """A folder saved with variant="fp16" (as stabilityai's SDXL repositories ship) loads with

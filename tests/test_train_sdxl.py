@@ -154,6 +154,7 @@ def test_adapter_xl_loss_is_diffusers_train_t2i_adapter_sdxl(folders, tmp_path):
     assert abs(loss - want) <= 1e-4 * abs(want), (loss, want)
 
 
+@pytest.mark.slow  # about 50 s: two runs' setup and compilation
 def test_precomputed_embeddings_give_the_same_losses(folders, tmp_path):
     """data.precompute stores both encoders' states and the pooled embedding; the steps are the same."""
     from jaxcontrol.training import Run

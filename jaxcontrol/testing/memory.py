@@ -1,4 +1,4 @@
-"""Peak host memory of `load_pipeline` on a full-size SD-1.5 folder with random weights."""
+"""Peak host memory of `load_pipeline` on a full-size SD-1.5 or SDXL folder with random weights."""
 
 from __future__ import annotations
 
@@ -37,6 +37,44 @@ def build_sd15_folder(folder: str | Path) -> Path:
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(folder)
+    return folder
+
+
+def build_sdxl_folder(folder: str | Path) -> Path:
+    """Save a StableDiffusionXLPipeline folder with full-size random networks (13.9 GB in float32:
+    U-Net 2.57B, CLIP-L 123M, OpenCLIP bigG with projection 695M, VAE 84M), one network at a time
+    so that at most the U-Net is in memory."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from .clip_parity import CLIP_L14_TEXT, OPENCLIP_BIGG_TEXT
+    from .parity import SDXL
+    from .sdxl_parity import SCHEDULER
+
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    torch.manual_seed(0)
+    builders = {
+        "unet": lambda: diffusers.UNet2DConditionModel(**SDXL),
+        "vae": lambda: diffusers.AutoencoderKL(**SD15_VAE, scaling_factor=0.13025, force_upcast=True),
+        "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**CLIP_L14_TEXT)),
+        "text_encoder_2": lambda: CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_BIGG_TEXT)),
+    }
+    index = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": diffusers.__version__,
+             "force_zeros_for_empty_prompt": True}
+    for name, build in builders.items():
+        model = build()
+        model.save_pretrained(folder / name)
+        index[name] = [type(model).__module__.split(".")[0], type(model).__name__]
+        del model
+    tok = CLIPTokenizer.from_pretrained(tiny_clip_tokenizer(folder.parent / (folder.name + "-tokenizer")))
+    for name in ("tokenizer", "tokenizer_2"):
+        tok.save_pretrained(folder / name)
+        index[name] = ["transformers", "CLIPTokenizer"]
+    scheduler = diffusers.EulerDiscreteScheduler(**SCHEDULER)
+    scheduler.save_pretrained(folder / "scheduler")
+    index["scheduler"] = ["diffusers", "EulerDiscreteScheduler"]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
 
 

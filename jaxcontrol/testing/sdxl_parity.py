@@ -17,7 +17,7 @@ from .parity import TINY_SDXL_TEST, controlnet_fields
 from .pipeline_parity import VAE_TINY
 from .reference import randomize_, tiny_clip_tokenizer
 
-KINDS = ("base", "refiner", "img2img", "inpaint", "controlnet", "multi-controlnet", "adapter")
+KINDS = ("base", "refiner", "img2img", "inpaint", "inpaint-9ch", "controlnet", "multi-controlnet", "adapter")
 TINY_XL_TEXT = dict(bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-5,
                     num_attention_heads=4, num_hidden_layers=5, pad_token_id=1, vocab_size=1000, hidden_act="gelu",
                     projection_dim=32)
@@ -34,7 +34,8 @@ def save_tiny_sdxl_pipeline(folder: str | Path, *, kind: str = "base", seed: int
     the in-memory diffusers pipeline. `kind`: "base" (StableDiffusionXLPipeline), "img2img" (its
     img2img class over the base's components), "refiner" (StableDiffusionXLImg2ImgPipeline with
     text_encoder_2 alone and the aesthetic score), "inpaint" (StableDiffusionXLInpaintPipeline, a
-    4-channel U-Net), "controlnet" / "multi-controlnet" (ControlNet-XL), "adapter" (T2I-Adapter-XL).
+    4-channel U-Net), "inpaint-9ch" (the same over a 9-channel inpainting U-Net), "controlnet" /
+    "multi-controlnet" (ControlNet-XL), "adapter" (T2I-Adapter-XL).
     A 16x16 image has 8x8 latents (VAE factor 2); a control image is the image's size."""
     import diffusers
     import torch
@@ -45,7 +46,10 @@ def save_tiny_sdxl_pipeline(folder: str | Path, *, kind: str = "base", seed: int
     folder = Path(folder)
     torch.manual_seed(seed)
     refiner = kind == "refiner"
-    unet = randomize_(diffusers.UNet2DConditionModel(**(TINY_REFINER_UNET if refiner else TINY_SDXL_TEST)), seed)
+    unet_config = TINY_REFINER_UNET if refiner else TINY_SDXL_TEST
+    if kind == "inpaint-9ch":  # as diffusers/stable-diffusion-xl-1.0-inpainting-0.1: mask + masked-image latents
+        unet_config = dict(unet_config, in_channels=9)
+    unet = randomize_(diffusers.UNet2DConditionModel(**unet_config), seed)
     vae = randomize_(diffusers.AutoencoderKL(**VAE_TINY, scaling_factor=0.13025, force_upcast=True), seed + 9)
     text_config = CLIPTextConfig(**TINY_XL_TEXT)
     text_encoder_2 = randomize_(CLIPTextModelWithProjection(text_config), seed + 7)
@@ -68,7 +72,7 @@ def save_tiny_sdxl_pipeline(folder: str | Path, *, kind: str = "base", seed: int
         # as stabilityai/stable-diffusion-xl-refiner-1.0's model_index.json: no zeroed negative embeddings
         pipe = diffusers.StableDiffusionXLImg2ImgPipeline(**common, requires_aesthetics_score=refiner,
                                                           force_zeros_for_empty_prompt=not refiner)
-    elif kind == "inpaint":
+    elif kind in ("inpaint", "inpaint-9ch"):
         pipe = diffusers.StableDiffusionXLInpaintPipeline(**common)
     elif kind == "controlnet":
         pipe = diffusers.StableDiffusionXLControlNetPipeline(controlnet=controlnet(0), **common)
