@@ -32,14 +32,9 @@ from pathlib import Path
 
 warnings.filterwarnings("ignore")
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
+from train_step import _status  # noqa: E402  (this process's VmHWM / VmRSS)
 
 
 def _inputs(config: dict, batch: int, size: int) -> dict:

@@ -19,7 +19,7 @@ from jaxcontrol.errors import ConfigError
 from jaxcontrol.training import check_config
 from jaxcontrol.training.networks import build_networks
 from jaxcontrol.training.step import make_loss_fn
-from _smoke import smoke_config
+from _smoke import set_keys, smoke_config
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -55,13 +55,7 @@ def xl_config(data_dir, folder, task, **overrides):
     c.controlnet.conditioning_embedding_out_channels = (16, 32)
     c.adapter.update(dict(channels=(32, 64), adapter_type="full_adapter_xl", downscale_factor=4, num_res_blocks=2))
     c.loss.proportion_empty_prompts = 0.0
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return set_keys(c, overrides)
 
 
 def _batch(nets, seed=0):
