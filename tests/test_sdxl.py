@@ -268,6 +268,36 @@ def test_infer_cli_on_an_sdxl_folder(xl, tmp_path):
     assert np.array_equal(got, want[0])
 
 
+def test_infer_cli_refiner_hand_off(xl, tmp_path, capsys):
+    """infer.py --refiner: the model denoises the first --high-noise-frac of the schedule, the
+    refiner the rest from its latents; the PNG equals the Pipeline hand-off (compared with
+    diffusers' ensemble in test_base_to_refiner_hand_off). Misuse is one usage error."""
+    from jaxcontrol.commands.infer import main
+
+    base, _ = xl("base")
+    refiner, _ = xl("refiner", seed=3)
+    out = tmp_path / "out"
+    common = ["--model", str(base.bundle.path), "--prompt", "a red circle", "--steps", "5", "--height", "16",
+              "--width", "16", "--guidance-scale", "5", "--no-progress"]
+    assert main(common + ["--refiner", str(refiner.bundle.path), "--high-noise-frac", "0.6", "--aesthetic-score",
+                          "7", "--output", str(out)]) == 0
+    side = json.loads((out / "image_00000.json").read_text())
+    assert side["refiner"]["high_noise_frac"] == 0.6 and len(side["refiner"]["sha256"]) == 64
+    assert side["refiner_settings"]["sdxl"]["time_ids"] == [16, 16, 0, 0, 7.0]
+    kw = dict(height=16, width=16, num_inference_steps=5, guidance_scale=5.0)
+    lat = base(["a red circle"], denoising_end=0.6, output_type="latent", **kw)
+    want = refiner(["a red circle"], init_latents=lat, denoising_start=0.6, aesthetic_score=7.0, **kw)
+    got = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(out / "image_00000.png"))
+    assert np.array_equal(got, want[0])
+    for extra, message in ((["--refiner", str(refiner.bundle.path), "--high-noise-frac", "1.0"], "must be in (0, 1)"),
+                           (["--high-noise-frac", "0.5"], "applies with --refiner"),
+                           (["--refiner", str(tmp_path / "nope")], "no such file")):
+        capsys.readouterr()
+        assert main(common + extra + ["--output", str(tmp_path / "bad")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize("kind", ["base", pytest.param("refiner", marks=pytest.mark.slow)])
 def test_sdxl_peft_lora_matches_diffusers(tmp_path, kind):
     """A PEFT LoRA on the U-Net and both text encoders (diffusers' SDXL save_lora_weights), applied by

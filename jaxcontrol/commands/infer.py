@@ -161,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--aesthetic-score", type=float, default=6.0, help="the refiner's aesthetic score (default 6)")
     x.add_argument("--negative-aesthetic-score", type=float, default=2.5,
                    help="the refiner's negative aesthetic score (default 2.5)")
+    x.add_argument("--refiner", default=None, metavar="PATH",
+                   help="an SDXL refiner (folder or file): the model denoises the first --high-noise-frac of "
+                        "the steps, the refiner the rest from its latents (diffusers' ensemble of expert denoisers)")
+    x.add_argument("--high-noise-frac", type=float, default=0.8,
+                   help="with --refiner: the fraction of the schedule the model denoises, in (0, 1) (default 0.8)")
     s = ap.add_argument_group("sampling")
     s.add_argument("--scheduler", choices=solver_choices(),
                    help="solver (default: the model's own scheduler class)")
@@ -587,6 +592,8 @@ class InferSettings:
     negative_crops_coords_top_left: tuple[int, int]
     aesthetic_score: float
     negative_aesthetic_score: float
+    refiner: str | None  # an SDXL refiner taking over at high_noise_frac (base -> refiner hand-off)
+    high_noise_frac: float
     clip_model: str | None
     clip_guidance_scale: float
     clip_prompt: str | None
@@ -636,6 +643,7 @@ def resolve(args: argparse.Namespace) -> InferSettings:
     check_flags(args)
     if args.vae is not None and not Path(args.vae).exists():
         raise UsageError(f"--vae {args.vae}: no such file or folder")
+    _check_refiner_flags(args)
     prompts = _prompts(args)
     model = _model_path(args.model)
     unet = _unet_path(args)
@@ -662,6 +670,23 @@ def resolve(args: argparse.Namespace) -> InferSettings:
     if settings.kind is not None:
         check_kind(settings, settings.kind)
     return settings
+
+
+def _check_refiner_flags(args: argparse.Namespace) -> None:
+    """--refiner's usage: an existing path, a fraction in (0, 1), text-to-image only."""
+    if args.refiner is None:
+        if args.high_noise_frac != 0.8:
+            raise UsageError("--high-noise-frac applies with --refiner")
+        return
+    if not Path(args.refiner).exists():
+        raise UsageError(f"--refiner {args.refiner}: no such file or folder")
+    if not (math.isfinite(args.high_noise_frac) and 0.0 < args.high_noise_frac < 1.0):
+        raise UsageError(f"--high-noise-frac {args.high_noise_frac}: must be in (0, 1)")
+    given = [flag for flag, value in (("--init-image", args.init_image), ("--mask", args.mask),
+                                      ("--instruct", args.instruct), ("--demo", args.demo)) if value]
+    if given:
+        raise UsageError(f"--refiner hands the model's text-to-image latents over; it does not combine with "
+                         f"{', '.join(given)}")
 
 
 def _loras(flags: list[str]) -> tuple[tuple[str, float], ...]:
@@ -1013,9 +1038,11 @@ def run(settings: InferSettings) -> list[Path]:
     inputs = load_inputs(settings)  # images are validated before the slow model load
     t0 = time.perf_counter()
     hashes = hash_paths_in_background([settings.model, *settings.controlnet_paths, *settings.adapter_paths,
-                                       *filter(None, [settings.depth_estimator, settings.unet, settings.vae]),
+                                       *filter(None, [settings.depth_estimator, settings.unet, settings.vae,
+                                                      settings.refiner]),
                                        *(p for p, _ in settings.loras), *(p for p, _ in settings.embeddings)])
     pipe = open_pipeline(settings)
+    refiner = open_refiner(settings, pipe)
     settings = dataclasses.replace(settings, kind=pipe.kind)
     check_kind(settings, pipe.kind)  # again: the kind read before loading may have been unknown
     settings = fit_to_model(settings, pipe, inputs.init_image)
@@ -1025,7 +1052,7 @@ def run(settings: InferSettings) -> list[Path]:
         inputs = dataclasses.replace(inputs, depth_map=estimate_depth(inputs.init_image, settings.depth_estimator))
     inputs = prepare_inputs(settings, inputs)
     clip = load_clip_guidance(settings, pipe) if settings.clip_guidance_scale else None
-    written = write_outputs(settings, inputs, sample(settings, pipe, inputs, clip), hashes)
+    written = write_outputs(settings, inputs, sample(settings, pipe, inputs, clip, refiner), hashes)
     print(f"wrote {len(written) - 1} images and {written[-1]} in {time.perf_counter() - t0:.1f} s "
           f"({jax.device_count()} device(s))")
     return written
@@ -1083,6 +1110,28 @@ def open_pipeline(settings: InferSettings):
                                     unet=settings.unet, vae=settings.vae, loras=list(settings.loras),
                                     fuse_loras=settings.lora_mode == "merged",
                                     embeddings=[(p, t) if t else p for p, t in settings.embeddings])
+
+
+def open_refiner(settings: InferSettings, pipe):
+    """The `Pipeline` of --refiner (None without it). `UsageError` unless both the model and the
+    refiner are SDXL text-to-image models (a text_time U-Net, 4 input channels)."""
+    if settings.refiner is None:
+        return None
+    from jaxcontrol.pipeline import Pipeline
+
+    if not pipe.xl:
+        raise UsageError(f"--refiner applies to SDXL models; {settings.model} has no SDXL U-Net "
+                         "(addition_embed_type='text_time')")
+    refiner = Pipeline.from_pretrained(settings.refiner, dtype=settings.dtype, vae_dtype=settings.vae_dtype,
+                                       attention_impl=settings.attention, unsafe_load_pickle=settings.unsafe_load_pickle)
+    if not refiner.xl or refiner.kind != "text2image":
+        raise UsageError(f"--refiner {settings.refiner}: not an SDXL text-to-image model (U-Net kind "
+                         f"{refiner.kind!r}, addition_embed_type={refiner.unet.config.addition_embed_type!r})")
+    if refiner.latent_channels != pipe.latent_channels or refiner.vae_scale_factor != pipe.vae_scale_factor:
+        raise UsageError(f"--refiner {settings.refiner}: its VAE's latents ({refiner.latent_channels} channels, "
+                         f"factor {refiner.vae_scale_factor}) are not the model's ({pipe.latent_channels}, "
+                         f"{pipe.vae_scale_factor})")
+    return refiner
 
 
 def fit_to_model(settings: InferSettings, pipe, init_image) -> InferSettings:
@@ -1163,21 +1212,38 @@ def load_clip_guidance(settings: InferSettings, pipe):
     return ClipGuidanceInput(guide, np.asarray(target), settings.clip_guidance_scale)
 
 
-def sample(settings: InferSettings, pipe, inputs: InputImages, clip) -> list[tuple]:
+def sample(settings: InferSettings, pipe, inputs: InputImages, clip, refiner=None) -> list[tuple]:
     """Every image of `settings.jobs()`, `batch_size` per call: (index, prompt, uint8 (H, W, 3)
     image, the pipeline's resolved settings of its batch, seconds for the batch). Nothing is
-    written here: the pipeline raises `NonFiniteError` for a NaN before any file exists."""
+    written here: the pipeline raises `NonFiniteError` for a NaN before any file exists.
+
+    With a `refiner`, the model stops at `high_noise_frac` of the schedule (`denoising_end`) and
+    the refiner continues from those latents (`denoising_start`), with the same prompts, steps,
+    guidance, seed and SDXL flags (each model reads the micro-conditioning its U-Net takes); the
+    resolved settings then hold the refiner's under "refiner_settings"."""
     from tqdm import tqdm
 
+    from jaxcontrol.pipeline import given_xl_arguments
+
     call = _call_arguments(settings, inputs, clip)
+    if refiner is not None:
+        frac = settings.high_noise_frac
+        refiner_call = {k: call[k] for k in ("height", "width", "num_inference_steps", "guidance_scale",
+                                             "guidance_rescale", "scheduler", "scheduler_options", "seed")}
+        refiner_call.update(given_xl_arguments(settings), denoising_start=frac)
+        call = {**call, "denoising_end": frac, "output_type": "latent"}
     jobs = settings.jobs()
     results = []
     bar = tqdm(total=len(jobs), disable=not settings.progress, unit="img", desc="compiling + sampling")
     for chunk, n_real in _batches(jobs, settings.batch_size):
         start = time.perf_counter()
-        out = pipe([p for _, p in chunk], settings.negative_prompt, image_indices=[i for i, _ in chunk], **call)
-        seconds = round(time.perf_counter() - start, 3)
+        prompts, indices = [p for _, p in chunk], [i for i, _ in chunk]
+        out = pipe(prompts, settings.negative_prompt, image_indices=indices, **call)
         resolved = {k: v for k, v in pipe.last_settings.items() if k != "image_indices"}
+        if refiner is not None:
+            out = refiner(prompts, settings.negative_prompt, image_indices=indices, init_latents=out, **refiner_call)
+            resolved["refiner_settings"] = {k: v for k, v in refiner.last_settings.items() if k != "image_indices"}
+        seconds = round(time.perf_counter() - start, 3)
         for (index, prompt), image in zip(chunk[:n_real], out[:n_real]):
             results.append((index, prompt, image, resolved, seconds))
         bar.set_description("sampling")
@@ -1298,6 +1364,9 @@ def _common_sidecar(settings: InferSettings, inputs: InputImages, hashes: dict) 
         "model": {"path": settings.model, "sha256": hashes[settings.model].result()},
         "unet": None if settings.unet is None else {"path": settings.unet, "sha256": hashes[settings.unet].result()},
         "vae": None if settings.vae is None else {"path": settings.vae, "sha256": hashes[settings.vae].result()},
+        "refiner": None if settings.refiner is None else {
+            "path": settings.refiner, "sha256": hashes[settings.refiner].result(),
+            "high_noise_frac": settings.high_noise_frac},
         "lora_files": [{"path": p, "scale": s, "sha256": hashes[p].result()} for p, s in settings.loras],
         "lora_mode": settings.lora_mode if settings.loras else None,
         "embedding_files": [{"path": p, "token": t, "sha256": hashes[p].result()} for p, t in settings.embeddings],
