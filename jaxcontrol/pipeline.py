@@ -712,7 +712,7 @@ class Pipeline:
         self._loras: list[dict] = []  # {"lora": Lora, "scale": float, "fused": bool}, in load order
         self._unfused_originals: dict[str, dict] = {}  # network -> {leaf path: its array before fuse_loras}
         self._vocabulary: dict[str, list[str]] = {}  # textual-inversion token -> the tokens it occupies
-        self._vocabulary_base = None  # (tokenizer, text encoder, its params) before any embedding
+        self._vocabulary_base: dict = {}  # encoder name -> (tokenizer, text encoder, its table) before any embedding
         if embeddings:
             self.load_textual_inversion(embeddings, unsafe_load_pickle=unsafe_load_pickle)
         for spec in loras:
@@ -844,54 +844,69 @@ class Pipeline:
         pair, or a list of these. A multi-vector embedding occupies `tok`, `tok_1`, ..., written
         out wherever a prompt says `tok`. Returns the words added.
 
+        SDXL: each embedding has vectors for both text encoders (`clip_l` / `clip_g` files, or a
+        (token, {"text_encoder": ..., "text_encoder_2": ...}) pair), added to both tokenizers and
+        tables (a refiner, with the second encoder alone, takes `clip_g`), as diffusers' two
+        `load_textual_inversion` calls with `text_encoder_2` / `tokenizer_2` do.
+
         Raises `CheckpointError` for an unreadable file and `ConfigError` for a word already in the
         vocabulary or vectors of the wrong width; nothing is added then."""
-        from .convert.embedding_file import read_embedding
+        from .convert.embedding_file import read_embedding, read_embedding_xl
         from .vocabulary import add_embeddings, token_table
-
-        if self.xl:
-            raise ConfigError("textual inversion into an SDXL pipeline (two text encoders, one embedding each) is "
-                              "not supported yet; SD-1/2 embeddings do not fit SDXL's encoders either")
 
         specs = list(embeddings) if isinstance(embeddings, list) else [embeddings]
         if token is not None and len(specs) != 1:
             raise ConfigError("token= names one embedding; give (file, token) pairs for several")
+        read = read_embedding_xl if self.xl else read_embedding
         pairs = []
         for spec in specs:
             if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str) and not isinstance(
                     spec[1], (str, os.PathLike)):
-                pairs.append((spec[0], np.asarray(spec[1], np.float32)))
+                pairs.append(spec)
                 continue
             source, word = (spec if isinstance(spec, tuple) and len(spec) == 2 else (spec, None))
-            pairs.append(read_embedding(source, word or token, unsafe_load_pickle=unsafe_load_pickle))
-        base = self._vocabulary_base or (self.tokenizer, self.text_encoder, token_table(self.params["text_encoder"]))
-        tokenizer, text_encoder, params, added = add_embeddings(self.tokenizer, self.text_encoder,
-                                                                self.params["text_encoder"], pairs)
-        self._vocabulary_base = base
+            pairs.append(read(source, word or token, unsafe_load_pickle=unsafe_load_pickle))
+        slots = [(name, "tokenizer" + suffix) for name, suffix in TEXT_ENCODERS if getattr(self, name) is not None]
+        updates, added = {}, {}
+        for name, tok_name in slots:  # every encoder first, so that a refusal changes nothing
+            if self.xl:
+                for word, vectors in pairs:
+                    if not isinstance(vectors, Mapping) or name not in vectors:
+                        raise ConfigError(f"embedding {word!r}: an SDXL pipeline needs vectors for {name} (SDXL "
+                                          "embeddings hold clip_l and clip_g, one per text encoder)")
+            encoder_pairs = [(w, np.asarray(v[name] if self.xl else v, np.float32)) for w, v in pairs]
+            try:
+                updates[name] = add_embeddings(getattr(self, tok_name), getattr(self, name), self.params[name],
+                                               encoder_pairs)
+            except ConfigError as e:
+                raise ConfigError(f"{name}: {e}" if self.xl else str(e)) from None
+            added = updates[name][3]
+        for name, tok_name in slots:
+            tokenizer, text_encoder, params, _ = updates[name]
+            self._vocabulary_base.setdefault(name, (getattr(self, tok_name), getattr(self, name),
+                                                    token_table(self.params[name])))
+            setattr(self, tok_name, tokenizer)
+            if text_encoder is not getattr(self, name):
+                setattr(self, name, text_encoder)
+                self._programs.clear()  # the programs hold the module
+            self.params = dict(self.params, **{name: jax.device_put(params, named(self.mesh, P()))})
         self._vocabulary.update(added)
-        self.tokenizer = tokenizer
-        if text_encoder is not self.text_encoder:
-            self.text_encoder = text_encoder
-            self._programs.clear()  # the programs hold the module
-        self.params = dict(self.params, text_encoder=jax.device_put(params, named(self.mesh, P())))
         return list(added)
 
     def unload_textual_inversion(self) -> None:
-        """Remove every embedding: the tokenizer and the token table as they were before the first."""
+        """Remove every embedding: the tokenizers and the token tables as they were before the first."""
         from .models.params import flatten, unflatten
         from .vocabulary import TOKEN_TABLE
 
-        if self._vocabulary_base is None:
-            return
-        tokenizer, text_encoder, table = self._vocabulary_base
-        self.tokenizer = tokenizer
-        if text_encoder is not self.text_encoder:
-            self.text_encoder = text_encoder
-            self._programs.clear()
-        flat = dict(flatten(self.params["text_encoder"]))
-        flat[TOKEN_TABLE] = table  # the other leaves may carry a fused LoRA since: only the table goes back
-        self.params = dict(self.params, text_encoder=unflatten(flat))
-        self._vocabulary, self._vocabulary_base = {}, None
+        for name, (tokenizer, text_encoder, table) in self._vocabulary_base.items():
+            setattr(self, "tokenizer" + name[len("text_encoder"):], tokenizer)
+            if text_encoder is not getattr(self, name):
+                setattr(self, name, text_encoder)
+                self._programs.clear()
+            flat = dict(flatten(self.params[name]))
+            flat[TOKEN_TABLE] = table  # the other leaves may carry a fused LoRA since: only the table goes back
+            self.params = dict(self.params, **{name: unflatten(flat)})
+        self._vocabulary, self._vocabulary_base = {}, {}
 
     @property
     def embeddings(self) -> dict[str, list[str]]:
@@ -1062,7 +1077,7 @@ class Pipeline:
         `tokenizer` (default: the pipeline's first; SDXL's second is `tokenizer_2`)."""
         prompts = list(prompts)
         tokenizer = tokenizer or self.tokenizer or self.tokenizer_2
-        if any(len(v) > 1 for v in self._vocabulary.values()) and tokenizer is self.tokenizer:
+        if any(len(v) > 1 for v in self._vocabulary.values()) and any(tokenizer is t for t in (self.tokenizer, self.tokenizer_2)):
             from .vocabulary import expand_prompt
 
             prompts = [expand_prompt(p, tokenizer) for p in prompts]

@@ -298,6 +298,43 @@ def test_infer_cli_refiner_hand_off(xl, tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
 
 
+def test_sdxl_textual_inversion_matches_diffusers(tmp_path):
+    """An SDXL embedding file (clip_l / clip_g, two vectors each) loads into both encoders, as
+    diffusers' two load_textual_inversion calls (text_encoder / text_encoder_2) do: the same image;
+    unloading restores the pipeline; an SD-1/2 file is refused naming what is missing."""
+    from jaxcontrol.convert.safetensors_file import save_safetensors
+    from jaxcontrol.errors import CheckpointError
+
+    ref = save_tiny_sdxl_pipeline(tmp_path / "model", seed=6)
+    g = np.random.default_rng(0)
+    vectors = {"clip_l": g.normal(0, 0.5, (2, 32)).astype(np.float32),
+               "clip_g": g.normal(0, 0.5, (2, 32)).astype(np.float32)}
+    save_safetensors(tmp_path / "cat.safetensors", vectors)
+    for key, encoder, tok in (("clip_l", ref.text_encoder, ref.tokenizer), ("clip_g", ref.text_encoder_2,
+                                                                            ref.tokenizer_2)):
+        ref.load_textual_inversion(torch.from_numpy(vectors[key]), token="<cat>", text_encoder=encoder, tokenizer=tok)
+    prompt = ["a <cat> circle"]
+    noise = _noise(1, seed=2)
+    common = dict(height=H, width=W, num_inference_steps=3, guidance_scale=5.0)
+    with torch.no_grad():
+        want = ref(prompt, latents=noise, output_type="np", **common).images
+    ours = Pipeline.from_pretrained(tmp_path / "model" / "pipeline", embeddings=[(tmp_path / "cat.safetensors", "<cat>")])
+    assert ours.embeddings == {"<cat>": ["<cat>", "<cat>_1"]}
+    got = ours(prompt, latents=_nhwc(noise), output_type="float", **common)
+    assert _rel(got, want) < 1e-4
+    plain = Pipeline.from_pretrained(tmp_path / "model" / "pipeline")(prompt, latents=_nhwc(noise), output_type="float",
+                                                                       **common)
+    assert _rel(got, plain) > 1e-3  # the new words are in both encoders' inputs
+    ours.unload_textual_inversion()
+    assert ours.embeddings == {} and _rel(ours(prompt, latents=_nhwc(noise), output_type="float", **common), plain) < 1e-6
+    save_safetensors(tmp_path / "sd.safetensors", {"<dog>": vectors["clip_l"]})
+    with pytest.raises(CheckpointError, match=r"missing \['clip_l', 'clip_g'\]"):
+        ours.load_textual_inversion(tmp_path / "sd.safetensors")
+    with pytest.raises(ConfigError, match="text_encoder_2: embedding '<x>'.*width 32"):
+        ours.load_textual_inversion(("<x>", {"text_encoder": vectors["clip_l"], "text_encoder_2": np.ones((1, 8))}))
+    assert ours.embeddings == {}  # nothing half-added
+
+
 @pytest.mark.parametrize("kind", ["base", pytest.param("refiner", marks=pytest.mark.slow)])
 def test_sdxl_peft_lora_matches_diffusers(tmp_path, kind):
     """A PEFT LoRA on the U-Net and both text encoders (diffusers' SDXL save_lora_weights), applied by

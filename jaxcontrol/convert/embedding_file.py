@@ -6,8 +6,11 @@
   one tensor `emb_params` (n, dim), named by the file (A1111 uses the file name as the word).
 * A bare tensor pickle, with the token given.
 
-Pickles go through torch's safe loader (tensors and plain containers only). SDXL embeddings
-(`clip_l` / `clip_g`) are refused by name: they belong to SDXL's two text encoders.
+* SDXL (`read_embedding_xl`): `clip_l` (n, 768) and `clip_g` (n, 1280), one per text encoder, in a
+  `.safetensors` or a pickle, named by the file (or the token given).
+
+Pickles go through torch's safe loader (tensors and plain containers only). `read_embedding`
+refuses SDXL files by name, and `read_embedding_xl` single-encoder ones.
 """
 
 from __future__ import annotations
@@ -97,3 +100,35 @@ def save_embedding(path: str | os.PathLike, token: str, vectors) -> Path:
         raise CheckpointError(f"{path}: an embedding is written as a .safetensors file")
     save_safetensors(path, {token: np.asarray(vectors, np.float32)})
     return path
+
+
+# SDXL embeddings: the keys for text_encoder (CLIP-L) and text_encoder_2 (OpenCLIP bigG)
+XL_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
+
+
+def read_embedding_xl(path: str | os.PathLike, token: str | None = None, *,
+                      unsafe_load_pickle: bool = False) -> tuple[str, dict[str, np.ndarray]]:
+    """(token, {"text_encoder": clip_l (n, D1), "text_encoder_2": clip_g (n, D2)}) from an SDXL
+    textual-inversion file (or a folder holding `learned_embeds.safetensors`); the token is the
+    file's name unless given. Raises `CheckpointError` naming the file for a file without both
+    tensors, tensors of different vector counts, a bad tensor, or an unsafe pickle."""
+    path = file_or_named_in_folder(path, EMBEDDING_NAMES, "embedding")
+    if path.name.endswith(".safetensors"):
+        f = SafetensorsFile(path)
+        state = {k: f.load(k) for k in f.keys() if k in XL_KEYS.values()}
+        keys = f.keys()
+    elif path.name.endswith(PICKLE_SUFFIXES):
+        loaded = load_pickle_state_dict(path, unsafe_load_pickle=unsafe_load_pickle)
+        keys = sorted(map(str, loaded)) if isinstance(loaded, Mapping) else []
+        state = {k: loaded[k] for k in XL_KEYS.values() if isinstance(loaded, Mapping) and k in loaded}
+    else:
+        raise CheckpointError(f"{path}: an embedding is a .safetensors, .bin or .pt file")
+    missing = [k for k in XL_KEYS.values() if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: an SDXL embedding holds clip_l and clip_g (one per text encoder); "
+                              f"missing {missing} (keys: {list(keys)[:8]}); an SD-1/2 embedding does not fit SDXL")
+    vectors = {name: _array(state[key], path, f"tensor {key!r}") for name, key in XL_KEYS.items()}
+    counts = {k: v.shape[0] for k, v in vectors.items()}
+    if len(set(counts.values())) != 1:
+        raise CheckpointError(f"{path}: clip_l and clip_g have different vector counts {counts}")
+    return token or path.stem, vectors
