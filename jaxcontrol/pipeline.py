@@ -687,15 +687,18 @@ class Pipeline:
         own_cn = bundle.modules.get("controlnet")
         own_ad = bundle.modules.get("adapter")
         self.controlnets = list(controlnets)
+        self._own_networks = {"controlnet": 0, "adapter": 0}  # how many came with the pipeline folder itself
         if own_cn is not None:
-            pairs = zip(own_cn, bundle.params["controlnet"]) if isinstance(own_cn, list) else [
+            pairs = list(zip(own_cn, bundle.params["controlnet"])) if isinstance(own_cn, list) else [
                 (own_cn, bundle.params["controlnet"])]
-            self.controlnets = list(pairs) + self.controlnets
+            self.controlnets = pairs + self.controlnets
+            self._own_networks["controlnet"] = len(pairs)
         self.adapters = list(adapters)
         if own_ad is not None:
-            pairs = zip(own_ad, bundle.params["adapter"]) if isinstance(own_ad, list) else [
+            pairs = list(zip(own_ad, bundle.params["adapter"])) if isinstance(own_ad, list) else [
                 (own_ad, bundle.params["adapter"])]
-            self.adapters = list(pairs) + self.adapters
+            self.adapters = pairs + self.adapters
+            self._own_networks["adapter"] = len(pairs)
         self.kind = unet_kind(self.unet.config.in_channels, self.vae.config.latent_channels, bundle.class_name,
                               where=f"{bundle.path}: unet")
         self.mesh = mesh or default_mesh()
@@ -1104,12 +1107,20 @@ class Pipeline:
         from .preprocess import prepare_control_image
 
         if len(controls) != len(self.controlnets):
-            raise ConfigError(f"{len(self.controlnets)} ControlNets are loaded but {len(controls)} control "
-                              "images were given (one per ControlNet)")
+            raise ConfigError(f"{len(self.controlnets)} ControlNets are loaded{self._origin('controlnet')} but "
+                              f"{len(controls)} control images were given (one per ControlNet)")
         return [prepare_control_image(c.image, height, width, batch_size=batch,
                                       num_images_per_prompt=num_images_per_prompt,
                                       vae_scale_factor=self.vae_scale_factor, resize_mode=c.resize_mode)
                 for c in controls]
+
+    def _origin(self, kind: str) -> str:
+        """Where the loaded ControlNets / adapters came from, when the pipeline folder brought some."""
+        own = self._own_networks[kind]
+        total = len(self.controlnets if kind == "controlnet" else self.adapters)
+        if not own:
+            return ""
+        return f" ({own} from the pipeline folder's {kind}/, {total - own} given besides)"
 
     def prepare_adapter_images(self, adapters: Sequence[AdapterInput], batch: int, height: int, width: int,
                                num_images_per_prompt: int = 1) -> list:
@@ -1120,7 +1131,8 @@ class Pipeline:
         from .preprocess import prepare_adapter_image
 
         if len(adapters) != len(self.adapters):
-            raise ConfigError(f"{len(self.adapters)} adapters are loaded but {len(adapters)} adapter images were given")
+            raise ConfigError(f"{len(self.adapters)} adapters are loaded{self._origin('adapter')} but {len(adapters)} "
+                              "adapter images were given (one per adapter)")
         out = []
         for a, (module, params) in zip(adapters, self.adapters):
             factor = module.config.downscale_factor

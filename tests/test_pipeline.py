@@ -106,7 +106,8 @@ def test_bad_inputs_name_the_problem(folders):
         pipe("a", height=15, width=16)
     with pytest.raises(ConfigError, match="give a control image for each"):
         pipe("a", height=H, width=W, num_inference_steps=2)
-    with pytest.raises(ConfigError, match="2 ControlNets are loaded but 1"):
+    with pytest.raises(ConfigError, match=r"2 ControlNets are loaded \(2 from the pipeline folder's controlnet/, "
+                                          r"0 given besides\) but 1"):
         pipe("a", height=H, width=W, controls=[ControlInput(np.zeros((H, W, 3)))])
     with pytest.raises(ConfigError, match="latents must have shape"):
         pipe("a", height=H, width=W, latents=np.zeros((1, 4, 4, 4)),

@@ -259,6 +259,7 @@ def test_infer_cli_on_an_sdxl_folder(xl, tmp_path):
                  "--height", "16", "--width", "16", "--original-size", "32,24", "--crops-coords-top-left", "2,4",
                  "--guidance-scale", "5", "--vae", str(folder / "vae"), "--output", str(out), "--no-progress"]) == 0
     side = json.loads((out / "image_00000.json").read_text())
+    assert side["prompt_2"] == "a square" and side["negative_prompt_2"] is None
     assert side["vae"]["path"] == str(folder / "vae") and len(side["vae"]["sha256"]) == 64
     assert side["sdxl"]["time_ids"] == [32, 24, 2, 4, 16, 16] and side["sdxl"]["zero_negative"] is True
     assert side["negative_prompt"] is None
@@ -290,6 +291,8 @@ def test_infer_cli_refiner_hand_off(xl, tmp_path, capsys):
     got = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(out / "image_00000.png"))
     assert np.array_equal(got, want[0])
     for extra, message in ((["--refiner", str(refiner.bundle.path), "--high-noise-frac", "1.0"], "must be in (0, 1)"),
+                           (["--aesthetic-score", "3"], "--aesthetic-score: this SDXL model is conditioned on the "
+                                                        "target size"),
                            (["--high-noise-frac", "0.5"], "applies with --refiner"),
                            (["--refiner", str(tmp_path / "nope")], "no such file")):
         capsys.readouterr()

@@ -158,9 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
                            default=(0, 0) if flag.startswith("crops") else None,
                            help=f"micro-conditioning {neg.replace('-', ' ')}{flag.replace('-', '_')} (default: "
                                 + ("0,0" if flag.startswith("crops") else "the image size") + ")")
-    x.add_argument("--aesthetic-score", type=float, default=6.0, help="the refiner's aesthetic score (default 6)")
-    x.add_argument("--negative-aesthetic-score", type=float, default=2.5,
-                   help="the refiner's negative aesthetic score (default 2.5)")
+    x.add_argument("--aesthetic-score", type=float, default=None,
+                   help="the refiner's aesthetic score (default 6); refused for a model without it")
+    x.add_argument("--negative-aesthetic-score", type=float, default=None,
+                   help="the refiner's negative aesthetic score (default 2.5); refused for a model without it")
     x.add_argument("--refiner", default=None, metavar="PATH",
                    help="an SDXL refiner (folder or file): the model denoises the first --high-noise-frac of "
                         "the steps, the refiner the rest from its latents (diffusers' ensemble of expert denoisers)")
@@ -590,8 +591,8 @@ class InferSettings:
     negative_original_size: tuple[int, int] | None
     negative_target_size: tuple[int, int] | None
     negative_crops_coords_top_left: tuple[int, int]
-    aesthetic_score: float
-    negative_aesthetic_score: float
+    aesthetic_score: float | None  # None: not given (the refiner's default)
+    negative_aesthetic_score: float | None
     refiner: str | None  # an SDXL refiner taking over at high_noise_frac (base -> refiner hand-off)
     high_noise_frac: float
     clip_model: str | None
@@ -1141,6 +1142,12 @@ def fit_to_model(settings: InferSettings, pipe, init_image) -> InferSettings:
 
     Raises `UsageError` for a --clip-skip deeper than the text encoder, --eta with a solver other
     than DDIM, or a size the VAE's downscale factor does not divide."""
+    scores = [flag for flag, v in (("--aesthetic-score", settings.aesthetic_score),
+                                   ("--negative-aesthetic-score", settings.negative_aesthetic_score)) if v is not None]
+    if scores and pipe.xl and not pipe.requires_aesthetics_score and settings.refiner is None:
+        raise UsageError(f"{', '.join(scores)}: this SDXL model is conditioned on the target size, not an aesthetic "
+                         "score (requires_aesthetics_score is false: a base model); the score applies to a refiner "
+                         "(--model or --refiner)")
     layers = pipe.max_clip_skip()
     if settings.clip_skip is not None and settings.clip_skip > layers:
         raise UsageError(f"--clip-skip {settings.clip_skip}: the text encoder has {layers} layers to skip at most "
@@ -1223,14 +1230,12 @@ def sample(settings: InferSettings, pipe, inputs: InputImages, clip, refiner=Non
     resolved settings then hold the refiner's under "refiner_settings"."""
     from tqdm import tqdm
 
-    from jaxcontrol.pipeline import given_xl_arguments
-
     call = _call_arguments(settings, inputs, clip)
     if refiner is not None:
         frac = settings.high_noise_frac
         refiner_call = {k: call[k] for k in ("height", "width", "num_inference_steps", "guidance_scale",
                                              "guidance_rescale", "scheduler", "scheduler_options", "seed")}
-        refiner_call.update(given_xl_arguments(settings), denoising_start=frac)
+        refiner_call.update(xl_flags(settings), denoising_start=frac)
         call = {**call, "denoising_end": frac, "output_type": "latent"}
     jobs = settings.jobs()
     results = []
@@ -1274,9 +1279,16 @@ def _as_file_image(img):
     return Image.fromarray(u8[..., 0] if u8.shape[-1] == 1 else u8)
 
 
+def xl_flags(settings: InferSettings) -> dict:
+    """The SDXL flags given on the command line, as `Pipeline.__call__` keyword arguments."""
+    from jaxcontrol.pipeline import given_xl_arguments
+
+    return {k: v for k, v in given_xl_arguments(settings).items() if v is not None}
+
+
 def _call_arguments(settings: InferSettings, inputs: InputImages, clip) -> dict:
     """The `Pipeline.__call__` keyword arguments every batch shares."""
-    from jaxcontrol.pipeline import AdapterInput, ControlInput, given_xl_arguments
+    from jaxcontrol.pipeline import AdapterInput, ControlInput
 
     return dict(
         height=settings.height, width=settings.width, num_inference_steps=settings.steps,
@@ -1302,7 +1314,7 @@ def _call_arguments(settings: InferSettings, inputs: InputImages, clip) -> dict:
         edit_source=None if settings.edit_sentences is None else list(settings.edit_sentences[0]),
         edit_target=None if settings.edit_sentences is None else list(settings.edit_sentences[1]),
         cross_attention_guidance_amount=settings.cross_attention_guidance_amount,
-        **given_xl_arguments(settings))  # the SDXL flags given; an SD model refuses them by name
+        **xl_flags(settings))  # the SDXL flags given; an SD model refuses them by name
 
 
 def _pair(flag: str):
@@ -1371,6 +1383,8 @@ def _common_sidecar(settings: InferSettings, inputs: InputImages, hashes: dict) 
         "lora_mode": settings.lora_mode if settings.loras else None,
         "embedding_files": [{"path": p, "token": t, "sha256": hashes[p].result()} for p, t in settings.embeddings],
         "negative_prompt": settings.negative_prompt,
+        "prompt_2": settings.prompt_2,
+        "negative_prompt_2": settings.negative_prompt_2,
         "scheduler": settings.scheduler or settings.solver,
         "steps": settings.steps,
         "attention": settings.attention,
