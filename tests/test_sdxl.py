@@ -269,6 +269,7 @@ def test_infer_cli_on_an_sdxl_folder(xl, tmp_path):
     assert np.array_equal(got, want[0])
 
 
+@pytest.mark.slow  # about 40 s: two pipelines compiled twice (the Python hand-off is in the fast set)
 def test_infer_cli_refiner_hand_off(xl, tmp_path, capsys):
     """infer.py --refiner: the model denoises the first --high-noise-frac of the schedule, the
     refiner the rest from its latents; the PNG equals the Pipeline hand-off (compared with
@@ -301,6 +302,7 @@ def test_infer_cli_refiner_hand_off(xl, tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow  # about 35 s: its own pipeline, loaded twice, four programs
 def test_sdxl_textual_inversion_matches_diffusers(tmp_path):
     """An SDXL embedding file (clip_l / clip_g, two vectors each) loads into both encoders, as
     diffusers' two load_textual_inversion calls (text_encoder / text_encoder_2) do: the same image;
