@@ -148,7 +148,8 @@ def build_readme_models(root: Path) -> Path:
 
 
 def _lora_and_embedding(root: Path) -> None:
-    """The README's LoRA (diffusers' layout, on the tiny U-Net) and A1111 embedding (a .pt)."""
+    """The README's LoRAs (diffusers' layout, on the tiny U-Net: a file and a folder) and A1111
+    embedding (a .pt)."""
     import jax.numpy as jnp
     import torch
 
@@ -159,6 +160,8 @@ def _lora_and_embedding(root: Path) -> None:
     layers = init_lora(unet, lora_targets(unet, ["to_q", "to_v"]), rank=2, seed=0)
     layers = {m: {**v, "up": jnp.full(v["up"].shape, 0.05, jnp.float32)} for m, v in layers.items()}
     jaxcontrol.save_lora(Lora("watercolor", {"unet": layers}), root / "watercolor.safetensors")
+    (root / "detail-lora").mkdir()  # a LoRA folder, as diffusers' save_lora_weights writes one
+    jaxcontrol.save_lora(Lora("detail", {"unet": layers}), root / "detail-lora" / "pytorch_lora_weights.safetensors")
     vectors = torch.randn(2, TEXT["hidden_size"], generator=torch.Generator().manual_seed(0))
     torch.save({"string_to_param": {"*": vectors}, "name": "<my-style>"}, root / "my-style.pt")
 
