@@ -693,6 +693,10 @@ class Pipeline:
                 (own_cn, bundle.params["controlnet"])]
             self.controlnets = pairs + self.controlnets
             self._own_networks["controlnet"] = len(pairs)
+        from .models.controlnet import check_controlnet_fits
+
+        for k, (module, _) in enumerate(self.controlnets):
+            check_controlnet_fits(self.unet.config, module.config, f"{bundle.path}: ControlNet {k}")
         self.adapters = list(adapters)
         if own_ad is not None:
             pairs = list(zip(own_ad, bundle.params["adapter"])) if isinstance(own_ad, list) else [

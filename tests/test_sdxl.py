@@ -340,7 +340,8 @@ def test_sdxl_textual_inversion_matches_diffusers(tmp_path):
     assert ours.embeddings == {}  # nothing half-added
 
 
-@pytest.mark.parametrize("kind", ["base", pytest.param("refiner", marks=pytest.mark.slow)])
+@pytest.mark.slow  # about 25 s each; PEFT LoRAs are compared with diffusers in the fast set on SD (test_lora.py)
+@pytest.mark.parametrize("kind", ["base", "refiner"])
 def test_sdxl_peft_lora_matches_diffusers(tmp_path, kind):
     """A PEFT LoRA on the U-Net and both text encoders (diffusers' SDXL save_lora_weights), applied by
     diffusers and by us (merged), gives the same images."""
@@ -422,9 +423,8 @@ def test_inpainting_with_the_base_unet_matches_diffusers(xl, monkeypatch):
     assert _rel(got, want) < 1e-4
 
 
-def test_pag_and_guidance_rescale_match_diffusers_sdxl_pipelines(xl):
-    """Perturbed-attention guidance against diffusers' StableDiffusionXLPAGPipeline, and
-    guidance_rescale against StableDiffusionXLPipeline's, on the same noise."""
+def test_pag_matches_diffusers_sdxl_pag_pipeline(xl):
+    """Perturbed-attention guidance against diffusers' StableDiffusionXLPAGPipeline on the same noise."""
     ours, ref = xl("base")
     parts = {k: getattr(ref, k) for k in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet",
                                           "scheduler")}
@@ -433,13 +433,22 @@ def test_pag_and_guidance_rescale_match_diffusers_sdxl_pipelines(xl):
     noise = _noise(2)
     common = dict(height=H, width=W, num_inference_steps=4, guidance_scale=5.0)
     with torch.no_grad():
-        want_pag = pag(PROMPTS, latents=noise, pag_scale=3.0, output_type="np", **common).images
-        want_rescale = ref(PROMPTS, latents=noise, guidance_rescale=0.7, output_type="np", **common).images
+        want = pag(PROMPTS, latents=noise, pag_scale=3.0, output_type="np", **common).images
         plain = ref(PROMPTS, latents=noise, output_type="np", **common).images
     got = ours(PROMPTS, latents=_nhwc(noise), output_type="float", pag_scale=3.0, pag_applied_layers=["mid"], **common)
-    assert _rel(got, want_pag) < 1e-4 and _rel(want_pag, plain) > 1e-3
+    assert _rel(got, want) < 1e-4 and _rel(want, plain) > 1e-3
+
+
+@pytest.mark.slow  # the rule itself is compared with diffusers on SD in the fast set
+def test_guidance_rescale_matches_diffusers_sdxl_pipeline(xl):
+    ours, ref = xl("base")
+    noise = _noise(2)
+    common = dict(height=H, width=W, num_inference_steps=4, guidance_scale=5.0)
+    with torch.no_grad():
+        want = ref(PROMPTS, latents=noise, guidance_rescale=0.7, output_type="np", **common).images
+        plain = ref(PROMPTS, latents=noise, output_type="np", **common).images
     got = ours(PROMPTS, latents=_nhwc(noise), output_type="float", guidance_rescale=0.7, **common)
-    assert _rel(got, want_rescale) < 1e-4 and _rel(want_rescale, plain) > 1e-3
+    assert _rel(got, want) < 1e-4 and _rel(want, plain) > 1e-3
 
 
 @pytest.mark.slow  # (about 80 s; PAG above exercises the attention machinery on SDXL in the fast suite)

@@ -177,6 +177,17 @@ def test_sdxl_runs_refuse_what_they_do_not_support(folders, tmp_path):
     for task in ("lora", "unet", "dreambooth"):
         with pytest.raises(ConfigError, match=f"task='{task}' is not supported on an SDXL model"):
             build_networks(check_config(xl_config(tmp_path / "data", folder, task)), tmp_path / task)
+    from jaxcontrol.testing.pipeline_parity import save_tiny_pipeline
+
+    save_tiny_pipeline(tmp_path / "sd", kind="controlnet")  # an SD-1.5-style ControlNet
+    sd_controlnet = tmp_path / "sd" / "pipeline" / "controlnet"
+    with pytest.raises(ConfigError, match="init_from=.*the ControlNet's .* it was made for another base model"):
+        build_networks(check_config(xl_config(tmp_path / "data", folder, "controlnet", **{
+            "controlnet.init_from": str(sd_controlnet)})), tmp_path / "c")
+    from jaxcontrol.pipeline import Pipeline
+
+    with pytest.raises(ConfigError, match="ControlNet 0: the ControlNet's .* made for another base model"):
+        Pipeline.from_pretrained(folder, controlnets=[sd_controlnet])
     refiner, _ = folders("refiner")
     with pytest.raises(ConfigError, match="text_encoder_2 alone.*refiner"):
         build_networks(check_config(xl_config(tmp_path / "data", refiner, "controlnet")), tmp_path / "r")

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from ..errors import ConfigError
 from .attention import AttentionControl, check_attention_impl
 from .configs import ControlNetConfig, controlnet_config_from_unet
 from .layers import conv
@@ -205,6 +206,23 @@ def controlnet_from_unet(
                 params[name] = unet_params[name]
     params = jax.tree_util.tree_map(jnp.asarray, params)
     return model, zero_controlnet_outputs(params)
+
+
+def check_controlnet_fits(unet_config, controlnet_config, where: str) -> None:
+    """Raise `ConfigError` naming `where` and the field when a ControlNet cannot steer a U-Net:
+    its residuals' layout (`block_out_channels`, `layers_per_block`) is not the U-Net's skip
+    connections', it reads another text width (`cross_attention_dim`), or it takes SDXL's pooled
+    text and micro-conditioning (`addition_embed_type="text_time"`) that the U-Net has no inputs for."""
+    u, c = unet_config, controlnet_config
+    for field, want, got in (("block_out_channels", tuple(u.block_out_channels), tuple(c.block_out_channels)),
+                             ("layers_per_block", u.layers_per_block_list, c.layers_per_block_list),
+                             ("cross_attention_dim", u.cross_attention_dims[0], c.cross_attention_dims[0])):
+        if want != got:
+            raise ConfigError(f"{where}: the ControlNet's {field} is {got}, the U-Net's {want}; it was made for "
+                              f"another base model")
+    if c.addition_embed_type == "text_time" and u.addition_embed_type != "text_time":
+        raise ConfigError(f"{where}: a ControlNet-XL (addition_embed_type='text_time') needs an SDXL U-Net; this "
+                          f"U-Net's addition_embed_type is {u.addition_embed_type!r}")
 
 
 def zero_controlnet_outputs(params: dict) -> dict:

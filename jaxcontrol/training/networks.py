@@ -501,6 +501,9 @@ def _controlnet(config, unet, unet_p, compute, attention_impl):
         if not isinstance(module, ControlNetModel):
             raise ConfigError(f"config.controlnet.init_from={c.init_from!r} is a {type(module).__name__}, "
                               "not a ControlNetModel")
+        from ..models.controlnet import check_controlnet_fits
+
+        check_controlnet_fits(unet.config, module.config, f"config.controlnet.init_from={c.init_from!r}")
         return module, params
     module, params = controlnet_from_unet(
         unet, unet_p, jax.random.key(int(config.seed) + 4),
