@@ -423,6 +423,7 @@ def test_inpainting_with_the_base_unet_matches_diffusers(xl, monkeypatch):
     assert _rel(got, want) < 1e-4
 
 
+@pytest.mark.slow  # about 30 s; PAG is compared with diffusers on SD in the fast set (test_pipeline_attention.py)
 def test_pag_matches_diffusers_sdxl_pag_pipeline(xl):
     """Perturbed-attention guidance against diffusers' StableDiffusionXLPAGPipeline on the same noise."""
     ours, ref = xl("base")
@@ -469,6 +470,7 @@ def test_attention_techniques_run_on_sdxl(xl, options):
     assert np.isfinite(got).all() and _rel(got, plain) > 1e-4
 
 
+@pytest.mark.slow  # 9-channel inpainting is compared with diffusers on SD in the fast set (test_concat_models.py)
 def test_nine_channel_inpainting_unet_matches_diffusers(xl):
     """StableDiffusionXLInpaintPipeline over a 9-channel inpainting U-Net (as
     diffusers/stable-diffusion-xl-1.0-inpainting-0.1): mask and masked-image latents concatenated,

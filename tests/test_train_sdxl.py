@@ -212,6 +212,7 @@ def test_sdxl_runs_refuse_what_they_do_not_support(folders, tmp_path):
         build_networks(check_config(scratch), tmp_path / "s")
 
 
+@pytest.mark.slow  # two runs' setup
 def test_precomputed_folder_of_another_model_is_refused(folders, tmp_path):
     """A precomputed_dir encoded for SD (no pooled embeddings, other widths) is not silently reused."""
     from jaxcontrol.training import Run
