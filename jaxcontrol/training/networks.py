@@ -87,12 +87,13 @@ class Networks:
     empty_ids_2: np.ndarray | None = None  # (1, L) the empty prompt by tokenizer_2
     time_ids: np.ndarray | None = None
     force_zeros_for_empty_prompt: bool = True
-    pipeline_options: dict = dataclasses.field(default_factory=dict)  # model_index.json settings, for the export
 
     @property
     def xl(self) -> bool:
         """Whether the U-Net is SDXL's (two text encoders, pooled text and micro-conditioning)."""
-        return getattr(self.unet.config, "addition_embed_type", None) == "text_time"
+        from ..pipeline import is_xl
+
+        return is_xl(self.unet)
 
     def token_ids(self, captions) -> np.ndarray:
         """Token ids (B, L) int32 of captions, multi-vector words written out (`vocabulary.expand_prompt`)."""
@@ -321,7 +322,7 @@ def build_networks(config, workdir: str | os.PathLike) -> tuple[Networks, dict, 
     nets = Networks(
         task=config.task, unet=modules["unet"], vae=modules["vae"], text_encoder=modules["text_encoder"],
         tokenizer=tokenizers["tokenizer"], scheduler_config=scheduler, schedule=NoiseSchedule.from_config(resolved),
-        prediction_type=prediction_type, pipeline_options=options,
+        prediction_type=prediction_type,
     )
     nets.empty_ids = tokenize(nets.tokenizer, [""])
     if nets.xl:
