@@ -141,16 +141,15 @@ def pipeline_for(method: str, summary: dict):
     exported = summary["exported"] if summary else {}
     if method == "base":
         return demo.load_embedded()
+    if "textual_inversion" not in exported and "lora" not in exported:
+        return demo.load_embedded(model=exported["jaxcontrol/pipeline"])
+    pipe = demo.load_embedded()
     if "textual_inversion" in exported:
-        pipe = demo.load_embedded()
         pipe.load_textual_inversion(exported["textual_inversion"])
-        return pipe
     if "lora" in exported:
-        pipe = demo.load_embedded()
         pipe.load_lora(exported["lora"])
         pipe.fuse_loras()
-        return pipe
-    return demo.load_embedded(model=exported["jaxcontrol/pipeline"])
+    return pipe
 
 
 def generate(pipe, prompts, conds, *, steps: int, seed: int, batch: int) -> np.ndarray:

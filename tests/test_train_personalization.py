@@ -202,6 +202,11 @@ def test_dreambooth_with_prior_preservation_generates_and_caches_class_images(ti
     ({"task": "dreambooth", "dreambooth.with_prior_preservation": True}, "dreambooth.class_prompt"),
     ({"task": "unet", "dreambooth.use_lora": True}, "dreambooth"),
     ({"task": "lora", "lora.text_encoder": True, "data.precompute": True}, "data.precompute"),
+    ({"task": "unet", "textual_inversion.placeholder_token": "<x>"}, "textual_inversion.placeholder_token"),
+    ({"task": "dreambooth", "textual_inversion.placeholder_token": "<x>"}, "textual_inversion.placeholder_token"),
+    ({"task": "lora", "textual_inversion.placeholder_token": "<x>"}, "textual_inversion.initializer_token"),
+    ({"task": "lora", "textual_inversion.placeholder_token": "<x>", "textual_inversion.initializer_token": "blue",
+      "data.precompute": True}, "data.precompute"),
 ])
 def test_config_errors_name_the_key(tiny, overrides, key):
     from jaxcontrol.training import check_config
@@ -244,3 +249,35 @@ def test_dreambooth_variants_train_the_text_encoder_or_lora_and_export_them(tiny
     summary = train(c, tmp_path / "lora")
     keys = load_file(summary["exported"]["lora"]).keys()
     assert any(k.startswith("unet.") for k in keys) and any(k.startswith("text_encoder.") for k in keys)
+
+
+@pytest.mark.slow
+def test_pivotal_tuning_trains_a_new_word_with_the_lora_and_diffusers_loads_both(tiny, tmp_path):
+    """A LoRA run naming textual_inversion.placeholder_token trains the word's rows with the factors
+    (the text encoder's weights stay frozen); diffusers' load_lora_weights + load_textual_inversion
+    of the two exports gives our images for prompts with and without the word."""
+    from jaxcontrol.pipeline import Pipeline
+
+    c = _config(tiny, "dreambooth", **{"dreambooth.use_lora": True, "lora.rank": 2,
+                                       "textual_inversion.placeholder_token": "<teal>",
+                                       "textual_inversion.initializer_token": "blue",
+                                       "textual_inversion.num_vectors": 2, "optim.learning_rate": 3e-2, "steps": 3})
+    summary = train(c, tmp_path / "run")
+    assert set(summary["exported"]) == {"lora", "textual_inversion"}
+    with Run(c, tmp_path / "run") as run:
+        assert set(run.state.params) == {"lora", "token_embeddings"} and set(run.state.params["lora"]) == {"unet"}
+        rows = np.asarray(run.state.params["token_embeddings"])
+        blue = np.asarray(run.frozen["text_encoder"]["text_model"]["embeddings"]["token_embedding"]["embedding"])[
+            run.nets.tokenizer("blue", add_special_tokens=False)["input_ids"][0]]
+        assert rows.shape[0] == 2 and np.abs(rows - blue).max() > 1e-3  # the word trained
+    noise = torch.randn(2, 4, RES // 2, RES // 2, generator=torch.Generator().manual_seed(1))
+    prompts = ["a <teal> square", "a red circle"]
+    ref = _reference(tiny)
+    ref.load_lora_weights(summary["exported"]["lora"].rsplit("/", 1)[0])
+    ref.load_textual_inversion(summary["exported"]["textual_inversion"])
+    want = _images(ref, prompts, noise)
+    ours = Pipeline.from_pretrained(tiny / "pipeline", loras=[summary["exported"]["lora"]])
+    ours.load_textual_inversion(summary["exported"]["textual_inversion"])
+    got = ours(prompts, height=RES, width=RES, num_inference_steps=3, guidance_scale=5.0, scheduler="ddim",
+               latents=noise.numpy().transpose(0, 2, 3, 1), output_type="float")
+    assert np.abs(got - want).max() < 1e-4

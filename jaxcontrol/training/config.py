@@ -132,7 +132,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.lora.text_encoder_target_modules = ("q_proj", "k_proj", "v_proj", "out_proj")
     c.lora.init_from = ""  # a LoRA file to continue from ("" = a fresh one: up factors zero)
 
-    # task="textual_inversion": new words whose embedding rows alone train (Gal et al. 2022)
+    # task="textual_inversion": new words whose embedding rows alone train (Gal et al. 2022). In a
+    # LoRA run (task="lora", or dreambooth with use_lora) a placeholder_token adds the word too and its
+    # rows train with the factors ("pivotal tuning", as diffusers' advanced DreamBooth LoRA script's
+    # --train_text_encoder_ti): the run exports both the LoRA and learned_embeds.safetensors
     c.textual_inversion = ml_collections.ConfigDict()
     c.textual_inversion.placeholder_token = ""  # e.g. "<teal>"; captions use it
     c.textual_inversion.initializer_token = ""  # a word of one token whose embedding starts every vector
@@ -401,8 +404,15 @@ def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
 
 def trains_text_encoder(config) -> bool:
     """Whether a run changes what the text encoder computes (its weights, LoRA or new embeddings)."""
-    return (config.task == "textual_inversion" or (config.task == "lora" and bool(config.lora.text_encoder))
+    return (trains_new_word(config) or (config.task == "lora" and bool(config.lora.text_encoder))
             or (config.task == "dreambooth" and bool(config.dreambooth.train_text_encoder)))
+
+
+def trains_new_word(config) -> bool:
+    """Whether the run adds textual_inversion.placeholder_token and trains its embedding rows: task
+    textual_inversion, or a LoRA run that names one (pivotal tuning)."""
+    named = bool(str(config.textual_inversion.placeholder_token))
+    return config.task == "textual_inversion" or (uses_lora(config) and named)
 
 
 def uses_lora(config) -> bool:
@@ -424,7 +434,10 @@ def _check_personalization(config) -> None:
                 _fail(f"lora.{key}", f"must be a non-empty list of module names, got {v!r}")
     if config.task == "lora" and config.model.init != "pretrained":
         _fail("model.init", 'task="lora" adapts a pretrained model: set model.init="pretrained"')
-    if config.task == "textual_inversion":
+    if str(ti.placeholder_token) and not trains_new_word(config):
+        _fail("textual_inversion.placeholder_token", f"adds a word to task='textual_inversion' or to a LoRA run "
+              f"(task='lora', or 'dreambooth' with use_lora), not to task={config.task!r}")
+    if trains_new_word(config):
         if not str(ti.placeholder_token).strip() or str(ti.placeholder_token) != str(ti.placeholder_token).strip():
             _fail("textual_inversion.placeholder_token", f"must be a word without spaces around it, got "
                   f"{ti.placeholder_token!r}")

@@ -13,6 +13,10 @@
 | lora | `lora/pytorch_lora_weights.safetensors`: diffusers' layout, which `pipe.load_lora_weights` and `Pipeline(loras=...)` read |
 | textual_inversion | `textual_inversion/learned_embeds.safetensors`: {word: (num_vectors, dim)}, diffusers' layout |
 
+A LoRA run that trained a new word with its factors (pivotal tuning) writes both files; diffusers
+loads them with `load_lora_weights` and `load_textual_inversion`, jaxcontrol with `loras=` and
+`Pipeline.load_textual_inversion` (or infer.py's `--lora` and `--embedding`).
+
 A diffusers folder loads with diffusers' `from_pretrained` and with `jaxcontrol.load_model` /
 `load_pipeline`; a jaxcontrol folder with `load_model` / `load_pipeline`. A U-Net pipeline export
 can be the `model.pretrained_path` of a later ControlNet or adapter run. Each folder is written
@@ -109,7 +113,7 @@ def export_trained(nets: Networks, params: dict, frozen: dict, out_dir: str | os
 
 def export_personalization(nets: Networks, params: dict, frozen: dict, out_dir: Path) -> dict[str, Path]:
     """A trained LoRA as `lora/pytorch_lora_weights.safetensors` (diffusers' layout with its adapter
-    metadata), or a trained word as `textual_inversion/learned_embeds.safetensors`."""
+    metadata), and a trained word as `textual_inversion/learned_embeds.safetensors`."""
     from ..convert.embedding_file import save_embedding
     from ..convert.lora_file import save_lora
     from ..models.lora import Lora

@@ -16,6 +16,9 @@
 | textual_inversion | `token_embeddings` (num_vectors, dim): the new words' rows | U-Net, VAE, text encoder with the rows added (+ `placeholder_ids`) |
 | dreambooth | `unet` (+ `text_encoder` with `dreambooth.train_text_encoder`), or `lora` with `dreambooth.use_lora` | VAE (+ the rest) |
 
+A LoRA run (task lora, or dreambooth with use_lora) that names `textual_inversion.placeholder_token`
+trains the new word's `token_embeddings` with its factors ("pivotal tuning").
+
 "Unlocking" follows the ControlNet paper's `sd_locked=False`: the U-Net's up blocks and output
 layers (`up_blocks_*`, `conv_norm_out`, `conv_out`) train with the ControlNet, the encoder stays
 frozen. `unet_params(trainable, frozen)` and `text_encoder_params(trainable, frozen)` put the
@@ -55,7 +58,7 @@ from ..models.lora import init_lora, lora_targets, with_loras
 from ..models.params import flatten, unflatten
 from ..schedulers import NoiseSchedule, SchedulerConfig
 from ..tokenizer import load_tokenizer, tokenize
-from .config import SD_SCHEDULER, to_plain, uses_lora
+from .config import SD_SCHEDULER, to_plain, trains_new_word, uses_lora
 
 # the U-Net's decoder, in the ControlNet paper's "unlocked" mode
 UNET_DECODER = ("up_blocks_", "conv_norm_out", "conv_out")
@@ -360,9 +363,14 @@ def build_networks(config, workdir: str | os.PathLike) -> tuple[Networks, dict, 
         frozen["placeholder_ids"] = np.asarray(ids, np.int32)
     elif uses_lora(config):
         frozen["unet"] = _cast(unet_p, frozen_dtype)
+        te_params = params["text_encoder"]
+        if trains_new_word(config):  # pivotal tuning: the new word's rows train with the factors
+            te_params, trainable["token_embeddings"], ids = _textual_inversion(config, nets, te_params)
+            frozen["text_encoder"] = _cast(te_params, frozen_dtype)
+            frozen["placeholder_ids"] = np.asarray(ids, np.int32)
         with_text = bool(config.lora.text_encoder) or (config.task == "dreambooth" and
                                                        bool(config.dreambooth.train_text_encoder))
-        trainable["lora"], frozen["lora_multipliers"] = _lora(config, nets, unet_p, params["text_encoder"], with_text)
+        trainable["lora"], frozen["lora_multipliers"] = _lora(config, nets, unet_p, te_params, with_text)
     elif config.task == "dreambooth":
         trainable["unet"] = unet_p
         if config.dreambooth.train_text_encoder:
