@@ -27,7 +27,7 @@ RUNS = {
     "edit_fidelity.py": (["--tiny"], "| text scale s_T | image scale s_I | edit success |", True),
     "device_bench.py": (["--tiny", "--attention", "auto", "plain"], "| ControlNet train step, 64x64 | auto | 2 |", True),
     "parity.py": (["--tiny"], "rows within tolerance", True),
-    # four training runs of 4 steps each on the embedded model, with class images (about 4 min)
+    # seven training runs of 4 steps each on the embedded model, with class images (about 6 min)
     "personalization.py": (["--tiny"], "| method | WORD | teal named (circle) |", True),
     "pipeline_memory.py": (["--tiny"], "peak RSS", True),
     "pipeline_throughput.py": (["--tiny"], "images/s", True),
