@@ -39,7 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jaxcontrol import demo, evaluation as ev  # noqa: E402
-from jaxcontrol.data.fill50k import BASIC_COLORS, draw_circle, fill50k_example  # noqa: E402
+from jaxcontrol.data.fill50k import BASIC_COLORS, caption, color_pairs, draw_circle, fill50k_example  # noqa: E402
 
 TEAL = ("teal", (0, 128, 128))
 RESOLUTION = 64
@@ -105,7 +105,7 @@ def training_set(folder: Path, word: str, n: int = 16, seed: int = 11) -> Path:
             image, _ = draw_circle(RESOLUTION, (cx, cy), r, TEAL[1], rgb)
             path = folder / f"{split}_{i:02d}.png"
             Image.fromarray(image).save(path)
-            lines[split].append(json.dumps({"image": path.name, "text": f"{word} circle with {name} background"}))
+            lines[split].append(json.dumps({"image": path.name, "text": caption(word, name)}))
     tag = "".join(ch for ch in word if ch.isalnum())
     for split, rows in lines.items():
         (folder / f"{split}_{tag}.jsonl").write_text("\n".join(rows) + "\n")
@@ -116,7 +116,7 @@ def class_prompts() -> str:
     """Every caption of the basic palette (fill50k's own: 90 circle / background pairs), one per
     line: the class the prior keeps. (A sample of 32 of them kept the known colours less well: the
     pairs it left out drifted.)"""
-    return "\n".join(f"{c} circle with {b} background" for c, _ in BASIC_COLORS for b, _ in BASIC_COLORS if c != b)
+    return "\n".join(caption(BASIC_COLORS[i][0], BASIC_COLORS[j][0]) for i, j in color_pairs(BASIC_COLORS))
 
 
 def config_for(task: str, overrides: dict, manifests: tuple[Path, Path], tiny: bool, class_dir: Path):
@@ -193,7 +193,7 @@ def scores(pipe, word: str, examples, conds, *, steps: int, seed: int, batch: in
     centers = np.asarray([e.center for e in examples])
     radii = np.asarray([e.radius for e in examples])
     palette = tuple(BASIC_COLORS) + (TEAL,)
-    teal_prompts = [f"{word} circle with {e.background_color} background" for e in examples]
+    teal_prompts = [caption(word, e.background_color) for e in examples]
     teal = generate(pipe, teal_prompts, conds, steps=steps, seed=seed, batch=batch)
     circle, background = ev.region_colors(teal, centers, radii)
     named = np.asarray(ev.nearest_color(np.nan_to_num(circle), palette)) == "teal"

@@ -204,7 +204,7 @@ def fill50k_example(
     return Fill50kExample(
         image=image,
         condition=condition,
-        caption=f"{cname} circle with {bname} background",
+        caption=caption(cname, bname),
         circle_color=cname,
         background_color=bname,
         center=(cx, cy),
@@ -234,6 +234,11 @@ class Fill50kEdit:
     radius: float
     index: int
     split: str
+
+
+def caption(circle: str, background: str) -> str:
+    """An example's caption: "<circle colour> circle with <background colour> background"."""
+    return f"{circle} circle with {background} background"
 
 
 def edit_instruction(part: str, color: str) -> str:

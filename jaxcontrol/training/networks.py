@@ -340,6 +340,11 @@ def build_networks(config, workdir: str | os.PathLike) -> tuple[Networks, dict, 
     frozen = {"vae": _cast(params["vae"], frozen_dtype), "text_encoder": _cast(params["text_encoder"], frozen_dtype)}
     if nets.xl:
         frozen["text_encoder_2"] = _cast(params["text_encoder_2"], frozen_dtype)
+    te_params = params["text_encoder"]
+    if trains_new_word(config):  # textual inversion, or pivotal tuning beside LoRA factors
+        te_params, trainable["token_embeddings"], ids = _textual_inversion(config, nets, te_params)
+        frozen["text_encoder"] = _cast(te_params, frozen_dtype)
+        frozen["placeholder_ids"] = np.asarray(ids, np.int32)
     if config.task == "controlnet":
         nets.controlnet, trainable["controlnet"] = _controlnet(config, nets.unet, unet_p, compute, attention_impl)
         if config.controlnet.unlock_unet:
@@ -358,16 +363,8 @@ def build_networks(config, workdir: str | os.PathLike) -> tuple[Networks, dict, 
                                                         int(nets.vae.config.latent_channels))
     elif config.task == "textual_inversion":
         frozen["unet"] = _cast(unet_p, frozen_dtype)
-        te_params, trainable["token_embeddings"], ids = _textual_inversion(config, nets, params["text_encoder"])
-        frozen["text_encoder"] = _cast(te_params, frozen_dtype)
-        frozen["placeholder_ids"] = np.asarray(ids, np.int32)
     elif uses_lora(config):
         frozen["unet"] = _cast(unet_p, frozen_dtype)
-        te_params = params["text_encoder"]
-        if trains_new_word(config):  # pivotal tuning: the new word's rows train with the factors
-            te_params, trainable["token_embeddings"], ids = _textual_inversion(config, nets, te_params)
-            frozen["text_encoder"] = _cast(te_params, frozen_dtype)
-            frozen["placeholder_ids"] = np.asarray(ids, np.int32)
         with_text = bool(config.lora.text_encoder) or (config.task == "dreambooth" and
                                                        bool(config.dreambooth.train_text_encoder))
         trainable["lora"], frozen["lora_multipliers"] = _lora(config, nets, unet_p, te_params, with_text)
