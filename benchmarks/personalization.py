@@ -21,8 +21,9 @@ the basic palette's own captions. Then, on held-out fill50k outlines with the em
   generates the class images);
 - a first row that is no method, the ceiling the autoencoder sets (`round_trip`): the target
   images (a teal circle on each held-out outline and background; the held-out images for the known
-  colours) through the embedded VAE and read the same way. The methods change the text encoder and the U-Net, never the
-  VAE, which was trained for the basic palette and shows teal right on only about 80% of them.
+  colours) through the embedded VAE and read the same way. The methods change the text encoder
+  and the U-Net, never the VAE, which was trained for the basic palette and shows teal right on
+  only about 80% of them.
 
 "LoRA + prior" is task dreambooth with `use_lora`: LoRA factors with DreamBooth's prior loss. The
 "K/V" rows put the factors on the cross-attention's key and value projections only; "new word"
@@ -212,34 +213,25 @@ def judge(examples, teal: np.ndarray, known: np.ndarray, color=TEAL) -> dict:
 
 
 def scores(pipe, word: str, examples, conds, *, steps: int, seed: int, batch: int,
-           cfg: float = demo.DEMO_GUIDANCE) -> tuple[dict, np.ndarray]:
+           cfg: float) -> tuple[dict, np.ndarray]:
     teal = generate(pipe, [caption(word, e.background_color) for e in examples], conds,
                     steps=steps, seed=seed, batch=batch, cfg=cfg)
     known = generate(pipe, [e.caption for e in examples], conds, steps=steps, seed=seed, batch=batch, cfg=cfg)
     return judge(examples, teal, known), teal
 
 
-def round_trip(pipe, examples, batch: int, color=TEAL) -> tuple[dict, np.ndarray]:
+def round_trip(pipe, examples, color=TEAL) -> tuple[dict, np.ndarray]:
     """The autoencoder's ceiling: the images a method would have to reproduce (a circle of the new
     `color`, (name, rgb), drawn on each held-out outline and background; the held-out images
-    themselves for the known colours), encoded and decoded by the embedded VAE (posterior mode),
+    themselves for the known colours), through the embedded VAE (`control_fidelity.vae_roundtrip`),
     scored as samples are. None of the methods changes the VAE, so a U-Net that reproduced the
     training images' latents exactly would score this."""
-    import jax
+    from control_fidelity import vae_roundtrip
 
     rgb = dict(BASIC_COLORS)
-    teal = np.stack([draw_circle(RESOLUTION, e.center, e.radius, color[1], rgb[e.background_color])[0]
-                     for e in examples])
-    known = np.stack([e.image for e in examples])
-    vae = jax.jit(lambda p, x: pipe.vae.apply({"params": p}, x))
-
-    def through(images):
-        out = [np.asarray(vae(pipe.params["vae"], images[i:i + batch].astype(np.float32) / 127.5 - 1.0))
-               for i in range(0, len(images), batch)]
-        return np.clip(np.round((np.concatenate(out) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-    teal = through(teal)
-    return judge(examples, teal, through(known), color), teal
+    teal = vae_roundtrip(pipe, np.stack([draw_circle(RESOLUTION, e.center, e.radius, color[1], rgb[e.background_color])[0]
+                                         for e in examples]))
+    return judge(examples, teal, vae_roundtrip(pipe, np.stack([e.image for e in examples])), color), teal
 
 
 def main(argv=None) -> int:
@@ -284,7 +276,7 @@ def main(argv=None) -> int:
             seconds = summary["seconds"]
         pipe = pipeline_for(method, summary)
         if method == "base":
-            ceiling, samples["autoencoder round trip"] = round_trip(pipe, examples, min(args.batch, args.num))
+            ceiling, samples["autoencoder round trip"] = round_trip(pipe, examples)
             print(f"autoencoder round trip: {ceiling}", flush=True)
         s, teal = scores(pipe, word, examples, conds, steps=args.steps, seed=args.seed, batch=min(args.batch, args.num),
                          cfg=args.cfg)
